@@ -1,0 +1,255 @@
+"""One typed configuration for the whole project.
+
+Every knob lives here once, as a dataclass field with its default. The Flower run
+config (`[tool.flwr.app.config]` in pyproject.toml, flattened to dotted keys such as
+``model.name``) is parsed into :class:`FellRecConfig` by :func:`from_run_config`,
+which rejects unknown keys and wrong types with a message that names the fix.
+The CLI tools (centralized baseline, benchmarks) build the same object, so a
+setting means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+STRATEGIES = ("fellrec", "fedavg", "fedprox", "local")
+PARTITIONERS = ("kmeans", "iid", "dirichlet")
+HEATING_EXPONENTS = ("t+1/beta", "(t+1)/beta")
+SIMILARITY_BASES = ("parameters", "updates")
+SIMILARITY_KERNELS = ("linear", "softmax")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" (random LLaMA, tokenizer trained on the catalogue), a Hugging Face id,
+    # a local folder, or a .gguf file (or a folder holding exactly one).
+    name: str = "tiny"
+    quantization: str = "none"  # none | 8bit | 4bit (bitsandbytes, CUDA only)
+    dtype: str = "float32"  # float32 on CPU; bfloat16/float16 on GPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tiny_hidden: int = 64
+    tiny_layers: int = 4
+    tiny_heads: int = 4
+    tiny_vocab: int = 4000
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str = "q_proj,v_proj"  # comma-separated module names
+    layers: str = ""  # comma-separated layer indices; "" = every layer
+
+    def target_list(self) -> list[str]:
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+    def layer_list(self) -> list[int] | None:
+        if not self.layers.strip():
+            return None
+        return [int(x) for x in self.layers.split(",") if x.strip()]
+
+
+@dataclass
+class TrainSettings:
+    local_epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256  # token cutoff of one prompt+response
+    train_on_inputs: bool = True  # authors: loss over the whole sequence
+    weight_decay: float = 0.0
+
+
+@dataclass
+class DataSettings:
+    dataset: str = "demo"  # demo | games | amazon2018 | table
+    path: str = ""  # source folder/file for non-demo data sets
+    prepared_dir: str = ""  # "" = a cache folder keyed by the settings
+    partitioner: str = "kmeans"
+    num_clients: int = 5
+    dirichlet_alpha: float = 0.5
+    history_len: int = 10
+    train_samples: int = 1024  # BIGRec few-shot: prompts in total over all clients
+    valid_users: int = 250
+    test_users: int = 250
+    bpr_dim: int = 32
+    bpr_epochs: int = 20
+
+
+@dataclass
+class EvalSettings:
+    interval: int = 1  # evaluate on valid users every n rounds (0 = only at the end)
+    num_beams: int = 4
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    final_split: str = "test"  # split evaluated after the last round
+    early_stop_patience: int = 0  # rounds without valid-loss improvement; 0 = off
+
+
+@dataclass
+class FellRecSettings:
+    alpha: float = 0.7
+    beta: float = 1.0
+    temperature: float = 0.05  # loss softmax temperature T
+    heating: bool = True  # False reproduces the authors' released run (beta = 1 -> off)
+    heating_exponent: str = "t+1/beta"  # or "(t+1)/beta"
+    similarity_basis: str = "parameters"  # or "updates" (theta_i - theta_received)
+    similarity_kernel: str = "linear"  # (cos+1)/2, or softmax over cosines
+    similarity_temperature: float = 0.1  # only for the softmax kernel
+    lr_scale: bool = False  # also scale each client's lr by its warm weight
+
+
+@dataclass
+class SplitSettings:
+    enabled: bool = False
+    front_k: int = 1
+    back_k: int = 1
+    service_url: str = ""  # "" = the ServerApp starts a service on loopback
+    wire_dtype: str = "float32"  # float32 | float16 | bfloat16 on the wire
+
+
+@dataclass
+class FellRecConfig:
+    strategy: str = "fellrec"
+    num_server_rounds: int = 3
+    fraction_train: float = 1.0
+    min_clients: int = 5
+    node_wait_timeout: float = 300.0  # seconds to wait for min_clients before a round
+    proximal_mu: float = 0.01
+    seed: int = 2024
+    out_dir: str = "results"
+    run_name: str = ""  # "" = <strategy>-<dataset>
+    resume_from: str = ""  # a run folder (or its checkpoint.pt) to continue
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    fellrec: FellRecSettings = field(default_factory=FellRecSettings)
+    split: SplitSettings = field(default_factory=SplitSettings)
+
+    def validate(self) -> "FellRecConfig":
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("data.partitioner", self.data.partitioner, PARTITIONERS)
+        _choice("fellrec.heating-exponent", self.fellrec.heating_exponent, HEATING_EXPONENTS)
+        _choice("fellrec.similarity-basis", self.fellrec.similarity_basis, SIMILARITY_BASES)
+        _choice("fellrec.similarity-kernel", self.fellrec.similarity_kernel, SIMILARITY_KERNELS)
+        _choice("model.quantization", self.model.quantization, QUANTIZATIONS)
+        _choice("split.wire-dtype", self.split.wire_dtype, ("float32", "float16", "bfloat16"))
+        _positive("num-server-rounds", self.num_server_rounds)
+        _positive("data.num-clients", self.data.num_clients)
+        _positive("train.batch-size", self.train.batch_size)
+        _positive("train.grad-accum", self.train.grad_accum)
+        _positive("lora.r", self.lora.r)
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train={self.fraction_train} must be in (0, 1].")
+        if self.min_clients > self.data.num_clients:
+            raise ConfigError(
+                f"min-clients={self.min_clients} exceeds data.num-clients={self.data.num_clients}; "
+                "lower min-clients or raise data.num-clients."
+            )
+        if self.fellrec.beta <= 0:
+            raise ConfigError("fellrec.beta must be > 0 (the exponent uses 1/beta).")
+        if self.split.enabled and (self.split.front_k < 1 or self.split.back_k < 1):
+            raise ConfigError("split.front-k and split.back-k must be >= 1 when split.enabled.")
+        return self
+
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.strategy}-{self.data.dataset}"
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flatten back to Flower's dotted, dashed keys (inverse of from_run_config)."""
+        return dict(_flatten(self))
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}.")
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{key}={value} must be >= 1.")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + _key(f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(_flatten(value, key + "."))
+        else:
+            out.append((key, value))
+    return out
+
+
+def known_keys() -> dict[str, Any]:
+    """Every accepted run-config key with its default."""
+    return dict(_flatten(FellRecConfig()))
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}={value!r} must be true or false.")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}={value!r} must be an integer.")
+        try:
+            as_float = float(value)
+        except ValueError as err:
+            raise ConfigError(f"{key}={value!r} must be an integer.") from err
+        if as_float != int(as_float):
+            raise ConfigError(f"{key}={value!r} must be an integer.")
+        return int(as_float)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a number.")
+        try:
+            return float(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key}={value!r} must be a number.") from err
+    return str(value)
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> FellRecConfig:
+    """Build a validated config from Flower's flattened run config (or any overrides).
+
+    Keys may use dashes or underscores. Missing keys take their defaults.
+    """
+    cfg = FellRecConfig()
+    defaults = known_keys()
+    by_norm = {k.replace("_", "-"): k for k in defaults}
+    for raw_key, value in run_config.items():
+        key = raw_key.replace("_", "-")
+        if key not in by_norm:
+            close = [k for k in defaults if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"Unknown config key {raw_key!r}.{hint} Known keys are listed in the README "
+                "(section 'Configuration') and in [tool.flwr.app.config] of pyproject.toml."
+            )
+        value = _coerce(key, value, defaults[key])
+        target: Any = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = getattr(target, part.replace("-", "_"))
+        setattr(target, parts[-1].replace("-", "_"), value)
+    return cfg.validate()
