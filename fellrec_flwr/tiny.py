@@ -9,6 +9,7 @@ tokenise into few tokens, and it is saved beside the prepared data to be reused.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -44,7 +45,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
     try:
         os.replace(tmp, out_dir)
     except OSError:  # another process won the race: theirs is identical
-        pass
+        shutil.rmtree(tmp, ignore_errors=True)
     return load_tokenizer(out_dir)
 
 

@@ -1,0 +1,86 @@
+"""Server strategies: FELLRec and the FedAvg / FedProx / local-only baselines.
+
+All four share :class:`strategies.base.StrategyBase` (records, resume, node wait, early
+stop), so the ServerApp drives them the same way:
+
+    strategy = make_strategy(cfg)
+    strategy.load_state_dict(ckpt)                     # optional resume
+    result = strategy.start(grid, initial_arrays, num_rounds, train_config=...,
+                            evaluate_config=ConfigRecord({"split": "valid"}),
+                            on_round_end=write_checkpoint)
+    strategy.personal_arrays(client_key)               # each client's adapter
+"""
+
+from __future__ import annotations
+
+import math
+
+from fellrec_flwr.config import FellRecConfig
+
+from .base import NoNodesConnectedError, StrategyBase
+from .fedavg import RecordingFedAvg
+from .fedprox import RecordingFedProx
+from .fellrec import FellRec
+from .local import LocalOnly
+
+__all__ = [
+    "FellRec",
+    "LocalOnly",
+    "NoNodesConnectedError",
+    "RecordingFedAvg",
+    "RecordingFedProx",
+    "StrategyBase",
+    "make_strategy",
+    "sampling_settings",
+]
+
+
+def sampling_settings(cfg: FellRecConfig) -> dict[str, float | int]:
+    """Flower's sampling knobs from min-clients and fraction-train.
+
+    Flower samples max(int(connected * fraction), min_train_nodes) nodes, so setting
+    min_train_nodes = min_clients would silently ignore a fraction < 1. Instead:
+    - min_available_nodes = min_clients: the round waits (up to node-wait-timeout) for them;
+    - min_train_nodes = ceil(fraction * min_clients) (>= 1): the fraction takes effect;
+    - every connected client is evaluated (fraction_evaluate = 1), since the method reports
+      per-client metrics and each client picks its own best adapter.
+    """
+    return {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": max(1, math.ceil(cfg.fraction_train * cfg.min_clients)),
+        "min_evaluate_nodes": cfg.min_clients,
+        "min_available_nodes": cfg.min_clients,
+    }
+
+
+def make_strategy(cfg: FellRecConfig) -> StrategyBase:
+    """The strategy named by cfg.strategy ("fellrec", "fedavg", "fedprox", "local")."""
+    common = dict(
+        sampling_settings(cfg),
+        eval_interval=cfg.eval.interval,
+        early_stop_patience=cfg.eval.early_stop_patience,
+        node_wait_timeout=cfg.node_wait_timeout,
+        seed=cfg.seed,
+    )
+    if cfg.strategy == "fedavg":
+        return RecordingFedAvg(**common)
+    if cfg.strategy == "fedprox":
+        return RecordingFedProx(**common, proximal_mu=cfg.proximal_mu)
+    if cfg.strategy == "local":
+        return LocalOnly(**common)
+    if cfg.strategy == "fellrec":
+        f = cfg.fellrec
+        return FellRec(
+            **common,
+            alpha=f.alpha,
+            beta=f.beta,
+            temperature=f.temperature,
+            heating=f.heating,
+            heating_exponent=f.heating_exponent,
+            similarity_basis=f.similarity_basis,
+            similarity_kernel=f.similarity_kernel,
+            similarity_temperature=f.similarity_temperature,
+            lr_scale=f.lr_scale,
+        )
+    raise ValueError(f"strategy={cfg.strategy!r} is not one of fellrec, fedavg, fedprox, local.")

@@ -1,0 +1,72 @@
+"""The FELLRec ClientApp: local LoRA training and evaluation on one client's private data.
+
+A client is identified by its partition id (`partition-id` in the node config, set by the
+simulation or by `flower-supernode --node-config`). It sends back that id as
+`client-key`, the stable identity the strategies key their per-client state by.
+Interaction data never leaves this function: only LoRA weights and scalar metrics do.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fellrec_flwr.config import from_run_config
+from fellrec_flwr.lora_state import get_lora_state, record_to_state, state_to_record, set_lora_state
+from fellrec_flwr.runtime import derive_seed, get_runtime
+
+app = ClientApp()
+
+
+def client_key(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise ValueError(
+            "This SuperNode has no 'partition-id' in its node config. Start it with "
+            "--node-config \"partition-id=<i> num-partitions=<N>\"."
+        )
+    return int(context.node_config["partition-id"])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the strategy who this node is (node ids change when a SuperNode restarts)."""
+    return Message(RecordDict({"metrics": MetricRecord({"client-key": client_key(context)})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from fellrec_flwr.trainer import train_local
+
+    cfg = from_run_config(context.run_config)
+    key = client_key(context)
+    rt = get_runtime(cfg)
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 1))
+    set_lora_state(rt.model, record_to_state(msg.content["arrays"]))
+    examples = rt.data.split("train", client=key)
+    result = train_local(
+        rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train,
+        seed=derive_seed(cfg.seed, server_round, key),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        lr_scale=float(config.get("lr-scale", 1.0)),
+    )
+    metrics = MetricRecord({"train-loss": float(result.loss), "num-examples": int(result.num_examples), "client-key": key})
+    return Message(RecordDict({"arrays": state_to_record(get_lora_state(rt.model)), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    from fellrec_flwr.evaluate import evaluate_recommender
+    from fellrec_flwr.trainer import eval_loss
+
+    cfg = from_run_config(context.run_config)
+    key = client_key(context)
+    rt = get_runtime(cfg)
+    split = str(msg.content["config"].get("split", "valid"))
+    set_lora_state(rt.model, record_to_state(msg.content["arrays"]))
+    examples = rt.data.split(split, client=key)
+    loss = eval_loss(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train)
+    scores, _rows = evaluate_recommender(rt.model, rt.tokenizer, examples, rt.data.titles, rt.catalogue, cfg.eval)
+    metrics = {"eval-loss": float(loss), "num-examples": len(examples), "client-key": key}
+    metrics.update({k: float(v) for k, v in scores.items() if k.startswith(("recall@", "ndcg@", "valid-title"))})
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

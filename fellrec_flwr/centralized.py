@@ -1,0 +1,111 @@
+"""Non-federated reference points, written in the same run-folder format as `flwr run`.
+
+    python -m fellrec_flwr.centralized [--run-config "data.dataset='games' ..."]
+    python -m fellrec_flwr.centralized --popularity [--run-config ...]
+
+`centralized` trains one LoRA on the union of every client's training prompts, with the
+same budget as a federated run (num-server-rounds x train.local-epochs passes over the
+data), and evaluates it on each client's users. `--popularity` ranks the most popular
+training items not in the user's history. Both write metrics.csv / summary.json / plots
+under <out-dir>/<run-name>/ so `python -m fellrec_flwr.compare` reads them beside the
+federated runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from flwr.common.config import parse_config_args
+
+from fellrec_flwr.config import FellRecConfig, from_run_config
+from fellrec_flwr.results import atomic_write_json, plot_run, summarise, write_metrics_csv
+from fellrec_flwr.runtime import derive_seed, get_runtime, prepare_data
+
+
+def run_dir_for(cfg: FellRecConfig, default_name: str) -> Path:
+    return Path(cfg.out_dir).expanduser().resolve() / (cfg.run_name or default_name)
+
+
+def _client_rows(round_: int, client: int, split: str, metrics: dict[str, float]) -> list[dict[str, Any]]:
+    return [{"round": round_, "client": client, "split": split, "metric": k, "value": float(v)} for k, v in metrics.items()]
+
+
+def evaluate_per_client(cfg: FellRecConfig, rt: Any, split: str, round_: int) -> list[dict[str, Any]]:
+    from fellrec_flwr.evaluate import evaluate_recommender
+    from fellrec_flwr.trainer import eval_loss
+
+    rows: list[dict[str, Any]] = []
+    for client in range(rt.data.num_clients):
+        examples = rt.data.split(split, client=client)
+        loss = eval_loss(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train)
+        scores, _ = evaluate_recommender(rt.model, rt.tokenizer, examples, rt.data.titles, rt.catalogue, cfg.eval)
+        metrics = {"eval-loss": loss, "num-examples": len(examples)}
+        metrics.update({k: v for k, v in scores.items() if k.startswith(("recall@", "ndcg@"))})
+        rows += _client_rows(round_, client, split, metrics)
+    return rows
+
+
+def run_centralized(cfg: FellRecConfig) -> Path:
+    from fellrec_flwr.trainer import train_local
+
+    cfg = replace(cfg, strategy="fedavg")  # strategy is irrelevant here; keep the config valid
+    run_dir = run_dir_for(cfg, f"centralized-{cfg.data.dataset}")
+    rt = get_runtime(cfg)
+    examples = rt.data.split("train")
+    rows: list[dict[str, Any]] = []
+    for round_ in range(1, cfg.num_server_rounds + 1):
+        t0 = time.time()
+        result = train_local(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train, seed=derive_seed(cfg.seed, round_, "central"))
+        rows.append({"round": round_, "client": -1, "split": "train", "metric": "train-loss", "value": float(result.loss)})
+        print(f"[centralized] round {round_}/{cfg.num_server_rounds}: train-loss {result.loss:.4f} ({time.time() - t0:.1f}s)")
+        if cfg.eval.interval and round_ % cfg.eval.interval == 0:
+            rows += evaluate_per_client(cfg, rt, "valid", round_)
+            write_metrics_csv(run_dir / "metrics.csv", rows)
+    rows += evaluate_per_client(cfg, rt, cfg.eval.final_split, cfg.num_server_rounds)
+    return _finish(cfg, run_dir, rows, "centralized")
+
+
+def run_popularity(cfg: FellRecConfig) -> Path:
+    from fellrec_flwr.popularity import evaluate_popularity, popularity_scores
+
+    run_dir = run_dir_for(cfg, f"popularity-{cfg.data.dataset}")
+    data = prepare_data(cfg)
+    counts = popularity_scores(data.train_sequences)
+    rows: list[dict[str, Any]] = []
+    for split in ("valid", cfg.eval.final_split):
+        for client in range(data.num_clients):
+            examples = data.split(split, client=client)
+            metrics = evaluate_popularity(examples, counts, data.titles)
+            metrics = {k: v for k, v in metrics.items() if k.startswith(("recall@", "ndcg@"))}
+            metrics["num-examples"] = len(examples)
+            rows += _client_rows(0 if split == "valid" else 1, client, split, metrics)
+    return _finish(cfg, run_dir, rows, "popularity")
+
+
+def _finish(cfg: FellRecConfig, run_dir: Path, rows: list[dict[str, Any]], method: str) -> Path:
+    frame = write_metrics_csv(run_dir / "metrics.csv", rows)
+    atomic_write_json(run_dir / "config.json", cfg.to_run_config())
+    summary = {"method": method, "run_name": run_dir.name, **summarise(frame, cfg.eval.final_split)}
+    atomic_write_json(run_dir / "summary.json", summary)
+    plot_run(frame, run_dir, f"{method} ({cfg.data.dataset})")
+    print(f"[{method}] wrote {run_dir}; overall: {summary['overall']}")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-config", "-c", action="append", default=[],
+                        help="overrides in Flower's syntax, e.g. \"data.dataset='games' num-server-rounds=5\"")
+    parser.add_argument("--popularity", action="store_true", help="evaluate the popularity baseline instead")
+    args = parser.parse_args(argv)
+    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    cfg = from_run_config(overrides)
+    (run_popularity if args.popularity else run_centralized)(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Local training of a client's LoRA: a plain torch loop (AdamW), and a validation loss.
+
+The loss of one optimiser step is the mean over every label token of the step's
+micro-batches (sum of token losses / token count), so gradient accumulation gives the
+same step as one big batch. The FedProx proximal term 0.5*mu*||theta - theta_received||^2
+over the trainable parameters is added to the objective but not to the reported loss.
+
+Reproducible: shuffling uses a private generator and dropout runs under a forked,
+seeded torch RNG, both derived from `seed`; on CPU two calls with the same seed and
+starting weights give bit-identical results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fellrec_flwr.collate import (
+    IGNORE_INDEX,
+    EncodedExample,
+    ExampleLike,
+    Titles,
+    TrainCollator,
+    encode_examples,
+    pad_token_id_of,
+)
+from fellrec_flwr.config import TrainSettings
+from fellrec_flwr.prompts import GAMES, PromptDomain
+from fellrec_flwr.seeding import derive_seed, seeded_torch, torch_generator
+
+
+class TrainingError(ValueError):
+    """Local training cannot run as asked (no examples, no trainable parameters, bad factor)."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean over optimiser steps of the step's token-mean loss (no proximal term)
+    steps: int  # optimiser steps taken
+    num_examples: int  # training examples (per epoch): the FedAvg weight
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over labelled positions, and their count.
+
+    Position t predicts labels[t+1]; IGNORE_INDEX labels are skipped.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, count_label_tokens(labels)
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx: 0.5 * mu * sum_k ||params_k - anchors_k||^2."""
+    total = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+    return 0.5 * mu * total
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(features: Sequence[EncodedExample], batch_size: int, collator: TrainCollator,
+             order: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+    return [collator([features[i] for i in order[start:start + batch_size]])
+            for start in range(0, len(order), batch_size)]
+
+
+def _check_factors(proximal_mu: float, lr_scale: float) -> None:
+    if not (math.isfinite(proximal_mu) and proximal_mu >= 0):
+        raise TrainingError(f"proximal_mu={proximal_mu} must be a finite number >= 0.")
+    if not (math.isfinite(lr_scale) and lr_scale >= 0):
+        raise TrainingError(f"lr_scale={lr_scale} must be a finite number >= 0.")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_local(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[ExampleLike],
+    titles: Titles,
+    train_cfg: TrainSettings,
+    seed: int,
+    proximal_mu: float = 0.0,
+    lr_scale: float = 1.0,
+    progress: bool = True,
+    warmup_steps: int = 0,
+    domain: PromptDomain = GAMES,
+) -> TrainResult:
+    """Train the model's trainable parameters (the LoRA of a PeftModel) on `examples`, in place.
+
+    `lr_scale` multiplies ``train_cfg.lr`` (FELLRec's optional per-client factor);
+    `warmup_steps` ramps the learning rate linearly over the first steps of this call.
+    """
+    _check_factors(proximal_mu, lr_scale)
+    if not examples:
+        raise TrainingError("train_local got no examples; a client needs at least one training prompt.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters; wrap it with model.add_lora first.")
+    device = model_device(model)
+    features = encode_examples(tokenizer, examples, titles, train_cfg.max_length,
+                               train_cfg.train_on_inputs, domain)
+    collator = TrainCollator(pad_token_id_of(tokenizer))
+    batches_per_epoch = math.ceil(len(features) / train_cfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / train_cfg.grad_accum)
+    total_steps = steps_per_epoch * train_cfg.local_epochs
+
+    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr * lr_scale, weight_decay=train_cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    shuffle = torch_generator(derive_seed(seed, "shuffle"))
+
+    was_training = model.training
+    model.train()
+    step_losses: list[float] = []
+    bar = tqdm(total=total_steps, desc="local training", disable=not progress, leave=False)
+    try:
+        with seeded_torch(derive_seed(seed, "dropout")):
+            for _ in range(train_cfg.local_epochs):
+                order = torch.randperm(len(features), generator=shuffle).tolist()
+                batches = _batches(features, train_cfg.batch_size, collator, order)
+                for start in range(0, len(batches), train_cfg.grad_accum):
+                    group = batches[start:start + train_cfg.grad_accum]
+                    loss = optimizer_step(model, optimizer, group, params, anchors, proximal_mu, device)
+                    scheduler.step()
+                    if loss is not None:
+                        step_losses.append(loss)
+                        bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    mean_loss = sum(step_losses) / len(step_losses) if step_losses else float("nan")
+    return TrainResult(loss=mean_loss, steps=len(step_losses), num_examples=len(examples))
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    group: Sequence[dict[str, torch.Tensor]],
+    params: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    proximal_mu: float,
+    device: torch.device,
+) -> float | None:
+    """One optimiser step over a group of micro-batches (collated by TrainCollator).
+
+    Returns the step's token-mean loss, or None (and no step) when no token is labelled.
+    `anchors` are the received values of `params`, used only when proximal_mu > 0.
+    """
+    tokens = sum(count_label_tokens(b["labels"]) for b in group)
+    if tokens == 0:  # every label masked (possible with train_on_inputs=False and truncation)
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    data_loss = 0.0
+    for batch in group:
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                    use_cache=False)
+        loss_sum, _ = token_loss_sum(out.logits, batch["labels"])
+        (loss_sum / tokens).backward()
+        data_loss += loss_sum.item() / tokens
+    if proximal_mu > 0:
+        proximal_term(params, anchors, proximal_mu).backward()
+    optimizer.step()
+    return data_loss
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def eval_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[ExampleLike],
+    titles: Titles,
+    train_cfg: TrainSettings,
+    progress: bool = False,
+    domain: PromptDomain = GAMES,
+) -> float:
+    """Mean next-token loss over every label token of `examples` (same labels as training)."""
+    if not examples:
+        raise TrainingError("eval_loss got no examples.")
+    features = encode_examples(tokenizer, examples, titles, train_cfg.max_length,
+                               train_cfg.train_on_inputs, domain)
+    collator = TrainCollator(pad_token_id_of(tokenizer))
+    order = sorted(range(len(features)), key=lambda i: len(features[i].input_ids))  # less padding
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in tqdm(_batches(features, train_cfg.batch_size, collator, order), desc="eval loss",
+                          disable=not progress, leave=False):
+            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                        use_cache=False)
+            loss_sum, n = token_loss_sum(out.logits, batch["labels"])
+            total += loss_sum.item()
+            count += n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise TrainingError("eval_loss: no label tokens (all masked); check train.max-length.")
+    return total / count

@@ -1,0 +1,126 @@
+"""The FELLRec ServerApp: runs the configured strategy and writes the run folder.
+
+Flow of `main`:
+1. read the typed config; resume from a checkpoint when `resume-from` is set;
+2. otherwise build the shared LoRA initialisation (seeded) that every client starts from;
+3. optionally start the split-inference service on loopback (simulation convenience);
+4. run the strategy for the remaining rounds, checkpointing after every round;
+5. evaluate every client's final (personalised) LoRA on its test users, write
+   summary.json, plots, and each client's adapter (peft `save_pretrained`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any, Iterator
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from fellrec_flwr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fellrec_flwr.config import ConfigError, FellRecConfig, from_run_config
+from fellrec_flwr.lora_state import get_lora_state, record_to_state, set_lora_state, state_to_record
+from fellrec_flwr.results import atomic_write_json, plot_run, summarise, write_metrics_csv
+from fellrec_flwr.runtime import get_runtime
+from strategies import make_strategy
+
+app = ServerApp()
+
+# Keys that may differ between a stopped run and its resumption.
+RESUMABLE_KEYS = {"num-server-rounds", "resume-from", "out-dir", "node-wait-timeout"}
+
+
+def run_dir_of(cfg: FellRecConfig) -> Path:
+    return Path(cfg.out_dir).expanduser().resolve() / cfg.resolved_run_name()
+
+
+def check_resumable(cfg: FellRecConfig, ckpt: Checkpoint) -> None:
+    now = cfg.to_run_config()
+    changed = sorted(k for k, v in ckpt.config.items() if k not in RESUMABLE_KEYS and now.get(k) != v)
+    if changed:
+        raise ConfigError(
+            f"resume-from: these settings differ from the checkpointed run: {', '.join(changed)}. "
+            "Resume with the same settings (only num-server-rounds may grow), or start a new run."
+        )
+
+
+@contextlib.contextmanager
+def split_service(cfg: FellRecConfig) -> Iterator[FellRecConfig]:
+    """Start a loopback split service for this run when split is on and no URL is given."""
+    if not cfg.split.enabled or cfg.split.service_url:
+        yield cfg
+        return
+    from server_app.split_service import start_service_for_run
+
+    handle = start_service_for_run(cfg)
+    log(INFO, "Split-inference service for this run at %s", handle.url)
+    try:
+        yield replace(cfg, split=replace(cfg.split, service_url=handle.url))
+    finally:
+        handle.stop()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = from_run_config(context.run_config)
+    run_dir = run_dir_of(cfg)
+    strategy = make_strategy(cfg)
+    start_round = 0
+    if cfg.resume_from:
+        ckpt = load_checkpoint(cfg.resume_from)
+        check_resumable(cfg, ckpt)
+        strategy.load_state_dict(ckpt.strategy_state)  # restores round offset and metric rows
+        initial = state_to_record(ckpt.global_arrays)
+        start_round = ckpt.round
+        log(INFO, "Resuming %s from round %d (checkpoint %s)", cfg.resolved_run_name(), start_round, cfg.resume_from)
+    else:
+        rt = get_runtime(cfg)
+        initial = state_to_record(get_lora_state(rt.model))  # the same LoRA init for every client
+    atomic_write_json(run_dir / "config.json", cfg.to_run_config())
+    log(INFO, "Run folder: %s", run_dir)
+
+    def on_round_end(server_round: int, strat: Any) -> None:
+        rows = strat.metric_rows()
+        frame = write_metrics_csv(run_dir / "metrics.csv", rows)
+        save_checkpoint(run_dir, Checkpoint(
+            round=server_round, strategy_state=strat.state_dict(),
+            global_arrays=record_to_state(strat.global_arrays), metric_rows=rows, config=cfg.to_run_config(),
+        ))
+        plot_run(frame, run_dir, cfg.resolved_run_name())
+
+    strategy.on_round_end = on_round_end
+    remaining = cfg.num_server_rounds - start_round
+    with split_service(cfg) as run_cfg:
+        if run_cfg is not cfg:
+            log(WARNING, "split.service-url is set for this run only; clients read it from the run config")
+        if remaining > 0:
+            result = strategy.start(
+                grid=grid, initial_arrays=initial, num_rounds=remaining,
+                train_config=ConfigRecord({"seed": cfg.seed}),
+                evaluate_config=ConfigRecord({"split": "valid"}),
+            )
+            final_arrays = result.arrays if result.arrays is not None else initial
+        else:
+            final_arrays = initial
+        last_round = start_round + max(remaining, 0)
+        strategy.evaluate_all(grid, final_arrays, split=cfg.eval.final_split, server_round=last_round)
+    frame = write_metrics_csv(run_dir / "metrics.csv", strategy.metric_rows())
+    summary = {"method": cfg.strategy, "run_name": cfg.resolved_run_name(), "failed_clients": strategy.failed_clients(),
+               **summarise(frame, cfg.eval.final_split)}
+    atomic_write_json(run_dir / "summary.json", summary)
+    plot_run(frame, run_dir, cfg.resolved_run_name())
+    save_adapters(cfg, strategy, final_arrays, run_dir)
+    log(INFO, "Final %s metrics (overall): %s", cfg.eval.final_split, summary["overall"])
+
+
+def save_adapters(cfg: FellRecConfig, strategy: Any, global_arrays: ArrayRecord, run_dir: Path) -> None:
+    """Each client's final LoRA as a peft adapter folder (PeftModel.from_pretrained loads it)."""
+    rt = get_runtime(cfg)
+    for key in strategy.client_keys():
+        arrays = strategy.personal_arrays(key) or global_arrays
+        set_lora_state(rt.model, record_to_state(arrays))
+        rt.model.save_pretrained(str(run_dir / "adapters" / f"client-{key}"))

@@ -1,0 +1,615 @@
+"""What every strategy of this project shares, as a mixin placed before a Flower strategy.
+
+``class RecordingFedAvg(StrategyBase, FedAvg)`` keeps FedAvg's aggregation and adds:
+
+- per-client records: one row per (round, client, split, metric, value) from every
+  train and evaluate reply, where client = the reply metric ``"client-key"`` (the
+  partition id); the columns of ``fellrec_flwr.results.METRIC_COLUMNS``;
+- a node_id <-> client-key map refreshed from every valid reply (node ids change when a
+  SuperNode restarts or a new simulation starts; the partition id does not);
+- failure identification: the messages built in ``configure_*`` are kept, and an error
+  reply (whose ``src_node_id`` may be the SuperLink) is traced back through
+  ``reply_to_message_id -> dst_node_id -> client-key``; missing replies count as failures;
+- absolute rounds: ``round_offset`` is the number of rounds already done (resume);
+  :meth:`start` runs rounds ``round_offset+1 ..`` and "server-round" is always absolute;
+- ``state_dict()`` / ``load_state_dict()`` in plain python/numpy for checkpoints;
+- :meth:`start`: Flower 1.41's ``Strategy.start`` loop (same logging) plus an
+  ``on_round_end(server_round, strategy)`` hook, an evaluation interval and early
+  stopping on the client-size-weighted validation loss;
+- a node wait with a timeout instead of Flower's ``sample_nodes``, which blocks forever.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy.strategy_utils import (
+    aggregate_arrayrecords,
+    aggregate_metricrecords,
+    config_to_str,
+    validate_message_reply_consistency,
+)
+
+from .arrays import from_numpy_dict, to_numpy_dict
+
+CLIENT_KEY = "client-key"
+TRAIN_LOSS = "train-loss"
+EVAL_LOSS = "eval-loss"
+STATE_VERSION = 1
+
+RoundEndHook = Callable[[int, "StrategyBase"], None]
+
+
+class NoNodesConnectedError(RuntimeError):
+    """No SuperNode connected within node_wait_timeout."""
+
+
+class DuplicateClientKeyError(ValueError):
+    """Two nodes replied with the same client-key in one round."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written by another strategy or format version."""
+
+
+def aggregate_metrics_without_key(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Flower's weighted metric mean, minus the client-key (an identity, not a metric)."""
+    metrics = aggregate_metricrecords(records, weighted_by_key)
+    if CLIENT_KEY in metrics:
+        del metrics[CLIENT_KEY]
+    return metrics
+
+
+def _metrics_of(content: RecordDict) -> MetricRecord:
+    return next(iter(content.metric_records.values()))
+
+
+class StrategyBase:
+    """Mixin for Flower's FedAvg family. Put it first: ``class X(StrategyBase, FedAvg)``.
+
+    Personalised subclasses (:class:`strategies.personal.PersonalisedBase`) override
+    :meth:`arrays_for_node`, :meth:`personal_arrays` and the state hooks.
+    """
+
+    # Set by the Flower strategy this mixin is combined with (FedAvg's constructor).
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    weighted_by_key: str
+    arrayrecord_key: str
+    configrecord_key: str
+    train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord]
+    evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord]
+
+    # True when each client has its own arrays (nodes must then be identified before sending).
+    personalised: bool = False
+    # Called as on_round_end(server_round, strategy) after every round, unless start() gets one.
+    on_round_end: RoundEndHook | None = None
+
+    def __init__(
+        self,
+        *args: Any,
+        eval_interval: int = 1,
+        early_stop_patience: int = 0,
+        node_wait_timeout: float = 300.0,
+        node_poll_interval: float = 1.0,
+        identify_timeout: float = 120.0,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics_without_key)
+        kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics_without_key)
+        super().__init__(*args, **kwargs)
+        if eval_interval < 0 or early_stop_patience < 0 or node_wait_timeout < 0:
+            raise ValueError("eval_interval, early_stop_patience and node_wait_timeout must be >= 0.")
+        self.eval_interval = eval_interval  # evaluate every n rounds; 0 = only the last round
+        self.early_stop_patience = early_stop_patience  # evaluations without improvement; 0 = off
+        self.node_wait_timeout = node_wait_timeout
+        self.node_poll_interval = node_poll_interval
+        self.identify_timeout = identify_timeout
+        self.round_offset = 0  # rounds already completed (advanced by start(), set by load_state_dict)
+        self.records: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+        self.node_to_key: dict[int, int] = {}
+        self.global_arrays: ArrayRecord | None = None
+        self.initial_arrays: ArrayRecord | None = None
+        self.best_loss = math.inf
+        self.best_round = 0
+        self.evals_since_best = 0
+        self.stopped_early = False
+        self._rng = random.Random(seed)
+        self._final_round = 0
+        self._force_evaluate = False
+        self._eval_split = "valid"
+        self._inflight: dict[str, list[Message]] = {"train": [], "evaluate": []}
+        self._sent_arrays: dict[str, dict[int, ArrayRecord]] = {"train": {}, "evaluate": {}}
+        self._unidentifiable: set[int] = set()
+        self._degraded_to: int | None = None  # node count accepted after a wait timed out
+        self._warned_missing_key = False
+        self.client_best: dict[int, tuple[int, float]] = {}  # key -> (round, valid loss)
+        self._best_arrays: dict[int, ArrayRecord] = {}
+
+    # ------------------------------------------------------------------ identities
+    @property
+    def key_to_node(self) -> dict[int, int]:
+        return {key: node for node, key in self.node_to_key.items()}
+
+    def client_key_of(self, content: RecordDict, node_id: int) -> int:
+        """The reply's "client-key" metric; falls back to the node id (with one warning)."""
+        metrics = _metrics_of(content)
+        if CLIENT_KEY in metrics:
+            return int(metrics[CLIENT_KEY])  # type: ignore[arg-type]
+        if not self._warned_missing_key:
+            log(WARNING, "Replies carry no %r metric: keying clients by node id (not stable across restarts).",
+                CLIENT_KEY)
+            self._warned_missing_key = True
+        return int(node_id)
+
+    def _remember(self, node_id: int, key: int) -> None:
+        for old in [n for n, k in self.node_to_key.items() if k == key and n != node_id]:
+            del self.node_to_key[old]  # the client came back under a new node id
+        self.node_to_key[node_id] = key
+        self._unidentifiable.discard(node_id)
+
+    def has_personal_state(self) -> bool:
+        return False
+
+    def _identify_nodes(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
+        """Ask unknown nodes for their client-key (a QUERY message) before sending personal arrays.
+
+        Needed after a resume or a SuperNode restart: node ids are new, the keys are not.
+        A ClientApp without a query handler answers with an error; such nodes get the
+        fallback arrays, as new clients do.
+        """
+        if not self.personalised or not self.has_personal_state():
+            return
+        unknown = [n for n in node_ids if n not in self.node_to_key and n not in self._unidentifiable]
+        if not unknown:
+            return
+        queries = [
+            Message(
+                content=RecordDict(
+                    {self.configrecord_key: ConfigRecord({"server-round": server_round, "want": CLIENT_KEY})}
+                ),
+                message_type=MessageType.QUERY,
+                dst_node_id=node_id,
+            )
+            for node_id in unknown
+        ]
+        for reply in grid.send_and_receive(queries, timeout=self.identify_timeout):
+            if reply.has_error() or not reply.content.metric_records:
+                continue
+            metrics = _metrics_of(reply.content)
+            if CLIENT_KEY in metrics:
+                self._remember(reply.metadata.src_node_id, int(metrics[CLIENT_KEY]))  # type: ignore[arg-type]
+        missing = [n for n in unknown if n not in self.node_to_key]
+        if missing:
+            log(WARNING, "Could not identify nodes %s (no query reply with %r); they get the fallback arrays.",
+                missing, CLIENT_KEY)
+            self._unidentifiable.update(missing)
+        log(INFO, "Identified %d of %d new nodes by %r.", len(unknown) - len(missing), len(unknown), CLIENT_KEY)
+
+    # ------------------------------------------------------------------ sampling
+    def _connected_nodes(self, grid: Grid) -> list[int]:
+        """Wait up to node_wait_timeout for min_available_nodes; then go on with who is there.
+
+        After a timeout the run is "degraded": later rounds go ahead at once with at least
+        as many nodes as then, and wait again only if even fewer are connected (so a node
+        that died for good costs one timeout, not one per round). Reaching
+        min_available_nodes again ends the degraded state.
+        """
+        deadline = time.monotonic() + self.node_wait_timeout
+        next_log = 0.0
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.min_available_nodes:
+                self._degraded_to = None
+                return nodes
+            if self._degraded_to is not None and len(nodes) >= self._degraded_to:
+                return nodes
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if now >= next_log:
+                log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).",
+                    len(nodes), self.min_available_nodes)
+                next_log = now + 30.0
+            time.sleep(min(self.node_poll_interval, max(deadline - now, 0.0)))
+        if not nodes:
+            raise NoNodesConnectedError(
+                f"No node connected within node-wait-timeout={self.node_wait_timeout:g} s. Start the SuperNodes "
+                "(or check the federation's num-supernodes) or raise node-wait-timeout."
+            )
+        log(WARNING, "Only %d of %d required nodes connected after %.0f s; continuing with them.",
+            len(nodes), self.min_available_nodes, self.node_wait_timeout)
+        self._degraded_to = len(nodes)
+        return nodes
+
+    def _sample(self, grid: Grid, fraction: float, min_nodes: int, stage: str) -> list[int]:
+        nodes = self._connected_nodes(grid)
+        size = min(max(int(len(nodes) * fraction), min_nodes, 1), len(nodes))
+        sampled = sorted(self._rng.sample(nodes, size))
+        log(INFO, "configure_%s: Sampled %s nodes (out of %s)", stage, len(sampled), len(nodes))
+        return sampled
+
+    # ------------------------------------------------------------------ per-node content (hooks)
+    def arrays_for_node(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The arrays a node trains/evaluates on; the global ones unless personalised."""
+        return arrays
+
+    def personal_arrays(self, client_key: int) -> ArrayRecord | None:
+        """A client's current adapter (for FedAvg/FedProx: the global arrays)."""
+        return self.global_arrays
+
+    def best_personal_arrays(self, client_key: int) -> ArrayRecord | None:
+        """The client's adapter from the round with its lowest own valid loss (else its current one)."""
+        return self._best_arrays.get(client_key, self.personal_arrays(client_key))
+
+    def add_train_config(self, config: ConfigRecord, node_id: int) -> None:
+        """Per-node train settings, written into that node's own ConfigRecord copy."""
+        config["lr-scale"] = 1.0
+
+    def _build_messages(self, stage: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        node_ids: list[int]) -> list[Message]:
+        message_type = MessageType.TRAIN if stage == "train" else MessageType.EVALUATE
+        messages, sent = [], {}
+        for node_id in node_ids:
+            node_config = ConfigRecord(dict(config))  # never mutate the caller's record
+            node_config["server-round"] = server_round
+            if stage == "train":
+                self.add_train_config(node_config, node_id)
+            else:
+                node_config["split"] = self._eval_split
+            node_arrays = self.arrays_for_node(node_id, arrays)
+            sent[node_id] = node_arrays
+            content = RecordDict({self.arrayrecord_key: node_arrays, self.configrecord_key: node_config})
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
+        # The grid fills message_id in place when it pushes; kept to trace error replies.
+        self._inflight[stage] = messages
+        self._sent_arrays[stage] = sent
+        return messages
+
+    # ------------------------------------------------------------------ Flower strategy API
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_train == 0.0:
+            return []
+        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, "train")
+        self._identify_nodes(grid, node_ids, server_round)
+        return self._build_messages("train", server_round, arrays, config, node_ids)
+
+    def evaluation_due(self, server_round: int) -> bool:
+        if self._force_evaluate:
+            return True
+        if server_round == self._final_round:
+            return True
+        return self.eval_interval > 0 and server_round % self.eval_interval == 0
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0 or not self.evaluation_due(server_round):
+            return []
+        self._eval_split = str(config.get("split", "valid"))
+        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate")
+        self._identify_nodes(grid, node_ids, server_round)
+        return self._build_messages("evaluate", server_round, arrays, config, node_ids)
+
+    def _collect(self, server_round: int, replies: Iterable[Message], stage: str) -> list[tuple[int, int, Message]]:
+        """Valid replies as (client_key, node_id, reply) sorted by key; records rows and failures."""
+        replies = list(replies)
+        valid = [r for r in replies if not r.has_error()]
+        errors = [r for r in replies if r.has_error()]
+        log(INFO, "aggregate_%s: Received %s results and %s failures", stage, len(valid), len(errors))
+        if valid:
+            validate_message_reply_consistency(
+                replies=[r.content for r in valid],
+                weighted_by_key=self.weighted_by_key,
+                check_arrayrecord=stage == "train",
+            )
+        split = "train" if stage == "train" else self._eval_split
+        out = []
+        for reply in valid:
+            node_id = reply.metadata.src_node_id
+            key = self.client_key_of(reply.content, node_id)
+            self._remember(node_id, key)
+            out.append((key, node_id, reply))
+            for metric, value in _metrics_of(reply.content).items():
+                if metric != CLIENT_KEY and isinstance(value, (int, float)):
+                    self.records.append({"round": server_round, "client": key, "split": split,
+                                         "metric": metric, "value": float(value)})
+        out.sort(key=lambda item: item[0])
+        for (key_a, node_a, _), (key_b, node_b, _) in zip(out, out[1:]):
+            if key_a == key_b:
+                raise DuplicateClientKeyError(
+                    f"nodes {node_a} and {node_b} both replied as client-key {key_a}: give every SuperNode its "
+                    "own partition-id (--node-config \"partition-id=<i> num-partitions=<N>\")."
+                )
+        self._record_failures(server_round, stage, valid, errors)
+        return out
+
+    def _record_failures(self, server_round: int, stage: str, valid: list[Message], errors: list[Message]) -> None:
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._inflight[stage]}
+        answered = set()
+        for reply in valid:
+            answered.add(sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id))
+        failed: list[tuple[int, str]] = []
+        for reply in errors:
+            # An error made by the SuperLink has src_node_id 1: trust the message we sent.
+            node_id = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.add(node_id)
+            failed.append((node_id, str(reply.error.reason)))
+        for message in self._inflight[stage]:
+            if message.metadata.dst_node_id not in answered:
+                failed.append((message.metadata.dst_node_id, "no reply before the timeout"))
+        for node_id, reason in failed:
+            key = self.node_to_key.get(node_id)
+            self.failures.append({"round": server_round, "stage": stage, "node_id": node_id,
+                                  "client": key, "reason": reason})
+            log(WARNING, "\t> %s failed in round %d for node %d (client-key %s): %s",
+                stage, server_round, node_id, key, reason)
+
+    def failed_clients(self, server_round: int | None = None, stage: str = "train") -> Any:
+        """Client keys (None when never identified) that failed in a round; all rounds as {round: keys}."""
+        if server_round is not None:
+            return [f["client"] for f in self.failures if f["round"] == server_round and f["stage"] == stage]
+        by_round: dict[int, list[int | None]] = {}
+        for f in self.failures:
+            if f["stage"] == stage:
+                by_round.setdefault(f["round"], []).append(f["client"])
+        return by_round
+
+    def metric_rows(self) -> list[dict[str, Any]]:
+        """All per-client rows so far (round, client, split, metric, value); restored on resume."""
+        return [dict(r) for r in self.records]
+
+    def client_keys(self) -> list[int]:
+        """Every client key seen in a reply (or restored from a checkpoint)."""
+        return sorted({int(r["client"]) for r in self.records} | set(self.node_to_key.values()))
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        collected = self._collect(server_round, replies, "train")
+        if not collected:
+            return None, None
+        contents = [reply.content for _, _, reply in collected]
+        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        collected = self._collect(server_round, replies, "evaluate")
+        if not collected:
+            return None
+        self.after_evaluate(server_round, collected)
+        contents = [reply.content for _, _, reply in collected]
+        return self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def after_evaluate(self, server_round: int, collected: list[tuple[int, int, Message]]) -> None:
+        """Track each client's best adapter and early-stop on the size-weighted validation loss.
+
+        Each client keeps the arrays with its own lowest valid loss (the authors' protocol);
+        early stopping looks at the loss weighted by each client's number of examples.
+        """
+        if self._eval_split != "valid" or self._force_evaluate:
+            return
+        total, weight = 0.0, 0.0
+        for key, node_id, reply in collected:
+            metrics = _metrics_of(reply.content)
+            if EVAL_LOSS not in metrics:
+                return
+            loss_i = float(metrics[EVAL_LOSS])  # type: ignore[arg-type]
+            if loss_i < self.client_best.get(key, (0, math.inf))[1]:
+                self.client_best[key] = (server_round, loss_i)
+                self._best_arrays[key] = self._sent_arrays["evaluate"][node_id]
+            n = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
+            total += loss_i * n
+            weight += n
+        if weight <= 0:
+            return
+        loss = total / weight
+        if loss < self.best_loss:
+            self.best_loss, self.best_round, self.evals_since_best = loss, server_round, 0
+        else:
+            self.evals_since_best += 1
+        log(INFO, "\t└──> weighted valid loss %.5f (best %.5f at round %d)",
+            loss, self.best_loss, self.best_round)
+        if self.early_stop_patience and self.evals_since_best >= self.early_stop_patience:
+            self.stopped_early = True
+
+    # ------------------------------------------------------------------ the loop
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        on_round_end: RoundEndHook | None = None,
+    ) -> Result:
+        """Flower 1.41's Strategy.start, running rounds round_offset+1 .. round_offset+num_rounds.
+
+        Rounds are absolute everywhere (messages, records, Result keys). ``on_round_end``
+        is called after every round (checkpoints, metric files); the loop stops early once
+        ``stopped_early`` is set. ``initial_arrays`` is the starting point of a fresh run, or
+        the checkpoint's global arrays on resume.
+        """
+        first, last = self.round_offset + 1, self.round_offset + num_rounds
+        self._final_round = last
+        log(INFO, "Starting %s strategy:", self.__class__.__name__)
+        log(INFO, "\t├── Number of rounds: %d (rounds %d..%d)", num_rounds, first, last)
+        log(INFO, "\t├── ArrayRecord (%.2f MB)", sum(len(a.data) for a in initial_arrays.values()) / 1024**2)
+        log(INFO, "\t├── ConfigRecord (train): %s", config_to_str(train_config) if train_config else "(empty!)")
+        log(INFO, "\t├── ConfigRecord (evaluate): %s",
+            config_to_str(evaluate_config) if evaluate_config else "(empty!)")
+        if self.round_offset:
+            log(INFO, "\t├── Resuming after round %d", self.round_offset)
+        self.summary()
+        log(INFO, "")
+
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        if self.initial_arrays is None:
+            self.initial_arrays = initial_arrays
+        if self.global_arrays is None:
+            self.global_arrays = initial_arrays
+        result = Result()
+        t_start = time.time()
+        if evaluate_fn and self.round_offset == 0:  # a resumed run was evaluated before
+            res = evaluate_fn(0, initial_arrays)
+            log(INFO, "Initial global evaluation results: %s", res)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+
+        arrays = initial_arrays
+        for current_round in range(first, last + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", current_round, last)
+
+            messages = list(self.configure_train(current_round, arrays, train_config, grid))
+            replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
+            agg_arrays, agg_train_metrics = self.aggregate_train(current_round, replies)
+            if agg_arrays is not None:
+                result.arrays = agg_arrays
+                arrays = agg_arrays
+                self.global_arrays = agg_arrays
+            if agg_train_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
+                result.train_metrics_clientapp[current_round] = agg_train_metrics
+
+            messages = list(self.configure_evaluate(current_round, arrays, evaluate_config, grid))
+            if messages:
+                replies = grid.send_and_receive(messages=messages, timeout=timeout)
+                agg_evaluate_metrics = self.aggregate_evaluate(current_round, replies)
+                if agg_evaluate_metrics is not None:
+                    log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_evaluate_metrics)
+                    result.evaluate_metrics_clientapp[current_round] = agg_evaluate_metrics
+
+            if evaluate_fn:
+                log(INFO, "Global evaluation")
+                res = evaluate_fn(current_round, arrays)
+                log(INFO, "\t└──> MetricRecord: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current_round] = res
+
+            self.round_offset = current_round
+            hook = on_round_end if on_round_end is not None else self.on_round_end
+            if hook is not None:
+                hook(current_round, self)
+            if self.stopped_early:
+                log(INFO, "Early stop after round %d: no better weighted valid loss for %d evaluations "
+                    "(best %.5f at round %d).", current_round, self.evals_since_best, self.best_loss, self.best_round)
+                break
+
+        if result.arrays is None or len(result.arrays) == 0:
+            result.arrays = arrays
+        log(INFO, "")
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        log(INFO, "")
+        log(INFO, "Final results:")
+        log(INFO, "")
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        log(INFO, "")
+        return result
+
+    def evaluate_all(self, grid: Grid, arrays: ArrayRecord | None = None, split: str = "test",
+                     server_round: int | None = None, config: ConfigRecord | None = None,
+                     timeout: float = 3600) -> MetricRecord | None:
+        """Evaluate every connected client once, outside the loop (e.g. the final test split).
+
+        Personalised strategies send each client its own arrays; the others send ``arrays``
+        (default: the current global arrays). Rows are recorded under ``split`` at
+        ``server_round`` (default: the last finished round); early stopping is not touched.
+        """
+        server_round = self.round_offset if server_round is None else server_round
+        if arrays is None:
+            arrays = self.global_arrays if self.global_arrays is not None else ArrayRecord()
+        config = ConfigRecord(dict(config or {}))
+        config["split"] = split
+        self._force_evaluate = True
+        try:
+            messages = list(self.configure_evaluate(server_round, arrays, config, grid))
+            replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
+            return self.aggregate_evaluate(server_round, replies)
+        finally:
+            self._force_evaluate = False
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run; plain python and numpy (picklable)."""
+        state = {
+            "version": STATE_VERSION,
+            "strategy": self.__class__.__name__,
+            "round": self.round_offset,
+            "records": [dict(r) for r in self.records],
+            "failures": [dict(f) for f in self.failures],
+            "node_to_key": dict(self.node_to_key),
+            "best_loss": self.best_loss,
+            "best_round": self.best_round,
+            "evals_since_best": self.evals_since_best,
+            "stopped_early": self.stopped_early,
+            "rng_state": self._rng.getstate(),
+            "global": to_numpy_dict(self.global_arrays),
+            "initial": to_numpy_dict(self.initial_arrays),
+        }
+        # Best adapters are often the same object (FedAvg's global): store each once.
+        unique: dict[int, int] = {}
+        best_arrays: list[dict[str, Any] | None] = []
+        best_index: dict[int, int] = {}
+        for key, record in self._best_arrays.items():
+            if id(record) not in unique:
+                unique[id(record)] = len(best_arrays)
+                best_arrays.append(to_numpy_dict(record))
+            best_index[key] = unique[id(record)]
+        state.update({"client_best": dict(self.client_best), "best_arrays": best_arrays, "best_index": best_index})
+        state.update(self.extra_state())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the next :meth:`start` continues after ``state["round"]``."""
+        if state.get("version") != STATE_VERSION:
+            raise CheckpointMismatchError(
+                f"checkpoint format {state.get('version')!r}; this code reads format {STATE_VERSION}."
+            )
+        if state.get("strategy") != self.__class__.__name__:
+            raise CheckpointMismatchError(
+                f"checkpoint was written by strategy {state.get('strategy')!r}, not {self.__class__.__name__!r}: "
+                "resume with the same strategy setting."
+            )
+        self.round_offset = int(state["round"])
+        self.records = [dict(r) for r in state["records"]]
+        self.failures = [dict(f) for f in state["failures"]]
+        self.node_to_key = {int(n): int(k) for n, k in state["node_to_key"].items()}
+        self.best_loss = float(state["best_loss"])
+        self.best_round = int(state["best_round"])
+        self.evals_since_best = int(state["evals_since_best"])
+        self.stopped_early = bool(state["stopped_early"])
+        self._rng.setstate(state["rng_state"])
+        self.global_arrays = from_numpy_dict(state["global"])
+        self.initial_arrays = from_numpy_dict(state["initial"])
+        self.client_best = {int(k): (int(r), float(l)) for k, (r, l) in state["client_best"].items()}
+        restored = [from_numpy_dict(a) for a in state["best_arrays"]]
+        self._best_arrays = {int(k): restored[i] for k, i in state["best_index"].items()}  # type: ignore[misc]
+        self.load_extra_state(state)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass

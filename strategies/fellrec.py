@@ -1,0 +1,143 @@
+"""FELLRec's dynamic balance strategy: one personalised aggregate per client.
+
+Each round, from ONE snapshot of the uploads (sorted by client key), every client i gets
+theta_i = sum_j W_ij theta_j with W from :func:`strategies.fellrec_math.dynamic_balance`
+(similarity of the uploads, loss softmax, curriculum-heating warm weight). There is no
+global model: the "global" arrays handed back to Flower's loop are the plain weighted
+mean, for logging only. Round t of the heating formula is the absolute round - 1.
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common import log
+from flwr.serverapp.strategy import FedAvg
+
+from . import fellrec_math
+from .arrays import FlatLayout
+from .base import TRAIN_LOSS
+from .personal import PersonalisedBase
+
+
+class MissingTrainLossError(ValueError):
+    """A train reply lacks the "train-loss" metric the loss softmax needs."""
+
+
+class FellRec(PersonalisedBase, FedAvg):
+    """Personalised similarity-weighted aggregation with curriculum heating.
+
+    Parameters follow ``FellRecSettings`` in fellrec_flwr/config.py: ``alpha``, ``beta``,
+    ``temperature`` (loss softmax T), ``heating``, ``heating_exponent``,
+    ``similarity_basis`` ("parameters" or "updates" = theta_i - what client i received),
+    ``similarity_kernel``, ``similarity_temperature``, ``lr_scale`` (send w_i as the
+    client's "lr-scale"; otherwise 1.0).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        alpha: float = 0.7,
+        beta: float = 1.0,
+        temperature: float = 0.05,
+        heating: bool = True,
+        heating_exponent: str = "t+1/beta",
+        similarity_basis: str = "parameters",
+        similarity_kernel: str = "linear",
+        similarity_temperature: float = 0.1,
+        lr_scale: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if similarity_basis not in ("parameters", "updates"):
+            raise ValueError(f"similarity_basis={similarity_basis!r} must be 'parameters' or 'updates'.")
+        fellrec_math.heating_exponent(0, beta, heating_exponent)  # validates beta and the form early
+        if similarity_kernel not in fellrec_math.KERNELS:
+            raise ValueError(f"similarity_kernel={similarity_kernel!r} must be one of {fellrec_math.KERNELS}.")
+        self.alpha = alpha
+        self.beta = beta
+        self.temperature = temperature
+        self.heating = heating
+        self.heating_exponent = heating_exponent
+        self.similarity_basis = similarity_basis
+        self.similarity_kernel = similarity_kernel
+        self.similarity_temperature = similarity_temperature
+        self.lr_scale = lr_scale
+        self.last_loss: dict[int, float] = {}
+        self.warm: dict[int, float] = {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> FELLRec settings:")
+        log(INFO, "\t│\t├── alpha %s | beta %s | loss T %s | heating %s (%s)",
+            self.alpha, self.beta, self.temperature, self.heating, self.heating_exponent)
+        log(INFO, "\t│\t└── similarity on %s, %s kernel | lr-scale %s",
+            self.similarity_basis, self.similarity_kernel, self.lr_scale)
+        super().summary()  # type: ignore[misc]
+
+    def add_train_config(self, config: ConfigRecord, node_id: int) -> None:
+        key = self.node_to_key.get(node_id)
+        # The warm weight from the client's last aggregation; 1.0 before it has one.
+        config["lr-scale"] = float(self.warm.get(key, 1.0)) if self.lr_scale and key is not None else 1.0
+
+    def personalise(
+        self,
+        server_round: int,
+        collected: list[tuple[int, int, Message]],
+        layout: FlatLayout,
+        stacked: np.ndarray,
+    ) -> dict[int, ArrayRecord]:
+        keys = [key for key, _, _ in collected]
+        losses = []
+        for key, _, reply in collected:
+            metrics = next(iter(reply.content.metric_records.values()))
+            if TRAIN_LOSS not in metrics:
+                raise MissingTrainLossError(
+                    f"client-key {key} replied without {TRAIN_LOSS!r}; FELLRec's loss softmax needs each "
+                    "client's mean training loss in its train reply metrics."
+                )
+            losses.append(float(metrics[TRAIN_LOSS]))  # type: ignore[arg-type]
+
+        reference = None
+        if self.similarity_basis == "updates":
+            sent = [self._sent_arrays["train"][node_id] for _, node_id, _ in collected]
+            reference = layout.stack(sent, dtype=stacked.dtype)
+
+        balance = fellrec_math.dynamic_balance(
+            stacked,
+            np.asarray(losses),
+            server_round - 1,
+            alpha=self.alpha,
+            beta=self.beta,
+            temperature=self.temperature,
+            heating=self.heating,
+            exponent=self.heating_exponent,
+            kernel=self.similarity_kernel,
+            similarity_temperature=self.similarity_temperature,
+            reference=reference,
+        )
+        del reference
+        aggregated = fellrec_math.aggregate(balance.weights, stacked)
+
+        for i, key in enumerate(keys):
+            self.last_loss[key] = losses[i]
+            self.warm[key] = float(balance.warm[i])
+            for metric, value in (("warm-weight", balance.warm[i]), ("self-weight", balance.weights[i, i]),
+                                  ("loss-prob", balance.loss_probs[i])):
+                self.records.append({"round": server_round, "client": key, "split": "train",
+                                     "metric": metric, "value": float(value)})
+        log(INFO, "\t└──> FELLRec warm weights: %s", ", ".join(
+            f"{k}: {balance.warm[i]:.3f} (self {balance.weights[i, i]:.3f})" for i, k in enumerate(keys)))
+        return {key: layout.unflatten(aggregated[i]) for i, key in enumerate(keys)}
+
+    def extra_state(self) -> dict[str, Any]:
+        state = super().extra_state()
+        state.update({"last_loss": dict(self.last_loss), "warm": dict(self.warm)})
+        return state
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        self.last_loss = {int(k): float(v) for k, v in state["last_loss"].items()}
+        self.warm = {int(k): float(v) for k, v in state["warm"].items()}
