@@ -1,0 +1,146 @@
+"""Users -> clients, as flwr-datasets partitioners over a per-user ``datasets.Dataset``.
+
+The per-user dataset has one row per user: ``user_id``, ``embedding`` (the user's BPR vector)
+and ``category`` (an item-category proxy, below). ``partitioner.load_partition(i)`` returns
+client i's users, like any flwr-datasets partitioner.
+
+- ``kmeans`` (the paper's): K-means (seeded, ``n_init`` fixed) on the BPR user embeddings;
+  each cluster is a client. Clients are numbered by cluster size, largest first.
+- ``iid``: users shuffled (seeded), then cut into equal contiguous shards (flwr-datasets'
+  IidPartitioner on the shuffled rows).
+- ``dirichlet``: label skew as in flwr-datasets' DirichletPartitioner, with the "label" being
+  an item-category proxy, because Amazon items have no usable category here: the items are
+  clustered into ``DIRICHLET_CATEGORIES`` groups by K-means on their BPR embeddings, and a
+  user's category is the group most of their training items fall in (ties: lowest group).
+  Each category's users are then split over the clients with Dirichlet(alpha) proportions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from datasets import Dataset
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
+
+from data_prep.errors import DataPrepError
+
+KMEANS_N_INIT = 10
+DIRICHLET_CATEGORIES = 10
+# A Dirichlet client must hold at least this share of an even split of the users
+# (flwr-datasets redraws the proportions up to 10 times otherwise).
+DIRICHLET_MIN_SHARE = 0.1
+
+
+def _column(dataset: Dataset, name: str) -> np.ndarray:
+    """A whole column as one numpy array (``dataset[name]`` would iterate row by row)."""
+    return dataset.with_format("numpy")[:][name]
+
+
+def kmeans_labels(vectors: np.ndarray, k: int, seed: int, n_init: int = KMEANS_N_INIT) -> np.ndarray:
+    """Seeded K-means labels. One BLAS/OpenMP thread: on a shared 2-core machine more threads
+    made it 4x slower, and a single thread is deterministic."""
+    with threadpool_limits(1):
+        return KMeans(k, n_init=n_init, random_state=seed).fit_predict(np.asarray(vectors, dtype=np.float64))
+
+
+class KMeansPartitioner(Partitioner):
+    """Partition rows by K-means clusters of a vector column (largest cluster = partition 0)."""
+
+    def __init__(self, num_partitions: int, partition_by: str = "embedding", seed: int = 2024,
+                 n_init: int = KMEANS_N_INIT) -> None:
+        super().__init__()
+        if num_partitions < 1:
+            raise DataPrepError(f"num_partitions={num_partitions} must be >= 1.")
+        self._num_partitions = num_partitions
+        self._partition_by = partition_by
+        self._seed = seed
+        self._n_init = n_init
+        self._indices: list[np.ndarray] | None = None
+
+    def _fit(self) -> list[np.ndarray]:
+        if self._indices is None:
+            vectors = _column(self.dataset, self._partition_by)
+            if len(vectors) < self._num_partitions:
+                raise DataPrepError(f"{len(vectors)} users cannot form {self._num_partitions} clients; "
+                                    "lower data.num-clients.")
+            labels = kmeans_labels(vectors, self._num_partitions, self._seed, self._n_init)
+            sizes = np.bincount(labels, minlength=self._num_partitions)
+            order = sorted(range(self._num_partitions), key=lambda c: (-sizes[c], c))
+            self._indices = [np.flatnonzero(labels == c) for c in order]
+        return self._indices
+
+    def load_partition(self, partition_id: int) -> Dataset:
+        return self.dataset.select(self._fit()[partition_id])
+
+    @property
+    def num_partitions(self) -> int:
+        return self._num_partitions
+
+
+class ShuffledIidPartitioner(IidPartitioner):
+    """IidPartitioner over a seeded shuffle of the rows (the original cuts them in file order)."""
+
+    def __init__(self, num_partitions: int, seed: int = 2024) -> None:
+        super().__init__(num_partitions)
+        self._seed = seed
+        self._shuffled: Dataset | None = None
+
+    def load_partition(self, partition_id: int) -> Dataset:
+        if self._shuffled is None:
+            if self.dataset.num_rows < self.num_partitions:
+                raise DataPrepError(f"{self.dataset.num_rows} users cannot form {self.num_partitions} clients; "
+                                    "lower data.num-clients.")
+            self._shuffled = self.dataset.shuffle(seed=self._seed)
+        return self._shuffled.shard(num_shards=self.num_partitions, index=partition_id, contiguous=True)
+
+
+def item_categories(item_embeddings: np.ndarray, seed: int, num_categories: int = DIRICHLET_CATEGORIES) -> np.ndarray:
+    """Category proxy per item: K-means cluster of its BPR embedding."""
+    k = min(num_categories, len(item_embeddings))
+    return kmeans_labels(item_embeddings, k, seed)
+
+
+def dominant_category(sequences: list[list[int]], categories: np.ndarray) -> np.ndarray:
+    """Per user: the category most of their items belong to (ties -> lowest category id)."""
+    k = int(categories.max()) + 1
+    return np.array([int(np.argmax(np.bincount(categories[s], minlength=k))) for s in sequences], dtype=np.int64)
+
+
+def make_partitioner(name: str, num_clients: int, seed: int, dirichlet_alpha: float,
+                     num_users: int) -> Partitioner:
+    if name == "kmeans":
+        return KMeansPartitioner(num_clients, partition_by="embedding", seed=seed)
+    if name == "iid":
+        return ShuffledIidPartitioner(num_clients, seed=seed)
+    if name == "dirichlet":
+        if dirichlet_alpha <= 0:
+            raise DataPrepError(f"data.dirichlet-alpha={dirichlet_alpha} must be > 0.")
+        min_size = max(1, int(DIRICHLET_MIN_SHARE * num_users / num_clients))
+        return DirichletPartitioner(num_clients, partition_by="category", alpha=float(dirichlet_alpha),
+                                    min_partition_size=min_size, self_balancing=False, shuffle=False,
+                                    seed=seed)
+    raise DataPrepError(f"data.partitioner={name!r} is not one of kmeans, iid, dirichlet.")
+
+
+def user_dataset(user_ids: list[int], embeddings: np.ndarray, categories: np.ndarray) -> Dataset:
+    return Dataset.from_dict({"user_id": list(user_ids), "embedding": embeddings.astype(np.float32).tolist(),
+                              "category": categories.tolist()})
+
+
+def assign_clients(partitioner: Partitioner, users: Dataset) -> dict[int, int]:
+    """user_id -> partition id, checking every user lands in exactly one non-empty partition."""
+    partitioner.dataset = users
+    client_of: dict[int, int] = {}
+    for pid in range(partitioner.num_partitions):
+        members = _column(partitioner.load_partition(pid), "user_id").tolist()
+        if not members:
+            raise DataPrepError(f"Client {pid} got no users; lower data.num-clients or choose another "
+                                "partitioner.")
+        for u in members:
+            if u in client_of:
+                raise DataPrepError(f"User {u} was assigned to clients {client_of[u]} and {pid}.")
+            client_of[u] = pid
+    if len(client_of) != users.num_rows:
+        raise DataPrepError(f"The partitioner assigned {len(client_of)} of {users.num_rows} users.")
+    return client_of

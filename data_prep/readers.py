@@ -1,0 +1,423 @@
+"""Readers: turn a source data set into titled items plus one ordered sequence per user.
+
+Three sources are supported (the built-in demo lives in :mod:`data_prep.demo`):
+
+- ``games``: the RecBole atomic files of Amazon Video Games in ``../shared/data/amazon-games``
+  (``<name>.item`` + ``<name>.test.inter``; ``<name>.valid.inter`` is checked when present).
+  The test file holds each user's whole sequence: test history + test target.
+- ``amazon2018``: the original Amazon Review Data (2018) files: a ratings-only CSV
+  (``item,user,rating,timestamp``, no header) and ``meta_*.json.gz`` (one object per line,
+  JSON or the Python-literal form of the 2018 release). Processed as upstream (LLMRank):
+  sort each user's interactions by time, drop repeated (user, item), drop items without a
+  title, iterative 5-core, re-index in order of first appearance.
+- ``table``: a generic interactions table (CSV or Parquet; columns user, item, optional
+  timestamp) plus an item-title table (item, title), in one folder as
+  ``interactions.{csv,parquet}`` and ``items.{csv,parquet}``.
+
+Every reader returns :class:`SourceData` with item ids re-indexed to ``0..n-1`` (the Games
+ids already are, and are kept). Titles are cleaned by :func:`clean_title`.
+
+Duplicate titles: several item ids may share one title (Games: 354 titles are shared).
+They stay distinct items here. Grounding ranks *titles*, so a generated title that matches
+a shared title hits every id with that title; the evaluation counts a hit on any id with the
+target's title.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from data_prep.errors import DataPrepError
+
+AMAZON_CORE = 5  # upstream 5-core: users and items with >= 5 interactions
+
+
+@dataclass(frozen=True)
+class TableColumns:
+    """Column names of the generic ``table`` source (CLI: --user-col etc.)."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "timestamp"  # optional in the file; without it the file order is kept
+    title: str = "title"
+
+
+@dataclass
+class SourceData:
+    """What a reader hands to the split builder.
+
+    items: ``item_id`` (int64, 0..n-1) and cleaned ``title``; only items that occur in a sequence.
+    sequences: user id -> item ids, oldest first, no repeats.
+    dropped: what the reader removed and how many (recorded in the manifest).
+    """
+
+    items: pd.DataFrame
+    sequences: dict[int, list[int]]
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_title(raw: object) -> str:
+    """HTML entities unescaped, runs of whitespace collapsed to one space, ends stripped.
+
+    Missing values (None, NaN) give "" -- callers treat "" as "no title".
+    """
+    if raw is None or (isinstance(raw, float) and np.isnan(raw)):
+        return ""
+    return _WHITESPACE.sub(" ", html.unescape(str(raw))).strip()
+
+
+# ----------------------------------------------------------------------------- locating files
+
+
+def _one_file(folder: Path, patterns: Iterable[str], what: str, fix: str) -> Path:
+    found = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
+    if len(found) != 1:
+        listed = ", ".join(p.name for p in found) or "none"
+        raise DataPrepError(f"Expected exactly one {what} in {folder} (found: {listed}). {fix}")
+    return found[0]
+
+
+def _folder(path: str | Path, dataset: str) -> Path:
+    if not str(path):
+        raise DataPrepError(f"data.path is empty: dataset {dataset!r} needs the folder holding its files "
+                            "(CLI: --path DIR).")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise DataPrepError(f"data.path={str(path)!r} is not a folder; point it at the folder holding "
+                            f"the {dataset!r} files.")
+    return folder
+
+
+def games_files(path: str | Path) -> dict[str, Path]:
+    """The Games atomic files in `path`: keys ``item``, ``test`` and (when present) ``valid``."""
+    folder = _folder(path, "games")
+    fix = "The folder must hold one <name>.item and one <name>.test.inter (RecBole atomic files)."
+    files = {"item": _one_file(folder, ["*.item"], "*.item file", fix),
+             "test": _one_file(folder, ["*.test.inter"], "*.test.inter file", fix)}
+    valid = sorted(folder.glob("*.valid.inter"))
+    if len(valid) == 1:
+        files["valid"] = valid[0]
+    return files
+
+
+def amazon2018_files(path: str | Path) -> dict[str, Path]:
+    """The ratings CSV and the metadata file in `path`: keys ``ratings`` and ``meta``."""
+    folder = _folder(path, "amazon2018")
+    fix = "Put the ratings-only CSV (e.g. Video_Games.csv) and meta_<Category>.json.gz in one folder."
+    return {"ratings": _one_file(folder, ["*.csv", "*.csv.gz"], "ratings CSV", fix),
+            "meta": _one_file(folder, ["meta_*.json", "meta_*.json.gz"], "meta_*.json(.gz) file", fix)}
+
+
+def table_files(path: str | Path) -> dict[str, Path]:
+    """``interactions.{csv,parquet}`` and ``items.{csv,parquet}`` in `path`."""
+    folder = _folder(path, "table")
+    fix = "Name them interactions.csv|parquet and items.csv|parquet."
+    return {"interactions": _one_file(folder, ["interactions.csv", "interactions.parquet"],
+                                      "interactions table", fix),
+            "items": _one_file(folder, ["items.csv", "items.parquet"], "item-title table", fix)}
+
+
+def source_files(dataset: str, path: str | Path) -> dict[str, Path]:
+    """The files a data set is read from (no parsing): used for the cache key."""
+    if dataset == "demo":
+        return {}
+    locate = {"games": games_files, "amazon2018": amazon2018_files, "table": table_files}.get(dataset)
+    if locate is None:
+        raise DataPrepError(f"data.dataset={dataset!r} is not one of demo, games, amazon2018, table.")
+    return locate(path)
+
+
+# ----------------------------------------------------------------------------- games (RecBole)
+
+
+def _atomic_lines(path: Path, header: list[str]) -> list[list[str]]:
+    """Tab-separated RecBole atomic file -> rows (header checked, without it)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        raise DataPrepError(f"{path} is empty; expected a header line {chr(9).join(header)!r} and rows.")
+    got = lines[0].split("\t")
+    if [h.split(":")[0] for h in got] != header:
+        raise DataPrepError(f"{path}: header {lines[0]!r} does not have the columns {header}; "
+                            "is this the right RecBole atomic file?")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split("\t", len(header) - 1)
+        if len(parts) != len(header):
+            raise DataPrepError(f"{path}, line {number}: expected {len(header)} tab-separated fields, "
+                                f"got {len(parts)}: {line[:80]!r}.")
+        rows.append(parts)
+    if not rows:
+        raise DataPrepError(f"{path} has a header but no rows.")
+    return rows
+
+
+def _ints(text: str, path: Path, number: int) -> list[int]:
+    try:
+        return [int(x) for x in text.split()]
+    except ValueError as err:
+        raise DataPrepError(f"{path}, line {number}: item ids must be integers ({err}).") from None
+
+
+def _read_inter(path: Path) -> dict[int, list[int]]:
+    """user -> history + [target] from a RecBole ``.inter`` file."""
+    seqs: dict[int, list[int]] = {}
+    for number, (user, hist, target) in enumerate(
+            _atomic_lines(path, ["user_id", "item_id_list", "item_id"]), start=2):
+        (uid,) = _ints(user, path, number)
+        tgt = _ints(target, path, number)
+        if len(tgt) != 1:
+            raise DataPrepError(f"{path}, line {number}: the target column must hold one item id.")
+        if uid in seqs:
+            raise DataPrepError(f"{path}, line {number}: user {uid} appears twice.")
+        seqs[uid] = _ints(hist, path, number) + tgt
+    return seqs
+
+
+def read_games(path: str | Path) -> SourceData:
+    """Amazon Games RecBole files. Each user's sequence = test history + test target.
+
+    When ``*.valid.inter`` is present it must agree: valid history + valid target equals the
+    end of the test history (upstream capped histories at 49 items, so for long sequences the
+    valid file holds a shorter suffix).
+    """
+    files = games_files(path)
+    raw_items = _atomic_lines(files["item"], ["item_id", "title"])
+    titles: dict[int, str] = {}
+    for number, (iid, title) in enumerate(raw_items, start=2):
+        (item,) = _ints(iid, files["item"], number)
+        titles[item] = clean_title(title)
+    seqs = _read_inter(files["test"])
+    if "valid" in files:
+        valid = _read_inter(files["valid"])
+        for user, vseq in valid.items():
+            if user not in seqs:
+                raise DataPrepError(f"{files['valid']}: user {user} is not in {files['test'].name}; "
+                                    "the files come from different data sets.")
+            test_hist = seqs[user][:-1]
+            if len(vseq) > len(test_hist) or test_hist[len(test_hist) - len(vseq):] != vseq:
+                raise DataPrepError(f"{files['valid']}: user {user}'s valid history + target does not match "
+                                    f"the end of the test history in {files['test'].name}; the files come "
+                                    "from different data sets.")
+    unknown = {i for s in seqs.values() for i in s} - titles.keys()
+    if unknown:
+        raise DataPrepError(f"{files['test']}: {len(unknown)} item ids are missing from {files['item'].name} "
+                            f"(e.g. {sorted(unknown)[:5]}); use the matching .item file.")
+    return finish_source(titles, seqs, {})
+
+
+# ----------------------------------------------------------------------------- amazon 2018
+
+
+def _parse_meta_line(line: str, path: Path, number: int) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        pass
+    try:  # the 2018 release writes Python literals ({'asin': ...}) in some files
+        obj = ast.literal_eval(line)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise DataPrepError(f"{path}, line {number}: neither JSON nor a Python literal: {line[:80]!r}. "
+                            "Re-download the metadata file.") from None
+    if not isinstance(obj, dict):
+        raise DataPrepError(f"{path}, line {number}: expected an object with 'asin' and 'title'.")
+    return obj
+
+
+def read_amazon_meta(path: Path) -> dict[str, str]:
+    """asin -> cleaned title (items whose title is missing or empty are left out)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    titles: dict[str, str] = {}
+    seen_line = False
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for number, line in enumerate(tqdm(fh, desc=f"reading {path.name}", unit=" lines", leave=False), 1):
+            if not line.strip():
+                continue
+            seen_line = True
+            obj = _parse_meta_line(line, path, number)
+            if "asin" not in obj:
+                raise DataPrepError(f"{path}, line {number}: no 'asin' field; is this a meta_*.json file?")
+            title = clean_title(obj.get("title"))
+            if title:
+                titles[str(obj["asin"])] = title
+    if not seen_line:
+        raise DataPrepError(f"{path} is empty; download meta_<Category>.json.gz from the Amazon 2018 page.")
+    return titles
+
+
+def read_amazon_ratings(path: Path) -> pd.DataFrame:
+    """The ratings-only CSV (item, user, rating, timestamp; no header) as a DataFrame."""
+    try:
+        df = pd.read_csv(path, header=None, names=["item", "user", "rating", "timestamp"],
+                         dtype={"item": str, "user": str}, on_bad_lines="error")
+    except pd.errors.EmptyDataError:
+        raise DataPrepError(f"{path} is empty; expected rows item,user,rating,timestamp.") from None
+    except (pd.errors.ParserError, ValueError) as err:
+        raise DataPrepError(f"{path}: cannot parse as item,user,rating,timestamp without a header ({err}).") from None
+    ts = pd.to_numeric(df["timestamp"], errors="coerce")
+    if ts.isna().any():
+        bad = int(ts.isna().idxmax()) + 1
+        raise DataPrepError(f"{path}, line {bad}: the 4th column (unix timestamp) is missing or not a number; "
+                            "expected item,user,rating,timestamp.")
+    df["timestamp"] = ts
+    if df.empty:
+        raise DataPrepError(f"{path} is empty: it has no rows item,user,rating,timestamp.")
+    return df[["user", "item", "timestamp"]]
+
+
+def k_core(df: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Iteratively keep users and items with at least `k` interactions until stable."""
+    while True:
+        user_ok = df["user"].map(df["user"].value_counts()) >= k
+        item_ok = df["item"].map(df["item"].value_counts()) >= k
+        keep = user_ok & item_ok
+        if keep.all():
+            return df
+        df = df[keep]
+
+
+def read_amazon2018(path: str | Path) -> SourceData:
+    files = amazon2018_files(path)
+    titles = read_amazon_meta(files["meta"])
+    df = read_amazon_ratings(files["ratings"])
+    dropped: dict[str, int] = {}
+    df = _order_and_dedupe(df, has_time=True, dropped=dropped)
+    titled = df["item"].isin(titles.keys())
+    dropped["interactions_without_title"] = int((~titled).sum())
+    df = df[titled]
+    before = len(df)
+    df = k_core(df, AMAZON_CORE)
+    dropped[f"interactions_below_{AMAZON_CORE}_core"] = before - len(df)
+    if df.empty:
+        raise DataPrepError(f"No interactions left after dropping untitled items and {AMAZON_CORE}-core "
+                            f"filtering of {files['ratings']}; is the meta file of the same category?")
+    return _from_frame(df, titles, dropped)
+
+
+# ----------------------------------------------------------------------------- generic table
+
+
+def _read_frame(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataPrepError(f"{path} is empty; it needs a header row and data rows.") from None
+    except (pd.errors.ParserError, OSError, ValueError) as err:
+        raise DataPrepError(f"{path}: cannot read this table ({err}).") from None
+    if df.empty:
+        raise DataPrepError(f"{path} has no rows.")
+    return df
+
+
+def _need_columns(df: pd.DataFrame, path: Path, wanted: dict[str, str]) -> None:
+    missing = {flag: col for flag, col in wanted.items() if col not in df.columns}
+    if missing:
+        hint = ", ".join(f"--{flag} ({col!r} not found)" for flag, col in missing.items())
+        raise DataPrepError(f"{path}: missing columns; its columns are {list(df.columns)}. "
+                            f"Name the right ones with {hint}.")
+
+
+def read_table(path: str | Path, columns: TableColumns = TableColumns()) -> SourceData:
+    """Generic interactions + titles. Without a timestamp column the file order is the time order.
+
+    Drops (counted in the manifest): repeated (user, item) pairs after the first -- grounding
+    masks history items, so a repeated target could never be recommended -- interactions whose
+    item has no (non-empty) title, and titles of items nobody interacted with.
+    """
+    files = table_files(path)
+    inter = _read_frame(files["interactions"])
+    _need_columns(inter, files["interactions"], {"user-col": columns.user, "item-col": columns.item})
+    items = _read_frame(files["items"])
+    _need_columns(items, files["items"], {"item-col": columns.item, "title-col": columns.title})
+    has_time = columns.timestamp in inter.columns
+    df = pd.DataFrame({"user": inter[columns.user].astype(str), "item": inter[columns.item].astype(str)})
+    if has_time:
+        ts = inter[columns.timestamp]
+        if not (pd.api.types.is_numeric_dtype(ts) or pd.api.types.is_datetime64_any_dtype(ts)):
+            ts = pd.to_datetime(ts, errors="coerce")
+        if ts.isna().any():
+            raise DataPrepError(f"{files['interactions']}: column {columns.timestamp!r} has missing or "
+                                "unparsable values; fix them or name another column with --time-col.")
+        df["timestamp"] = ts.to_numpy()
+    if items[columns.item].astype(str).duplicated().any():
+        raise DataPrepError(f"{files['items']}: item ids repeat in column {columns.item!r}; "
+                            "give each item one row.")
+    titles = {str(i): clean_title(t) for i, t in zip(items[columns.item], items[columns.title])}
+    titles = {i: t for i, t in titles.items() if t}
+    dropped: dict[str, int] = {}
+    df = _order_and_dedupe(df, has_time=has_time, dropped=dropped)
+    titled = df["item"].isin(titles.keys())
+    dropped["interactions_without_title"] = int((~titled).sum())
+    if not titled.any():
+        raise DataPrepError(f"No item of {files['interactions'].name} has a title in {files['items'].name}; "
+                            "do the item id columns match (--item-col)?")
+    return _from_frame(df[titled], titles, dropped)
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+def _order_and_dedupe(df: pd.DataFrame, has_time: bool, dropped: dict[str, int]) -> pd.DataFrame:
+    """Sort each user's rows by time (stable: file order breaks ties) and keep the first of
+    each repeated (user, item)."""
+    if has_time:
+        # Users stay in the order they first appear in the file; rows of a user go by time.
+        first_seen = pd.Series(pd.factorize(df["user"])[0], index=df.index)
+        df = df.assign(_first=first_seen).sort_values(["_first", "timestamp"], kind="stable")
+        df = df.drop(columns="_first")
+    dup = df.duplicated(["user", "item"], keep="first")
+    dropped["repeated_user_item"] = int(dup.sum())
+    return df[~dup]
+
+
+def _from_frame(df: pd.DataFrame, titles: dict[str, str], dropped: dict[str, int]) -> SourceData:
+    """Re-index users and items in order of first appearance; build sequences."""
+    df = df.copy()
+    # Users keep the order in which they first appear in the (time-sorted) frame.
+    df["uid"] = pd.factorize(df["user"])[0]
+    df = df.sort_values("uid", kind="stable")
+    df["iid"] = pd.factorize(df["item"])[0]
+    item_keys = pd.factorize(df["item"])[1]
+    dropped["titled_items_without_interactions"] = len(titles) - len(item_keys)
+    item_titles = {int(i): titles[key] for i, key in enumerate(item_keys)}
+    seqs = {int(u): g.tolist() for u, g in df.groupby("uid", sort=True)["iid"]}
+    return finish_source(item_titles, seqs, dropped)
+
+
+def finish_source(titles: dict[int, str], seqs: dict[int, list[int]], dropped: dict[str, int]) -> SourceData:
+    """Last step of every reader: keep the items that occur in a sequence (re-indexing to
+    0..n-1 only when some are unused), check titles and repeats, build the items frame."""
+    used = sorted({i for s in seqs.values() for i in s})
+    empty = [i for i in used if not titles.get(i)]
+    if empty:
+        raise DataPrepError(f"{len(empty)} items used in sequences have an empty title (e.g. ids {empty[:5]}); "
+                            "fix the item file.")
+    if used != list(range(len(used))):
+        remap = {old: new for new, old in enumerate(used)}
+        dropped["items_without_interactions"] = len(titles) - len(used)
+        titles = {remap[i]: titles[i] for i in used}
+        seqs = {u: [remap[i] for i in s] for u, s in seqs.items()}
+    else:
+        titles = {i: titles[i] for i in used}
+    for user, seq in seqs.items():
+        if len(set(seq)) != len(seq):
+            raise DataPrepError(f"User {user} has a repeated item in their sequence; the source must list "
+                                "each (user, item) once.")
+    items = pd.DataFrame({"item_id": np.arange(len(titles), dtype=np.int64),
+                          "title": [titles[i] for i in range(len(titles))]})
+    return SourceData(items=items, sequences=seqs, dropped=dropped)
