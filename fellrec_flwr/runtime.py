@@ -45,6 +45,7 @@ class Runtime:
     data: PreparedData
     model: Any  # a peft PeftModel around the base model
     tokenizer: Any
+    initial_lora: dict[str, Any]  # the seeded LoRA init, before any training touched `model`
     _catalogue: Any = field(default=None, repr=False)
 
     @property
@@ -72,6 +73,9 @@ def get_runtime(cfg: FellRecConfig) -> Runtime:
 
         data = prepare_data(cfg)
         base, tokenizer = load_base_model(cfg.model, data.titles, data.path)
+        from fellrec_flwr.lora_state import get_lora_state
+
         model = add_lora(base, cfg.lora, seed=cfg.seed)
-        _CACHE[key] = Runtime(cfg=cfg, data=data, model=model, tokenizer=tokenizer)
+        _CACHE[key] = Runtime(cfg=cfg, data=data, model=model, tokenizer=tokenizer,
+                              initial_lora=get_lora_state(model))
     return _CACHE[key]

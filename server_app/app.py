@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fellrec_flwr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fellrec_flwr.config import ConfigError, FellRecConfig, from_run_config
-from fellrec_flwr.lora_state import get_lora_state, record_to_state, set_lora_state, state_to_record
+from fellrec_flwr.lora_state import record_to_state, set_lora_state, state_to_record
 from fellrec_flwr.results import atomic_write_json, plot_run, summarise, write_metrics_csv
 from fellrec_flwr.runtime import get_runtime
 from strategies import make_strategy
@@ -79,7 +79,7 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "Resuming %s from round %d (checkpoint %s)", cfg.resolved_run_name(), start_round, cfg.resume_from)
     else:
         rt = get_runtime(cfg)
-        initial = state_to_record(get_lora_state(rt.model))  # the same LoRA init for every client
+        initial = state_to_record(rt.initial_lora)  # the same LoRA init for every client
     atomic_write_json(run_dir / "config.json", cfg.to_run_config())
     log(INFO, "Run folder: %s", run_dir)
 

@@ -44,3 +44,12 @@ def flower_task_identity():
         return
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The tiny model is faster on one thread, and CI shares 2 cores with Ray actors."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
