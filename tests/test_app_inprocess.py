@@ -16,7 +16,7 @@ import server_app.app as server
 from client_app.app import app as client_app
 from fellrec_flwr.checkpoint import load_checkpoint
 from fellrec_flwr.config import ConfigError
-from inprocess_grid import InProcessGrid
+from fellrec_flwr.inprocess_grid import InProcessGrid
 
 SMALL = {
     "data.num-clients": 2, "min-clients": 2, "data.train-samples": 48, "data.valid-users": 16,

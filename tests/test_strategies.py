@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.clientapp import ClientApp
 
 from fellrec_flwr.config import FellRecConfig
-from inprocess_grid import InProcessGrid
+from fellrec_flwr.inprocess_grid import InProcessGrid
 from strategies import (
     FellRec,
     LocalOnly,

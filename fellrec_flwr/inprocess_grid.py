@@ -1,4 +1,7 @@
-"""An in-process Flower Grid for tests: calls a ClientApp synchronously, no Ray, no SuperLink.
+"""An in-process Flower Grid: calls a ClientApp synchronously, no Ray, no SuperLink.
+
+Used by the tests and by `bench/quality.py` (the quality numbers do not depend on the
+transport, and one process keeps runs deterministic and cheap).
 
 Follows ../shared/notes/flower-1.42.md section 8, plus failure injection:
 - ``fail`` {server-round: {partition ids}}: those clients answer with an error reply
