@@ -1,0 +1,124 @@
+"""CLI: ``python -m fellrec_flwr.audit --model tiny --data demo --cuts 0,1,2 --out docs/results/audit/demo``.
+
+Writes audit.csv (one row per cut, direction and observed kind), audit.png, report.md and
+settings.json under --out. Same arguments and seed -> the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from threadpoolctl import threadpool_limits
+
+from fellrec_flwr.audit.attacks import AuditSettings, run_audit
+from fellrec_flwr.audit.data import load_audit_data
+from fellrec_flwr.audit.report import markdown_table, write_results
+from fellrec_flwr.audit.sequences import AuditError
+from fellrec_flwr.config import ModelConfig
+from fellrec_flwr.seeding import derive_seed
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 0,1,2,4)")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers (e.g. 0.1,0.5)")
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Limit torch and the BLAS libraries to ``n`` threads for a block (0 = leave them alone)."""
+    if n <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fellrec_flwr.audit", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny", help="tiny | Hugging Face folder/id | .gguf file (or its folder)")
+    p.add_argument("--data", default="demo", choices=["games", "demo", "prepared"])
+    p.add_argument("--data-path", default="", help="games: the RecBole folder (default ../shared/data/amazon-games); "
+                                                   "prepared: a prepared folder")
+    p.add_argument("--cuts", type=_ints, default=(0, 1, 2), help="front cuts k (0 = embedding output)")
+    p.add_argument("--back-cuts", type=_ints, default=None, help="back cuts k (default: --cuts without 0)")
+    p.add_argument("--direction", default="front,back", help="front, back or front,back")
+    p.add_argument("--out", required=True, help="output folder, e.g. docs/results/audit/<name>")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-prompts", type=int, default=200, help="attacker's synthetic prompts")
+    p.add_argument("--eval-users", type=int, default=100, help="real users attacked")
+    p.add_argument("--history-len", type=int, default=10)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--response-only-loss", action="store_true", help="client loss on the response only "
+                                                                      "(train_on_inputs=False)")
+    p.add_argument("--noise-sigmas", type=_floats, default=(), help="defence sweep, e.g. 0.1,0.3,1")
+    p.add_argument("--noise-cut", type=int, default=1, help="front cut of the defence sweep")
+    p.add_argument("--noise-loss-users", type=int, default=32, help="users the defence's price is measured on")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and BLAS (0 = their default); "
+                                                          "1 is much faster on a crowded machine")
+    p.add_argument("--work-dir", default=os.environ.get("FELLREC_CACHE", str(Path.home() / ".cache" / "fellrec-flwr")),
+                   help="where the tiny tokenizer / converted GGUF are cached")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from fellrec_flwr.model import load_base_model
+
+    try:
+        directions = tuple(d.strip() for d in args.direction.split(",") if d.strip())
+        back = args.back_cuts if args.back_cuts is not None else tuple(k for k in args.cuts if k > 0)
+        noise = tuple(sorted({0.0, *args.noise_sigmas})) if args.noise_sigmas else ()
+        settings = AuditSettings(front_cuts=args.cuts, back_cuts=back, directions=directions,
+                                 train_prompts=args.train_prompts, history_len=args.history_len,
+                                 max_length=args.max_length, batch_size=args.batch_size,
+                                 train_on_inputs=not args.response_only_loss, seed=args.seed,
+                                 noise_cut=args.noise_cut, noise_sigmas=noise,
+                                 noise_loss_users=args.noise_loss_users)
+        titles, examples = load_audit_data(args.data, args.data_path, args.eval_users, args.history_len,
+                                           derive_seed(args.seed, "eval-users"))
+        started = time.time()
+        model, tokenizer = load_base_model(ModelConfig(name=args.model, device="cpu"), titles,
+                                           Path(args.work_dir) / "audit")
+        with torch.random.fork_rng(), cpu_threads(args.threads):
+            df = run_audit(model, tokenizer, titles, examples, settings)
+    except AuditError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    record = {**asdict(settings), "model": args.model, "data": args.data, "data_path": str(args.data_path),
+              "eval_users": len(examples), "num_layers": int(model.config.num_hidden_layers),
+              "seconds": round(time.time() - started, 1), "threads": args.threads or torch.get_num_threads()}
+    command = "python -m fellrec_flwr.audit " + shlex.join(argv if argv is not None else sys.argv[1:])
+    paths = write_results(args.out, df, record, command, f"{Path(args.model).name} on {args.data}")
+    print(markdown_table(df, ["k", "direction", "observed", "noise_sigma", "token_acc", "history_item_recall",
+                              "target_item_recall"]))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
