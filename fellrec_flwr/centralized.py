@@ -22,6 +22,7 @@ from typing import Any
 from flwr.common.config import parse_config_args
 
 from fellrec_flwr.config import FellRecConfig, from_run_config
+from fellrec_flwr.lora_state import set_lora_state
 from fellrec_flwr.results import atomic_write_json, plot_run, summarise, write_metrics_csv
 from fellrec_flwr.runtime import derive_seed, get_runtime, prepare_data
 
@@ -55,6 +56,7 @@ def run_centralized(cfg: FellRecConfig) -> Path:
     cfg = replace(cfg, strategy="fedavg")  # strategy is irrelevant here; keep the config valid
     run_dir = run_dir_for(cfg, f"centralized-{cfg.data.dataset}")
     rt = get_runtime(cfg)
+    set_lora_state(rt.model, rt.initial_lora)  # the same seeded start as every federated client
     examples = rt.data.split("train")
     rows: list[dict[str, Any]] = []
     for round_ in range(1, cfg.num_server_rounds + 1):

@@ -38,6 +38,8 @@ class ModelConfig:
     tiny_layers: int = 4
     tiny_heads: int = 4
     tiny_vocab: int = 4000
+    # Public warm-up of the random tiny model on catalogue-only prompts (0 = stay random).
+    tiny_pretrain_prompts: int = 2000
 
 
 @dataclass

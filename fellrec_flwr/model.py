@@ -155,6 +155,10 @@ def _load_tiny(model_cfg: ModelConfig, titles: Mapping[int, str] | Sequence[str]
     tokenizer = tiny.train_tokenizer(texts, model_cfg.tiny_vocab, work_dir / f"tokenizer-{fingerprint}")
     model = tiny.build_tiny_model(tokenizer, hidden=model_cfg.tiny_hidden, layers=model_cfg.tiny_layers,
                                   heads=model_cfg.tiny_heads, seed=TINY_BASE_SEED)
+    if isinstance(titles, Mapping):  # public warm-up, as a real pretrained LLM would have had
+        shape = f"{model_cfg.tiny_hidden}x{model_cfg.tiny_layers}x{model_cfg.tiny_heads}"
+        cache = work_dir / f"tiny-base-{fingerprint}-{shape}-p{model_cfg.tiny_pretrain_prompts}.safetensors"
+        tiny.load_or_pretrain(model, tokenizer, dict(titles), model_cfg.tiny_pretrain_prompts, cache)
     return model, tokenizer
 
 

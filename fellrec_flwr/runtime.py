@@ -69,7 +69,14 @@ def model_identity(cfg: FellRecConfig) -> str:
 def get_runtime(cfg: FellRecConfig) -> Runtime:
     key = json.dumps({"m": model_identity(cfg), "lora": asdict(cfg.lora), "split": asdict(cfg.split)}, sort_keys=True)
     if key not in _CACHE:
+        import torch
+
         from fellrec_flwr.model import add_lora, load_base_model
+
+        if cfg.model.name == "tiny":
+            # Its matrices are too small to gain from threads; on shared cores extra
+            # threads only contend (measured 15x slower with 2 threads under load).
+            torch.set_num_threads(1)
 
         data = prepare_data(cfg)
         base, tokenizer = load_base_model(cfg.model, data.titles, data.path)

@@ -85,3 +85,53 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, hidden: int = 64, layer
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def public_prompts(item_ids: list[int], num_prompts: int, history_len: int, seed: int) -> list:
+    """Prompts an outsider can build from the public catalogue alone: random histories, random targets.
+
+    They teach the template and the titles' spelling, not any user's taste (no interaction
+    data is used), which is what a real pretrained LLM already knows before FELLRec starts.
+    """
+    import random
+
+    from fellrec_flwr.prepared import Example
+
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(num_prompts):
+        history = tuple(rng.sample(item_ids, k=rng.randint(1, min(history_len, len(item_ids)))))
+        prompts.append(Example(user_id=-1, history=history, target=rng.choice(item_ids)))
+    return prompts
+
+
+def pretrain_on_catalogue(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, titles: dict[int, str],
+                          num_prompts: int, seed: int = 0, history_len: int = 10) -> float:
+    """Full-model warm-up of the random tiny LLaMA on public catalogue prompts; returns the last loss."""
+    from fellrec_flwr.config import TrainSettings
+    from fellrec_flwr.trainer import train_local
+
+    prompts = public_prompts(sorted(titles), num_prompts, history_len, seed)
+    settings = TrainSettings(local_epochs=2, lr=3e-3, batch_size=16, max_length=256, train_on_inputs=True)
+    result = train_local(model, tokenizer, prompts, titles, settings, seed=seed, progress=True)
+    model.eval()
+    return result.loss
+
+
+def load_or_pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, titles: dict[int, str],
+                     num_prompts: int, cache_file: Path) -> LlamaForCausalLM:
+    """Pretrained tiny weights from `cache_file`, or pretrain once and save them there (atomically)."""
+    from safetensors.torch import load_file, save_file
+
+    if num_prompts <= 0:
+        return model
+    if cache_file.exists():
+        model.load_state_dict(load_file(str(cache_file)))
+        return model
+    pretrain_on_catalogue(model, tokenizer, titles, num_prompts)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{cache_file.name}.", dir=cache_file.parent)
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, cache_file)
+    return model

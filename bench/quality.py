@@ -1,0 +1,137 @@
+"""Quality benchmark: FELLRec vs FedAvg, FedProx, local, centralized and popularity.
+
+    python bench/quality.py --profile cpu --out docs/results/quality-cpu \
+        --run-config "data.dataset='games' data.path='/abs/path/amazon-games'" --seeds 2024
+
+Every method gets the same data, model, seed and budget (rounds x local epochs). The
+federated methods run the real ServerApp `main` and ClientApp against an in-process Grid
+(no Ray: the numbers do not depend on the transport). Writes one run folder per method and
+seed, then `comparison.{csv,md,png}` per seed and `quality.csv` / `quality.md` with mean ± std
+over seeds of the overall metrics, the coefficient of variation across clients and the worst
+client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+
+PROFILES = {
+    # tiny random LLaMA, whole table in about an hour on 2 cores
+    "cpu": {"num-server-rounds": 8, "train.local-epochs": 1, "train.lr": 0.003, "eval.interval": 2,
+            "eval.num-beams": 4, "eval.max-new-tokens": 24, "model.tiny-layers": 4},
+    # SmolLM2-135M (set model.name to the GGUF file or a local folder); GPU recommended
+    "pretrained": {"num-server-rounds": 5, "train.local-epochs": 1, "train.lr": 0.0003, "eval.interval": 1,
+                   "eval.num-beams": 4, "eval.max-new-tokens": 32, "train.batch-size": 4},
+}
+METHODS = {
+    "fellrec": {"strategy": "fellrec"},
+    "fellrec-noheat": {"strategy": "fellrec", "fellrec.heating": False},
+    "fedavg": {"strategy": "fedavg"},
+    "fedprox": {"strategy": "fedprox"},
+    "local": {"strategy": "local"},
+    "centralized": None,
+    "popularity": None,
+}
+HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+
+
+def run_federated(run_config: dict) -> None:
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import server_app.app as server
+    from client_app.app import app as client_app
+    from fellrec_flwr.config import from_run_config
+    from fellrec_flwr.inprocess_grid import InProcessGrid
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    n = from_run_config(run_config).data.num_clients
+    grid = InProcessGrid(client_app, n, run_config)
+    server.main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
+
+
+def run_method(method: str, run_config: dict) -> Path:
+    from fellrec_flwr.centralized import run_centralized, run_popularity
+    from fellrec_flwr.config import from_run_config
+
+    run_dir = Path(run_config["out-dir"]) / run_config["run-name"]
+    if (run_dir / "summary.json").exists():
+        print(f"[quality] {run_dir.name}: already done, skipped")
+        return run_dir
+    t0 = time.time()
+    if method == "centralized":
+        run_centralized(from_run_config(run_config))
+    elif method == "popularity":
+        run_popularity(from_run_config(run_config))
+    else:
+        run_federated({**run_config, **METHODS[method]})
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["method"], summary["wall_seconds"] = method, round(time.time() - t0, 1)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    print(f"[quality] {run_dir.name}: {time.time() - t0:.0f}s overall={summary['overall']}")
+    return run_dir
+
+
+def table(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    agg = frame.groupby("method", sort=False).agg(["mean", "std", "count"])
+    out = pd.DataFrame(index=agg.index)
+    for col in [c for c in frame.columns if c not in ("method", "seed")]:
+        mean, std = agg[(col, "mean")], agg[(col, "std")].fillna(0.0)
+        out[col] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(mean, std)]
+    out["seeds"] = agg[(frame.columns[2], "count")]
+    return out
+
+
+def main() -> None:
+    from flwr.common.config import parse_config_args
+
+    from fellrec_flwr.compare import compare
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--run-config", "-c", action="append", default=[])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", default="2024")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        run_dirs = []
+        for method in args.methods.split(","):
+            rc = {**PROFILES[args.profile], **overrides, "seed": seed, "out-dir": str(out / "runs"),
+                  "run-name": f"{method}-s{seed}"}
+            run_dirs.append(run_method(method, rc))
+        compare(run_dirs, out / f"compare-s{seed}")
+        for d in run_dirs:
+            s = json.loads((d / "summary.json").read_text())
+            row = {"method": s["method"], "seed": seed}
+            row.update({m: s["overall"].get(m) for m in HEADLINE})
+            row["cv recall@10"] = s["balance"].get("recall@10", {}).get("cv")
+            row["worst recall@10"] = s["balance"].get("recall@10", {}).get("worst_value")
+            row["minutes"] = s.get("wall_seconds", 0) / 60
+            rows.append(row)
+    pd.DataFrame(rows).to_csv(out / "quality.csv", index=False)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    header = (f"Command: `python bench/quality.py --profile {args.profile} {' '.join(repr(c) for c in args.run_config)} "
+              f"--seeds {args.seeds}`  \nCommit {commit}, {platform.machine()} {os.cpu_count()} cores, "
+              f"{time.strftime('%Y-%m-%d')}\n\n")
+    md = table(rows)
+    lines = ["| method | " + " | ".join(md.columns) + " |", "|---" * (len(md.columns) + 1) + "|"]
+    lines += ["| " + str(i) + " | " + " | ".join(str(v) for v in r) + " |" for i, r in md.iterrows()]
+    (out / "quality.md").write_text(header + "\n".join(lines) + "\n")
+    print((out / "quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
