@@ -21,7 +21,7 @@ from fellrec_flwr.inprocess_grid import InProcessGrid
 SMALL = {
     "data.num-clients": 2, "min-clients": 2, "data.train-samples": 48, "data.valid-users": 16,
     "data.test-users": 16, "data.bpr-epochs": 2, "eval.num-beams": 2, "eval.max-new-tokens": 8,
-    "model.tiny-layers": 2, "model.tiny-vocab": 800, "train.batch-size": 8,
+    "model.tiny-layers": 2, "model.tiny-vocab": 800, "train.batch-size": 8, "model.tiny-pretrain-prompts": 64,
 }
 
 

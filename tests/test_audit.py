@@ -39,7 +39,7 @@ def one_thread():
 def demo(tmp_path_factory):
     # the users the CLI picks for --seed 0, so that CLI and library runs can be compared exactly
     titles, examples = load_audit_data("demo", eval_users=12, history_len=5, seed=derive_seed(0, "eval-users"))
-    model, tokenizer = load_base_model(ModelConfig(name="tiny", device="cpu"), titles,
+    model, tokenizer = load_base_model(ModelConfig(name="tiny", device="cpu", tiny_pretrain_prompts=0), titles,
                                        tmp_path_factory.mktemp("audit-work"))
     return titles, examples, model, tokenizer
 

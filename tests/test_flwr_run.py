@@ -18,7 +18,7 @@ from flwr_procs import BIN, flower_env, free_port, kill_tree, pids_matching, run
 TINY_RUN = (
     "num-server-rounds=2 data.num-clients=2 min-clients=2 data.train-samples=48 data.valid-users=16 "
     "data.test-users=16 data.bpr-epochs=2 eval.num-beams=2 eval.max-new-tokens=8 model.tiny-layers=2 "
-    "model.tiny-vocab=800 train.batch-size=8"
+    "model.tiny-vocab=800 train.batch-size=8 model.tiny-pretrain-prompts=64"
 )
 
 

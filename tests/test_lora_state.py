@@ -37,7 +37,7 @@ def work_dir(tmp_path_factory):
 
 @pytest.fixture
 def peft_model(work_dir):
-    model, _ = load_base_model(ModelConfig(), TITLES, work_dir)
+    model, _ = load_base_model(ModelConfig(tiny_pretrain_prompts=0), TITLES, work_dir)
     return add_lora(model, LoraSettings(), seed=3)
 
 

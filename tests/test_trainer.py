@@ -53,7 +53,7 @@ def work_dir(tmp_path_factory):
 
 
 def fresh(work_dir, lora=LoraSettings(), seed=1):
-    model, tok = load_base_model(ModelConfig(), TITLES, work_dir)
+    model, tok = load_base_model(ModelConfig(tiny_pretrain_prompts=0), TITLES, work_dir)
     return add_lora(model, lora, seed=seed), tok
 
 
@@ -158,7 +158,7 @@ def test_lr_scale_zero_leaves_lora_unchanged_and_bad_inputs_raise(work_dir):
         train_local(model, tok, TRAIN[:8], TITLES, cfg, seed=1, lr_scale=-1.0)
     with pytest.raises(TrainingError, match="no examples"):
         train_local(model, tok, [], TITLES, cfg, seed=1)
-    base, tok = load_base_model(ModelConfig(), TITLES, work_dir)
+    base, tok = load_base_model(ModelConfig(tiny_pretrain_prompts=0), TITLES, work_dir)
     base.requires_grad_(False)
     with pytest.raises(TrainingError, match="add_lora"):
         train_local(base, tok, TRAIN[:8], TITLES, cfg, seed=1)
