@@ -172,7 +172,7 @@ def test_audit_recovers_at_k0_one_row_per_cut_and_is_repeatable(demo, tmp_path):
     out = tmp_path / "run"
     assert audit_main(["--model", "tiny", "--data", "demo", "--cuts", "0,2", "--back-cuts", "1", "--out", str(out),
                        "--train-prompts", "40", "--eval-users", "12", "--history-len", "5", "--max-length", "160",
-                       "--seed", "0", "--work-dir", str(tmp_path / "work")]) == 0
+                       "--seed", "0", "--tiny-pretrain-prompts", "0", "--work-dir", str(tmp_path / "work")]) == 0
     again = pd.read_csv(out / "audit.csv")
     assert {p.name for p in out.iterdir()} >= {"audit.csv", "audit.png", "report.md", "settings.json"}
     pd.testing.assert_frame_equal(again, df, check_dtype=False, rtol=1e-5)

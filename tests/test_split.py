@@ -118,6 +118,8 @@ def test_client_loads_only_its_tensors(full, tok, tmp_path):
     full_sd = full.state_dict()
     for k, v in client.state_dict().items():
         assert torch.equal(v, full_sd[k]), k
+    with pytest.raises(SplitError, match="make_split_model"):  # never silently skips the middle
+        client(input_ids=torch.tensor([[5, 6, 7]]))
     with pytest.raises(SplitError, match="no .safetensors"):
         load_client_model(tmp_path, 1, 1)
 
@@ -242,7 +244,8 @@ def test_generation_matches(full, tok, service, beams):
     got = split.generate(**batch, **kwargs)
     assert torch.equal(want, got)
     steps = [decode(b)[0] for p, b in seen if p == "/v1/infer/step"]
-    assert len(steps) == got.shape[1] - batch["input_ids"].shape[1] and steps[0]["hidden"].shape[1] == batch["input_ids"].shape[1]
+    prompt_len = batch["input_ids"].shape[1]
+    assert len(steps) == got.shape[1] - prompt_len and steps[0]["hidden"].shape[1] == prompt_len
     assert all(s["hidden"].shape[1] == 1 for s in steps[1:])  # the server's KV cache is used
     assert any("beam_idx" in s for s in steps) == (beams > 1)
 

@@ -279,7 +279,7 @@ def test_concurrent_clients_get_their_own_answers(service):
         try:
             gen = torch.Generator().manual_seed(i)
             client = _client(service.url, f"client-{i}")
-            for step in range(4):
+            for step in range(3):
                 b, q = 1 + (i + step) % 3, 2 + i
                 hidden = torch.randn(b, q, H, generator=gen)
                 mask = torch.ones(b, q, dtype=torch.bool)
@@ -290,13 +290,13 @@ def test_concurrent_clients_get_their_own_answers(service):
         except BaseException as err:  # noqa: BLE001 — reported below
             errors.append(err)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(5)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert not errors, errors
-    assert len(results) == 24
+    assert len(results) == 15
     body = service.service.body
     for hidden, mask, pos, out in results.values():
         with torch.no_grad():

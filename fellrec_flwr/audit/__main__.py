@@ -59,6 +59,8 @@ def cpu_threads(n: int) -> Iterator[None]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fellrec_flwr.audit", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", help="tiny | Hugging Face folder/id | .gguf file (or its folder)")
+    p.add_argument("--tiny-pretrain-prompts", type=int, default=ModelConfig.tiny_pretrain_prompts,
+                   help="tiny model only: public warm-up prompts (0 = the random tiny model)")
     p.add_argument("--data", default="demo", choices=["games", "demo", "prepared"])
     p.add_argument("--data-path", default="", help="games: the RecBole folder (default ../shared/data/amazon-games); "
                                                    "prepared: a prepared folder")
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         titles, examples = load_audit_data(args.data, args.data_path, args.eval_users, args.history_len,
                                            derive_seed(args.seed, "eval-users"))
         started = time.time()
-        model, tokenizer = load_base_model(ModelConfig(name=args.model, device="cpu"), titles,
+        model, tokenizer = load_base_model(ModelConfig(name=args.model, device="cpu", tiny_pretrain_prompts=args.tiny_pretrain_prompts), titles,
                                            Path(args.work_dir) / "audit")
         with torch.random.fork_rng(), cpu_threads(args.threads):
             df = run_audit(model, tokenizer, titles, examples, settings)

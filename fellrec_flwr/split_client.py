@@ -1,0 +1,453 @@
+"""The client side of the split: a real `LlamaForCausalLM` whose middle layers live on the service.
+
+`make_split_model(model, plan, service_client)` replaces decoder layer `front_k` by a
+`RemoteBody` proxy and the other server-held layers by `PassThrough`. Everything else is the
+unchanged Hugging Face model: peft LoRA, `model(**batch).loss`, `model.generate` (greedy,
+sampling, beam search) and the grounding embeddings keep working, with layer indices (so
+LoRA key names and KV-cache slots) identical to the unsplit model.
+
+What crosses the network: hidden states at the cut, the 2-D padding mask, position ids,
+gradients w.r.t. the returned hidden states, and (in beam search) beam indices. Token ids,
+labels, the embedding and the LM head never leave the client.
+
+Three ways through the proxy:
+- training (grad enabled, input needs grad): a torch.autograd.Function; forward = POST
+  /v1/forward, backward = POST /v1/backward with the same input + the output's gradient;
+- inference with a KV cache (generate): /v1/infer/step in a server-side session tied to the
+  client's cache object; beam reorders are forwarded; if the session is lost (service
+  restart, eviction) it is rebuilt by replaying the hidden states sent so far;
+- anything else (no grad, no cache): a plain /v1/forward.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import random
+import ssl
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+from torch import nn
+
+from fellrec_flwr.split import PassThrough, SplitError, SplitPlan, _causal_lm, server_layer_adapters
+from fellrec_flwr.split_auth import auth_headers, client_ssl_context, issue_token, load_secret
+from fellrec_flwr.wire import CONTENT_TYPE, decode, encode, wire_dtype
+
+log = logging.getLogger(__name__)
+
+BodyObserver = Callable[[str, bytes], None]  # (path, request body) — for audits and tests
+_RETRY_STATUSES = {500, 502, 503, 504}
+_SESSION_LOST = {"unknown_session", "session_out_of_sync"}
+
+
+class SplitServiceError(ValueError):
+    """The service refused a request (4xx/5xx): `status`, machine-readable `code`, message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"split service: {status} {code}: {message}")
+        self.status, self.code = status, code
+
+
+class SplitServiceUnavailable(ConnectionError):
+    """The service could not be reached after all retries."""
+
+
+# ---------------------------------------------------------------------------
+# HTTP client
+# ---------------------------------------------------------------------------
+
+
+class SplitServiceClient:
+    """Talks to one split service: keep-alive connection per thread, bounded retries with back-off.
+
+    Retries cover connection errors and 5xx answers (a restarting service), with delays
+    backoff, 2*backoff, ... capped at max_backoff; 4xx answers raise SplitServiceError at once.
+    """
+
+    def __init__(self, url: str, client_key: str, token: str, timeout: float = 120.0, retries: int = 6,
+                 backoff: float = 0.25, max_backoff: float = 8.0, ca_file: str | Path | None = None,
+                 ssl_context: ssl.SSLContext | None = None, body_observer: BodyObserver | None = None):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SplitError(f"split service url {url!r} must look like http://host:port or https://host:port.")
+        self.url = url.rstrip("/")
+        self.host, self.port, self.tls = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), \
+            parts.scheme == "https"
+        self.client_key, self._headers = client_key, auth_headers(client_key, token)
+        self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
+        self.ssl_context = ssl_context or (client_ssl_context(ca_file) if self.tls else None)
+        self.body_observer = body_observer
+        self.stats: dict[str, float] = {"requests": 0, "bytes_sent": 0, "bytes_received": 0, "retries": 0,
+                                        "wait_s": 0.0}  # wait_s: time inside requests (network + service)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pending_close: list[str] = []
+        self._info: dict[str, Any] | None = None
+
+    # -- transport --------------------------------------------------------------------------
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, True
+        if self.tls:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.ssl_context)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        self._local.conn = conn
+        return conn, False
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+        self._local.conn = None
+
+    def request(self, method: str, path: str, body: bytes = b"", content_type: str = CONTENT_TYPE) -> bytes:
+        """One request with retries; returns the reply body or raises."""
+        if self.body_observer is not None and body:
+            self.body_observer(path, body)
+        headers = {**self._headers, "Content-Type": content_type}
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            conn, reused = self._connection()
+            start = time.perf_counter()
+            try:
+                conn.request(method, path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (OSError, http.client.HTTPException) as err:
+                self._drop_connection()
+                last = err
+            else:
+                if resp.will_close:
+                    self._drop_connection()
+                with self._lock:
+                    self.stats["wait_s"] += time.perf_counter() - start
+                    self.stats["requests"] += 1
+                    self.stats["bytes_sent"] += len(body)
+                    self.stats["bytes_received"] += len(data)
+                if resp.status < 400:
+                    return data
+                if resp.status not in _RETRY_STATUSES:
+                    raise _service_error(resp.status, data)
+                last = _service_error(resp.status, data)
+            if attempt == self.retries:
+                break
+            # a stale keep-alive connection fails once without the service being down: retry at once
+            delay = 0.0 if (reused and attempt == 0 and not isinstance(last, SplitServiceError)) else \
+                min(self.backoff * 2 ** attempt, self.max_backoff) * (1 + 0.1 * random.random())
+            self.stats["retries"] += 1
+            log.warning("split service %s %s failed (%s); retry %d/%d in %.2fs", method, path, last,
+                        attempt + 1, self.retries, delay)
+            time.sleep(delay)
+        if isinstance(last, SplitServiceError):
+            raise last
+        raise SplitServiceUnavailable(f"split service at {self.url} unreachable after {self.retries + 1} "
+                                      f"attempts: {last}")
+
+    def close(self) -> None:
+        self.flush_closes()
+        self._drop_connection()
+
+    # -- API --------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return json.loads(self.request("GET", "/v1/health"))
+
+    def info(self, refresh: bool = False) -> dict[str, Any]:
+        if self._info is None or refresh:
+            self._info = json.loads(self.request("GET", "/v1/info"))
+        return self._info
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                keep_graph: bool = False) -> tuple[torch.Tensor, str]:
+        """Middle-layer output for `hidden`; with keep_graph, also the id of the kept graph ('' if none)."""
+        tensors = _inputs(hidden, attention_mask, position_ids)
+        data = self.request("POST", "/v1/forward", encode(tensors, {"keep_graph": "1" if keep_graph else "0"}))
+        out, meta = decode(data)
+        return out["hidden"], meta.get("activation_id", "")
+
+    def backward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                 grad: torch.Tensor, activation_id: str = "") -> torch.Tensor:
+        tensors = {**_inputs(hidden, attention_mask, position_ids), "grad": grad}
+        meta = {"activation_id": activation_id} if activation_id else {}
+        out, _ = decode(self.request("POST", "/v1/backward", encode(tensors, meta)))
+        return out["grad"]
+
+    def infer_step(self, session: str, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                   position_ids: torch.Tensor, past_len: int,
+                   beam_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+        """One step of an inference session ('' creates one); returns (hidden, session id)."""
+        tensors = _inputs(hidden, attention_mask, position_ids)
+        if beam_idx is not None:
+            tensors["beam_idx"] = beam_idx.to(torch.int32)
+        with self._lock:
+            closing, self._pending_close = self._pending_close, []
+        meta = {"session": session, "past_len": str(past_len)}
+        if closing:
+            meta["close"] = ",".join(closing)
+        try:
+            out, reply = decode(self.request("POST", "/v1/infer/step", encode(tensors, meta)))
+        except Exception:
+            with self._lock:
+                self._pending_close += closing
+            raise
+        return out["hidden"], reply["session"]
+
+    def close_later(self, session: str) -> None:
+        """Queue a session to be closed with the next step (safe to call from a GC finalizer)."""
+        if session:
+            with self._lock:
+                self._pending_close.append(session)
+
+    def flush_closes(self) -> None:
+        with self._lock:
+            closing, self._pending_close = self._pending_close, []
+        if closing:
+            try:
+                self.request("POST", "/v1/infer/close", json.dumps({"sessions": closing}).encode(),
+                             "application/json")
+            except (SplitServiceError, SplitServiceUnavailable) as err:  # the TTL cleans up anyway
+                log.info("could not close split sessions: %s", err)
+
+
+def _inputs(hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+            position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    tensors = {"hidden": hidden, "position_ids": position_ids}
+    if attention_mask is not None:
+        tensors["attention_mask"] = attention_mask
+    return tensors
+
+
+def _service_error(status: int, data: bytes) -> SplitServiceError:
+    try:
+        err = json.loads(data)["error"]
+        return SplitServiceError(status, str(err["code"]), str(err["message"]))
+    except (ValueError, KeyError, TypeError):
+        return SplitServiceError(status, "http_error", data[:200].decode("utf-8", "replace"))
+
+
+def service_client(url: str, client_key: str, token: str | None = None, secret_file: str | Path | None = None,
+                   **kwargs: Any) -> SplitServiceClient:
+    """A client from a token, or (simulation on one machine) from the server's secret file."""
+    if token is None:
+        if secret_file is None:
+            raise SplitError("the split service needs a token for this client (or, in a local simulation, "
+                             "the service's secret file to derive it).")
+        token = issue_token(load_secret(secret_file), client_key)
+    return SplitServiceClient(url, client_key, token, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# The proxy layer
+# ---------------------------------------------------------------------------
+
+
+class _RemoteMiddle(torch.autograd.Function):
+    """Forward: the service runs the middle layers. Backward: the service returns d(out)/d(in)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, body: "RemoteBody", mask: torch.Tensor | None,
+                positions: torch.Tensor) -> torch.Tensor:
+        wire_h = hidden.detach().to(body.wire_dtype)
+        out, activation_id = body.client.forward(wire_h, mask, positions, keep_graph=True)
+        ctx.body, ctx.sent = body, (wire_h, mask, positions, activation_id)
+        return out.to(device=hidden.device, dtype=hidden.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        wire_h, mask, positions, activation_id = ctx.sent
+        g = ctx.body.client.backward(wire_h, mask, positions, grad.detach().to(wire_h.dtype), activation_id)
+        return g.to(device=grad.device, dtype=grad.dtype), None, None, None
+
+
+@dataclass
+class _SessionState:
+    """Client-side view of one server inference session (one per KV-cache object)."""
+
+    sid: str = ""
+    past_len: int = 0
+    hidden: list[torch.Tensor] = field(default_factory=list)  # what was sent, for replay
+    positions: list[torch.Tensor] = field(default_factory=list)
+    pending_beam: torch.Tensor | None = None
+
+
+class RemoteBody(nn.Module):
+    """Stands in for decoder layer `front_k`: sends the hidden states to the service and returns the
+    output of layer L-back_k-1. Called by LlamaModel exactly like a decoder layer."""
+
+    def __init__(self, client: SplitServiceClient, plan: SplitPlan, wire: str = "float32", replay: bool = True):
+        super().__init__()
+        self.client, self.plan, self.wire_dtype, self.replay = client, plan, wire_dtype(wire), replay
+        self.padding_mask: torch.Tensor | None = None  # set by a pre-hook on LlamaModel
+        self._sessions: "weakref.WeakKeyDictionary[Any, _SessionState]" = weakref.WeakKeyDictionary()
+
+    def extra_repr(self) -> str:
+        s = self.plan.server_layers
+        return f"layers {s.start}..{s.stop - 1} at {self.client.url}, wire {self.wire_dtype}"
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None,
+                position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool | None = False,
+                position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
+        if position_ids is None:
+            raise SplitError("RemoteBody needs position_ids (LlamaModel always passes them).")
+        mask = self.padding_mask
+        mask = mask.to(torch.bool) if mask is not None else None
+        positions = position_ids.to(torch.int32)
+        if torch.is_grad_enabled():
+            if hidden_states.requires_grad:
+                return _RemoteMiddle.apply(hidden_states, self, mask, positions)
+        elif past_key_values is not None and use_cache:
+            return self._session_step(past_key_values, hidden_states, mask, positions)
+        out, _ = self.client.forward(hidden_states.detach().to(self.wire_dtype), mask, positions)
+        return out.to(device=hidden_states.device, dtype=hidden_states.dtype)
+
+    # -- inference sessions -----------------------------------------------------------------
+
+    def _state(self, cache: Any) -> _SessionState:
+        state = self._sessions.get(cache)
+        if state is None:
+            state = _SessionState()
+            self._sessions[cache] = state
+            _forward_reorders(cache, state)
+            weakref.finalize(cache, _close_later, self.client, state)
+        return state
+
+    def _session_step(self, cache: Any, hidden: torch.Tensor, mask: torch.Tensor | None,
+                      positions: torch.Tensor) -> torch.Tensor:
+        state = self._state(cache)
+        b, q = hidden.shape[:2]
+        seen = cache.get_seq_length()  # layer 0 already holds this step's tokens
+        if seen != state.past_len + q:
+            raise SplitError(f"the client KV cache holds {seen} tokens but the split session {state.past_len} + {q}: "
+                             "the cache was changed outside forward/reorder (crop, batch_select, ...), which the "
+                             "split does not support; use greedy, sampling or beam search.")
+        wire_h = hidden.detach().to(self.wire_dtype)
+        beam, state.pending_beam = state.pending_beam, None
+        if beam is not None and self.replay:
+            state.hidden = [h[beam] for h in state.hidden]
+            state.positions = [p[beam] for p in state.positions]
+        try:
+            out, sid = self.client.infer_step(state.sid, wire_h, mask, positions, state.past_len, beam)
+        except SplitServiceError as err:
+            if not (self.replay and state.sid and err.code in _SESSION_LOST):
+                raise
+            log.warning("split inference session lost (%s); replaying %d tokens", err.code, state.past_len)
+            all_h = torch.cat([*state.hidden, wire_h], dim=1)
+            all_pos = torch.cat([*state.positions, positions.expand(b, q)], dim=1)
+            out, sid = self.client.infer_step("", all_h, mask, all_pos, 0)
+            out = out[:, -q:]
+        state.sid, state.past_len = sid, state.past_len + q
+        if self.replay:
+            state.hidden.append(wire_h)
+            state.positions.append(positions.expand(b, q).contiguous())
+        return out.to(device=hidden.device, dtype=hidden.dtype)
+
+
+def _forward_reorders(cache: Any, state: _SessionState) -> None:
+    """Wrap this cache object's reorder_cache (beam search) so the server's cache follows."""
+    ref = weakref.ref(cache)  # no cycle through the bound method
+    reorder = type(cache).reorder_cache
+
+    def reorder_cache(beam_idx: torch.LongTensor) -> None:
+        reorder(ref(), beam_idx)
+        idx = beam_idx.detach().to("cpu", torch.long)
+        state.pending_beam = idx if state.pending_beam is None else state.pending_beam[idx]
+
+    cache.reorder_cache = reorder_cache
+
+
+def _close_later(client: SplitServiceClient, state: _SessionState) -> None:
+    client.close_later(state.sid)
+
+
+def _capture_padding_mask(body: RemoteBody) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2):
+            raise SplitError("a split model takes a 2-D padding attention_mask [batch, seq]; a prepared 4-D mask "
+                             "cannot be sent to the service.")
+        body.padding_mask = mask
+    return hook
+
+
+def make_split_model(model: Any, plan: SplitPlan, service_client: SplitServiceClient, wire: str = "float32",
+                     check_weights: bool = True, replay: bool = True) -> Any:
+    """Turn `model` (a full or client-only LlamaForCausalLM, or a PeftModel around one) into a split
+    client, in place, and return it. The server-held layers are dropped from it.
+
+    Checks: the plan fits the model; no LoRA module lives in a server layer; the service
+    serves the same cut and hidden size; and, if the model still holds the middle layers, that the
+    service's weight probe matches them (a different model would silently give wrong results).
+    """
+    lm = _causal_lm(model)
+    if lm.config.num_hidden_layers != plan.num_layers:
+        raise SplitError(f"plan is for {plan.num_layers} layers; the model has {lm.config.num_hidden_layers}.")
+    held_plan = getattr(lm, "split_plan", None)
+    if held_plan is not None and held_plan != plan:
+        raise SplitError(f"this client model was loaded for {held_plan}, not {plan}.")
+    lora = server_layer_adapters(model, plan)
+    if lora:
+        raise SplitError(f"{len(lora)} trainable parameters (e.g. {lora[0]}) live in server-held layers; restrict "
+                         f"LoRA to the client layers: layers_to_transform={plan.client_layers}.")
+    info = service_client.info()
+    mine = {"hidden_size": lm.config.hidden_size, "num_layers": plan.num_layers, "front_k": plan.front_k,
+            "back_k": plan.back_k}
+    theirs = {k: info.get(k) for k in mine}
+    if mine != theirs:
+        raise SplitError(f"the split service at {service_client.url} serves {theirs}; this client needs {mine}.")
+    if check_weights:
+        _check_probe(lm, info.get("probe", {}), service_client.url)
+    body = RemoteBody(service_client, plan, wire, replay)
+    layers = lm.model.layers
+    layers[plan.front_k] = body
+    for i in list(plan.server_layers)[1:]:
+        layers[i] = PassThrough()
+    old = getattr(lm, "_split_mask_hook", None)
+    if old is not None:
+        old.remove()
+    lm._split_mask_hook = lm.model.register_forward_pre_hook(_capture_padding_mask(body), with_kwargs=True)
+    lm.split_plan = plan
+    return model
+
+
+def _check_probe(lm: nn.Module, probe: dict[str, list[float]], url: str) -> None:
+    params = dict(lm.named_parameters())
+    for name, values in probe.items():
+        mine = params.get(name)
+        if mine is None:
+            mine = params.get(name.replace(".weight", ".base_layer.weight"))
+        if mine is None or mine.device.type == "meta":
+            continue  # a client-only model has no middle weights to compare
+        ours = mine.detach().flatten()[: len(values)].float().cpu()
+        if not torch.allclose(ours, torch.tensor(values), rtol=1e-2, atol=1e-3):
+            raise SplitError(f"the split service at {url} holds different weights for {name}: it serves another "
+                             "model (or another tiny-model seed) than this client's.")
+
+
+def remote_body(model: Any) -> RemoteBody:
+    lm = _causal_lm(model)
+    for layer in lm.model.layers:
+        if isinstance(layer, RemoteBody):
+            return layer
+    raise SplitError("this model is not split (no RemoteBody); call make_split_model first.")
+
+
+def embed_last_token(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 64,
+                     progress: bool = False) -> np.ndarray:
+    """(n, hidden) float32 grounding embeddings through the split: the base model's final-norm
+    hidden state at each text's last token (adapters off) — the same method as
+    `grounding.embed_texts`, which this calls, so split and unsplit catalogues agree."""
+    from fellrec_flwr.grounding import embed_texts
+
+    return embed_texts(model, tokenizer, texts, batch_size=batch_size, progress=progress)

@@ -1,0 +1,758 @@
+"""The split-inference service: runs the server-held middle layers for many clients over HTTP.
+
+    python -m server_app.split_service --model PATH|GGUF|tiny --front-k 1 --back-k 1 \\
+        --secret-file secret.txt [--device cuda] [--port 8470] [--tls-cert c.pem --tls-key k.pem]
+
+Endpoints (all POST bodies and tensor replies are safetensors, see `fellrec_flwr.wire`):
+
+    GET  /v1/health          liveness (no credentials needed)
+    GET  /v1/info            hidden size, layer range, dtype, limits, a weight probe
+    POST /v1/forward         hidden [B,Q,H] (+ attention_mask [B,Q] bool, position_ids [1|B,Q])
+                             -> hidden [B,Q,H]; metadata keep_graph=1 keeps the autograd graph
+                             for the matching backward (an optimisation, see below)
+    POST /v1/backward        the same inputs + grad [B,Q,H] -> grad w.r.t. the input hidden.
+                             Stateless (Petals-style): the forward is recomputed unless the graph
+                             kept by /v1/forward is still cached for this client and the inputs
+                             are byte-identical.
+    POST /v1/infer/create    JSON {} -> {"session": id}          (server-side KV cache)
+    POST /v1/infer/step      hidden/mask/positions (+ beam_idx) with metadata session, past_len
+                             (session "" creates one; close= lists sessions to drop)
+    POST /v1/infer/close     JSON {"sessions": [ids]}
+
+Every request carries X-Client-Key / X-Client-Token (HMAC, see `fellrec_flwr.split_auth`) and is
+validated completely before any compute; a bad request gets a JSON error
+``{"error": {"code": ..., "message": ...}}`` with an HTTP status, and the service keeps serving.
+Compute is serialised with one lock (one model, one device); parsing and validation run in the
+request threads. Inference sessions belong to the client key that created them, expire after
+`session_ttl_s` idle, and are evicted least-recently-used beyond `session_cache_bytes`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import secrets
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from fellrec_flwr.split import ServerBody, SplitError, build_server_body, load_server_body, plan_for_model
+from fellrec_flwr.split_auth import KEY_HEADER, TOKEN_HEADER, load_secret, server_ssl_context, verify_token
+from fellrec_flwr.wire import CONTENT_TYPE, WireError, decode, encode, read_header
+
+log = logging.getLogger("fellrec.split_service")
+
+API_VERSION = 1
+_HIDDEN_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_INDEX_DTYPES = ("I32", "I64")
+
+
+@dataclass
+class ServiceLimits:
+    max_body_bytes: int = 512 << 20  # one request body
+    max_batch: int = 512
+    max_seq: int = 4096  # tokens per request (prefill); also bounds a session's total length
+    max_tokens: int = 1 << 18  # batch x sequence per request
+    session_ttl_s: float = 600.0
+    session_cache_bytes: int = 2 << 30  # KV caches of all sessions together
+    max_sessions_per_client: int = 32
+    activation_cache_bytes: int = 2 << 30  # graphs kept between forward and backward; 0 = always recompute
+    activation_ttl_s: float = 120.0
+    socket_timeout_s: float = 120.0  # idle keep-alive connections and slow senders are dropped
+
+
+class ApiError(Exception):
+    """A request the service refuses: HTTP status + machine-readable code + message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def body(self) -> bytes:
+        return json.dumps({"error": {"code": self.code, "message": self.message}}).encode()
+
+
+@dataclass
+class _Session:
+    sid: str
+    owner: str
+    cache: Any
+    batch: int = 0
+    past_len: int = 0
+    nbytes: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Activation:
+    owner: str
+    wire_inputs: dict[str, torch.Tensor]  # as received: backward must match them exactly
+    inp: torch.Tensor  # compute-dtype input the graph starts from
+    out: torch.Tensor  # output with its graph
+    nbytes: int
+    created: float = field(default_factory=time.monotonic)
+
+
+class SplitService:
+    """Request handling without HTTP: every method takes the authenticated client key and raw body."""
+
+    def __init__(self, body: ServerBody, secret: bytes, limits: ServiceLimits | None = None):
+        self.body = body
+        self.secret = secret
+        self.limits = limits or ServiceLimits()
+        self.device = next(body.parameters()).device
+        self.dtype = next(body.parameters()).dtype
+        self.hidden_size = body.hidden_size
+        self.max_position = int(getattr(body.config, "max_position_embeddings", 1 << 20))
+        self._lock = threading.RLock()
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()  # LRU order
+        self._activations: OrderedDict[tuple[str, str], _Activation] = OrderedDict()
+        self._param_ptrs = {p.data_ptr() for p in body.parameters()}
+        self.stats: dict[str, float] = {"requests": 0, "errors": 0, "recomputed_backward": 0, "cached_backward": 0,
+                                       "compute_s": 0.0}
+
+    @contextlib.contextmanager
+    def _computing(self) -> Iterator[None]:
+        """One model, one device: compute is serialised; the time spent is counted."""
+        with self._lock:
+            self._expire_activations()  # idle memory goes back before new work
+            self._expire_sessions()
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.stats["compute_s"] += time.perf_counter() - start
+
+    # -- info -----------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        plan = self.body.plan
+        return {
+            "service": "fellrec-split", "api_version": API_VERSION,
+            "model_type": getattr(self.body.config, "model_type", ""),
+            "hidden_size": self.hidden_size, "num_layers": plan.num_layers,
+            "front_k": plan.front_k, "back_k": plan.back_k,
+            "server_layers": [plan.server_layers.start, plan.server_layers.stop - 1],
+            "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+            "wire_dtypes": ["float32", "float16", "bfloat16"], "max_position": self.max_position,
+            "limits": asdict(self.limits), "probe": self.body.probe(), "stats": dict(self.stats),
+        }
+
+    def authenticate(self, client_key: str | None, token: str | None) -> str:
+        if not client_key or not token:
+            raise ApiError(401, "missing_credentials", f"send {KEY_HEADER} and {TOKEN_HEADER} headers.")
+        if not verify_token(self.secret, client_key, token):
+            raise ApiError(403, "bad_credentials", "the token does not match the client key.")
+        return client_key
+
+    # -- validation -------------------------------------------------------------------------
+
+    def _parse(self, data: bytes, required: set[str], optional: set[str],
+               meta_keys: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        try:
+            header, meta = read_header(data)
+        except WireError as err:
+            raise ApiError(400, "bad_body", str(err)) from None
+        names = set(header)
+        if required - names:
+            raise ApiError(400, "missing_tensor", f"missing tensors {sorted(required - names)}; "
+                                                  f"expected {sorted(required)} (+ optional {sorted(optional)}).")
+        if names - required - optional:
+            raise ApiError(400, "unexpected_tensor", f"unexpected tensors {sorted(names - required - optional)}.")
+        if set(meta) - meta_keys:
+            raise ApiError(400, "bad_metadata", f"unexpected metadata keys {sorted(set(meta) - meta_keys)}.")
+        allowed = {"hidden": _HIDDEN_DTYPES, "grad": _HIDDEN_DTYPES, "attention_mask": ("BOOL",),
+                   "position_ids": _INDEX_DTYPES, "beam_idx": _INDEX_DTYPES}
+        for name in names:
+            if header[name].get("dtype") not in allowed[name]:
+                raise ApiError(400, "bad_dtype", f"{name} has dtype {header[name].get('dtype')}; "
+                                                 f"allowed: {', '.join(allowed[name])}.")
+        try:
+            tensors, _ = decode(data)
+        except WireError as err:
+            raise ApiError(400, "bad_body", str(err)) from None
+        return tensors, meta
+
+    def _check_hidden(self, t: dict[str, torch.Tensor]) -> tuple[int, int]:
+        h = t["hidden"]
+        if h.dim() != 3:
+            raise ApiError(400, "bad_shape", f"hidden must be [batch, seq, hidden]; got shape {list(h.shape)}.")
+        b, q, hs = h.shape
+        if hs != self.hidden_size:
+            raise ApiError(400, "bad_hidden_size", f"hidden size {hs} != the model's {self.hidden_size}.")
+        if b < 1 or q < 1:
+            raise ApiError(400, "bad_shape", f"empty hidden states (shape {list(h.shape)}).")
+        lim = self.limits
+        if b > lim.max_batch:
+            raise ApiError(413, "batch_too_large", f"batch {b} > limit {lim.max_batch}; split the batch.")
+        if q > lim.max_seq:
+            raise ApiError(413, "sequence_too_long", f"sequence {q} > limit {lim.max_seq}.")
+        if b * q > lim.max_tokens:
+            raise ApiError(413, "too_many_tokens", f"batch x seq = {b * q} > limit {lim.max_tokens}.")
+        if not torch.isfinite(h).all():
+            raise ApiError(400, "non_finite", "hidden contains NaN or inf.")
+        return b, q
+
+    def _check_aux(self, t: dict[str, torch.Tensor], b: int, q: int, past: int = 0) -> None:
+        pos = t["position_ids"]
+        if pos.dim() != 2 or pos.shape[0] not in (1, b) or pos.shape[1] != q:
+            raise ApiError(400, "bad_position_ids", f"position_ids must be [1 or {b}, {q}]; got {list(pos.shape)}.")
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.max_position):
+            raise ApiError(400, "position_out_of_range",
+                           f"position ids must be in [0, {self.max_position}); "
+                           f"got [{int(pos.min())}, {int(pos.max())}].")
+        mask = t.get("attention_mask")
+        if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != (b, past + q)):
+            raise ApiError(400, "bad_attention_mask",
+                           f"attention_mask must be [{b}, {past + q}] (batch, past + new tokens); "
+                           f"got {list(mask.shape)}.")
+        grad = t.get("grad")
+        if grad is not None:
+            if grad.shape != t["hidden"].shape or grad.dtype != t["hidden"].dtype:
+                raise ApiError(400, "bad_grad_shape", f"grad must match hidden: {list(t['hidden'].shape)} "
+                                                      f"{t['hidden'].dtype}; got {list(grad.shape)} {grad.dtype}.")
+            if not torch.isfinite(grad).all():
+                raise ApiError(400, "non_finite", "grad contains NaN or inf.")
+
+    @staticmethod
+    def _flag(meta: dict[str, str], key: str) -> bool:
+        value = meta.get(key, "0")
+        if value not in ("0", "1"):
+            raise ApiError(400, "bad_metadata", f"metadata {key} must be '0' or '1'; got {value!r}.")
+        return value == "1"
+
+    def _to_device(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        h = t["hidden"].to(self.device, self.dtype)
+        mask = t.get("attention_mask")
+        mask = mask.to(self.device) if mask is not None else None
+        return h, mask, t["position_ids"].to(self.device, torch.long)
+
+    # -- training ---------------------------------------------------------------------------
+
+    def forward(self, client: str, data: bytes) -> bytes:
+        t, meta = self._parse(data, {"hidden", "position_ids"}, {"attention_mask"}, {"keep_graph"})
+        b, q = self._check_hidden(t)
+        self._check_aux(t, b, q)
+        keep = self._flag(meta, "keep_graph") and self.limits.activation_cache_bytes > 0
+        h, mask, pos = self._to_device(t)
+        out_meta = {}
+        with self._computing():
+            if not keep:
+                with torch.no_grad():
+                    out = self.body(h, mask, pos)
+            else:
+                h.requires_grad_(True)
+                counter = _SavedBytes(self._param_ptrs)
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda x: x):
+                    out = self.body(h, mask, pos)
+                nbytes = counter.total + sum(v.numel() * v.element_size() for v in t.values())
+                if nbytes <= self.limits.activation_cache_bytes:
+                    aid = secrets.token_hex(8)
+                    self._activations[(client, aid)] = _Activation(client, dict(t), h, out, nbytes)
+                    self._evict_activations()
+                    if (client, aid) in self._activations:
+                        out_meta["activation_id"] = aid
+        return encode({"hidden": out.detach().to(t["hidden"].dtype)}, out_meta)
+
+    def backward(self, client: str, data: bytes) -> bytes:
+        t, meta = self._parse(data, {"hidden", "position_ids", "grad"}, {"attention_mask"}, {"activation_id"})
+        b, q = self._check_hidden(t)
+        self._check_aux(t, b, q)
+        with self._computing():
+            entry = self._activations.pop((client, meta.get("activation_id", "")), None)
+            if entry is not None and not _same_inputs(entry.wire_inputs, t):
+                entry = None  # different inputs: the kept graph does not apply
+            grad = t["grad"].to(self.device, self.dtype)
+            if entry is not None:
+                (g,) = torch.autograd.grad(entry.out, entry.inp, grad)
+                self.stats["cached_backward"] += 1
+            else:
+                h, mask, pos = self._to_device(t)
+                h.requires_grad_(True)
+                with torch.enable_grad():
+                    out = self.body(h, mask, pos)
+                    (g,) = torch.autograd.grad(out, h, grad)
+                self.stats["recomputed_backward"] += 1
+        return encode({"grad": g.detach().to(t["hidden"].dtype)}, {"recomputed": "0" if entry else "1"})
+
+    def _expire_activations(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, a in self._activations.items() if now - a.created > self.limits.activation_ttl_s]:
+            del self._activations[key]
+
+    def _evict_activations(self) -> None:
+        cap = self.limits.activation_cache_bytes
+        while self._activations and sum(a.nbytes for a in self._activations.values()) > cap:
+            self._activations.popitem(last=False)
+
+    # -- inference sessions -----------------------------------------------------------------
+
+    def _expire_sessions(self) -> None:
+        now = time.monotonic()
+        for sid in [s for s, x in self._sessions.items() if now - x.last_used > self.limits.session_ttl_s]:
+            del self._sessions[sid]
+
+    def _new_session(self, client: str) -> _Session:
+        owned = [s for s in self._sessions.values() if s.owner == client]
+        while len(owned) >= self.limits.max_sessions_per_client:  # drop this client's oldest
+            del self._sessions[owned.pop(0).sid]
+        session = _Session(secrets.token_urlsafe(16), client, self.body.new_cache())
+        self._sessions[session.sid] = session
+        return session
+
+    def _owned(self, client: str, sid: str) -> _Session:
+        session = self._sessions.get(sid)
+        if session is None or not secrets.compare_digest(session.owner, client):
+            # one answer for "never existed", "expired" and "someone else's": no oracle
+            raise ApiError(404, "unknown_session", f"no inference session {sid[:32]!r} for this client "
+                                                   "(expired, evicted, closed, or the service restarted).")
+        return session
+
+    def _close(self, client: str, sids: list[str]) -> int:
+        closed = 0
+        for sid in sids:
+            session = self._sessions.get(sid)
+            if session is not None and session.owner == client:
+                del self._sessions[sid]
+                closed += 1
+        return closed
+
+    def infer_create(self, client: str, data: bytes) -> bytes:
+        _parse_json(data, set())
+        with self._lock:
+            self._expire_sessions()
+            session = self._new_session(client)
+        return json.dumps({"session": session.sid, "ttl_s": self.limits.session_ttl_s}).encode()
+
+    def infer_close(self, client: str, data: bytes) -> bytes:
+        obj = _parse_json(data, {"sessions"})
+        sids = obj.get("sessions", [])
+        if not isinstance(sids, list) or not all(isinstance(s, str) for s in sids):
+            raise ApiError(400, "bad_json", "'sessions' must be a list of session ids.")
+        with self._lock:
+            closed = self._close(client, sids)
+        return json.dumps({"closed": closed}).encode()
+
+    def infer_step(self, client: str, data: bytes) -> bytes:
+        t, meta = self._parse(data, {"hidden", "position_ids"}, {"attention_mask", "beam_idx"},
+                              {"session", "past_len", "close"})
+        b, q = self._check_hidden(t)
+        try:
+            past = int(meta.get("past_len", "0"))
+        except ValueError:
+            raise ApiError(400, "bad_metadata", f"past_len must be an integer; got {meta['past_len']!r}.") from None
+        if past < 0 or past + q > self.limits.max_seq:
+            raise ApiError(413 if past >= 0 else 400, "sequence_too_long",
+                           f"past_len {past} + {q} new tokens exceeds the session limit {self.limits.max_seq}.")
+        self._check_aux(t, b, q, past)
+        beam = t.get("beam_idx")
+        if beam is not None and (beam.dim() != 1 or beam.shape[0] != b or int(beam.min()) < 0 or int(beam.max()) >= b):
+            raise ApiError(400, "bad_beam_idx", f"beam_idx must be [{b}] with values in [0, {b}).")
+        h, mask, pos = self._to_device(t)
+        sid = meta.get("session", "")
+        with self._computing():
+            self._close(client, [s for s in meta.get("close", "").split(",") if s])
+            if not sid:
+                if past != 0:
+                    raise ApiError(409, "session_out_of_sync", f"a new session starts at past_len 0, not {past}.")
+                session = self._new_session(client)
+            else:
+                session = self._owned(client, sid)
+            if past != session.past_len:
+                raise ApiError(409, "session_out_of_sync",
+                               f"the session holds {session.past_len} tokens; the request says past_len={past}.")
+            if past and b != session.batch:
+                raise ApiError(400, "bad_shape", f"batch {b} differs from the session's batch {session.batch}.")
+            try:
+                with torch.no_grad():
+                    if beam is not None:
+                        session.cache.reorder_cache(beam.to(self.device, torch.long))
+                    out = self.body(h, mask, pos, past_key_values=session.cache)
+            except Exception:
+                del self._sessions[session.sid]  # a half-updated cache is useless
+                raise
+            session.batch, session.past_len, session.last_used = b, past + q, time.monotonic()
+            session.nbytes = _cache_bytes(session.cache)
+            self._sessions.move_to_end(session.sid)
+            self._enforce_session_memory(session)
+        return encode({"hidden": out.to(t["hidden"].dtype)},
+                      {"session": session.sid, "past_len": str(session.past_len)})
+
+    def _enforce_session_memory(self, current: _Session) -> None:
+        cap = self.limits.session_cache_bytes
+        for sid in list(self._sessions):
+            if sum(s.nbytes for s in self._sessions.values()) <= cap:
+                return
+            if sid != current.sid:
+                del self._sessions[sid]
+        if current.nbytes > cap:
+            del self._sessions[current.sid]
+            raise ApiError(507, "session_memory_exceeded",
+                           f"this session's KV cache ({current.nbytes} bytes) exceeds the service cap ({cap}).")
+
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+
+class _SavedBytes:
+    """Counts bytes autograd saves for backward (parameters excluded: they are not extra memory)."""
+
+    def __init__(self, param_ptrs: set[int]):
+        self.param_ptrs = param_ptrs
+        self.seen: set[int] = set()
+        self.total = 0
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            ptr = x.untyped_storage().data_ptr()
+            if ptr not in self.param_ptrs and ptr not in self.seen:
+                self.seen.add(ptr)
+                self.total += x.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage
+            pass
+        return x
+
+
+def _same_inputs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    keys = ("hidden", "position_ids", "attention_mask")
+    for k in keys:
+        x, y = a.get(k), b.get(k)
+        if (x is None) != (y is None):
+            return False
+        if x is not None and (x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y)):
+            return False
+    return True
+
+
+def _cache_bytes(cache: Any) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _parse_json(data: bytes, allowed: set[str]) -> dict[str, Any]:
+    if not data:
+        return {}
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ApiError(400, "bad_json", f"body is not JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "bad_json", "body must be a JSON object.")
+    if set(obj) - allowed:
+        raise ApiError(400, "bad_json", f"unexpected keys {sorted(set(obj) - allowed)}.")
+    return obj
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+
+_POST_ROUTES: dict[str, Callable[[SplitService, str, bytes], bytes]] = {
+    "/v1/forward": SplitService.forward,
+    "/v1/backward": SplitService.backward,
+    "/v1/infer/create": SplitService.infer_create,
+    "/v1/infer/step": SplitService.infer_step,
+    "/v1/infer/close": SplitService.infer_close,
+}
+
+
+_GET_ROUTES = ("/v1/health", "/v1/info")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: every reply carries Content-Length
+    server: "_HTTPServer"
+
+    def setup(self) -> None:
+        self.timeout = self.server.service.limits.socket_timeout_s
+        super().setup()
+        self.server.track(self.connection, True)
+        if isinstance(self.connection, ssl.SSLSocket):
+            try:
+                self.connection.do_handshake()  # here, in the request thread, not in the accept loop
+            except (OSError, ssl.SSLError):
+                self.server.track(self.connection, False)  # finish() does not run when setup fails
+                raise
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.track(self.connection, False)
+
+    def log_message(self, fmt: str, *args: Any) -> None:  # route the access log to logging
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def _reply(self, status: int, body: bytes, ctype: str = "application/json", close: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, err: ApiError, close: bool = False) -> None:
+        self.server.service.stats["errors"] += 1
+        log.info("refused %s from %s: %s %s", self.path, self.headers.get(KEY_HEADER, "?"), err.code, err.message)
+        self._reply(err.status, err.body(), close=close)
+
+    def do_GET(self) -> None:
+        service = self.server.service
+        if self.path == "/v1/health":
+            self._reply(200, json.dumps({"status": "ok", "sessions": service.session_count()}).encode())
+        elif self.path == "/v1/info":
+            try:
+                service.authenticate(self.headers.get(KEY_HEADER), self.headers.get(TOKEN_HEADER))
+            except ApiError as err:
+                return self._error(err)
+            self._reply(200, json.dumps(service.info()).encode())
+        elif self.path in _POST_ROUTES:
+            self._error(ApiError(405, "method_not_allowed", f"{self.path} takes POST."))
+        else:
+            self._error(ApiError(404, "not_found", f"no endpoint {self.path}."))
+
+    def do_POST(self) -> None:
+        service = self.server.service
+        service.stats["requests"] += 1
+        # Until the body is read, an error must close the connection: the unread body would
+        # otherwise be parsed as the next request.
+        route = _POST_ROUTES.get(self.path)
+        if route is None:
+            err = ApiError(405, "method_not_allowed", f"{self.path} takes GET.") if self.path in _GET_ROUTES \
+                else ApiError(404, "not_found", f"no endpoint {self.path}.")
+            return self._error(err, close=True)
+        try:
+            client = service.authenticate(self.headers.get(KEY_HEADER), self.headers.get(TOKEN_HEADER))
+            length = self._content_length(service.limits.max_body_bytes)
+        except ApiError as err:
+            return self._error(err, close=True)
+        data = self.rfile.read(length)
+        if len(data) != length:  # the client went away mid-body
+            self.close_connection = True
+            return
+        try:
+            reply = route(service, client, data)
+        except ApiError as err:
+            return self._error(err)
+        except Exception as err:  # a bug or an out-of-memory: report it, keep serving
+            log.exception("internal error on %s", self.path)
+            return self._error(ApiError(500, "internal_error", f"{type(err).__name__}: {err}"))
+        ctype = "application/json" if self.path in ("/v1/infer/create", "/v1/infer/close") else CONTENT_TYPE
+        self._reply(200, reply, ctype)
+
+    def _content_length(self, cap: int) -> int:
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            raise ApiError(411, "length_required", "send a Content-Length header (chunked bodies are not accepted).")
+        try:
+            length = int(raw)
+        except ValueError:
+            raise ApiError(400, "bad_content_length", f"Content-Length {raw[:32]!r} is not an integer.") from None
+        if length < 0:
+            raise ApiError(400, "bad_content_length", f"Content-Length {length} is negative.")
+        if length > cap:
+            raise ApiError(413, "body_too_large", f"body of {length} bytes exceeds the limit of {cap}.")
+        return length
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], service: SplitService, ssl_context: ssl.SSLContext | None):
+        self.service = service
+        self.ssl_context = ssl_context
+        self._connections: set[socket.socket] = set()
+        self._conn_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # failed TLS handshakes and dropped connections: not worth a traceback on stderr
+        log.info("connection from %s ended with an error: %s", client_address, sys.exc_info()[1])
+
+    def track(self, conn: socket.socket, add: bool) -> None:
+        with self._conn_lock:
+            (self._connections.add if add else self._connections.discard)(conn)
+
+    def close_connections(self) -> None:
+        """Drop open keep-alive connections so clients notice a stop at once."""
+        with self._conn_lock:
+            conns = list(self._connections)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@dataclass
+class ServiceHandle:
+    url: str
+    host: str
+    port: int
+    service: SplitService
+    _server: _HTTPServer
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._server.close_connections()
+        self._thread.join(timeout=10)
+
+
+def make_body(model: Any, front_k: int, back_k: int, device: str = "cpu", dtype: str | None = None,
+              work_dir: str | Path | None = None) -> ServerBody:
+    """A ServerBody from a ServerBody, a full model object, or a checkpoint path / GGUF."""
+    if isinstance(model, ServerBody):
+        body = model
+    elif isinstance(model, (str, Path)):
+        from fellrec_flwr.split import default_work_dir, resolve_checkpoint
+
+        path = resolve_checkpoint(model, work_dir or default_work_dir())
+        return load_server_body(path, front_k, back_k, dtype=dtype, device=device)
+    else:
+        body = build_server_body(model, plan_for_model(model, front_k, back_k))
+    if (body.plan.front_k, body.plan.back_k) != (front_k, back_k):
+        raise SplitError(f"the body was built for front_k={body.plan.front_k}, back_k={body.plan.back_k}, "
+                         f"not {front_k}, {back_k}.")
+    from fellrec_flwr.split import _torch_dtype
+
+    return body.to(device=device, dtype=_torch_dtype(dtype)).eval()
+
+
+def start_service(model: Any, secret: bytes, front_k: int = 1, back_k: int = 1, host: str = "127.0.0.1",
+                  port: int = 0, device: str = "cpu", dtype: str | None = None, limits: ServiceLimits | None = None,
+                  tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                  work_dir: str | Path | None = None) -> ServiceHandle:
+    """Serve the middle layers of `model` (ServerBody, full model, or checkpoint path) in a thread."""
+    body = make_body(model, front_k, back_k, device, dtype, work_dir)
+    service = SplitService(body, secret, limits)
+    ctx = server_ssl_context(tls_cert, tls_key) if tls_cert and tls_key else None
+    if bool(tls_cert) != bool(tls_key):
+        raise SplitError("TLS needs both --tls-cert and --tls-key.")
+    server = _HTTPServer((host, port), service, ctx)
+    bound_host, bound_port = server.server_address[:2]
+    url = f"{'https' if ctx else 'http'}://{bound_host}:{bound_port}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                              name=f"split-service:{bound_port}", daemon=True)
+    thread.start()
+    log.info("split service at %s (%s)", url, body.plan.describe())
+    return ServiceHandle(url, str(bound_host), int(bound_port), service, server, thread)
+
+
+def default_secret_file() -> Path:
+    from fellrec_flwr.split import default_work_dir
+
+    return default_work_dir() / "split-secret.txt"
+
+
+def start_service_for_run(cfg: Any, secret_file: str | Path | None = None) -> ServiceHandle:
+    """Simulation convenience: serve this run's base model on loopback.
+
+    The secret is read from `secret_file` (default `<cache>/split-secret.txt`, created with mode
+    600 if absent); simulated clients on the same machine derive their tokens from it with
+    `split_client.local_service_client`. In a deployment run the service as its own process.
+    """
+    from fellrec_flwr.runtime import get_runtime
+    from fellrec_flwr.split_auth import write_secret
+
+    path = Path(secret_file or default_secret_file())
+    if not path.exists():
+        write_secret(path)
+    rt = get_runtime(cfg)
+    device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return start_service(rt.model, load_secret(path), cfg.split.front_k, cfg.split.back_k, device=device,
+                          dtype=cfg.model.dtype)
+
+
+def _tiny_model(args: argparse.Namespace) -> Any:
+    from fellrec_flwr.tiny import build_tiny_model, load_tokenizer
+
+    if not args.tokenizer:
+        raise SplitError("--model tiny needs --tokenizer DIR (the tiny tokenizer folder the clients use), "
+                         "or save the full tiny model with split.save_full_model and pass its folder.")
+    return build_tiny_model(load_tokenizer(args.tokenizer), args.tiny_hidden, args.tiny_layers, args.tiny_heads,
+                            seed=args.tiny_seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fellrec_flwr.config import ModelConfig
+
+    d = ModelConfig()
+    lim = ServiceLimits()
+    p = argparse.ArgumentParser(prog="python -m server_app.split_service", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="'tiny', a safetensors folder, or a .gguf file/folder")
+    p.add_argument("--front-k", type=int, default=1)
+    p.add_argument("--back-k", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--secret-file", required=True,
+                   help="server secret (create one: python -m fellrec_flwr.split_auth new-secret F)")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--work-dir", default=None, help="where a GGUF file is converted to safetensors once")
+    p.add_argument("--tokenizer", default="", help="tiny only: the tokenizer folder")
+    p.add_argument("--tiny-hidden", type=int, default=d.tiny_hidden)
+    p.add_argument("--tiny-layers", type=int, default=d.tiny_layers)
+    p.add_argument("--tiny-heads", type=int, default=d.tiny_heads)
+    p.add_argument("--tiny-seed", type=int, default=0)
+    p.add_argument("--activation-cache-mb", type=int, default=lim.activation_cache_bytes >> 20,
+                   help="graphs kept between forward and backward; 0 = always recompute (pure Petals)")
+    p.add_argument("--session-cache-mb", type=int, default=lim.session_cache_bytes >> 20)
+    p.add_argument("--session-ttl", type=float, default=lim.session_ttl_s)
+    p.add_argument("--max-batch", type=int, default=lim.max_batch)
+    p.add_argument("--max-seq", type=int, default=lim.max_seq)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limits = ServiceLimits(activation_cache_bytes=args.activation_cache_mb << 20,
+                           session_cache_bytes=args.session_cache_mb << 20, session_ttl_s=args.session_ttl,
+                           max_batch=args.max_batch, max_seq=args.max_seq)
+    try:
+        model = _tiny_model(args) if args.model == "tiny" else args.model
+        handle = start_service(model, load_secret(args.secret_file), args.front_k, args.back_k, args.host, args.port,
+                               args.device, args.dtype, limits, args.tls_cert, args.tls_key, args.work_dir)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"split service listening on {handle.url} ({handle.service.body.plan.describe()})", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    handle.stop()
+
+
+if __name__ == "__main__":
+    main()
