@@ -11,20 +11,22 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fellrec_flwr.config import from_run_config
+from fellrec_flwr.client_state import ClientStateStore, adapter_fingerprint, apply_node_settings, node_settings
+from fellrec_flwr.config import FellRecConfig, from_run_config
 from fellrec_flwr.lora_state import get_lora_state, record_to_state, state_to_record, set_lora_state
 from fellrec_flwr.runtime import derive_seed, get_runtime
+from fellrec_flwr.split_runtime import attach_split
 
 app = ClientApp()
 
 
 def client_key(context: Context) -> int:
-    if "partition-id" not in context.node_config:
-        raise ValueError(
-            "This SuperNode has no 'partition-id' in its node config. Start it with "
-            "--node-config \"partition-id=<i> num-partitions=<N>\"."
-        )
-    return int(context.node_config["partition-id"])
+    return node_settings(context.node_config).partition_id  # raises naming the fix if absent
+
+
+def client_config(context: Context) -> FellRecConfig:
+    """The run config, with this node's own data folder (node config `data-path`) if it has one."""
+    return apply_node_settings(from_run_config(context.run_config), node_settings(context.node_config))
 
 
 @app.query()
@@ -37,12 +39,17 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     from fellrec_flwr.trainer import train_local
 
-    cfg = from_run_config(context.run_config)
+    cfg = client_config(context)
     key = client_key(context)
-    rt = get_runtime(cfg)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 1))
-    set_lora_state(rt.model, record_to_state(msg.content["arrays"]))
+    received = record_to_state(msg.content["arrays"])
+    # Counters and adapter on the client's own disk: they survive a SuperNode restart.
+    store = ClientStateStore(node_settings(context.node_config).state_dir, key)
+    store.begin_training(context.run_id, server_round, context.node_id, received)
+    rt = get_runtime(cfg)
+    attach_split(rt, cfg, context.node_config, config)
+    set_lora_state(rt.model, received)
     examples = rt.data.split("train", client=key)
     result = train_local(
         rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train,
@@ -50,8 +57,10 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         lr_scale=float(config.get("lr-scale", 1.0)),
     )
+    trained = get_lora_state(rt.model)
+    store.finish_training(trained, float(result.loss), adapter_fingerprint(cfg))
     metrics = MetricRecord({"train-loss": float(result.loss), "num-examples": int(result.num_examples), "client-key": key})
-    return Message(RecordDict({"arrays": state_to_record(get_lora_state(rt.model)), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": state_to_record(trained), "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -59,9 +68,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fellrec_flwr.evaluate import evaluate_recommender
     from fellrec_flwr.trainer import eval_loss
 
-    cfg = from_run_config(context.run_config)
+    cfg = client_config(context)
     key = client_key(context)
     rt = get_runtime(cfg)
+    attach_split(rt, cfg, context.node_config, msg.content["config"])
     split = str(msg.content["config"].get("split", "valid"))
     set_lora_state(rt.model, record_to_state(msg.content["arrays"]))
     examples = rt.data.split(split, client=key)

@@ -82,7 +82,9 @@ def get_runtime(cfg: FellRecConfig) -> Runtime:
         base, tokenizer = load_base_model(cfg.model, data.titles, data.path)
         from fellrec_flwr.lora_state import get_lora_state
 
-        model = add_lora(base, cfg.lora, seed=cfg.seed)
+        from fellrec_flwr.split_runtime import client_lora_settings
+
+        model = add_lora(base, client_lora_settings(cfg, base.config.num_hidden_layers), seed=cfg.seed)
         _CACHE[key] = Runtime(cfg=cfg, data=data, model=model, tokenizer=tokenizer,
                               initial_lora=get_lora_state(model))
     return _CACHE[key]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import replace
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -80,6 +80,8 @@ def main(grid: Grid, context: Context) -> None:
     else:
         rt = get_runtime(cfg)
         initial = state_to_record(rt.initial_lora)  # the same LoRA init for every client
+    if cfg.split.enabled:
+        _ = get_runtime(cfg).catalogue  # computed once here from the full model; clients find it cached
     atomic_write_json(run_dir / "config.json", cfg.to_run_config())
     log(INFO, "Run folder: %s", run_dir)
 
@@ -95,19 +97,20 @@ def main(grid: Grid, context: Context) -> None:
     strategy.on_round_end = on_round_end
     remaining = cfg.num_server_rounds - start_round
     with split_service(cfg) as run_cfg:
-        if run_cfg is not cfg:
-            log(WARNING, "split.service-url is set for this run only; clients read it from the run config")
+        # Clients learn the URL of a service started for this run from every message.
+        split_url = {"split-url": run_cfg.split.service_url} if run_cfg.split.enabled else {}
         if remaining > 0:
             result = strategy.start(
                 grid=grid, initial_arrays=initial, num_rounds=remaining,
-                train_config=ConfigRecord({"seed": cfg.seed}),
-                evaluate_config=ConfigRecord({"split": "valid"}),
+                train_config=ConfigRecord({"seed": cfg.seed, **split_url}),
+                evaluate_config=ConfigRecord({"split": "valid", **split_url}),
             )
             final_arrays = result.arrays if result.arrays is not None else initial
         else:
             final_arrays = initial
         last_round = start_round + max(remaining, 0)
-        strategy.evaluate_all(grid, final_arrays, split=cfg.eval.final_split, server_round=last_round)
+        strategy.evaluate_all(grid, final_arrays, split=cfg.eval.final_split, server_round=last_round,
+                              config=ConfigRecord(split_url))
     frame = write_metrics_csv(run_dir / "metrics.csv", strategy.metric_rows())
     summary = {"method": cfg.strategy, "run_name": cfg.resolved_run_name(), "failed_clients": strategy.failed_clients(),
                **summarise(frame, cfg.eval.final_split)}

@@ -113,3 +113,28 @@ def test_clientapp_without_partition_id_fails_with_a_clear_error():
     ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config=SMALL)
     with pytest.raises(ValueError, match="--node-config \"partition-id="):
         client_app(msg, ctx)
+
+
+def test_split_run_trains_through_the_service_and_matches_the_unsplit_run(tmp_path):
+    """Flexible storage changes where the middle layers run, not what is learned."""
+    base = {**SMALL, "model.tiny-layers": 4, "lora.layers": "0,3", "out-dir": str(tmp_path),
+            "num-server-rounds": 2, "eval.interval": 0}
+    run_server({**base, "run-name": "whole"})
+    run_server({**base, "run-name": "split", "split.enabled": True, "split.front-k": 1, "split.back-k": 1})
+    whole, split = personal_state(tmp_path / "whole"), personal_state(tmp_path / "split")
+    assert whole.keys() == split.keys() == {0, 1}
+    for key in whole:
+        for name, value in whole[key].items():
+            np.testing.assert_allclose(split[key][name], value, atol=1e-5, rtol=1e-4)
+    summary_whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    summary_split = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary_split["overall"]["recall@10"] == pytest.approx(summary_whole["overall"]["recall@10"])
+
+
+def test_split_lora_lives_only_on_client_layers(tmp_path):
+    cfg = {**SMALL, "model.tiny-layers": 4, "split.enabled": True, "out-dir": str(tmp_path), "run-name": "s",
+           "num-server-rounds": 1, "eval.interval": 0}
+    run_server(cfg)
+    names = list(load_checkpoint(tmp_path / "s").strategy_state["initial"])
+    layers = {int(n.split("layers.")[1].split(".")[0]) for n in names}
+    assert layers == {0, 3}

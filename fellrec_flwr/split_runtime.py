@@ -1,0 +1,63 @@
+"""Wire a client's runtime to the split-inference service (flexible storage, client side).
+
+With `split.enabled`, the client's model keeps the embedding, the first `front_k` and last
+`back_k` decoder layers, the final norm, the LM head and its LoRA; the middle layers are
+replaced by a proxy that calls the service (`fellrec_flwr.split_client`). Training, the
+validation loss and generation then run unchanged through the split.
+
+Credentials: in a deployment each SuperNode has a token file from the server operator
+(`split-token-file` in its node config). In a local simulation the clients run on the same
+machine as the service and derive their tokens from its secret file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Mapping
+
+from fellrec_flwr.config import ConfigError, FellRecConfig, LoraSettings
+
+
+def client_lora_settings(cfg: FellRecConfig, num_layers: int) -> LoraSettings:
+    """LoRA restricted to the client-held layers: the server's middle layers stay frozen and shared."""
+    if not cfg.split.enabled:
+        return cfg.lora
+    from fellrec_flwr.split import plan_split
+
+    held = plan_split(num_layers, cfg.split.front_k, cfg.split.back_k).client_layers
+    wanted = cfg.lora.layer_list()
+    if wanted is None:
+        return replace(cfg.lora, layers=",".join(str(i) for i in held))
+    outside = sorted(set(wanted) - set(held))
+    if outside:
+        raise ConfigError(f"lora.layers includes {outside}, which the split service runs (the client holds "
+                          f"{held}); LoRA must live on client-held layers.")
+    return cfg.lora
+
+
+def attach_split(rt: Any, cfg: FellRecConfig, node_config: Mapping[str, Any], message_config: Mapping[str, Any]) -> None:
+    """Route `rt.model`'s middle layers through the service, as this node's client (no-op without split)."""
+    if not cfg.split.enabled:
+        return
+    from fellrec_flwr.client_state import node_settings
+    from fellrec_flwr.split import plan_for_model
+    from fellrec_flwr.split_client import RemoteBody, make_split_model, service_client
+
+    url = cfg.split.service_url or str(message_config.get("split-url", ""))
+    if not url:
+        raise ConfigError("split.enabled but no split service URL: set split.service-url, or let the ServerApp "
+                          "start one (it then sends its URL with every message).")
+    node = node_settings(node_config)
+    if node.split_token_file:
+        client = service_client(url, node.split_key(), token=node.split_token(), ca_file=node.split_ca_file or None)
+    else:  # local simulation: the service's secret is on this machine
+        from server_app.split_service import default_secret_file
+
+        client = service_client(url, node.split_key(), secret_file=default_secret_file())
+    body = next((m for m in rt.model.modules() if isinstance(m, RemoteBody)), None)
+    if body is not None:  # one simulation process serves many clients: switch identity
+        body.client = client
+        return
+    _ = rt.catalogue  # public embeddings from the full base model (or the server's cached copy), before the cut
+    make_split_model(rt.model, plan_for_model(rt.model, cfg.split.front_k, cfg.split.back_k), client,
+                     wire=cfg.split.wire_dtype)
