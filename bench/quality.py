@@ -25,7 +25,7 @@ import pandas as pd
 
 PROFILES = {
     # tiny random LLaMA, whole table in about an hour on 2 cores
-    "cpu": {"num-server-rounds": 8, "train.local-epochs": 1, "train.lr": 0.003, "eval.interval": 2,
+    "cpu": {"num-server-rounds": 6, "train.local-epochs": 1, "train.lr": 0.003, "eval.interval": 3,
             "eval.num-beams": 4, "eval.max-new-tokens": 24, "model.tiny-layers": 4},
     # SmolLM2-135M (set model.name to the GGUF file or a local folder); GPU recommended
     "pretrained": {"num-server-rounds": 5, "train.local-epochs": 1, "train.lr": 0.0003, "eval.interval": 1,
