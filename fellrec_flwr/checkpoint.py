@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fellrec_flwr.results import atomic_write_bytes
+from fellrec_flwr.atomic import atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pkl"
 FORMAT_VERSION = 1

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from fellrec_flwr.results import atomic_write_bytes
+from fellrec_flwr.atomic import atomic_write_bytes
 
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 
@@ -44,6 +44,8 @@ def markdown_tables(summaries: list[dict[str, Any]], frame: pd.DataFrame) -> str
     out = []
     for metric in METRICS:
         part = frame.pivot_table(index="method", columns="client", values=metric, aggfunc="first", sort=False)
+        clients = sorted((c for c in part.columns if c != "overall"), key=int)
+        part = part[clients + (["overall"] if "overall" in part.columns else [])]
         stats = []
         for s in summaries:
             b = s.get("balance", {}).get(metric, {})

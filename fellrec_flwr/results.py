@@ -16,46 +16,17 @@ Everything is rewritten atomically, so a crash never leaves a half-written file.
 from __future__ import annotations
 
 import io
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
+from fellrec_flwr.atomic import atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
 from fellrec_flwr.balance import balance_stats
 
 METRIC_COLUMNS = ["round", "client", "split", "metric", "value"]
 HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode())
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
 def metrics_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
