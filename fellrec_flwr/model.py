@@ -157,7 +157,7 @@ def _load_tiny(model_cfg: ModelConfig, titles: Mapping[int, str] | Sequence[str]
                                   heads=model_cfg.tiny_heads, seed=TINY_BASE_SEED)
     if isinstance(titles, Mapping):  # public warm-up, as a real pretrained LLM would have had
         shape = f"{model_cfg.tiny_hidden}x{model_cfg.tiny_layers}x{model_cfg.tiny_heads}"
-        cache = work_dir / f"tiny-base-{fingerprint}-{shape}-p{model_cfg.tiny_pretrain_prompts}.safetensors"
+        cache = work_dir / f"tiny-base-{fingerprint}-{shape}-p{model_cfg.tiny_pretrain_prompts}-{tiny.PRETRAIN_RECIPE}.safetensors"
         tiny.load_or_pretrain(model, tokenizer, dict(titles), model_cfg.tiny_pretrain_prompts, cache)
     return model, tokenizer
 

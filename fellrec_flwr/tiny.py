@@ -18,6 +18,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+# Bump when the public warm-up changes, so cached warm weights are not reused.
+PRETRAIN_RECIPE = "r2"
+
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
 
@@ -87,21 +90,35 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, hidden: int = 64, layer
     return model
 
 
-def public_prompts(item_ids: list[int], num_prompts: int, history_len: int, seed: int) -> list:
-    """Prompts an outsider can build from the public catalogue alone: random histories, random targets.
+def public_prompts(item_ids: list[int], num_prompts: int, history_len: int, seed: int,
+                   titles: dict[int, str] | None = None) -> list:
+    """Prompts an outsider can build from the public catalogue alone (no interaction data).
 
-    They teach the template and the titles' spelling, not any user's taste (no interaction
-    data is used), which is what a real pretrained LLM already knows before FELLRec starts.
+    Histories are random titles. Half of the targets are random; the other half share a
+    history title's first word (a franchise or series name), the kind of catalogue knowledge
+    a real pretrained LLM brings ("Halo 3" after "Halo 2"). Without that half the warm-up
+    would teach the model that the history is irrelevant to the answer.
     """
     import random
 
     from fellrec_flwr.prepared import Example
 
     rng = random.Random(seed)
+    by_word: dict[str, list[int]] = {}
+    for item in item_ids:
+        words = (titles or {}).get(item, "").split()
+        if words:
+            by_word.setdefault(words[0].lower(), []).append(item)
     prompts = []
     for _ in range(num_prompts):
         history = tuple(rng.sample(item_ids, k=rng.randint(1, min(history_len, len(item_ids)))))
-        prompts.append(Example(user_id=-1, history=history, target=rng.choice(item_ids)))
+        target = rng.choice(item_ids)
+        if titles and rng.random() < 0.5:
+            anchor = (titles.get(rng.choice(history), "").split() or [""])[0].lower()
+            related = [i for i in by_word.get(anchor, []) if i not in history]
+            if related:
+                target = rng.choice(related)
+        prompts.append(Example(user_id=-1, history=history, target=target))
     return prompts
 
 
@@ -111,7 +128,7 @@ def pretrain_on_catalogue(model: LlamaForCausalLM, tokenizer: PreTrainedTokenize
     from fellrec_flwr.config import TrainSettings
     from fellrec_flwr.trainer import train_local
 
-    prompts = public_prompts(sorted(titles), num_prompts, history_len, seed)
+    prompts = public_prompts(sorted(titles), num_prompts, history_len, seed, titles)
     settings = TrainSettings(local_epochs=2, lr=3e-3, batch_size=16, max_length=256, train_on_inputs=True)
     result = train_local(model, tokenizer, prompts, titles, settings, seed=seed, progress=True)
     model.eval()

@@ -132,7 +132,7 @@ def test_tiny_public_warmup_lowers_loss_and_is_cached(tmp_path):
 
     cold, tok = load_base_model(ModelConfig(tiny_pretrain_prompts=0), TITLES, tmp_path)
     warm, _ = load_base_model(ModelConfig(tiny_pretrain_prompts=96), TITLES, tmp_path)
-    cached = list(tmp_path.glob("tiny-base-*-p96.safetensors"))
+    cached = list(tmp_path.glob("tiny-base-*-p96-*.safetensors"))
     assert len(cached) == 1
     probe = public_prompts(sorted(TITLES), 16, 5, seed=123)
     settings = TrainSettings()
