@@ -53,3 +53,9 @@ def one_torch_thread():
 
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory):
+    """A folder shared by one test module (tiny tokenizer, converted models)."""
+    return tmp_path_factory.mktemp("work")

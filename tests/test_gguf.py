@@ -16,15 +16,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.shared]
 TITLE = "The Legend of Zelda: Breath of the Wild - Nintendo Switch"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: two torch threads per process contend badly with other jobs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     folder = need_smollm()

@@ -30,11 +30,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def work_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("work")
-
-
 @pytest.fixture
 def peft_model(work_dir):
     model, _ = load_base_model(ModelConfig(tiny_pretrain_prompts=0), TITLES, work_dir)

@@ -21,20 +21,6 @@ from fellrec_flwr.model import (
 TITLES = {i: f"Quest {chr(65 + i % 26)}{i} - Deluxe" for i in range(40)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: two torch threads per process contend badly with other jobs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def work_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("work")
-
-
 def lora_param_names(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 

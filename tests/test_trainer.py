@@ -38,20 +38,6 @@ def sequences(n: int, seed: int) -> list[Ex]:
 TRAIN, HELD_OUT = sequences(200, seed=0), sequences(40, seed=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: two torch threads per process contend badly with other jobs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def work_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("work")
-
-
 def fresh(work_dir, lora=LoraSettings(), seed=1):
     model, tok = load_base_model(ModelConfig(tiny_pretrain_prompts=0), TITLES, work_dir)
     return add_lora(model, lora, seed=seed), tok
