@@ -123,6 +123,7 @@ class Cluster:
     split_port: int = field(default_factory=free_port)
     connection: str = "fellrec-test"
     data_path: Path | None = None  # the clients' prepared-data folder (node config data-path)
+    tokenizer_dir: Path | None = None  # the tiny model's tokenizer, for the split service
     procs: dict[str, Started] = field(default_factory=dict)
     node_ports: dict[int, int] = field(default_factory=dict)
 

@@ -3,6 +3,9 @@
 Everything is started with the deploy/ scripts on 127.0.0.1 (free ports, a private FLWR_HOME,
 DEPLOY_DIR and FELLREC_CACHE) and killed by PID at the end, also when a test fails.
 
+Every run trains and evaluates through the split service (`split.enabled=true`, its https URL in
+the run config, each client's token file and the CA in its node config).
+
 One cluster serves all tests, in this order (each builds on evidence, not on luck):
 1. a SuperNode with an unregistered key is refused;
 2. the split service (TLS, per-client HMAC tokens) refuses missing / tampered credentials, and a
@@ -14,10 +17,8 @@ One cluster serves all tests, in this order (each builds on evidence, not on luc
    then goes on with 2 clients; meanwhile SuperNode 2 restarts with the same key (same node id)
    and the ServerApp is stopped (`flwr stop`) mid-round 4;
 5. run C resumes B's checkpoint (round 3): in round 4 the rejoined client 2 gets its own
-   personalised LoRA back, and the run completes.
-
-The split integration into the ClientApp is not part of the runs (the ClientApp does not use
-the split service yet); the split tests drive the deployed service with the split client.
+   personalised LoRA back, the split service is killed and restarted while the clients train
+   (they retry), and the run completes.
 """
 
 from __future__ import annotations
@@ -29,15 +30,12 @@ import signal
 import ssl
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from fellrec_flwr.config import ModelConfig
 
 from deploy_helpers import Cluster, wait_for
 
@@ -48,27 +46,41 @@ if not (shutil.which("openssl") and shutil.which("ssh-keygen")):
 
 TINY = (
     "data.num-clients=3 min-clients=3 data.train-samples=48 data.valid-users=12 data.test-users=12 "
-    "data.bpr-epochs=2 eval.num-beams=2 eval.max-new-tokens=8 eval.interval=0 model.tiny-layers=2 "
-    "model.tiny-vocab=800 train.batch-size=8 run-name='deploy'"
+    "data.bpr-epochs=2 eval.num-beams=2 eval.max-new-tokens=8 eval.interval=0 model.tiny-layers=3 "
+    "model.tiny-vocab=800 train.batch-size=8 run-name='deploy' split.front-k=1 split.back-k=1 "
+    "model.tiny-pretrain-prompts=0"  # a random tiny base: no warm-up, which costs minutes per process
 )
-if "tiny_pretrain_prompts" in {f.name for f in fields(ModelConfig)}:
-    TINY += " model.tiny-pretrain-prompts=0"  # no public warm-up of the tiny base: minutes saved per process
 NODE_WAIT = 5  # node-wait-timeout of the failure run, seconds
 HEARTBEAT_LIMIT = 2 * 30 + 30  # Flower: 30 s heartbeat interval x patience 2, plus slack for a loaded CI box
 
 
-def _prepare_data(cluster: Cluster) -> Path:
-    """Prepare the demo data once, for the ServerApp (cache) and the clients (their data-path)."""
+def _prepare_data(cluster: Cluster) -> tuple[Path, Path]:
+    """Prepare the demo data and the tiny tokenizer once: for the ServerApp (cache), the split
+    service (the tokenizer), and a copy for the clients (their node config data-path)."""
     from flwr.common.config import parse_config_args
 
     from data_prep.prepare import prepare
     from fellrec_flwr.config import from_run_config
+    from fellrec_flwr.model import load_base_model
+    from fellrec_flwr.prepared import PreparedData
 
     cfg = from_run_config(parse_config_args([TINY]))
     folder = prepare(cfg.data, cluster.root / "cache", seed=cfg.seed, progress=False)
+    load_base_model(cfg.model, PreparedData.load(folder).titles, folder)  # writes tokenizer-<hash>/
+    tokenizer_dir = next(folder.glob("tokenizer-*"))
     client_copy = cluster.root / "client-data"
     shutil.copytree(folder, client_copy)
-    return client_copy
+    return client_copy, tokenizer_dir
+
+
+def run_config(cluster: Cluster, extra: str) -> str:
+    return f"{TINY} split.enabled=true split.service-url='https://127.0.0.1:{cluster.split_port}' {extra}"
+
+
+def start_split_service(cluster: Cluster) -> None:
+    """The run's tiny model: same tokenizer, shape and seed as model.load_base_model builds."""
+    # DEBUG: the access log shows when clients are using it
+    cluster.start_split_service(cluster.tokenizer_dir, "--tiny-layers", "3", "--tiny-seed", "0", "--log-level", "DEBUG")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +88,8 @@ def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("deploy"))
     try:
         c.setup()
-        c.data_path = _prepare_data(c)
+        c.data_path, c.tokenizer_dir = _prepare_data(c)
+        start_split_service(c)
         c.start_superlink()
         c.register_nodes()
         for i in range(c.num_nodes):
@@ -108,17 +121,6 @@ def test_unregistered_supernode_key_is_refused(cluster):
 # --------------------------------------------------------------------------- split service
 
 
-@pytest.fixture(scope="module")
-def split_service(cluster):
-    from fellrec_flwr.tiny import train_tokenizer
-
-    tok_dir = cluster.root / "split-tokenizer"
-    train_tokenizer([f"item title number {i}" for i in range(50)], 300, tok_dir)
-    cluster.start_split_service(tok_dir)
-    yield tok_dir
-    cluster.stop("split", signal.SIGTERM)
-
-
 def _get(cluster: Cluster, path: str, headers: dict[str, str]) -> tuple[int, dict]:
     ctx = ssl.create_default_context(cafile=str(cluster.deploy_dir / "certs" / "ca.crt"))
     conn = http.client.HTTPSConnection("127.0.0.1", cluster.split_port, context=ctx, timeout=30)
@@ -134,7 +136,7 @@ def _token(cluster: Cluster, i: int) -> str:
     return (cluster.deploy_dir / "split" / "tokens" / f"client-{i}.token").read_text().strip()
 
 
-def test_split_service_refuses_missing_or_tampered_credentials(cluster, split_service):
+def test_split_service_refuses_missing_or_tampered_credentials(cluster):
     from fellrec_flwr.split_auth import auth_headers
 
     good = _token(cluster, 0)
@@ -159,7 +161,7 @@ def test_split_service_refuses_missing_or_tampered_credentials(cluster, split_se
         conn.request("GET", "/v1/health")
 
 
-def test_split_service_restart_is_survived_by_retrying_clients(cluster, split_service):
+def test_split_service_restart_is_survived_by_retrying_clients(cluster):
     from fellrec_flwr.split_client import SplitServiceClient
 
     client = SplitServiceClient(f"https://127.0.0.1:{cluster.split_port}", "client-0", _token(cluster, 0),
@@ -171,7 +173,7 @@ def test_split_service_restart_is_survived_by_retrying_clients(cluster, split_se
     before, _ = client.forward(hidden, None, positions)
 
     cluster.stop("split", signal.SIGKILL)  # a crash, not a clean shutdown
-    restarter = threading.Timer(1.0, lambda: cluster.start_split_service(split_service))
+    restarter = threading.Timer(1.0, lambda: start_split_service(cluster))
     restarter.start()
     try:
         after, _ = client.forward(hidden, None, positions)  # retries until the new process listens
@@ -188,7 +190,8 @@ def test_split_service_restart_is_survived_by_retrying_clients(cluster, split_se
 @pytest.fixture(scope="module")
 def run_a(cluster):
     out = cluster.root / "results" / "a"
-    started = cluster.submit(f"{TINY} num-server-rounds=2 node-wait-timeout=120 out-dir='{out}'", "run-a")
+    started = cluster.submit(run_config(cluster, f"num-server-rounds=2 node-wait-timeout=120 out-dir='{out}'"),
+                             "run-a")
     run_id = cluster.run_id_of("run-a")
     t0 = time.monotonic()
     status = cluster.wait_run_finished(run_id, 480)["status"]
@@ -251,8 +254,8 @@ def failures(cluster, run_a):
     assert run_a["status"] == "finished:completed", "run A must complete first"
     results = cluster.root / "results"
     b_dir, ev = results / "b" / "deploy", {}
-    b_log = cluster.submit(f"{TINY} num-server-rounds=4 node-wait-timeout={NODE_WAIT} "
-                           f"resume-from='{run_a['run_dir']}' out-dir='{results / 'b'}'", "run-b")
+    b_log = cluster.submit(run_config(cluster, f"num-server-rounds=4 node-wait-timeout={NODE_WAIT} "
+                                               f"resume-from='{run_a['run_dir']}' out-dir='{results / 'b'}'"), "run-b")
     b = ev["run_b"] = cluster.run_id_of("run-b")
 
     # SuperNode 2 dies (SIGKILL to its whole process group) while its ClientApp trains round 3.
@@ -284,9 +287,19 @@ def failures(cluster, run_a):
     ev["node2_id_restarted"] = cluster.node_id_of("sn2-restarted")
 
     # Run C continues B from its checkpoint: round 4 with all three clients, then the final test.
-    c_log = cluster.submit(f"{TINY} num-server-rounds=4 node-wait-timeout={NODE_WAIT} "
-                           f"resume-from='{b_dir}' out-dir='{results / 'c'}'", "run-c")
+    c_log = cluster.submit(run_config(cluster, f"num-server-rounds=4 node-wait-timeout={NODE_WAIT} "
+                                               f"resume-from='{b_dir}' out-dir='{results / 'c'}'"), "run-c")
     c = ev["run_c"] = cluster.run_id_of("run-c")
+    # The split service crashes while the clients train round 4, and restarts: they retry.
+    wait_for(lambda: cluster.entry(0, c, 4, status="started"), 300, "client 0 to start round 4 of run C",
+             interval=0.2, context=cluster.tails)
+    seen = len(cluster.procs["split"].text())
+    wait_for(lambda: "POST /v1/" in cluster.procs["split"].text()[seen:], 120, "a client to call the split service",
+             interval=0.1, context=cluster.tails)
+    cluster.stop("split", signal.SIGKILL)
+    t_split = time.monotonic()
+    start_split_service(cluster)
+    ev["split_restart_s"] = time.monotonic() - t_split
     ev["status_c"] = cluster.wait_run_finished(c, 480)["status"]
     c_log.proc.wait(timeout=60)
     ev["log_c"], ev["c_dir"] = c_log.text(), results / "c" / "deploy"
@@ -324,6 +337,16 @@ def test_rejoined_supernode_keeps_node_id_history_and_personal_lora(cluster, fai
     state = cluster.client_state(2)
     assert state["rounds_trained"] == failures["rounds_before_kill"] + 1  # counters survived the restart
     assert state["rounds_trained"] == sum(e["status"] == "done" for e in state["history"])
+
+
+def test_split_service_restart_mid_round_is_survived(cluster, failures):
+    """Killed while the clients of run C were calling it; they retried until it was back."""
+    node_logs = "".join(cluster.procs[label].text() for label in ("sn0", "sn1", "sn2-restarted"))
+    back = f"service back in {failures['split_restart_s']:.1f} s; clients retry for ~16 s"
+    assert "retry 1/" in node_logs, f"no client had to retry ({back})"
+    assert failures["status_c"] == "finished:completed"
+    c = failures["run_c"]
+    assert all(cluster.entry(i, c, 4, status="done") for i in range(3)), back
 
 
 def test_stopped_serverapp_resumes_from_checkpoint(cluster, failures):
