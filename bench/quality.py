@@ -40,7 +40,22 @@ METHODS = {
     "centralized": None,
     "popularity": None,
 }
-HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+# Ablations of FELLRec, one knob each against the `fellrec` defaults (alpha 0.7, beta 1,
+# heating on, exponent t+1/beta, similarity on parameters, linear kernel, split off).
+ABLATIONS = {
+    "fellrec-sim-updates": {"strategy": "fellrec", "fellrec.similarity-basis": "updates"},
+    "fellrec-sim-softmax": {"strategy": "fellrec", "fellrec.similarity-kernel": "softmax"},
+    "fellrec-exp-paren": {"strategy": "fellrec", "fellrec.heating-exponent": "(t+1)/beta"},
+    "fellrec-lr-scale": {"strategy": "fellrec", "fellrec.lr-scale": True},
+    "fellrec-alpha0.3": {"strategy": "fellrec", "fellrec.alpha": 0.3},
+    "fellrec-alpha0.9": {"strategy": "fellrec", "fellrec.alpha": 0.9},
+    "fellrec-beta0.5": {"strategy": "fellrec", "fellrec.beta": 0.5},
+    "fellrec-beta2": {"strategy": "fellrec", "fellrec.beta": 2.0},
+    "fellrec-split": {"strategy": "fellrec", "split.enabled": True},
+}
+METHODS.update(ABLATIONS)
+PRESETS = {"main": [m for m in METHODS if m not in ABLATIONS], "ablation": ["fellrec", *ABLATIONS]}
+HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "eval-loss")
 
 
 def run_federated(run_config: dict) -> None:
@@ -99,7 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--run-config", "-c", action="append", default=[])
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default="main",
+                        help=f"comma-separated methods, or a preset: {', '.join(PRESETS)}; all: {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="2024")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -108,7 +124,9 @@ def main() -> None:
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         run_dirs = []
-        for method in args.methods.split(","):
+        for method in PRESETS.get(args.methods, args.methods.split(",")):
+            if method not in METHODS:
+                parser.error(f"unknown method {method!r}; choose from {', '.join(METHODS)} or a preset {', '.join(PRESETS)}")
             rc = {**PROFILES[args.profile], **overrides, "seed": seed, "out-dir": str(out / "runs"),
                   "run-name": f"{method}-s{seed}"}
             run_dirs.append(run_method(method, rc))
@@ -119,12 +137,14 @@ def main() -> None:
             row.update({m: s["overall"].get(m) for m in HEADLINE})
             row["cv recall@10"] = s["balance"].get("recall@10", {}).get("cv")
             row["worst recall@10"] = s["balance"].get("recall@10", {}).get("worst_value")
+            losses = [c["eval-loss"] for c in s["per_client"].values() if "eval-loss" in c]
+            row["worst eval-loss"] = max(losses) if losses else None  # the client the model fits least
             row["minutes"] = s.get("wall_seconds", 0) / 60
             rows.append(row)
     pd.DataFrame(rows).to_csv(out / "quality.csv", index=False)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     header = (f"Command: `python bench/quality.py --profile {args.profile} {' '.join(repr(c) for c in args.run_config)} "
-              f"--seeds {args.seeds}`  \nCommit {commit}, {platform.machine()} {os.cpu_count()} cores, "
+              f"--methods {args.methods} --seeds {args.seeds}`  \nCommit {commit}, {platform.machine()} {os.cpu_count()} cores, "
               f"{time.strftime('%Y-%m-%d')}\n\n")
     md = table(rows)
     lines = ["| method | " + " | ".join(md.columns) + " |", "|---" * (len(md.columns) + 1) + "|"]

@@ -138,17 +138,17 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "wire_mb_per_step_fp16": round(wire_bytes(config, args.batch, args.seq, 2) / MB, 3),
             })
             print(rows[-1], flush=True)
-    rows.append(llama7b_row(args))
-    print(rows[-1], flush=True)
+    for cut in args.cuts.split(","):
+        rows.append(llama7b_row(args, *map(int, cut.split(":"))))
+        print(rows[-1], flush=True)
     return rows
 
 
-def llama7b_row(args: argparse.Namespace) -> dict[str, Any]:
+def llama7b_row(args: argparse.Namespace, front_k: int, back_k: int) -> dict[str, Any]:
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)
-    front_k, back_k = map(int, args.cuts.split(",")[0].split(":"))
     counts = meta_counts(config, front_k, back_k)
     return {
         "model": "llama-7b (arithmetic)", "cut": f"{front_k}+{back_k} of 32", "source": "arithmetic, fp16 weights",
@@ -180,6 +180,34 @@ def main() -> None:
     rows = bench(args)
     write_csv(Path(args.out), rows)
     print(f"wrote {args.out}")
+    if len(args.cuts.split(",")) > 1:
+        plot_vs_k(rows, Path(args.out).with_suffix(".png"))
+
+
+def plot_vs_k(rows: list[dict[str, Any]], path: Path) -> None:
+    """Client share of the parameters and peak training memory against the decoder layers the client keeps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        ks = [sum(map(int, r["cut"].split(" ")[0].split("+"))) for r in mine]  # "2+2 of 30" -> 4
+        left.plot(ks, [100 * r["client_fraction"] for r in mine], marker="o", label=model)
+        if mine[0]["split_peak_mb"] != "":
+            right.plot(ks, [r["split_peak_mb"] for r in mine], marker="o", label=f"{model}: split client")
+            right.axhline(mine[0]["local_peak_mb"], linestyle="--", color=right.lines[-1].get_color(),
+                          label=f"{model}: whole model locally")
+    left.set(xlabel="decoder layers on the client (front k + back k)", ylabel="client share of parameters (%)",
+             title="What the client holds")
+    right.set(xlabel="decoder layers on the client (front k + back k)", ylabel="peak RSS of a training step (MB)",
+              title="Client memory (measured)")
+    left.legend(), right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
