@@ -95,6 +95,18 @@ def run_method(method: str, run_config: dict) -> Path:
     return run_dir
 
 
+def balance_diagnostics(run_dir: Path) -> dict:
+    """FELLRec's own weights in its last round, averaged over clients: how far the personalised
+    aggregate is from a plain average (self-weight 1/N = uniform, 1 = local) and how much
+    heating held clients back (warm weight 1 = no heating)."""
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    out = {}
+    for name in ("self-weight", "warm-weight"):
+        rows = metrics[metrics["metric"] == name]
+        out[name] = rows[rows["round"] == rows["round"].max()]["value"].mean() if len(rows) else float("nan")
+    return out
+
+
 def table(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     agg = frame.groupby("method", sort=False).agg(["mean", "std", "count"])
@@ -139,6 +151,7 @@ def main() -> None:
             row["worst recall@10"] = s["balance"].get("recall@10", {}).get("worst_value")
             losses = [c["eval-loss"] for c in s["per_client"].values() if "eval-loss" in c]
             row["worst eval-loss"] = max(losses) if losses else None  # the client the model fits least
+            row.update(balance_diagnostics(d))
             row["minutes"] = s.get("wall_seconds", 0) / 60
             rows.append(row)
     pd.DataFrame(rows).to_csv(out / "quality.csv", index=False)

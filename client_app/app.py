@@ -8,6 +8,8 @@ Interaction data never leaves this function: only LoRA weights and scalar metric
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -37,6 +39,8 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    import torch
+
     from fellrec_flwr.trainer import train_local
 
     cfg = client_config(context)
@@ -51,6 +55,11 @@ def train(msg: Message, context: Context) -> Message:
     attach_split(rt, cfg, context.node_config, config)
     set_lora_state(rt.model, received)
     examples = rt.data.split("train", client=key)
+    device = next(rt.model.parameters()).device
+    on_gpu = device.type == "cuda"
+    if on_gpu:  # per-client peak GPU memory, for sharing one GPU between simulated clients
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.time()
     result = train_local(
         rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train,
         seed=derive_seed(cfg.seed, server_round, key),
@@ -59,7 +68,10 @@ def train(msg: Message, context: Context) -> Message:
     )
     trained = get_lora_state(rt.model)
     store.finish_training(trained, float(result.loss), adapter_fingerprint(cfg))
-    metrics = MetricRecord({"train-loss": float(result.loss), "num-examples": int(result.num_examples), "client-key": key})
+    metrics = MetricRecord({"train-loss": float(result.loss), "num-examples": int(result.num_examples), "client-key": key,
+                            "train-seconds": time.time() - t0})
+    if on_gpu:
+        metrics["peak-gpu-mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return Message(RecordDict({"arrays": state_to_record(trained), "metrics": metrics}), reply_to=msg)
 
 

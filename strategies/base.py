@@ -44,6 +44,8 @@ from .arrays import from_numpy_dict, to_numpy_dict
 
 CLIENT_KEY = "client-key"
 TRAIN_LOSS = "train-loss"
+# Wall-clock metrics: recorded like the others, but they differ from run to run.
+TIMING_METRICS = ("round-seconds", "train-seconds", "peak-gpu-mb")
 EVAL_LOSS = "eval-loss"
 STATE_VERSION = 1
 
@@ -378,7 +380,8 @@ class StrategyBase:
 
     def client_keys(self) -> list[int]:
         """Every client key seen in a reply (or restored from a checkpoint)."""
-        return sorted({int(r["client"]) for r in self.records} | set(self.node_to_key.values()))
+        seen = {int(r["client"]) for r in self.records if int(r["client"]) >= 0}  # -1: server rows
+        return sorted(seen | set(self.node_to_key.values()))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -480,6 +483,7 @@ class StrategyBase:
         for current_round in range(first, last + 1):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", current_round, last)
+            t_round = time.time()
 
             messages = list(self.configure_train(current_round, arrays, train_config, grid))
             replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
@@ -507,6 +511,9 @@ class StrategyBase:
                 if res is not None:
                     result.evaluate_metrics_serverapp[current_round] = res
 
+            # Wall time of the round (train + evaluation), for rounds-per-hour in benchmarks.
+            self.records.append({"round": current_round, "client": -1, "split": "server",
+                                 "metric": "round-seconds", "value": time.time() - t_round})
             self.round_offset = current_round
             hook = on_round_end if on_round_end is not None else self.on_round_end
             if hook is not None:
