@@ -40,6 +40,7 @@ METHODS = {
     "centralized": None,
     "popularity": None,
 }
+CLIENT_LAYERS = "<client layers of the split>"  # resolved per model in resolve_client_layers
 # Ablations of FELLRec, one knob each against the `fellrec` defaults (alpha 0.7, beta 1,
 # heating on, exponent t+1/beta, similarity on parameters, linear kernel, split off).
 ABLATIONS = {
@@ -52,6 +53,9 @@ ABLATIONS = {
     "fellrec-beta0.5": {"strategy": "fellrec", "fellrec.beta": 0.5},
     "fellrec-beta2": {"strategy": "fellrec", "fellrec.beta": 2.0},
     "fellrec-split": {"strategy": "fellrec", "split.enabled": True},
+    # The fair "split off" twin of fellrec-split: a split client can only train LoRA on the layers
+    # it holds, so this run puts LoRA on the same layers (front 1 + back 1) without the service.
+    "fellrec-split-twin": {"strategy": "fellrec", "lora.layers": CLIENT_LAYERS},
 }
 METHODS.update(ABLATIONS)
 PRESETS = {"main": [m for m in METHODS if m not in ABLATIONS], "ablation": ["fellrec", *ABLATIONS]}
@@ -87,7 +91,7 @@ def run_method(method: str, run_config: dict) -> Path:
     elif method == "popularity":
         run_popularity(from_run_config(run_config))
     else:
-        run_federated({**run_config, **METHODS[method]})
+        run_federated(resolve_client_layers({**run_config, **METHODS[method]}))
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["method"], summary["wall_seconds"] = method, round(time.time() - t0, 1)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
@@ -105,6 +109,21 @@ def balance_diagnostics(run_dir: Path) -> dict:
         rows = metrics[metrics["metric"] == name]
         out[name] = rows[rows["round"] == rows["round"].max()]["value"].mean() if len(rows) else float("nan")
     return out
+
+
+def resolve_client_layers(run_config: dict) -> dict:
+    """Replace the CLIENT_LAYERS placeholder by the layers a split client would hold."""
+    if run_config.get("lora.layers") != CLIENT_LAYERS:
+        return run_config
+    from fellrec_flwr.config import from_run_config
+    from fellrec_flwr.split import plan_split
+
+    cfg = from_run_config({k: v for k, v in run_config.items() if k != "lora.layers"})
+    if cfg.model.name != "tiny":
+        raise SystemExit("fellrec-split-twin resolves its LoRA layers for the tiny model only; for another model "
+                         "run fellrec with -c \"lora.layers='<front layers>,<back layers>'\" instead.")
+    held = plan_split(cfg.model.tiny_layers, cfg.split.front_k, cfg.split.back_k).client_layers
+    return {**run_config, "lora.layers": ",".join(str(i) for i in held)}
 
 
 def table(rows: list[dict]) -> pd.DataFrame:
