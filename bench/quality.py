@@ -73,7 +73,9 @@ def run_federated(run_config: dict) -> None:
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     n = from_run_config(run_config).data.num_clients
-    grid = InProcessGrid(client_app, n, run_config)
+    # Client state inside the run folder: benchmark runs in parallel never share a state file.
+    state_dir = Path(run_config["out-dir"]) / run_config["run-name"] / "client-state"
+    grid = InProcessGrid(client_app, n, run_config, node_config={"state-dir": str(state_dir)})
     server.main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
 
 

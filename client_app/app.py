@@ -49,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 1))
     received = record_to_state(msg.content["arrays"])
     # Counters and adapter on the client's own disk: they survive a SuperNode restart.
-    store = ClientStateStore(node_settings(context.node_config).state_dir, key)
+    store = ClientStateStore(node_settings(context.node_config, context.run_id).state_dir, key)
     store.begin_training(context.run_id, server_round, context.node_id, received)
     rt = get_runtime(cfg)
     attach_split(rt, cfg, context.node_config, config)

@@ -8,8 +8,9 @@ key (the partition id), never in `context.state`:
     <state-dir>/client-<key>/state.json          counters + a short history (atomic JSON)
     <state-dir>/client-<key>/adapter.safetensors the LoRA after the latest successful training
 
-`state-dir` comes from the node config (default ``<FELLREC_CACHE>/client-state``). A restarted
-SuperNode with the same key and state dir continues its counters; a new run does too.
+`state-dir` comes from the node config (default ``<FELLREC_CACHE>/client-state/run-<run id>``,
+so simulations running side by side never share a file). A restarted SuperNode with the same
+key and state dir continues its counters; with an explicit state-dir a new run does too.
 
 The base model needs no cache of its own here: `tiny` is rebuilt deterministically from a
 fixed seed (its tokenizer is saved next to the prepared data), a GGUF file is converted to
@@ -88,10 +89,16 @@ class NodeSettings:
         return token
 
 
-def default_state_dir() -> Path:
+def default_state_dir(run_id: int | None = None) -> Path:
+    """``<FELLREC_CACHE>/client-state``, or its ``run-<run_id>`` folder when the run is known.
+
+    Per-run folders keep simultaneous simulations apart (two `flwr run .` on one machine
+    would otherwise write the same client's state.json). Deployments set `state-dir`.
+    """
     from fellrec_flwr.runtime import cache_root
 
-    return cache_root() / "client-state"
+    root = cache_root() / "client-state"
+    return root if run_id is None else root / f"run-{run_id}"
 
 
 def _int_value(node_config: Mapping[str, Any], key: str) -> int | None:
@@ -103,8 +110,11 @@ def _int_value(node_config: Mapping[str, Any], key: str) -> int | None:
         raise ClientStateError(f"node config {key}={node_config[key]!r} is not an integer.") from None
 
 
-def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
-    """Parse the node config; a missing partition-id is an error naming the fix."""
+def node_settings(node_config: Mapping[str, Any], run_id: int | None = None) -> NodeSettings:
+    """Parse the node config; a missing partition-id is an error naming the fix.
+
+    Without a `state-dir`, the state lives in :func:`default_state_dir` (per run if run_id is given).
+    """
     partition_id = _int_value(node_config, "partition-id")
     if partition_id is None:
         raise ClientStateError(
@@ -117,7 +127,7 @@ def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
                                f"(num-partitions={num_partitions}).")
     text = {k: str(node_config.get(k, "")).strip() for k in
             ("state-dir", "data-path", "split-token-file", "split-ca-file", "split-client-key")}
-    state_dir = Path(text["state-dir"]).expanduser() if text["state-dir"] else default_state_dir()
+    state_dir = Path(text["state-dir"]).expanduser() if text["state-dir"] else default_state_dir(run_id)
     return NodeSettings(partition_id, num_partitions, state_dir, text["data-path"], text["split-token-file"],
                         text["split-ca-file"], text["split-client-key"])
 

@@ -31,6 +31,7 @@ class InProcessGrid(Grid):
         fail: Mapping[int, set[int]] | None = None,
         drop: Mapping[int, set[int]] | None = None,
         connected: list[int] | None = None,
+        node_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.client_app = client_app
         self.fail = {int(r): set(p) for r, p in (fail or {}).items()}
@@ -40,7 +41,7 @@ class InProcessGrid(Grid):
             node_id: Context(
                 run_id=1,
                 node_id=node_id,
-                node_config={"partition-id": pid, "num-partitions": num_clients},
+                node_config={"partition-id": pid, "num-partitions": num_clients, **(node_config or {})},
                 state=RecordDict(),
                 run_config=dict(run_config or {}),
             )

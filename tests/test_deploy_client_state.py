@@ -48,6 +48,27 @@ def test_node_settings_reads_keys_and_defaults_under_the_cache(tmp_path, monkeyp
     node = node_settings({"partition-id": "1", "state-dir": str(tmp_path / "s"), "data-path": "/d",
                           "split-client-key": "node-7"})
     assert node.state_dir == tmp_path / "s" and node.data_path == "/d" and node.split_key() == "node-7"
+    # the ClientApp passes its run id: simulations without a state-dir get one folder per run,
+    # an explicit state-dir (deployment) is kept as given
+    assert node_settings({"partition-id": 2}, run_id=41).state_dir == tmp_path / "cache" / "client-state" / "run-41"
+    assert node_settings({"partition-id": 2, "state-dir": str(tmp_path / "s")}, run_id=41).state_dir == tmp_path / "s"
+
+
+def test_two_runs_training_the_same_client_at_once_do_not_collide(tmp_path, monkeypatch):
+    """Two simulations on one machine: both begin round 1 for client 0, then both finish it."""
+    monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
+    stores = [ClientStateStore(node_settings({"partition-id": 0}, run_id=run).state_dir, 0) for run in (1, 2)]
+    for run, store in zip((1, 2), stores):
+        store.begin_training(run_id=run, server_round=1, node_id=9, received=lora(0))
+    for store in stores:
+        assert store.finish_training(lora(1), loss=1.0, fingerprint="fp").rounds_trained == 1
+    # sharing one folder is exactly what used to fail: the second begin overwrote the first
+    shared = [ClientStateStore(tmp_path / "shared", 0) for _ in range(2)]
+    for run, store in zip((1, 2), shared):
+        store.begin_training(run_id=run, server_round=1, node_id=9, received=lora(0))
+    shared[1].finish_training(lora(1), loss=1.0, fingerprint="fp")
+    with pytest.raises(ClientStateError, match="finish_round without begin_round"):
+        shared[0].finish_training(lora(1), loss=1.0, fingerprint="fp")
 
 
 @pytest.mark.parametrize("config, match", [
