@@ -8,7 +8,9 @@ Peak memory is the peak resident set (ru_maxrss) of a fresh subprocess that load
 (the whole model locally, or only the client's tensors for the split), adds LoRA r=8 on
 q_proj/v_proj of the client layers and runs one training step (batch 4 x 128 tokens); the
 `above_import` columns subtract the peak reached after importing torch/transformers/peft.
-The split subprocess trains against a service process on loopback.
+The split subprocess trains against a service process on loopback. `held` is the resident
+set after the step minus the resident set after the imports (what the model, LoRA, optimiser
+state and retained buffers hold); the import peak can hide the peak of small clients.
 
 LLaMA-7B (hidden 4096, 32 layers, vocab 32000, untied head) is counted on the meta device;
 its bytes assume fp16 weights; wire bytes per step = 5 hidden-state tensors (forward: out
@@ -46,6 +48,14 @@ def _peak_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
+def _rss_kb() -> int:
+    """Current resident set (KiB). Unlike the peak it is not hidden by transient import spikes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def child(kind: str, folder: str, front_k: int, back_k: int, url: str, batch: int, seq: int) -> None:
     """Runs in a fresh process: load, one training step, print memory figures as JSON."""
     import torch
@@ -56,7 +66,7 @@ def child(kind: str, folder: str, front_k: int, back_k: int, url: str, batch: in
     from fellrec_flwr.split_client import make_split_model
 
     torch.set_num_threads(2)
-    base = _peak_kb()
+    base, base_rss = _peak_kb(), _rss_kb()
     config = load_config(folder)
     plan = plan_split(config.num_hidden_layers, front_k, back_k)
     client = None
@@ -74,6 +84,7 @@ def child(kind: str, folder: str, front_k: int, back_k: int, url: str, batch: in
     data = make_batch(config.vocab_size, batch, seq, int(config.pad_token_id or 0))
     train_step(model, opt, data)
     print(json.dumps({"import_kb": base, "loaded_kb": loaded, "peak_kb": _peak_kb(),
+                      "held_kb": _rss_kb() - base_rss,
                       "wire_bytes": (client.stats["bytes_sent"] + client.stats["bytes_received"]
                                      - sent_before) if client else 0}))
 
@@ -134,6 +145,8 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "split_peak_mb": round(split["peak_kb"] / 1024, 1),
                 "local_above_import_mb": round((local["peak_kb"] - local["import_kb"]) / 1024, 1),
                 "split_above_import_mb": round((split["peak_kb"] - split["import_kb"]) / 1024, 1),
+                "local_held_mb": round(local["held_kb"] / 1024, 1),
+                "split_held_mb": round(split["held_kb"] / 1024, 1),
                 "wire_mb_per_step_fp32": round(split["wire_bytes"] / MB, 3),
                 "wire_mb_per_step_fp16": round(wire_bytes(config, args.batch, args.seq, 2) / MB, 3),
             })
@@ -157,6 +170,7 @@ def llama7b_row(args: argparse.Namespace, front_k: int, back_k: int) -> dict[str
         "client_disk_mb": round(2 * counts["client"] / MB, 1),
         "server_disk_mb": round(2 * (counts["total"] - counts["client"]) / MB, 1),
         "local_peak_mb": "", "split_peak_mb": "", "local_above_import_mb": "", "split_above_import_mb": "",
+        "local_held_mb": "", "split_held_mb": "",
         "wire_mb_per_step_fp32": round(wire_bytes(config, args.batch, args.seq, 4) / MB, 3),
         "wire_mb_per_step_fp16": round(wire_bytes(config, args.batch, args.seq, 2) / MB, 3),
     }
@@ -196,13 +210,13 @@ def plot_vs_k(rows: list[dict[str, Any]], path: Path) -> None:
         mine = [r for r in rows if r["model"] == model]
         ks = [sum(map(int, r["cut"].split(" ")[0].split("+"))) for r in mine]  # "2+2 of 30" -> 4
         left.plot(ks, [100 * r["client_fraction"] for r in mine], marker="o", label=model)
-        if mine[0]["split_peak_mb"] != "":
-            right.plot(ks, [r["split_peak_mb"] for r in mine], marker="o", label=f"{model}: split client")
-            right.axhline(mine[0]["local_peak_mb"], linestyle="--", color=right.lines[-1].get_color(),
+        if mine[0]["split_held_mb"] != "":
+            right.plot(ks, [r["split_held_mb"] for r in mine], marker="o", label=f"{model}: split client")
+            right.axhline(mine[0]["local_held_mb"], linestyle="--", color=right.lines[-1].get_color(),
                           label=f"{model}: whole model locally")
     left.set(xlabel="decoder layers on the client (front k + back k)", ylabel="client share of parameters (%)",
              title="What the client holds")
-    right.set(xlabel="decoder layers on the client (front k + back k)", ylabel="peak RSS of a training step (MB)",
+    right.set(xlabel="decoder layers on the client (front k + back k)", ylabel="resident memory after a training step (MB)",
               title="Client memory (measured)")
     left.legend(), right.legend(fontsize=8)
     fig.tight_layout()

@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"],
+                    help="bitsandbytes base model (needs --device cuda)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--work-dir", default=str(ROOT / "bench" / "results" / "tmp"))
     args = ap.parse_args()
@@ -48,7 +50,8 @@ def main() -> None:
 
     titles = {i: f"Benchmark Game {i} - Deluxe Edition" for i in range(200)}  # only the tiny tokenizer uses them
     t0 = time.perf_counter()
-    base, tokenizer = load_base_model(ModelConfig(name=args.model, dtype=args.dtype, device=args.device),
+    base, tokenizer = load_base_model(ModelConfig(name=args.model, dtype=args.dtype, device=args.device,
+                                                  quantization=args.quantization),
                                       titles, args.work_dir)
     load_s = time.perf_counter() - t0
     model = add_lora(base, LoraSettings(r=args.r, target_modules=args.targets), seed=0)
@@ -71,7 +74,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
 
     report = {
-        "model": args.model, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "model": args.model, "device": str(device), "dtype": args.dtype, "quantization": args.quantization, "threads": torch.get_num_threads(),
         "batch": args.batch, "tokens": args.tokens, "lora_r": args.r, "targets": args.targets,
         "trainable_params": sum(p.numel() for p in params), "load_s": round(load_s, 2),
         "step_s_median": round(statistics.median(times), 4), "step_s_mean": round(statistics.mean(times), 4),
