@@ -20,10 +20,10 @@ import pandas as pd
 
 def run_costs(metrics: pd.DataFrame) -> dict[str, float]:
     """Summarise one run's metric rows (columns round, client, split, metric, value)."""
-    def values(name: str) -> pd.Series:
-        return metrics.loc[metrics["metric"] == name, "value"]
+    def rows(name: str) -> pd.DataFrame:
+        return metrics[metrics["metric"] == name]
 
-    rounds = values("round-seconds")
+    rounds = rows("round-seconds")["value"]
     if rounds.empty:
         raise ValueError("no round-seconds rows: this run was recorded before round timing existed; rerun it.")
     out = {
@@ -31,15 +31,16 @@ def run_costs(metrics: pd.DataFrame) -> dict[str, float]:
         "mean_round_seconds": float(rounds.mean()),
         "rounds_per_hour": float(3600.0 / rounds.mean()),
     }
-    train = metrics[metrics["metric"] == "train-seconds"]
+    train = rows("train-seconds")
     if not train.empty:
         per_client = train.groupby("client")["value"].mean()
         out["mean_client_train_seconds"] = float(per_client.mean())
         out["slowest_client_train_seconds"] = float(per_client.max())
-    gpu = values("peak-gpu-mb")
+    gpu = rows("peak-gpu-mb")
     if not gpu.empty:
-        out["mean_client_peak_gpu_mb"] = float(metrics[metrics["metric"] == "peak-gpu-mb"].groupby("client")["value"].max().mean())
-        out["max_client_peak_gpu_mb"] = float(gpu.max())
+        per_client = gpu.groupby("client")["value"].max()  # each client's peak over the rounds
+        out["mean_client_peak_gpu_mb"] = float(per_client.mean())
+        out["max_client_peak_gpu_mb"] = float(per_client.max())
     return out
 
 
