@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -67,6 +68,12 @@ def test_run_folder_has_metrics_summary_plots_and_adapters(tmp_path):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["num-server-rounds"] == 1
     assert {"recall_by_round.png", "final_by_client.png", "metrics.csv"} <= {p.name for p in run_dir.iterdir()}
+    # system costs: the server's round time and every client's training time (no GPU here)
+    rows = pd.read_csv(run_dir / "metrics.csv")
+    timing = rows[rows["metric"].isin(["round-seconds", "train-seconds"])]
+    assert set(map(tuple, timing[["metric", "client"]].values)) == {("round-seconds", -1), ("train-seconds", 0),
+                                                                   ("train-seconds", 1)}
+    assert (timing["value"] > 0).all() and "peak-gpu-mb" not in set(rows["metric"])
 
     from peft import PeftModel
     from fellrec_flwr.config import from_run_config
