@@ -20,6 +20,9 @@ import pandas as pd
 
 def run_costs(metrics: pd.DataFrame) -> dict[str, float]:
     """Summarise one run's metric rows (columns round, client, split, metric, value)."""
+    missing = {"client", "metric", "value"} - set(metrics.columns)
+    if missing:
+        raise ValueError(f"metrics.csv lacks the columns {sorted(missing)}: pass a metrics.csv written by a run.")
     def rows(name: str) -> pd.DataFrame:
         return metrics[metrics["metric"] == name]
 

@@ -40,3 +40,5 @@ def test_cpu_run_has_no_gpu_columns_and_old_runs_get_a_clear_error():
     assert cpu["rounds_per_hour"] == pytest.approx(60) and "max_client_peak_gpu_mb" not in cpu
     with pytest.raises(ValueError, match="round-seconds"):
         run_costs_module.run_costs(_rows((1, 0, "train", "train-loss", 1.0)))
+    with pytest.raises(ValueError, match="lacks the columns"):
+        run_costs_module.run_costs(pd.DataFrame({"round": [1], "loss": [0.5]}))
