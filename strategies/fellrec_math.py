@@ -12,6 +12,16 @@ flattened LoRA vectors X (N, D), their mean training losses l (N,) and round t =
 Everything is a matrix product: the cosines come from one Gram matrix X X^T, accumulated
 over column blocks so that a basis of *updates* (X - reference) never needs an (N, D) copy.
 
+Options beyond the paper (defaults keep the paper's method):
+- similarity basis "delta-w": the cosine of the LoRA products dW_i = B_i A_i instead of the
+  raw (A, B) parameters. <dW_i, dW_j> summed over all LoRA modules is computed with the Gram
+  trick <B_i A_i, B_j A_j>_F = sum_ab (B_i^T B_j)_ab (A_i A_j^T)_ab, never forming dW
+  (:func:`delta_w_gram`). Unlike the raw parameters it is invariant to the factorisation
+  (A, B) -> (cA, B/c), and B = 0 at initialisation means it sees only what was learned.
+- heating loss "normalised": l_i / l_i^first, each client's loss divided by its own loss in
+  the first round it trained (:func:`normalised_losses`), so a client whose data is
+  intrinsically harder is judged by its progress, not damped forever for its level.
+
 Edge cases, decided here once:
 - A zero vector (e.g. a client whose update was zero) has no direction: its cosine with
   every other client is taken as 0 ("orthogonal", neither similar nor opposite), so the
@@ -23,6 +33,7 @@ Edge cases, decided here once:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +41,7 @@ from threadpoolctl import threadpool_limits
 
 KERNELS = ("linear", "softmax")
 EXPONENTS = ("t+1/beta", "(t+1)/beta")
+HEATING_LOSSES = ("raw", "normalised")
 
 # Columns per Gram block: 2**16 float32 columns x 200 clients = 50 MB per temporary
 # (only materialised for the "updates" basis); large enough for BLAS to run at full speed.
@@ -86,7 +98,14 @@ def gram_matrix(
 
 def cosine_matrix(vectors: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
     """Pairwise cosines (N, N) of the rows of vectors - reference; zero rows give 0 (see module doc)."""
-    gram = gram_matrix(vectors, reference)
+    return cosine_from_gram(gram_matrix(vectors, reference))
+
+
+def cosine_from_gram(gram: np.ndarray) -> np.ndarray:
+    """Cosines (N, N) from inner products G_ij; a zero row gives 0 (see module doc), cos_ii = 1."""
+    gram = np.asarray(gram, dtype=np.float64)
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise FellRecMathError(f"gram must be square (N, N), got shape {gram.shape}.")
     sq_norms = np.diag(gram).copy()
     if not np.all(np.isfinite(sq_norms)):
         bad = np.flatnonzero(~np.isfinite(sq_norms)).tolist()
@@ -99,6 +118,76 @@ def cosine_matrix(vectors: np.ndarray, reference: np.ndarray | None = None) -> n
     np.clip(cos, -1.0, 1.0, out=cos)
     np.fill_diagonal(cos, 1.0)
     return cos
+
+
+LoraPair = tuple[np.ndarray, np.ndarray]  # (A (N, r, k), B (N, d, r)) of one LoRA module, all clients
+
+
+def _check_pair(a: np.ndarray, b: np.ndarray, index: int) -> None:
+    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
+        raise FellRecMathError(
+            f"LoRA module {index}: A has shape {a.shape} and B {b.shape}; expected A (N, r, k) and B (N, d, r) "
+            "with the same clients N and rank r."
+        )
+
+
+def delta_w_gram(
+    pairs: Sequence[LoraPair],
+    extra: Sequence[np.ndarray] = (),
+    blas_threads: int | None = GRAM_BLAS_THREADS,
+) -> np.ndarray:
+    """G_ij = sum over modules of <B_i A_i, B_j A_j>_F (+ <x_i, x_j> of `extra` tensors), float64 (N, N).
+
+    Per module, with the rank-r factors of all N clients stacked as (N r, k) and (N r, d):
+    AA = A A^T and BB = B^T B (two symmetric rank-k updates, (N r)^2 entries each), then
+    G_ij += sum_ab AA[(i,a),(j,b)] * BB[(i,a),(j,b)]. Cost N^2 r^2 (k + d) per module
+    instead of N^2 k d for the formed products. `pairs` may be strided views of the stacked
+    uploads; each factor is copied once into a contiguous (N r, .) block. `extra` are
+    (N, m) tensors outside any A/B pair (e.g. biases), added as plain inner products.
+    """
+    if not pairs and not extra:
+        raise FellRecMathError("delta_w_gram needs at least one LoRA (A, B) pair.")
+    n = pairs[0][0].shape[0] if pairs else extra[0].shape[0]
+    gram = np.zeros((n, n), dtype=np.float64)
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        for index, (a, b) in enumerate(pairs):
+            _check_pair(a, b, index)
+            if a.shape[0] != n:
+                raise FellRecMathError(f"LoRA module {index} has {a.shape[0]} clients, module 0 has {n}.")
+            r = a.shape[1]
+            a2 = np.ascontiguousarray(a).reshape(n * r, -1)
+            bt = np.ascontiguousarray(b.transpose(0, 2, 1)).reshape(n * r, -1)
+            aa = a2 @ a2.T  # numpy uses a symmetric rank-k update for X @ X.T
+            bb = bt @ bt.T
+            # sum over the r x r block of each client pair (einsum: ~7x faster than multiply + sum here)
+            gram += np.einsum("iajb,iajb->ij", aa.reshape(n, r, n, r), bb.reshape(n, r, n, r))
+        for x in extra:
+            x = np.ascontiguousarray(x).reshape(n, -1)
+            gram += (x @ x.T).astype(np.float64)
+    return gram
+
+
+def delta_w_cosine(pairs: Sequence[LoraPair], extra: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """Cosines (N, N) of the clients' LoRA products dW = B A (all modules together), see :func:`delta_w_gram`."""
+    return cosine_from_gram(delta_w_gram(pairs, extra))
+
+
+def normalised_losses(losses: np.ndarray, first_losses: np.ndarray) -> np.ndarray:
+    """l_i / l_i^first: each client's loss relative to its own loss in its first training round.
+
+    1.0 in a client's first round; < 1 once it improves. Used instead of the raw loss in the
+    loss softmax so that the heating compares progress, not the intrinsic difficulty of data.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    first = np.asarray(first_losses, dtype=np.float64)
+    if losses.shape != first.shape:
+        raise FellRecMathError(f"{first.shape} first-round losses for {losses.shape} losses: one per client.")
+    if not (np.all(np.isfinite(first)) and np.all(first > 0)):
+        raise FellRecMathError(
+            f"first-round losses must be finite and > 0 to normalise by them, got {first.tolist()}; "
+            "use fellrec.heating-loss='raw' for a loss that can be 0."
+        )
+    return losses / first
 
 
 def similarity_matrix(
@@ -116,7 +205,11 @@ def similarity_matrix(
     weights are then exactly the row-softmax of cos / temperature.
     reference: if given, the similarity of the updates (vectors - reference).
     """
-    cos = cosine_matrix(vectors, reference)
+    return kernel_similarity(cosine_matrix(vectors, reference), kernel, temperature)
+
+
+def kernel_similarity(cos: np.ndarray, kernel: str = "linear", temperature: float = 0.1) -> np.ndarray:
+    """S from a cosine matrix with the kernel of :func:`similarity_matrix`."""
     if kernel == "linear":
         return (cos + 1.0) / 2.0
     if kernel == "softmax":
@@ -230,12 +323,21 @@ def dynamic_balance(
     kernel: str = "linear",
     similarity_temperature: float = 0.1,
     reference: np.ndarray | None = None,
+    cosine: np.ndarray | None = None,
 ) -> Balance:
-    """Steps 1-4 of the module docstring; apply the result with :func:`aggregate`."""
+    """Steps 1-4 of the module docstring; apply the result with :func:`aggregate`.
+
+    cosine: precomputed client cosines (e.g. :func:`delta_w_cosine`); then `vectors` and
+    `reference` are not used for the similarity and `vectors` may be None.
+    """
     losses = np.asarray(losses, dtype=np.float64)
-    if losses.shape != (vectors.shape[0],):
-        raise FellRecMathError(f"{losses.shape[0] if losses.ndim else 0} losses for {vectors.shape[0]} clients.")
-    s = similarity_matrix(vectors, kernel, similarity_temperature, reference)
+    n = cosine.shape[0] if cosine is not None else vectors.shape[0]
+    if losses.shape != (n,):
+        raise FellRecMathError(f"{losses.shape[0] if losses.ndim else 0} losses for {n} clients.")
+    if cosine is None:
+        s = similarity_matrix(vectors, kernel, similarity_temperature, reference)
+    else:
+        s = kernel_similarity(np.asarray(cosine, dtype=np.float64), kernel, similarity_temperature)
     p = loss_softmax(losses, temperature)
     w = warm_weights(p, t, alpha, beta, exponent)
     return Balance(similarity=s, loss_probs=p, warm=w, weights=personalised_weights(s, w, heating))

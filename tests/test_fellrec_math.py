@@ -165,3 +165,109 @@ def test_aggregate_keeps_float32():
 def test_bad_input_raises_value_error(call):
     with pytest.raises(ValueError):
         call()
+
+
+# ---------------------------------------------------------------- delta-w similarity, normalised heating loss
+
+
+def lora_modules(n: int = 4, shapes=((2, 5, 3), (3, 4, 6), (2, 7, 7)), seed: int = 11):
+    """Hand-made LoRA modules: per module (A (n, r, k), B (n, d, r)) with shape triples (r, k, d)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((n, r, k)).astype(np.float32), rng.standard_normal((n, d, r)).astype(np.float32))
+            for r, k, d in shapes]
+
+
+def explicit_delta_w_cosine(pairs, extra=()) -> np.ndarray:
+    """Form every dW_i = B_i @ A_i, concatenate over modules (plus extra tensors), cosine by loops."""
+    n = pairs[0][0].shape[0]
+    flat = [np.concatenate([(b[i].astype(np.float64) @ a[i].astype(np.float64)).ravel() for a, b in pairs]
+                           + [np.asarray(x[i], dtype=np.float64).ravel() for x in extra]) for i in range(n)]
+    return np.array([[1.0 if i == j else ref_cos(flat[i], flat[j]) for j in range(n)] for i in range(n)])
+
+
+def test_delta_w_gram_trick_equals_explicit_product():
+    pairs = lora_modules()
+    np.testing.assert_allclose(fm.delta_w_cosine(pairs), explicit_delta_w_cosine(pairs), rtol=1e-5, atol=1e-6)
+    # the inner products themselves, not only their cosines
+    n = pairs[0][0].shape[0]
+    direct = np.array([[sum(float(np.sum((b[i] @ a[i]).astype(np.float64) * (b[j] @ a[j]))) for a, b in pairs)
+                        for j in range(n)] for i in range(n)])
+    np.testing.assert_allclose(fm.delta_w_gram(pairs), direct, rtol=1e-5)
+
+
+def test_delta_w_cosine_is_invariant_to_the_factorisation():
+    pairs = lora_modules()
+    rng = np.random.default_rng(5)
+    # a different c for every client and module: (A, B) -> (cA, B/c) gives the same dW = B A
+    rescaled = []
+    for a, b in pairs:
+        c = rng.uniform(0.1, 10.0, size=(a.shape[0], 1, 1)).astype(np.float32)
+        rescaled.append((a * c, b / c))
+    np.testing.assert_allclose(fm.delta_w_cosine(rescaled), fm.delta_w_cosine(pairs), rtol=1e-5, atol=1e-6)
+    # ... while the paper's cosine of the raw parameters changes
+    def raw(modules):
+        return np.stack([np.concatenate([np.concatenate([a[i].ravel(), b[i].ravel()]) for a, b in modules])
+                         for i in range(4)])
+
+    assert not np.allclose(fm.cosine_matrix(raw(pairs)), fm.cosine_matrix(raw(rescaled)), atol=1e-3)
+
+
+def test_delta_w_accepts_strided_views_and_extra_tensors():
+    pairs = lora_modules()
+    n = 4
+    # the layout of a stacked (clients x parameters) matrix: A then B of each module, then a bias
+    bias = np.random.default_rng(9).standard_normal((n, 3)).astype(np.float32)
+    stacked = np.concatenate([np.concatenate([a.reshape(n, -1), b.reshape(n, -1)], axis=1) for a, b in pairs]
+                             + [bias], axis=1)
+    views, offset = [], 0
+    for a, b in pairs:
+        size_a, size_b = a[0].size, b[0].size
+        views.append((stacked[:, offset:offset + size_a].reshape(a.shape),
+                      stacked[:, offset + size_a:offset + size_a + size_b].reshape(b.shape)))
+        offset += size_a + size_b
+    assert not views[1][0].flags.c_contiguous  # really a strided view
+    np.testing.assert_allclose(fm.delta_w_cosine(views, [stacked[:, offset:]]),
+                               explicit_delta_w_cosine(pairs, [bias]), rtol=1e-5, atol=1e-6)
+
+
+def test_delta_w_zero_b_is_orthogonal_to_everyone():
+    pairs = lora_modules()
+    for _, b in pairs:
+        b[2] = 0.0  # client 2 has learned nothing yet (B starts at zero)
+    cos = fm.delta_w_cosine(pairs)
+    assert cos[2, 2] == 1.0 and np.all(cos[2, [0, 1, 3]] == 0.0) and np.all(cos[[0, 1, 3], 2] == 0.0)
+
+
+def test_dynamic_balance_with_precomputed_cosine_equals_vector_route(vectors):
+    cos = fm.cosine_matrix(vectors)
+    a = fm.dynamic_balance(vectors, LOSSES, 1, kernel="softmax", similarity_temperature=0.2)
+    b = fm.dynamic_balance(None, LOSSES, 1, kernel="softmax", similarity_temperature=0.2, cosine=cos)
+    np.testing.assert_allclose(b.weights, a.weights, rtol=1e-12)
+
+
+def test_normalised_losses_judge_progress_not_level():
+    first = np.array([2.0, 1.0, 1.0])
+    now = np.array([1.0, 0.5, 0.9])  # client 0 is intrinsically harder but improved as much as client 1
+    rel = fm.normalised_losses(now, first)
+    np.testing.assert_allclose(rel, [0.5, 0.5, 0.9])
+    w_raw = fm.warm_weights(fm.loss_softmax(now, 0.05), 1, alpha=0.3)
+    w_rel = fm.warm_weights(fm.loss_softmax(rel, 0.05), 1, alpha=0.3)
+    assert w_raw[0] < w_raw[1]  # raw: the hard client is damped more than the equally improving one
+    assert w_rel[0] == pytest.approx(w_rel[1])  # normalised: the same progress, the same warm weight
+    assert w_rel[2] < w_rel[1]  # the client that did not improve is the one held back
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: fm.delta_w_gram([]),
+        lambda: fm.delta_w_gram([(np.ones((2, 3, 4), np.float32), np.ones((2, 5, 2), np.float32))]),  # rank 3 vs 2
+        lambda: fm.delta_w_gram([(np.ones((2, 3, 4), np.float32), np.ones((3, 5, 3), np.float32))]),  # clients
+        lambda: fm.normalised_losses(np.ones(2), np.ones(3)),
+        lambda: fm.normalised_losses(np.ones(2), np.array([1.0, 0.0])),
+        lambda: fm.cosine_from_gram(np.ones((2, 3))),
+    ],
+)
+def test_delta_w_and_normalised_bad_input(call):
+    with pytest.raises(fm.FellRecMathError):
+        call()
