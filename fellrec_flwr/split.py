@@ -162,20 +162,82 @@ def _strip_peft(module: nn.Module) -> nn.Module:
     return module
 
 
+def attention_bias(key_mask: torch.Tensor | None, batch: int, q: int, past: int, dtype: torch.dtype,
+                   device: torch.device | str, additive: bool = False) -> torch.Tensor:
+    """The attention mask [B, 1, q, past+q] the server's layers use, built from first principles.
+
+    Query i (cache slot past+i) may attend to key j iff j <= past+i (causal, by cache slot, as in
+    the unsplit model) and `key_mask[b, j]` (not padding). Building it here, instead of asking
+    transformers' masking utilities, keeps the wire protocol independent of how a transformers
+    release builds or passes its masks (5.24 renamed `past_key_values` to `cache`, for one).
+    Boolean (True = attend) for SDPA, as transformers builds it, so a query with no visible key
+    (left padding) gets the same zero output as in the unsplit model; additive (0 / dtype min)
+    for the eager implementation.
+    """
+    kv = past + q
+    slots = torch.arange(kv, device=device)
+    causal = slots[None, :] <= (torch.arange(q, device=device) + past)[:, None]  # [q, kv]
+    allowed = causal[None, None].expand(batch, 1, q, kv)
+    if key_mask is not None:
+        if tuple(key_mask.shape) != (batch, kv):
+            raise SplitError(f"key padding mask must be [{batch}, {kv}] (batch, past + new tokens); "
+                             f"got {list(key_mask.shape)}.")
+        allowed = allowed & key_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    if not additive:
+        return allowed.contiguous()
+    bias = torch.zeros((batch, 1, q, kv), dtype=dtype, device=device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def compute_dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype activations should have in `module`: never an integer storage dtype.
+
+    Under bitsandbytes 8/4-bit the weights are stored as int8/uint8 while the matmuls run in a
+    floating dtype: take it from the quantisation config (`bnb_4bit_compute_dtype`), else from the
+    floating-point parameters (norms, biases), else float16 on CUDA and float32 elsewhere.
+    """
+    config = getattr(module, "config", None)
+    qcfg = getattr(config, "quantization_config", None)
+    qdtype = getattr(qcfg, "bnb_4bit_compute_dtype", None) if qcfg is not None else None
+    if isinstance(qcfg, dict):
+        qdtype = qcfg.get("bnb_4bit_compute_dtype")
+    if isinstance(qdtype, str):
+        qdtype = getattr(torch, qdtype.replace("torch.", ""), None)
+    if isinstance(qdtype, torch.dtype) and qdtype.is_floating_point:
+        return qdtype
+    floating = [p.dtype for p in module.parameters() if p.dtype.is_floating_point]
+    if floating:
+        return max(set(floating), key=floating.count)  # norms stay fp32 in some loads: take the majority
+    params = list(module.parameters())
+    on_cuda = bool(params) and params[0].device.type == "cuda"
+    return torch.float16 if on_cuda else torch.float32
+
+
+def cache_kwarg(layer: nn.Module) -> str:
+    """The keyword a decoder layer takes its KV cache by: `cache` (transformers >= 5.24) or
+    `past_key_values` (earlier releases)."""
+    import inspect
+
+    params = inspect.signature(type(layer).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class ServerBody(nn.Module):
     """The server's middle decoder layers, run as one block.
 
     Layers keep their original `layer_idx`, so a `DynamicCache(config=...)` holds the
-    server's KV at the same slots as in the unsplit model. The 4-D causal+padding mask
-    and the rotary embeddings are built here from the 2-D padding mask and position ids
-    that came over the wire, with the same transformers utilities the client uses.
+    server's KV at the same slots as in the unsplit model. The attention mask is built here
+    (`attention_bias`) from the key padding mask and the cache length the client states; the
+    rotary embeddings come from the position ids that came over the wire.
     """
 
-    def __init__(self, config: Any, plan: SplitPlan, layers: Iterable[nn.Module], rotary: nn.Module):
+    def __init__(self, config: Any, plan: SplitPlan, layers: Iterable[nn.Module], rotary: nn.Module,
+                 compute_dtype: torch.dtype | None = None):
         super().__init__()
-        if getattr(config, "_attn_implementation", None) is None:
-            # layers built outside a PreTrainedModel get no attention backend: without one the mask
-            # helpers return no mask at all (non-causal attention). Use what LlamaForCausalLM picks.
+        if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+            # layers built outside a PreTrainedModel get no attention backend, and flash/flex kernels
+            # take other mask formats: the body builds a 4-D mask, which SDPA and eager understand.
+            # (on the shared config object: the copied layers read their backend from it)
             config._attn_implementation = "sdpa"
         self.config = config
         self.plan = plan
@@ -183,6 +245,8 @@ class ServerBody(nn.Module):
         self.rotary_emb = rotary
         if len(self.layers) != len(plan.server_layers):
             raise SplitError(f"server body got {len(self.layers)} layers; the plan needs {len(plan.server_layers)}.")
+        self._cache_kwarg = cache_kwarg(self.layers[0])
+        self._compute_dtype = compute_dtype  # None: follow the weights (see compute_dtype_of)
         self.requires_grad_(False)
         self.eval()
 
@@ -190,25 +254,29 @@ class ServerBody(nn.Module):
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations are cast to: floating even when the weights are quantised."""
+        return self._compute_dtype or compute_dtype_of(self)
+
     def new_cache(self) -> Any:
         from transformers import DynamicCache
 
         return DynamicCache(config=self.config)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-                past_key_values: Any = None) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
-
-        causal_mask = create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=position_ids,
-            layer_idx=self.plan.front_k,  # size the mask against a layer the server's cache fills
-        )
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                cache: Any = None, past_len: int = 0) -> torch.Tensor:
+        """Run the middle layers on `hidden` [B, q, H] whose tokens sit at cache slots
+        past_len..past_len+q-1. `key_mask` [B, past_len+q] marks real (non-padding) keys;
+        `cache` (a `new_cache()`) holds the first past_len slots and receives the new ones."""
+        b, q = hidden.shape[:2]
+        bias = attention_bias(key_mask, b, q, past_len, hidden.dtype, hidden.device,
+                              additive=self.config._attn_implementation == "eager")
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.layers:
-            out = layer(hidden, attention_mask=causal_mask, position_ids=position_ids,
-                        past_key_values=past_key_values, use_cache=past_key_values is not None,
-                        position_embeddings=position_embeddings)
+            out = layer(hidden, attention_mask=bias, position_ids=position_ids,
+                        position_embeddings=position_embeddings, use_cache=cache is not None,
+                        **{self._cache_kwarg: cache})
             hidden = out[0] if isinstance(out, tuple) else out  # older transformers return tuples
         return hidden
 

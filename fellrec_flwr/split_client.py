@@ -279,6 +279,7 @@ class _SessionState:
     past_len: int = 0
     hidden: list[torch.Tensor] = field(default_factory=list)  # what was sent, for replay
     positions: list[torch.Tensor] = field(default_factory=list)
+    masks: list[torch.Tensor] = field(default_factory=list)
     pending_beam: torch.Tensor | None = None
 
 
@@ -298,17 +299,23 @@ class RemoteBody(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool | None = False,
-                position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
+                position_embeddings: Any = None, cache: Any = None, **kwargs: Any) -> torch.Tensor:
+        # `attention_mask` here is the 4-D mask transformers built for the client's own layers: it is
+        # not sent. The service builds its own from the padding of the new tokens (below) and the
+        # cache length this client states, so the protocol does not depend on how a transformers
+        # release shapes its masks. The KV cache arrives as `cache` (transformers >= 5.24) or
+        # `past_key_values` (earlier).
         if position_ids is None:
             raise SplitError("RemoteBody needs position_ids (LlamaModel always passes them).")
-        mask = self.padding_mask
-        mask = mask.to(torch.bool) if mask is not None else None
+        kv_cache = cache if cache is not None else past_key_values
+        q = hidden_states.shape[1]
+        mask = new_token_mask(self.padding_mask, q)
         positions = position_ids.to(torch.int32)
         if torch.is_grad_enabled():
             if hidden_states.requires_grad:
                 return _RemoteMiddle.apply(hidden_states, self, mask, positions)
-        elif past_key_values is not None and use_cache:
-            return self._session_step(past_key_values, hidden_states, mask, positions)
+        elif kv_cache is not None and use_cache:
+            return self._session_step(kv_cache, hidden_states, mask, positions)
         out, _ = self.client.forward(hidden_states.detach().to(self.wire_dtype), mask, positions)
         return out.to(device=hidden_states.device, dtype=hidden_states.dtype)
 
@@ -334,9 +341,11 @@ class RemoteBody(nn.Module):
                              "split does not support; use greedy, sampling or beam search.")
         wire_h = hidden.detach().to(self.wire_dtype)
         beam, state.pending_beam = state.pending_beam, None
+        step_mask = mask if mask is not None else torch.ones(b, q, dtype=torch.bool)
         if beam is not None and self.replay:
             state.hidden = [h[beam] for h in state.hidden]
             state.positions = [p[beam] for p in state.positions]
+            state.masks = [m[beam] for m in state.masks]
         try:
             out, sid = self.client.infer_step(state.sid, wire_h, mask, positions, state.past_len, beam)
         except SplitServiceError as err:
@@ -345,13 +354,25 @@ class RemoteBody(nn.Module):
             log.warning("split inference session lost (%s); replaying %d tokens", err.code, state.past_len)
             all_h = torch.cat([*state.hidden, wire_h], dim=1)
             all_pos = torch.cat([*state.positions, positions.expand(b, q)], dim=1)
-            out, sid = self.client.infer_step("", all_h, mask, all_pos, 0)
+            all_mask = torch.cat([*state.masks, step_mask], dim=1)
+            out, sid = self.client.infer_step("", all_h, all_mask, all_pos, 0)
             out = out[:, -q:]
         state.sid, state.past_len = sid, state.past_len + q
         if self.replay:
             state.hidden.append(wire_h)
             state.positions.append(positions.expand(b, q).contiguous())
+            state.masks.append(step_mask)
         return out.to(device=hidden.device, dtype=hidden.dtype)
+
+
+def new_token_mask(padding_mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
+    """The padding mask [B, q] of the q tokens being sent, from the 2-D mask the model was called
+    with: [B, q] in training, [B, past + q] during generation (transformers extends it per step)."""
+    if padding_mask is None:
+        return None
+    if padding_mask.shape[1] < q:
+        raise SplitError(f"the attention_mask covers {padding_mask.shape[1]} tokens but {q} are being sent.")
+    return padding_mask[:, -q:].to(torch.bool).contiguous()
 
 
 def _forward_reorders(cache: Any, state: _SessionState) -> None:

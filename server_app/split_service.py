@@ -15,7 +15,10 @@ Endpoints (all POST bodies and tensor replies are safetensors, see `fellrec_flwr
                              kept by /v1/forward is still cached for this client and the inputs
                              are byte-identical.
     POST /v1/infer/create    JSON {} -> {"session": id}          (server-side KV cache)
-    POST /v1/infer/step      hidden/mask/positions (+ beam_idx) with metadata session, past_len
+    POST /v1/infer/step      hidden [B,Q,H], position_ids, attention_mask [B,Q] of the NEW tokens
+                             (+ beam_idx) with metadata session, past_len (the cache length the
+                             client means). The service keeps each session's key padding mask and
+                             builds the attention mask itself (`fellrec_flwr.split.attention_bias`).
                              (session "" creates one; close= lists sessions to drop)
     POST /v1/infer/close     JSON {"sessions": [ids]}
 
@@ -54,7 +57,7 @@ from fellrec_flwr.wire import CONTENT_TYPE, WireError, decode, encode, read_head
 
 log = logging.getLogger("fellrec.split_service")
 
-API_VERSION = 1
+API_VERSION = 2  # 2: attention_mask covers the new tokens only; the service keeps the keys'
 _HIDDEN_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _INDEX_DTYPES = ("I32", "I64")
 
@@ -91,6 +94,7 @@ class _Session:
     cache: Any
     batch: int = 0
     past_len: int = 0
+    key_mask: torch.Tensor | None = None  # [batch, past_len] bool: which cached keys are real tokens
     nbytes: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -113,7 +117,7 @@ class SplitService:
         self.secret = secret
         self.limits = limits or ServiceLimits()
         self.device = next(body.parameters()).device
-        self.dtype = next(body.parameters()).dtype
+        self.dtype = body.compute_dtype  # never a quantised storage dtype (int8/uint8)
         self.hidden_size = body.hidden_size
         self.max_position = int(getattr(body.config, "max_position_embeddings", 1 << 20))
         self._lock = threading.RLock()
@@ -205,7 +209,7 @@ class SplitService:
             raise ApiError(400, "non_finite", "hidden contains NaN or inf.")
         return b, q
 
-    def _check_aux(self, t: dict[str, torch.Tensor], b: int, q: int, past: int = 0) -> None:
+    def _check_aux(self, t: dict[str, torch.Tensor], b: int, q: int) -> None:
         pos = t["position_ids"]
         if pos.dim() != 2 or pos.shape[0] not in (1, b) or pos.shape[1] != q:
             raise ApiError(400, "bad_position_ids", f"position_ids must be [1 or {b}, {q}]; got {list(pos.shape)}.")
@@ -214,10 +218,10 @@ class SplitService:
                            f"position ids must be in [0, {self.max_position}); "
                            f"got [{int(pos.min())}, {int(pos.max())}].")
         mask = t.get("attention_mask")
-        if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != (b, past + q)):
+        if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != (b, q)):
             raise ApiError(400, "bad_attention_mask",
-                           f"attention_mask must be [{b}, {past + q}] (batch, past + new tokens); "
-                           f"got {list(mask.shape)}.")
+                           f"attention_mask must be [{b}, {q}] (batch, new tokens; the service keeps the mask "
+                           f"of the tokens already in a session); got {list(mask.shape)}.")
         grad = t.get("grad")
         if grad is not None:
             if grad.shape != t["hidden"].shape or grad.dtype != t["hidden"].dtype:
@@ -356,7 +360,7 @@ class SplitService:
         if past < 0 or past + q > self.limits.max_seq:
             raise ApiError(413 if past >= 0 else 400, "sequence_too_long",
                            f"past_len {past} + {q} new tokens exceeds the session limit {self.limits.max_seq}.")
-        self._check_aux(t, b, q, past)
+        self._check_aux(t, b, q)
         beam = t.get("beam_idx")
         if beam is not None and (beam.dim() != 1 or beam.shape[0] != b or int(beam.min()) < 0 or int(beam.max()) >= b):
             raise ApiError(400, "bad_beam_idx", f"beam_idx must be [{b}] with values in [0, {b}).")
@@ -375,14 +379,20 @@ class SplitService:
                                f"the session holds {session.past_len} tokens; the request says past_len={past}.")
             if past and b != session.batch:
                 raise ApiError(400, "bad_shape", f"batch {b} differs from the session's batch {session.batch}.")
+            new_keys = mask if mask is not None else torch.ones(b, q, dtype=torch.bool, device=self.device)
             try:
                 with torch.no_grad():
+                    old_keys = session.key_mask
                     if beam is not None:
-                        session.cache.reorder_cache(beam.to(self.device, torch.long))
-                    out = self.body(h, mask, pos, past_key_values=session.cache)
+                        idx = beam.to(self.device, torch.long)
+                        session.cache.reorder_cache(idx)
+                        old_keys = old_keys[idx] if old_keys is not None else None
+                    key_mask = new_keys if old_keys is None else torch.cat([old_keys, new_keys], dim=1)
+                    out = self.body(h, key_mask, pos, cache=session.cache, past_len=past)
             except Exception:
                 del self._sessions[session.sid]  # a half-updated cache is useless
                 raise
+            session.key_mask = key_mask
             session.batch, session.past_len, session.last_used = b, past + q, time.monotonic()
             session.nbytes = _cache_bytes(session.cache)
             self._sessions.move_to_end(session.sid)

@@ -90,6 +90,69 @@ def test_too_small_model_and_invalid_cut_on_model(full):
         split_model(full, 0, 1)
 
 
+# -- the service's own attention mask (independent of transformers' mask helpers) -------
+
+
+def test_attention_bias_matches_direct_rule():
+    from fellrec_flwr.split import attention_bias
+
+    keys = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    got = attention_bias(keys, 2, 2, 3, torch.float32, "cpu")  # 3 cached tokens + 2 new
+    for b in range(2):
+        for i in range(2):
+            for j in range(5):
+                assert bool(got[b, 0, i, j]) == (j <= 3 + i and bool(keys[b, j])), (b, i, j)
+    add = attention_bias(keys, 2, 2, 3, torch.float32, "cpu", additive=True)
+    assert torch.equal(add == 0, got) and (add[~got] == torch.finfo(torch.float32).min).all()
+    with pytest.raises(SplitError, match=r"must be \[2, 5\]"):
+        attention_bias(keys[:, :4], 2, 2, 3, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_server_body_matches_unsplit_middle_layers(full, tok, impl):
+    """The body's own mask gives the unsplit model's middle-layer output, for either attention backend."""
+    model = copy.deepcopy(full)
+    model.config._attn_implementation = impl
+    body = build_server_body(model, plan_for_model(model, 1, 1))
+    seen = {}
+    model.model.layers[1].register_forward_pre_hook(
+        lambda m, a, kw: seen.update(inp=(a[0] if a else kw["hidden_states"]).detach()), with_kwargs=True)
+    model.model.layers[2].register_forward_hook(
+        lambda m, a, out: seen.update(out=(out[0] if isinstance(out, tuple) else out).detach()))
+    batch = _batch(tok)
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        pos = torch.arange(batch["input_ids"].shape[1])[None]
+        mine = body(seen["inp"], batch["attention_mask"].bool(), pos)
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(mine[real], seen["out"][real], atol=1e-5)
+
+
+def test_cache_keyword_follows_the_layer_signature():
+    from fellrec_flwr.split import cache_kwarg
+
+    class Old(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None, past_key_values=None):
+            return hidden_states
+
+    class New(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None, cache=None):
+            return hidden_states
+
+    assert cache_kwarg(Old()) == "past_key_values" and cache_kwarg(New()) == "cache"
+
+
+def test_new_token_mask_takes_the_last_q_columns():
+    from fellrec_flwr.split_client import new_token_mask
+
+    full_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert torch.equal(new_token_mask(full_mask, 1), torch.tensor([[True], [True]]))
+    assert torch.equal(new_token_mask(full_mask, 4), full_mask.bool())
+    assert new_token_mask(None, 3) is None
+    with pytest.raises(SplitError, match="covers 4 tokens but 5"):
+        new_token_mask(full_mask, 5)
+
+
 # -- partial loading from safetensors --------------------------------------------------
 
 
