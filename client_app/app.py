@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fellrec_flwr.client_state import ClientStateStore, adapter_fingerprint, apply_node_settings, node_settings
@@ -88,7 +88,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     set_lora_state(rt.model, record_to_state(msg.content["arrays"]))
     examples = rt.data.split(split, client=key)
     loss = eval_loss(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train)
-    scores, _rows = evaluate_recommender(rt.model, rt.tokenizer, examples, rt.data.titles, rt.catalogue, cfg.eval)
+    scores, rows = evaluate_recommender(rt.model, rt.tokenizer, examples, rt.data.titles, rt.catalogue, cfg.eval)
     metrics = {"eval-loss": float(loss), "num-examples": len(examples), "client-key": key}
     metrics.update({k: float(v) for k, v in scores.items() if k.startswith(("recall@", "ndcg@", "valid-title"))})
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    # Each evaluated user's target rank (-1 = not in the top 20), for paired bootstrap intervals on the server.
+    per_user = ConfigRecord({"user-ids": [int(r["user_id"]) for r in rows],
+                             "target-ranks": [int(r["target_rank"]) for r in rows]})
+    return Message(RecordDict({"metrics": MetricRecord(metrics), "per-user": per_user}), reply_to=msg)

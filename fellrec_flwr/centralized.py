@@ -2,11 +2,13 @@
 
     python -m fellrec_flwr.centralized [--run-config "data.dataset='games' ..."]
     python -m fellrec_flwr.centralized --popularity [--run-config ...]
+    python -m fellrec_flwr.centralized --markov [--run-config ...]
 
 `centralized` trains one LoRA on the union of every client's training prompts, with the
 same budget as a federated run (num-server-rounds x train.local-epochs passes over the
 data), and evaluates it on each client's users. `--popularity` ranks the most popular
-training items not in the user's history. Both write metrics.csv / summary.json / plots
+training items not in the user's history, `--markov` the items that most often followed
+the user's last item (`fellrec_flwr.baselines`). All write metrics.csv / summary.json / plots
 under <out-dir>/<run-name>/ so `python -m fellrec_flwr.compare` reads them beside the
 federated runs.
 """
@@ -23,7 +25,10 @@ from flwr.common.config import parse_config_args
 
 from fellrec_flwr.config import FellRecConfig, from_run_config
 from fellrec_flwr.lora_state import set_lora_state
-from fellrec_flwr.results import atomic_write_json, plot_run, summarise, write_metrics_csv
+from fellrec_flwr.results import (
+    PER_USER_FILE, atomic_write_json, final_intervals, per_user_rows, plot_run, summarise, write_metrics_csv,
+    write_per_user_csv,
+)
 from fellrec_flwr.runtime import derive_seed, get_runtime, prepare_data
 
 
@@ -35,7 +40,9 @@ def _client_rows(round_: int, client: int, split: str, metrics: dict[str, float]
     return [{"round": round_, "client": client, "split": split, "metric": k, "value": float(v)} for k, v in metrics.items()]
 
 
-def evaluate_per_client(cfg: FellRecConfig, rt: Any, split: str, round_: int) -> list[dict[str, Any]]:
+def evaluate_per_client(cfg: FellRecConfig, rt: Any, split: str, round_: int,
+                        user_rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """metrics.csv rows of every client's users; per-user ranks are appended to `user_rows`."""
     from fellrec_flwr.evaluate import evaluate_recommender
     from fellrec_flwr.trainer import eval_loss
 
@@ -43,7 +50,10 @@ def evaluate_per_client(cfg: FellRecConfig, rt: Any, split: str, round_: int) ->
     for client in range(rt.data.num_clients):
         examples = rt.data.split(split, client=client)
         loss = eval_loss(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train)
-        scores, _ = evaluate_recommender(rt.model, rt.tokenizer, examples, rt.data.titles, rt.catalogue, cfg.eval)
+        scores, ranked = evaluate_recommender(rt.model, rt.tokenizer, examples, rt.data.titles, rt.catalogue, cfg.eval)
+        if user_rows is not None:
+            user_rows += per_user_rows("centralized", round_, split, client, [r["user_id"] for r in ranked],
+                                       [r["target_rank"] for r in ranked])
         metrics = {"eval-loss": loss, "num-examples": len(examples)}
         metrics.update({k: v for k, v in scores.items() if k.startswith(("recall@", "ndcg@"))})
         rows += _client_rows(round_, client, split, metrics)
@@ -59,41 +69,65 @@ def run_centralized(cfg: FellRecConfig) -> Path:
     set_lora_state(rt.model, rt.initial_lora)  # the same seeded start as every federated client
     examples = rt.data.split("train")
     rows: list[dict[str, Any]] = []
+    user_rows: list[dict[str, Any]] = []
     for round_ in range(1, cfg.num_server_rounds + 1):
         t0 = time.time()
         result = train_local(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train, seed=derive_seed(cfg.seed, round_, "central"))
         rows.append({"round": round_, "client": -1, "split": "train", "metric": "train-loss", "value": float(result.loss)})
         print(f"[centralized] round {round_}/{cfg.num_server_rounds}: train-loss {result.loss:.4f} ({time.time() - t0:.1f}s)")
         if cfg.eval.interval and round_ % cfg.eval.interval == 0:
-            rows += evaluate_per_client(cfg, rt, "valid", round_)
+            rows += evaluate_per_client(cfg, rt, "valid", round_, user_rows)
             write_metrics_csv(run_dir / "metrics.csv", rows)
-    rows += evaluate_per_client(cfg, rt, cfg.eval.final_split, cfg.num_server_rounds)
-    return _finish(cfg, run_dir, rows, "centralized")
+    rows += evaluate_per_client(cfg, rt, cfg.eval.final_split, cfg.num_server_rounds, user_rows)
+    user_rows += _baseline_user_rows(rt.data, cfg)
+    return _finish(cfg, run_dir, rows, "centralized", user_rows)
 
 
-def run_popularity(cfg: FellRecConfig) -> Path:
-    from fellrec_flwr.popularity import evaluate_popularity, popularity_scores
+def run_baseline(cfg: FellRecConfig, method: str = "popularity") -> Path:
+    """A non-LLM baseline ("popularity" or "markov") in the run-folder format."""
+    from fellrec_flwr.baselines import BASELINES, FittedBaselines
+    from fellrec_flwr.metrics import ranking_metrics
 
-    run_dir = run_dir_for(cfg, f"popularity-{cfg.data.dataset}")
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}.")
+    run_dir = run_dir_for(cfg, f"{method}-{cfg.data.dataset}")
     data = prepare_data(cfg)
-    counts = popularity_scores(data.train_sequences)
+    fitted = FittedBaselines.fit(data.train_sequences, data.titles)
     rows: list[dict[str, Any]] = []
     for split in ("valid", cfg.eval.final_split):
         for client in range(data.num_clients):
             examples = data.split(split, client=client)
-            metrics = evaluate_popularity(examples, counts, data.titles)
-            metrics = {k: v for k, v in metrics.items() if k.startswith(("recall@", "ndcg@"))}
+            metrics = {k: v for k, v in ranking_metrics(fitted.ranks(method, examples)).items()
+                       if k.startswith(("recall@", "ndcg@"))}
             metrics["num-examples"] = len(examples)
             rows += _client_rows(0 if split == "valid" else 1, client, split, metrics)
-    return _finish(cfg, run_dir, rows, "popularity")
+    # Per-user ranks of both baselines, so this folder alone gives a paired comparison.
+    return _finish(cfg, run_dir, rows, method, _baseline_user_rows(data, cfg))
 
 
-def _finish(cfg: FellRecConfig, run_dir: Path, rows: list[dict[str, Any]], method: str) -> Path:
+def run_popularity(cfg: FellRecConfig) -> Path:
+    return run_baseline(cfg, "popularity")
+
+
+def run_markov(cfg: FellRecConfig) -> Path:
+    return run_baseline(cfg, "markov")
+
+
+def _baseline_user_rows(data: Any, cfg: FellRecConfig) -> list[dict[str, Any]]:
+    from fellrec_flwr.baselines import baseline_rows
+
+    return baseline_rows(data, ["valid", cfg.eval.final_split])
+
+
+def _finish(cfg: FellRecConfig, run_dir: Path, rows: list[dict[str, Any]], method: str,
+            user_rows: list[dict[str, Any]] | None = None) -> Path:
     frame = write_metrics_csv(run_dir / "metrics.csv", rows)
     atomic_write_json(run_dir / "config.json", cfg.to_run_config())
-    summary = {"method": method, "run_name": run_dir.name, **summarise(frame, cfg.eval.final_split)}
+    per_user = write_per_user_csv(run_dir / PER_USER_FILE, user_rows or [])
+    summary = {"method": method, "run_name": run_dir.name, **summarise(frame, cfg.eval.final_split),
+               "intervals": final_intervals(per_user, method, cfg.eval.final_split)}
     atomic_write_json(run_dir / "summary.json", summary)
-    plot_run(frame, run_dir, f"{method} ({cfg.data.dataset})")
+    plot_run(frame, run_dir, f"{method} ({cfg.data.dataset})", per_user)
     print(f"[{method}] wrote {run_dir}; overall: {summary['overall']}")
     return run_dir
 
@@ -103,10 +137,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-config", "-c", action="append", default=[],
                         help="overrides in Flower's syntax, e.g. \"data.dataset='games' num-server-rounds=5\"")
     parser.add_argument("--popularity", action="store_true", help="evaluate the popularity baseline instead")
+    parser.add_argument("--markov", action="store_true", help="evaluate the Markov (last item -> next) baseline instead")
     args = parser.parse_args(argv)
     overrides = parse_config_args(args.run_config) if args.run_config else {}
     cfg = from_run_config(overrides)
-    (run_popularity if args.popularity else run_centralized)(cfg)
+    if args.popularity or args.markov:
+        run_baseline(cfg, "popularity" if args.popularity else "markov")
+    else:
+        run_centralized(cfg)
 
 
 if __name__ == "__main__":

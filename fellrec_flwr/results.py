@@ -4,6 +4,10 @@ Layout of ``<out-dir>/<run-name>/``::
 
     config.json          the resolved configuration
     metrics.csv          round, client, split, metric, value (one row per measurement)
+    per_user.csv         method, round, split, client, user_id, target_rank: every evaluated
+                         user's 0-based target rank in the top 20 (-1 = not there), for the
+                         run's method and the popularity / Markov baselines on the same users
+                         (paired bootstrap intervals in `python -m fellrec_flwr.compare`)
     summary.json         final per-client and overall metrics + balance statistics
     recall_by_round.png  per-client Recall@10 over rounds
     final_by_client.png  final per-client Recall@10 / NDCG@10 bars
@@ -27,6 +31,8 @@ from fellrec_flwr.balance import balance_stats
 
 METRIC_COLUMNS = ["round", "client", "split", "metric", "value"]
 HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+PER_USER_COLUMNS = ["method", "round", "split", "client", "user_id", "target_rank"]
+PER_USER_FILE = "per_user.csv"
 
 
 def metrics_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
@@ -38,6 +44,125 @@ def write_metrics_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> pd
     frame = metrics_frame(rows)
     atomic_write_bytes(path, frame.to_csv(index=False).encode())
     return frame
+
+
+def per_user_rows(method: str, round_: int, split: str, client: int, user_ids: Iterable[int],
+                  target_ranks: Iterable[int]) -> list[dict[str, Any]]:
+    """per_user.csv rows for one evaluation of one client."""
+    user_ids, target_ranks = list(user_ids), list(target_ranks)
+    if len(user_ids) != len(target_ranks):
+        raise ValueError(f"{len(user_ids)} user ids but {len(target_ranks)} target ranks: one rank per user.")
+    return [{"method": method, "round": int(round_), "split": split, "client": int(client), "user_id": int(u),
+             "target_rank": int(r)} for u, r in zip(user_ids, target_ranks)]
+
+
+def write_per_user_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(list(rows), columns=PER_USER_COLUMNS)
+    frame = frame.sort_values(["method", "split", "round", "client", "user_id"], kind="stable").reset_index(drop=True)
+    atomic_write_bytes(path, frame.to_csv(index=False).encode())
+    return frame
+
+
+def read_per_user(run_dir: str | Path) -> pd.DataFrame | None:
+    """A run's per_user.csv, or None for a run written before per-user results existed."""
+    path = Path(run_dir) / PER_USER_FILE
+    if not path.exists():
+        return None
+    frame = pd.read_csv(path)
+    missing = [c for c in PER_USER_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} lacks columns {missing}; it was not written by this code. Rerun the run.")
+    return frame
+
+
+def final_ranks(per_user: pd.DataFrame, method: str, split: str) -> pd.Series:
+    """user_id -> target rank of `method` on `split`, from its latest round with that split."""
+    part = per_user[(per_user["method"] == method) & (per_user["split"] == split)]
+    if part.empty:
+        return pd.Series(dtype=np.int64)
+    part = part[part["round"] == part["round"].max()]
+    return part.drop_duplicates("user_id", keep="last").set_index("user_id")["target_rank"].sort_index()
+
+
+def overall_by_round(per_user: pd.DataFrame, split: str, k: int = 10) -> pd.DataFrame:
+    """method, round, recall@k, n_users: the mean over every evaluated user of each round."""
+    part = per_user[per_user["split"] == split]
+    hits = ((part["target_rank"] >= 0) & (part["target_rank"] < k)).astype(float)
+    grouped = part.assign(hit=hits).groupby(["method", "round"], sort=True)["hit"]
+    return grouped.agg(["mean", "size"]).rename(columns={"mean": f"recall@{k}", "size": "n_users"}).reset_index()
+
+
+def metric_values(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """Per-user values of "recall@K" or "ndcg@K" from 0-based target ranks (-1 = miss)."""
+    from fellrec_flwr.metrics import ndcg_from_ranks, recall_from_ranks
+
+    name, _, k = metric.partition("@")
+    if name not in ("recall", "ndcg") or not k.isdigit():
+        raise ValueError(f"metric {metric!r}: use recall@K or ndcg@K.")
+    return (recall_from_ranks if name == "recall" else ndcg_from_ranks)(np.asarray(ranks), int(k))
+
+
+def align_users(ranks_by_method: Mapping[str, pd.Series]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Every method's ranks on the users ALL methods evaluated (sorted by user id), plus warnings.
+
+    A paired comparison is only fair on common users; a failed client or a different
+    data setting leaves a method with other users, which the warnings name.
+    """
+    common: set[int] | None = None
+    for ranks in ranks_by_method.values():
+        common = set(ranks.index) if common is None else common & set(ranks.index)
+    users = sorted(common or set())
+    warnings = [f"{m}: {len(r)} users, {len(r) - len(users)} of them not evaluated by every method (left out)"
+                for m, r in ranks_by_method.items() if len(r) != len(users)]
+    return {m: r.loc[users].to_numpy() for m, r in ranks_by_method.items()}, warnings
+
+
+def interval_rows(ranks_by_method: Mapping[str, pd.Series], metrics: Iterable[str] = HEADLINE,
+                  references: tuple[str, ...] = ("fedavg", "popularity", "markov"), replicates: int = 2000,
+                  seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+    """Paired bootstrap 95% intervals of every method's mean and of its difference to each reference.
+
+    Rows: method, metric, reference ("" for the method's own mean; else the difference
+    method - reference), value, ci_low, ci_high, n_users. Also returns alignment warnings.
+    """
+    from fellrec_flwr.bootstrap import paired_bootstrap
+
+    aligned, warnings = align_users(ranks_by_method)
+    n_users = len(next(iter(aligned.values()))) if aligned else 0
+    if n_users == 0:
+        return [], warnings + ["no user was evaluated by every method: no intervals"]
+    rows = []
+    for metric in metrics:
+        values = {m: metric_values(r, metric) for m, r in aligned.items()}
+        for (method, ref), iv in paired_bootstrap(values, references, replicates, seed).items():
+            rows.append({"method": method, "metric": metric, "reference": ref or "", "value": iv.value,
+                         "ci_low": iv.low, "ci_high": iv.high, "n_users": iv.n_users})
+    return rows, warnings
+
+
+def run_per_user_rows(method: str, user_ranks: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """per_user.csv rows from a strategy's `user_ranks` (round, client, split, user_ids, target_ranks)."""
+    rows: list[dict[str, Any]] = []
+    for r in user_ranks:
+        rows += per_user_rows(method, r["round"], r["split"], r["client"], r["user_ids"], r["target_ranks"])
+    return rows
+
+
+def final_intervals(per_user: pd.DataFrame, method: str, split: str) -> dict[str, Any]:
+    """summary.json's "intervals": the method's final metrics and differences to the baselines, paired."""
+    ranks = {m: final_ranks(per_user, m, split) for m in dict.fromkeys([method, "popularity", "markov"])}
+    ranks = {m: r for m, r in ranks.items() if len(r)}
+    if method not in ranks:
+        return {}
+    rows, warnings = interval_rows(ranks, references=("popularity", "markov"))
+    out: dict[str, Any] = {"split": split, "n_users": rows[0]["n_users"] if rows else 0, "warnings": warnings}
+    for row in rows:
+        if row["method"] == method:
+            key = row["metric"] + (f" - {row['reference']}" if row["reference"] else "")
+            out[key] = [row["value"], row["ci_low"], row["ci_high"]]
+        elif not row["reference"]:
+            out[f"{row['method']} {row['metric']}"] = [row["value"], row["ci_low"], row["ci_high"]]
+    return out
 
 
 def summarise(frame: pd.DataFrame, split: str, sizes: Mapping[int, int] | None = None) -> dict[str, Any]:
@@ -64,8 +189,12 @@ def summarise(frame: pd.DataFrame, split: str, sizes: Mapping[int, int] | None =
     return {"split": split, "round": last_round, "per_client": per_client, "overall": overall, "balance": balance}
 
 
-def plot_run(frame: pd.DataFrame, run_dir: str | Path, title: str) -> list[Path]:
-    """Per-client Recall@10 over rounds (valid) and final per-client bars. Returns the PNG paths."""
+def plot_run(frame: pd.DataFrame, run_dir: str | Path, title: str, per_user: pd.DataFrame | None = None) -> list[Path]:
+    """Per-client Recall@10 over rounds (valid) and final per-client bars. Returns the PNG paths.
+
+    With `per_user` (per_user.csv rows) the round plot also shows the run's overall Recall@10
+    over all validation users and the baselines on the same users as dashed lines.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,10 +206,11 @@ def plot_run(frame: pd.DataFrame, run_dir: str | Path, title: str) -> list[Path]
     if not valid.empty:
         fig, ax = plt.subplots(figsize=(6, 4))
         for client, part in valid.groupby("client"):
-            ax.plot(part["round"], part["value"], marker="o", label=f"client {int(client)}")
+            ax.plot(part["round"], part["value"], marker="o", lw=0.8, alpha=0.6, label=f"client {int(client)}")
+        n_users = _plot_overall(ax, per_user)
         ax.set_xlabel("round")
         ax.set_ylabel("Recall@10 (valid)")
-        ax.set_title(title)
+        ax.set_title(f"{title}: valid Recall@10" + (f", {n_users} users" if n_users else ""), fontsize=9)
         ax.legend(fontsize=7)
         written.append(_save_fig(fig, run_dir / "recall_by_round.png"))
         plt.close(fig)
@@ -94,11 +224,35 @@ def plot_run(frame: pd.DataFrame, run_dir: str | Path, title: str) -> list[Path]
         table.plot.bar(ax=ax)
         ax.set_xlabel("client")
         ax.set_ylabel(f"final {split} metric")
-        ax.set_title(f"{title} — final {split}")
+        n_users = frame[(frame["split"] == split) & (frame["metric"] == "num-examples")
+                        & (frame["round"] == final["round"].max())]["value"].sum()
+        ax.set_title(f"{title} — final {split}" + (f", {int(n_users)} users" if n_users else ""), fontsize=9)
         written.append(_save_fig(fig, run_dir / "final_by_client.png"))
         plt.close(fig)
         break
     return written
+
+
+def _plot_overall(ax: Any, per_user: pd.DataFrame | None) -> int:
+    """Overall valid Recall@10 per round (thick) and baselines (dashed); returns the users of the last round."""
+    if per_user is None or per_user.empty:
+        return 0
+    curves = overall_by_round(per_user, "valid")
+    if curves.empty:
+        return 0
+    from fellrec_flwr.baselines import BASELINES
+
+    rounds = curves.loc[~curves["method"].isin(BASELINES), "round"]
+    span = (rounds.min(), rounds.max()) if len(rounds) else (0, 1)
+    n_users = 0
+    for method, part in curves.groupby("method"):
+        if method in BASELINES:
+            ax.hlines(part["recall@10"].iloc[-1], *span, linestyles="--", colors="grey" if method == "popularity"
+                      else "black", label=f"{method} (same users)")
+        else:
+            ax.plot(part["round"], part["recall@10"], marker="s", lw=2.5, color="tab:red", label=f"{method}, all users")
+            n_users = int(part["n_users"].iloc[-1])
+    return n_users
 
 
 def _save_fig(fig: Any, path: Path) -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import replace
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,7 +24,10 @@ from flwr.serverapp import Grid, ServerApp
 from fellrec_flwr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fellrec_flwr.config import ConfigError, FellRecConfig, from_run_config
 from fellrec_flwr.lora_state import record_to_state, set_lora_state, state_to_record
-from fellrec_flwr.results import atomic_write_json, plot_run, summarise, write_metrics_csv
+from fellrec_flwr.results import (
+    PER_USER_FILE, atomic_write_json, final_intervals, plot_run, run_per_user_rows, summarise, write_metrics_csv,
+    write_per_user_csv,
+)
 from fellrec_flwr.runtime import get_runtime
 from strategies import make_strategy
 
@@ -85,6 +88,8 @@ def main(grid: Grid, context: Context) -> None:
     atomic_write_json(run_dir / "config.json", cfg.to_run_config())
     log(INFO, "Run folder: %s", run_dir)
 
+    baselines = baseline_rows_for(cfg)
+
     def on_round_end(server_round: int, strat: Any) -> None:
         rows = strat.metric_rows()
         frame = write_metrics_csv(run_dir / "metrics.csv", rows)
@@ -92,7 +97,8 @@ def main(grid: Grid, context: Context) -> None:
             round=server_round, strategy_state=strat.state_dict(),
             global_arrays=record_to_state(strat.global_arrays), metric_rows=rows, config=cfg.to_run_config(),
         ))
-        plot_run(frame, run_dir, cfg.resolved_run_name())
+        per_user = write_per_user_csv(run_dir / PER_USER_FILE, run_per_user_rows(cfg.strategy, strat.user_ranks) + baselines)
+        plot_run(frame, run_dir, cfg.resolved_run_name(), per_user)
 
     strategy.on_round_end = on_round_end
     remaining = cfg.num_server_rounds - start_round
@@ -112,12 +118,30 @@ def main(grid: Grid, context: Context) -> None:
         strategy.evaluate_all(grid, final_arrays, split=cfg.eval.final_split, server_round=last_round,
                               config=ConfigRecord(split_url))
     frame = write_metrics_csv(run_dir / "metrics.csv", strategy.metric_rows())
+    per_user = write_per_user_csv(run_dir / PER_USER_FILE, run_per_user_rows(cfg.strategy, strategy.user_ranks) + baselines)
     summary = {"method": cfg.strategy, "run_name": cfg.resolved_run_name(), "failed_clients": strategy.failed_clients(),
-               **summarise(frame, cfg.eval.final_split)}
+               **summarise(frame, cfg.eval.final_split),
+               "intervals": final_intervals(per_user, cfg.strategy, cfg.eval.final_split)}
     atomic_write_json(run_dir / "summary.json", summary)
-    plot_run(frame, run_dir, cfg.resolved_run_name())
+    plot_run(frame, run_dir, cfg.resolved_run_name(), per_user)
     save_adapters(cfg, strategy, final_arrays, run_dir)
     log(INFO, "Final %s metrics (overall): %s", cfg.eval.final_split, summary["overall"])
+    log(INFO, "Paired 95%% bootstrap intervals over users: %s", summary["intervals"])
+
+
+def baseline_rows_for(cfg: FellRecConfig) -> list[dict[str, Any]]:
+    """Popularity and Markov on the run's validation and final users (per_user.csv rows).
+
+    The server holds the prepared data in simulation; where it cannot prepare it (a
+    deployment whose data live only on the clients) the run goes on without baselines.
+    """
+    from fellrec_flwr.baselines import baseline_rows
+
+    try:
+        return baseline_rows(get_runtime(cfg).data, ["valid", cfg.eval.final_split])
+    except Exception as err:  # noqa: BLE001 -- baselines are a convenience, never a reason to fail a run
+        log(WARNING, "No popularity/Markov baselines in this run folder: %s", err)
+        return []
 
 
 def save_adapters(cfg: FellRecConfig, strategy: Any, global_arrays: ArrayRecord, run_dir: Path) -> None:

@@ -47,6 +47,7 @@ TRAIN_LOSS = "train-loss"
 # Wall-clock metrics: recorded like the others, but they differ from run to run.
 TIMING_METRICS = ("round-seconds", "train-seconds", "peak-gpu-mb")
 EVAL_LOSS = "eval-loss"
+PER_USER = "per-user"  # optional ConfigRecord of an evaluate reply: user-ids, target-ranks
 STATE_VERSION = 1
 
 RoundEndHook = Callable[[int, "StrategyBase"], None]
@@ -123,6 +124,8 @@ class StrategyBase:
         self.identify_timeout = identify_timeout
         self.round_offset = 0  # rounds already completed (advanced by start(), set by load_state_dict)
         self.records: list[dict[str, Any]] = []
+        # Per-user target ranks from evaluate replies (run folder's per_user.csv); not checkpointed.
+        self.user_ranks: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
         self.node_to_key: dict[int, int] = {}
         self.global_arrays: ArrayRecord | None = None
@@ -333,6 +336,11 @@ class StrategyBase:
                 if metric != CLIENT_KEY and isinstance(value, (int, float)):
                     self.records.append({"round": server_round, "client": key, "split": split,
                                          "metric": metric, "value": float(value)})
+            per_user = reply.content.config_records.get(PER_USER)
+            if stage != "train" and per_user is not None:
+                self.user_ranks.append({"round": server_round, "client": key, "split": split,
+                                        "user_ids": list(per_user["user-ids"]),  # type: ignore[arg-type]
+                                        "target_ranks": list(per_user["target-ranks"])})  # type: ignore[arg-type]
         out.sort(key=lambda item: item[0])
         for (key_a, node_a, _), (key_b, node_b, _) in zip(out, out[1:]):
             if key_a == key_b:
