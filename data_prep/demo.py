@@ -1,20 +1,28 @@
-"""The built-in DEMO data set: generated, deterministic, no download.
+"""The built-in DEMO data set: SYNTHETIC, generated, deterministic, no download.
 
-A catalogue of ~340 video-game titles in 6 genres and 800 users in 6 taste groups, small
-enough that prep + the tiny model run in seconds, and structured so that a recommender can
-learn more than popularity and K-means clients differ:
+Nothing here is real user behaviour: the items, titles and users are made up by the rules
+below, so that the default run is small (prep + the tiny model in minutes on 2 CPU cores)
+and has structure a sequential recommender can learn beyond "the most popular items", and
+K-means clients that differ in taste (federated recommendation's premise). Results on it
+say whether the pipeline learns; real-data results (Amazon Games) are reported separately.
 
-- Items: per genre 15 *series* of 1-5 installments ("Galaxy Racer", "Galaxy Racer 2: Neon
-  Drift", ...) and 15 standalone games. Titles come from per-genre word lists. Two raw titles
-  carry the HTML entity ``&amp;`` (cleaned like real data), and 4 "re-releases" repeat an
-  existing title under a new id, as real catalogues do.
+- Items: per genre 15 *series* of 1-5 installments ("Galaxy Racer", "Galaxy Racer 2", ...)
+  and 15 standalone games ("Midnight Sprint"). Titles come from per-genre word lists. Two raw
+  titles carry the HTML entity ``&amp;`` (cleaned like real data), and 4 "re-releases"
+  repeat an existing title under a new id, as real catalogues do.
 - Users: group g prefers genre g (75% of picks), likes genre g+1 (15%), rest at random.
   A sequence (5-20 items, no repeats) starts on a first installment or standalone game;
   after an installment the next one follows with probability 0.6 (series continuation);
   otherwise the next genre is drawn from the group's taste and an item by popularity
   (Zipf within the genre), favouring games whose previous installment the user has played.
+  So "last item -> next" (a first-order Markov baseline) beats popularity clearly, and
+  the history's genres tell a user's group.
 
-The generator uses a fixed seed of its own: the data never depend on the run's seed.
+The catalogue and its popularity come from a fixed seed of their own (DEMO_SEED); users
+from a separate stream, so `generate_users(seed=...)` can draw OTHER users from the same
+world: the tiny model's public warm-up (`fellrec_flwr.tiny`) uses such users, never the
+clients' (public users have no taste group: every genre equally likely). The data never
+depend on the run's seed.
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ import pandas as pd
 
 from data_prep.readers import SourceData, clean_title, finish_source
 
-DEMO_VERSION = 1  # bump when the generator changes (part of the cache key)
-DEMO_SEED = 20240517
+DEMO_VERSION = 2  # bump when the generator changes (part of the cache key)
+DEMO_SEED = 20240517  # the catalogue, its popularity, and the clients' users
+PUBLIC_SEED = 777  # users of the tiny model's public warm-up: same world, other people
 NUM_USERS = 800
 SERIES_PER_GENRE = 15
 STANDALONE_PER_GENRE = 15
@@ -91,7 +100,8 @@ def _catalogue(rng: np.random.Generator) -> pd.DataFrame:
             name = ENTITY_SERIES.get((genre, s), names[name_pick[s]])
             count = int(rng.choice(list(INSTALLMENT_WEIGHTS), p=list(INSTALLMENT_WEIGHTS.values())))
             for k in range(1, count + 1):
-                title = name if k == 1 else f"{name} {k}: {subtitles[next(sub_pick)]}"
+                # "Name 2", "Name 3": a sequel's title says what it continues, as "Halo 3" does.
+                title = name if k == 1 else f"{name} {k}"
                 rows.append((title, genre, series_id, k))
             series_id += 1
         # Standalone games reuse unused subtitle phrases, so they never clash with a series.
@@ -106,11 +116,19 @@ def _catalogue(rng: np.random.Generator) -> pd.DataFrame:
     return items
 
 
-def _sequence(rng: np.random.Generator, group: int, items: pd.DataFrame, popularity: np.ndarray,
-              by_genre: list[np.ndarray], next_of: dict[int, int], prev_of: dict[int, int]) -> list[int]:
+def _taste(group: int) -> np.ndarray:
+    """Genre probabilities of a taste group; group -1 (public users) likes every genre equally."""
+    if group < 0:
+        return np.full(len(GENRES), 1 / len(GENRES))
     taste = np.full(len(GENRES), (1 - TASTE_PRIMARY - TASTE_SECONDARY) / (len(GENRES) - 2))
     taste[group] = TASTE_PRIMARY
     taste[(group + 1) % len(GENRES)] = TASTE_SECONDARY
+    return taste
+
+
+def _sequence(rng: np.random.Generator, group: int, items: pd.DataFrame, popularity: np.ndarray,
+              by_genre: list[np.ndarray], next_of: dict[int, int], prev_of: dict[int, int]) -> list[int]:
+    taste = _taste(group)
     length = int(rng.integers(SEQ_MIN, SEQ_MAX + 1))
     seen: list[int] = []
     seen_set: set[int] = set()
@@ -133,7 +151,17 @@ def _sequence(rng: np.random.Generator, group: int, items: pd.DataFrame, popular
     return seen
 
 
-def generate_demo() -> DemoWorld:
+@dataclass
+class _World:
+    items: pd.DataFrame
+    popularity: np.ndarray
+    by_genre: list[np.ndarray]
+    next_of: dict[int, int]
+    prev_of: dict[int, int]
+
+
+def _world() -> _World:
+    """The catalogue with its popularity and series links (DEMO_SEED only)."""
     rng = np.random.default_rng(DEMO_SEED)
     items = _catalogue(rng)
     # Zipf popularity within each genre, over a random order of its items.
@@ -150,10 +178,41 @@ def generate_demo() -> DemoWorld:
         ids = group["item_id"].tolist()
         for a, b in zip(ids, ids[1:]):
             next_of[a], prev_of[b] = b, a
-    user_group = rng.integers(0, len(GENRES), size=NUM_USERS)
-    sequences = {u: _sequence(rng, int(g), items, popularity, by_genre, next_of, prev_of)
-                 for u, g in enumerate(user_group.tolist())}
+    return _World(items, popularity, by_genre, next_of, prev_of)
+
+
+def generate_users(seed: int = DEMO_SEED, num_users: int = NUM_USERS,
+                   taste_groups: bool = True) -> tuple[dict[int, list[int]], np.ndarray]:
+    """Users of the demo world: ({user: item ids, oldest first}, user -> taste group or -1).
+
+    With taste_groups=False every user likes every genre equally (the public population).
+    """
+    world = _world()
+    rng = np.random.default_rng([DEMO_SEED, seed])  # users never share a stream with the catalogue
+    groups = rng.integers(0, len(GENRES), size=num_users) if taste_groups else np.full(num_users, -1)
+    sequences = {u: _sequence(rng, int(g), world.items, world.popularity, world.by_genre, world.next_of,
+                              world.prev_of) for u, g in enumerate(groups.tolist())}
+    return sequences, groups
+
+
+def generate_demo() -> DemoWorld:
+    items = _world().items
+    sequences, user_group = generate_users()
     return DemoWorld(items=items, sequences=sequences, user_group=user_group)
+
+
+def public_title_sequences(num_users: int, seed: int = PUBLIC_SEED) -> list[list[str]]:
+    """Cleaned-title sequences of `num_users` public demo users (no taste group, other seed).
+
+    For the tiny model's warm-up: the same catalogue and behaviour rules as the clients'
+    users, but none of them. Titles, not ids, because prepared ids are re-indexed.
+    """
+    if seed == DEMO_SEED:
+        raise ValueError(f"seed={seed} would draw the clients' own users; public users need another seed.")
+    items = _world().items
+    titles = [clean_title(t) for t in items["raw_title"]]
+    sequences, _ = generate_users(seed, num_users, taste_groups=False)
+    return [[titles[i] for i in seq] for seq in sequences.values()]
 
 
 def read_demo() -> SourceData:
