@@ -8,7 +8,9 @@ Interaction data never leaves this function: only LoRA weights and scalar metric
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -29,6 +31,19 @@ def client_key(context: Context) -> int:
 def client_config(context: Context) -> FellRecConfig:
     """The run config, with this node's own data folder (node config `data-path`) if it has one."""
     return apply_node_settings(from_run_config(context.run_config), node_settings(context.node_config))
+
+
+@contextlib.contextmanager
+def lora_a_frozen(model, freeze: bool) -> Iterator[None]:
+    """Keep every lora_A weight out of training while inside (the runtime's model is reused: restore after)."""
+    frozen = [p for name, p in model.named_parameters() if freeze and "lora_A" in name and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 @app.query()
@@ -60,12 +75,13 @@ def train(msg: Message, context: Context) -> Message:
     if on_gpu:  # per-client peak GPU memory, for sharing one GPU between simulated clients
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
-    result = train_local(
-        rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train,
-        seed=derive_seed(cfg.seed, server_round, key),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        lr_scale=float(config.get("lr-scale", 1.0)),
-    )
+    with lora_a_frozen(rt.model, bool(config.get("freeze-lora-a", False))):  # FFA-LoRA
+        result = train_local(
+            rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train,
+            seed=derive_seed(cfg.seed, server_round, key),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            lr_scale=float(config.get("lr-scale", 1.0)),
+        )
     trained = get_lora_state(rt.model)
     store.finish_training(trained, float(result.loss), adapter_fingerprint(cfg))
     metrics = MetricRecord({"train-loss": float(result.loss), "num-examples": int(result.num_examples), "client-key": key,

@@ -14,11 +14,12 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-STRATEGIES = ("fellrec", "fedavg", "fedprox", "local")
+STRATEGIES = ("fellrec", "fedavg", "fedprox", "local", "ffa-lora", "fedsa-lora", "fellrec+")
 PARTITIONERS = ("kmeans", "iid", "dirichlet")
 HEATING_EXPONENTS = ("t+1/beta", "(t+1)/beta")
-SIMILARITY_BASES = ("parameters", "updates")
+SIMILARITY_BASES = ("parameters", "updates", "delta-w")
 SIMILARITY_KERNELS = ("linear", "softmax")
+HEATING_LOSSES = ("raw", "normalised")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
 
@@ -103,10 +104,11 @@ class FellRecSettings:
     temperature: float = 0.05  # loss softmax temperature T
     heating: bool = True  # False reproduces the authors' released run (beta = 1 -> off)
     heating_exponent: str = "t+1/beta"  # or "(t+1)/beta"
-    similarity_basis: str = "parameters"  # or "updates" (theta_i - theta_received)
+    similarity_basis: str = "parameters"  # or "updates" (theta_i - theta_received) or "delta-w" (B A)
     similarity_kernel: str = "linear"  # (cos+1)/2, or softmax over cosines
     similarity_temperature: float = 0.1  # only for the softmax kernel
     lr_scale: bool = False  # also scale each client's lr by its warm weight
+    heating_loss: str = "raw"  # loss in the heating softmax: raw (authors) or normalised (/ own first-round loss)
 
 
 @dataclass
@@ -144,6 +146,7 @@ class FellRecConfig:
         _choice("fellrec.heating-exponent", self.fellrec.heating_exponent, HEATING_EXPONENTS)
         _choice("fellrec.similarity-basis", self.fellrec.similarity_basis, SIMILARITY_BASES)
         _choice("fellrec.similarity-kernel", self.fellrec.similarity_kernel, SIMILARITY_KERNELS)
+        _choice("fellrec.heating-loss", self.fellrec.heating_loss, HEATING_LOSSES)
         _choice("model.quantization", self.model.quantization, QUANTIZATIONS)
         _choice("split.wire-dtype", self.split.wire_dtype, ("float32", "float16", "bfloat16"))
         _positive("num-server-rounds", self.num_server_rounds)

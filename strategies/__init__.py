@@ -1,6 +1,7 @@
-"""Server strategies: FELLRec and the FedAvg / FedProx / local-only baselines.
+"""Server strategies: FELLRec (and its ``fellrec+`` preset) and the FedAvg / FedProx /
+FFA-LoRA / FedSA-LoRA / local-only baselines.
 
-All four share :class:`strategies.base.StrategyBase` (records, resume, node wait, early
+All of them share :class:`strategies.base.StrategyBase` (records, resume, node wait, early
 stop), so the ServerApp drives them the same way:
 
     strategy = make_strategy(cfg)
@@ -20,11 +21,16 @@ from fellrec_flwr.config import FellRecConfig
 from .base import NoNodesConnectedError, StrategyBase
 from .fedavg import RecordingFedAvg
 from .fedprox import RecordingFedProx
+from .fedsa_lora import FedSaLora
 from .fellrec import FellRec
+from .fellrec_plus import preset_settings
+from .ffa_lora import FfaLora
 from .local import LocalOnly
 
 __all__ = [
+    "FedSaLora",
     "FellRec",
+    "FfaLora",
     "LocalOnly",
     "NoNodesConnectedError",
     "RecordingFedAvg",
@@ -55,7 +61,7 @@ def sampling_settings(cfg: FellRecConfig) -> dict[str, float | int]:
 
 
 def make_strategy(cfg: FellRecConfig) -> StrategyBase:
-    """The strategy named by cfg.strategy ("fellrec", "fedavg", "fedprox", "local")."""
+    """The strategy named by cfg.strategy (one of fellrec_flwr.config.STRATEGIES)."""
     common = dict(
         sampling_settings(cfg),
         eval_interval=cfg.eval.interval,
@@ -69,8 +75,12 @@ def make_strategy(cfg: FellRecConfig) -> StrategyBase:
         return RecordingFedProx(**common, proximal_mu=cfg.proximal_mu)
     if cfg.strategy == "local":
         return LocalOnly(**common)
-    if cfg.strategy == "fellrec":
-        f = cfg.fellrec
+    if cfg.strategy == "ffa-lora":
+        return FfaLora(**common)
+    if cfg.strategy == "fedsa-lora":
+        return FedSaLora(**common)
+    if cfg.strategy in ("fellrec", "fellrec+"):
+        f = cfg.fellrec if cfg.strategy == "fellrec" else preset_settings(cfg.fellrec)
         return FellRec(
             **common,
             alpha=f.alpha,
@@ -82,5 +92,7 @@ def make_strategy(cfg: FellRecConfig) -> StrategyBase:
             similarity_kernel=f.similarity_kernel,
             similarity_temperature=f.similarity_temperature,
             lr_scale=f.lr_scale,
+            heating_loss=f.heating_loss,
         )
-    raise ValueError(f"strategy={cfg.strategy!r} is not one of fellrec, fedavg, fedprox, local.")
+    raise ValueError(f"strategy={cfg.strategy!r} is not one of fellrec, fellrec+, fedavg, fedprox, ffa-lora, "
+                     "fedsa-lora, local.")

@@ -5,6 +5,10 @@ theta_i = sum_j W_ij theta_j with W from :func:`strategies.fellrec_math.dynamic_
 (similarity of the uploads, loss softmax, curriculum-heating warm weight). There is no
 global model: the "global" arrays handed back to Flower's loop are the plain weighted
 mean, for logging only. Round t of the heating formula is the absolute round - 1.
+
+Every round it records, per client, its warm (heating) weight, loss probability and
+self-weight W_ii (split "train"), and the full row of W as metrics "weight:<j>" (split
+"balance"), so a run's metrics.csv shows whether the strategy personalises at all.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from .base import TRAIN_LOSS
 from .personal import PersonalisedBase
 
 
+SIMILARITY_BASES = ("parameters", "updates", "delta-w")
+
+
 class MissingTrainLossError(ValueError):
     """A train reply lacks the "train-loss" metric the loss softmax needs."""
 
@@ -32,9 +39,10 @@ class FellRec(PersonalisedBase, FedAvg):
 
     Parameters follow ``FellRecSettings`` in fellrec_flwr/config.py: ``alpha``, ``beta``,
     ``temperature`` (loss softmax T), ``heating``, ``heating_exponent``,
-    ``similarity_basis`` ("parameters" or "updates" = theta_i - what client i received),
-    ``similarity_kernel``, ``similarity_temperature``, ``lr_scale`` (send w_i as the
-    client's "lr-scale"; otherwise 1.0).
+    ``similarity_basis`` ("parameters", "updates" = theta_i - what client i received, or
+    "delta-w" = the LoRA products B_i A_i), ``similarity_kernel``, ``similarity_temperature``,
+    ``lr_scale`` (send w_i as the client's "lr-scale"; otherwise 1.0), ``heating_loss``
+    ("raw", or "normalised" = each loss divided by the client's loss in its first round).
     """
 
     def __init__(
@@ -49,11 +57,14 @@ class FellRec(PersonalisedBase, FedAvg):
         similarity_kernel: str = "linear",
         similarity_temperature: float = 0.1,
         lr_scale: bool = False,
+        heating_loss: str = "raw",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if similarity_basis not in ("parameters", "updates"):
-            raise ValueError(f"similarity_basis={similarity_basis!r} must be 'parameters' or 'updates'.")
+        if similarity_basis not in SIMILARITY_BASES:
+            raise ValueError(f"similarity_basis={similarity_basis!r} must be one of {SIMILARITY_BASES}.")
+        if heating_loss not in fellrec_math.HEATING_LOSSES:
+            raise ValueError(f"heating_loss={heating_loss!r} must be one of {fellrec_math.HEATING_LOSSES}.")
         fellrec_math.heating_exponent(0, beta, heating_exponent)  # validates beta and the form early
         if similarity_kernel not in fellrec_math.KERNELS:
             raise ValueError(f"similarity_kernel={similarity_kernel!r} must be one of {fellrec_math.KERNELS}.")
@@ -66,6 +77,8 @@ class FellRec(PersonalisedBase, FedAvg):
         self.similarity_kernel = similarity_kernel
         self.similarity_temperature = similarity_temperature
         self.lr_scale = lr_scale
+        self.heating_loss = heating_loss
+        self.first_loss: dict[int, float] = {}  # each client's training loss in its first round
         self.last_loss: dict[int, float] = {}
         self.warm: dict[int, float] = {}
 
@@ -73,8 +86,8 @@ class FellRec(PersonalisedBase, FedAvg):
         log(INFO, "\t├──> FELLRec settings:")
         log(INFO, "\t│\t├── alpha %s | beta %s | loss T %s | heating %s (%s)",
             self.alpha, self.beta, self.temperature, self.heating, self.heating_exponent)
-        log(INFO, "\t│\t└── similarity on %s, %s kernel | lr-scale %s",
-            self.similarity_basis, self.similarity_kernel, self.lr_scale)
+        log(INFO, "\t│\t└── similarity on %s, %s kernel | lr-scale %s | heating loss %s",
+            self.similarity_basis, self.similarity_kernel, self.lr_scale, self.heating_loss)
         super().summary()  # type: ignore[misc]
 
     def add_train_config(self, config: ConfigRecord, node_id: int) -> None:
@@ -90,6 +103,31 @@ class FellRec(PersonalisedBase, FedAvg):
         stacked: np.ndarray,
     ) -> dict[int, ArrayRecord]:
         keys = [key for key, _, _ in collected]
+        losses = self._losses(collected)
+        balance = fellrec_math.dynamic_balance(
+            stacked,
+            self._heating_losses(keys, losses),
+            server_round - 1,
+            alpha=self.alpha,
+            beta=self.beta,
+            temperature=self.temperature,
+            heating=self.heating,
+            exponent=self.heating_exponent,
+            kernel=self.similarity_kernel,
+            similarity_temperature=self.similarity_temperature,
+            reference=self._reference(collected, layout, stacked),
+            cosine=self._delta_w_cosine(layout, stacked),
+        )
+        # W and the size-weighted mean (for the logging-only "global" arrays) in one pass over X.
+        mixed = layout.mix(np.vstack([balance.weights, self.mean_weights[None, :]]), stacked)
+        self.round_mean = mixed[-1]
+        for i, key in enumerate(keys):
+            self.last_loss[key] = float(losses[i])
+            self.warm[key] = float(balance.warm[i])
+        self._record_balance(server_round, keys, balance)
+        return dict(zip(keys, mixed[:-1]))
+
+    def _losses(self, collected: list[tuple[int, int, Message]]) -> np.ndarray:
         losses = []
         for key, _, reply in collected:
             metrics = next(iter(reply.content.metric_records.values()))
@@ -99,45 +137,56 @@ class FellRec(PersonalisedBase, FedAvg):
                     "client's mean training loss in its train reply metrics."
                 )
             losses.append(float(metrics[TRAIN_LOSS]))  # type: ignore[arg-type]
+        return np.asarray(losses)
 
-        reference = None
-        if self.similarity_basis == "updates":
-            sent = [self._sent_arrays["train"][node_id] for _, node_id, _ in collected]
-            reference = layout.stack(sent, dtype=stacked.dtype)
+    def _heating_losses(self, keys: list[int], losses: np.ndarray) -> np.ndarray:
+        """The losses the softmax sees: raw, or relative to each client's first-round loss."""
+        for key, loss in zip(keys, losses):
+            self.first_loss.setdefault(key, float(loss))
+        if self.heating_loss == "raw":
+            return losses
+        return fellrec_math.normalised_losses(losses, np.array([self.first_loss[k] for k in keys]))
 
-        balance = fellrec_math.dynamic_balance(
-            stacked,
-            np.asarray(losses),
-            server_round - 1,
-            alpha=self.alpha,
-            beta=self.beta,
-            temperature=self.temperature,
-            heating=self.heating,
-            exponent=self.heating_exponent,
-            kernel=self.similarity_kernel,
-            similarity_temperature=self.similarity_temperature,
-            reference=reference,
+    def _reference(self, collected: list[tuple[int, int, Message]], layout: FlatLayout,
+                   stacked: np.ndarray) -> np.ndarray | None:
+        """For the "updates" basis: the arrays each client received, stacked like its upload."""
+        if self.similarity_basis != "updates":
+            return None
+        sent = [self._sent_arrays["train"][node_id] for _, node_id, _ in collected]
+        return layout.stack(sent, dtype=stacked.dtype)
+
+    def _delta_w_cosine(self, layout: FlatLayout, stacked: np.ndarray) -> np.ndarray | None:
+        """For the "delta-w" basis: cosines of the clients' B A products, from views on stacked."""
+        if self.similarity_basis != "delta-w":
+            return None
+        pairs, others = layout.lora_pairs()
+        if not pairs:
+            raise ValueError("fellrec.similarity-basis='delta-w' needs LoRA tensors named lora_A / lora_B; "
+                             f"the uploads hold {list(layout.keys)[:3]}. Use 'parameters' instead.")
+        return fellrec_math.delta_w_cosine(
+            [(layout.tensor(stacked, a), layout.tensor(stacked, b)) for a, b in pairs],
+            [layout.tensor(stacked, k).reshape(stacked.shape[0], -1) for k in others],
         )
-        del reference
-        aggregated = fellrec_math.aggregate(balance.weights, stacked)
 
+    def _record_balance(self, server_round: int, keys: list[int], balance: fellrec_math.Balance) -> None:
         for i, key in enumerate(keys):
-            self.last_loss[key] = losses[i]
-            self.warm[key] = float(balance.warm[i])
             for metric, value in (("warm-weight", balance.warm[i]), ("self-weight", balance.weights[i, i]),
                                   ("loss-prob", balance.loss_probs[i])):
                 self.records.append({"round": server_round, "client": key, "split": "train",
                                      "metric": metric, "value": float(value)})
+            for j, other in enumerate(keys):
+                self.records.append({"round": server_round, "client": key, "split": "balance",
+                                     "metric": f"weight:{other}", "value": float(balance.weights[i, j])})
         log(INFO, "\t└──> FELLRec warm weights: %s", ", ".join(
             f"{k}: {balance.warm[i]:.3f} (self {balance.weights[i, i]:.3f})" for i, k in enumerate(keys)))
-        return {key: layout.unflatten(aggregated[i]) for i, key in enumerate(keys)}
 
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()
-        state.update({"last_loss": dict(self.last_loss), "warm": dict(self.warm)})
+        state.update({"last_loss": dict(self.last_loss), "warm": dict(self.warm), "first_loss": dict(self.first_loss)})
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
         self.last_loss = {int(k): float(v) for k, v in state["last_loss"].items()}
         self.warm = {int(k): float(v) for k, v in state["warm"].items()}
+        self.first_loss = {int(k): float(v) for k, v in state.get("first_loss", {}).items()}

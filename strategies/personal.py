@@ -27,6 +27,10 @@ class PersonalisedBase(StrategyBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.personal: dict[int, ArrayRecord] = {}
+        # Set by aggregate_train before personalise(): this round's size weights (sum 1), and
+        # the size-weighted mean record if personalise() already built it.
+        self.mean_weights: np.ndarray = np.zeros(0)
+        self.round_mean: ArrayRecord | None = None
 
     def has_personal_state(self) -> bool:
         return bool(self.personal)
@@ -58,14 +62,18 @@ class PersonalisedBase(StrategyBase):
             return None, None
         records = [reply.content[self.arrayrecord_key] for _, _, reply in collected]
         layout = FlatLayout.of(records[0])
+        # One preallocated float32 (N, D) matrix, filled from views on the replies' bytes.
         stacked = layout.stack(records, names=[f"client-key {key}" for key, _, _ in collected])
-        self.personal.update(self.personalise(server_round, collected, layout, stacked))
-
         contents = [reply.content for _, _, reply in collected]
         sizes = np.array([float(next(iter(c.metric_records.values()))[self.weighted_by_key])  # type: ignore[arg-type]
                           for c in contents])
-        mean = (sizes / sizes.sum()).astype(stacked.dtype) @ stacked
-        return layout.unflatten(mean), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        self.mean_weights = sizes / sizes.sum()
+        self.round_mean = None
+        self.personal.update(self.personalise(server_round, collected, layout, stacked))
+        mean = self.round_mean  # a personalise() that mixes anyway computes it in the same product
+        if mean is None:
+            mean = layout.mix(self.mean_weights[None, :], stacked)[0]
+        return mean, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def extra_state(self) -> dict[str, Any]:
         return {"personal": {key: to_numpy_dict(record) for key, record in self.personal.items()}}
