@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from fellrec_flwr.client_state import ClientStateStore, adapter_fingerprint, apply_node_settings, node_settings
 from fellrec_flwr.config import FellRecConfig, from_run_config
 from fellrec_flwr.lora_state import get_lora_state, record_to_state, state_to_record, set_lora_state
+from fellrec_flwr.prepared import with_prepared_settings
 from fellrec_flwr.runtime import derive_seed, get_runtime
 from fellrec_flwr.split_runtime import attach_split
 
@@ -30,7 +31,8 @@ def client_key(context: Context) -> int:
 
 def client_config(context: Context) -> FellRecConfig:
     """The run config, with this node's own data folder (node config `data-path`) if it has one."""
-    return apply_node_settings(from_run_config(context.run_config), node_settings(context.node_config))
+    cfg = apply_node_settings(from_run_config(context.run_config), node_settings(context.node_config))
+    return with_prepared_settings(cfg)  # data settings of an already prepared folder
 
 
 @contextlib.contextmanager

@@ -1,7 +1,10 @@
 """CLI: python -m data_prep --dataset demo|games|amazon2018|table [--path DIR] [--out DIR] ...
 
-Flags mirror the fields of ``DataSettings`` (``--num-clients`` = ``data.num-clients``);
-``--out`` is ``--prepared-dir``. Prints where the folder is and its counts per client.
+Every flag is a ``data.*`` run-config key (``--num-clients`` = ``data.num-clients``,
+``--user-col`` = ``data.user-col``; both come from ``DataSettings``); ``--out`` is
+``--prepared-dir``. Without ``--out`` the folder goes where ``flwr run`` looks for the same
+settings ($FELLREC_CACHE), so a run with these settings reuses it. Prints where the folder
+is, its counts per client and the ``flwr run`` line that uses it.
 """
 
 from __future__ import annotations
@@ -11,11 +14,8 @@ import dataclasses
 import sys
 import time
 
-from data_prep.errors import DataPrepError
-from data_prep.prepare import DATASETS, prepare
-from data_prep.readers import TableColumns
-from fellrec_flwr.config import PARTITIONERS, DataSettings
-from fellrec_flwr.prepared import PreparedData, PreparedDataError
+# Light imports only: --help and argument errors must not wait for pandas/torch.
+from fellrec_flwr.config import DATA_ORDERS, DATASETS, PARTITIONERS, DataSettings, FellRecConfig
 
 HELP = {
     "dataset": "which source to read",
@@ -26,49 +26,62 @@ HELP = {
     "train_samples": "few-shot training prompts in total (0 = all)",
     "valid_users": "validation users sampled (0 = all)",
     "test_users": "test users sampled (0 = all)",
+    "user_col": "table: user column of the interactions table",
+    "item_col": "table: item column (interactions and item-title tables)",
+    "time_col": "table: time column (numbers or dates); required unless --order file",
+    "title_col": "table: title column of the item-title table",
+    "sep": "table: CSV separator ('tab' for tabs); ignored for parquet",
+    "k_core": "table, amazon2018: keep users and items with >= k interactions, repeatedly (0 = off)",
+    "order": "table: 'time' (by --time-col; equal times by item id) or 'file' (the rows' order, no time)",
 }
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(DataSettings):
         flags = [f"--{f.name.replace('_', '-')}"] + (["--out"] if f.name == "prepared_dir" else [])
-        choices = {"dataset": DATASETS, "partitioner": PARTITIONERS}.get(f.name)
+        choices = {"dataset": DATASETS, "partitioner": PARTITIONERS, "order": DATA_ORDERS}.get(f.name)
         ap.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default, choices=choices,
-                        help=HELP.get(f.name, f"data.{f.name.replace('_', '-')}"))
-    ap.add_argument("--seed", type=int, default=2024, help="the run's seed (sampling, BPR, K-means, shuffles)")
-    ap.add_argument("--cache-root", default="prepared", help="parent of settings-keyed folders when --out is not given")
-    cols = TableColumns()
-    ap.add_argument("--user-col", default=cols.user, help="table: user column")
-    ap.add_argument("--item-col", default=cols.item, help="table: item column (both tables)")
-    ap.add_argument("--time-col", default=cols.timestamp, help="table: timestamp column (optional in the file)")
-    ap.add_argument("--title-col", default=cols.title, help="table: title column of the item table")
+                        help=f"{HELP.get(f.name, '')} [data.{f.name.replace('_', '-')}, default {f.default!r}]")
+    ap.add_argument("--seed", type=int, default=FellRecConfig().seed,
+                    help="the run's seed (sampling, BPR, K-means, shuffles) [seed]")
+    ap.add_argument("--cache-root", default="",
+                    help="parent of settings-keyed folders when --out is not given (default: $FELLREC_CACHE or "
+                         "~/.cache/fellrec-flwr, where flwr run looks)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
 
-def summary(data: PreparedData, seconds: float) -> str:
+def summary(data, seconds: float) -> str:
     m = data.manifest
     c = m["counts"]
     lines = [f"prepared data: {data.path}",
              f"  {m['num_items']} items, {m['num_users']} users, {m['num_interactions']} interactions, "
              f"{m['available_train_prompts']} training prompts available",
+             f"  order of each user's items: {m.get('split_order', '?')}",
              f"  dropped: {m['dropped']}",
              f"  {'':18}{'total':>8}  per client (0..{data.num_clients - 1})"]
     for key in ("train", "valid", "test", "users", "train_interactions"):
         lines.append(f"  {key:18}{c[key]['total']:>8}  {c[key]['per_client']}")
     lines.append(f"  prep time {m['prep_seconds']} s when built; this call {seconds:.1f} s")
+    lines.append(f"  run on it: flwr run . --run-config \"data.prepared-dir='{data.path.resolve()}' "
+                 f"data.num-clients={data.num_clients} min-clients={data.num_clients}\" "
+                 f"--federation-config \"num-supernodes={data.num_clients}\"")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from data_prep.errors import DataPrepError
+    from data_prep.prepare import prepare
+    from fellrec_flwr.prepared import PreparedData, PreparedDataError
+    from fellrec_flwr.runtime import cache_root
+
     settings = DataSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataSettings)})
-    columns = TableColumns(args.user_col, args.item_col, args.time_col, args.title_col)
     started = time.perf_counter()
     try:
-        folder = prepare(settings, args.cache_root, args.seed, columns=columns, progress=not args.quiet)
+        folder = prepare(settings, args.cache_root or cache_root(), args.seed, progress=not args.quiet)
         data = PreparedData.load(folder)
     except (DataPrepError, PreparedDataError) as err:
         print(f"error: {err}", file=sys.stderr)

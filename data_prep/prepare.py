@@ -2,6 +2,8 @@
 
 Steps: read the source -> drop users with < 3 items -> leave-one-out + few-shot samples ->
 users to clients (BPR + K-means, IID or Dirichlet) -> write the folder atomically.
+The source's own user and item ids are kept (``users.parquet``, ``items.parquet``
+``original_id``) so results can be joined back to the user's system.
 
 The folder is ``settings.prepared_dir`` or, when that is "", ``<cache_root>/<dataset>-<key>``
 where the key hashes everything that determines the content (the data settings, the seed,
@@ -9,6 +11,11 @@ the table's column names, the fixed recipe constants) and the source files' name
 modification times. A folder whose manifest matches is reused as is (a no-op), so every
 ClientApp can call ``prepare`` and only the first one does the work; a file lock serialises
 concurrent callers on one machine.
+
+An explicit folder (``data.prepared-dir``, e.g. written once by ``python -m data_prep --out``)
+is reused when its settings are compatible with the run's (:func:`adopt_settings`): every data
+setting the run leaves at its default is taken from the folder; one the run sets differently,
+and ``data.num-clients`` always, must match, or the error names each differing setting.
 """
 
 from __future__ import annotations
@@ -30,15 +37,15 @@ from data_prep.demo import DEMO_VERSION, read_demo
 from data_prep.errors import DataPrepError
 from data_prep.readers import SourceData, TableColumns
 from fellrec_flwr.atomic import atomic_dir, atomic_to_parquet, atomic_write_json
-from fellrec_flwr.config import PARTITIONERS, DataSettings
+from fellrec_flwr.config import DATA_ORDERS, DATASETS, PARTITIONERS, DataSettings
 from fellrec_flwr.prepared import FORMAT_VERSION, MANIFEST, PreparedData, PreparedDataError, sha256_file
 
-CREATED_BY = "fellrec-flwr data_prep (format 1)"
-DATASETS = ("demo", "games", "amazon2018", "table")
+CREATED_BY = f"fellrec-flwr data_prep (format {FORMAT_VERSION})"
 
 _LIST = pa.list_(pa.int64())
 SCHEMAS = {
-    "items.parquet": pa.schema([("item_id", pa.int64()), ("title", pa.string())]),
+    "items.parquet": pa.schema([("item_id", pa.int64()), ("title", pa.string()), ("original_id", pa.string())]),
+    "users.parquet": pa.schema([("user_id", pa.int64()), ("original_id", pa.string())]),
     "train.parquet": pa.schema([("user_id", pa.int64()), ("history", _LIST), ("target", pa.int64()),
                                 ("client", pa.int64())]),
     "train_sequences.parquet": pa.schema([("user_id", pa.int64()), ("items", _LIST), ("client", pa.int64())]),
@@ -64,16 +71,51 @@ def recipe() -> dict[str, Any]:
     }
 
 
-def content_settings(settings: DataSettings, seed: int, columns: TableColumns | None = None) -> dict[str, Any]:
-    """Everything that determines the folder's content (recorded as ``manifest.settings``)."""
+# Settings that only some sources read; left out of the others' identity (and manifest).
+TABLE_ONLY = ("user_col", "item_col", "time_col", "title_col", "sep", "order")
+USES_K_CORE = ("table", "amazon2018")
+
+
+def table_columns(settings: DataSettings) -> TableColumns:
+    return TableColumns(settings.user_col, settings.item_col, settings.time_col, settings.title_col,
+                        settings.sep, settings.order)
+
+
+def _resolved_path(settings: DataSettings) -> str:
+    return str(Path(settings.path).expanduser().resolve()) if settings.dataset != "demo" and settings.path else ""
+
+
+def data_settings_dict(settings: DataSettings) -> dict[str, Any]:
+    """The data settings that shape this source's content (path resolved, unused keys out)."""
     out = dataclasses.asdict(settings)
     out.pop("prepared_dir")  # where it is written, not what
-    out["path"] = str(Path(settings.path).expanduser().resolve()) if settings.dataset != "demo" and settings.path else ""
+    out["path"] = _resolved_path(settings)
+    if settings.dataset != "table":
+        for key in TABLE_ONLY:
+            out.pop(key)
+    if settings.dataset not in USES_K_CORE:
+        out.pop("k_core")
+    return out
+
+
+def content_settings(settings: DataSettings, seed: int) -> dict[str, Any]:
+    """Everything that determines the folder's content (recorded as ``manifest.settings``)."""
+    out = data_settings_dict(settings)
     out["seed"] = int(seed)
-    if settings.dataset == "table":
-        out["table_columns"] = dataclasses.asdict(columns or TableColumns())
     out["recipe"] = recipe()
     return out
+
+
+def split_order(settings: DataSettings, files: dict[str, Path]) -> str:
+    """How each user's sequence was ordered (recorded in the manifest, said by the CLI)."""
+    if settings.dataset == "demo":
+        return "generated in order (built-in demo)"
+    if settings.dataset == "games":
+        return f"as listed in {files['test'].name} (time order, by the upstream release)"
+    if settings.dataset == "table" and settings.order == "file":
+        return f"file order: the rows of {files['interactions'].name} as written (data.order='file'; no time used)"
+    column = settings.time_col if settings.dataset == "table" else "timestamp"
+    return f"time: column {column!r}; equal times by item id"
 
 
 def source_fingerprint(settings: DataSettings) -> list[dict[str, Any]]:
@@ -106,6 +148,17 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def validate(settings: DataSettings) -> None:
     if settings.dataset not in DATASETS:
         raise DataPrepError(f"data.dataset={settings.dataset!r} is not one of {', '.join(DATASETS)}.")
+    if settings.order not in DATA_ORDERS:
+        raise DataPrepError(f"data.order={settings.order!r} is not one of {', '.join(DATA_ORDERS)}.")
+    if settings.order == "file" and settings.dataset != "table":
+        raise DataPrepError(f"data.order='file' applies only to data.dataset='table' ({settings.dataset!r} "
+                            "has its own order); remove it.")
+    if settings.k_core < 0:
+        raise DataPrepError(f"data.k-core={settings.k_core} must be >= 0 (0 = no filtering).")
+    default_k = DataSettings().k_core
+    if settings.k_core != default_k and settings.dataset not in USES_K_CORE:
+        raise DataPrepError(f"data.k-core applies to the table and amazon2018 sources; {settings.dataset!r} "
+                            f"comes filtered. Leave data.k-core at {default_k}.")
     if settings.partitioner not in PARTITIONERS:
         raise DataPrepError(f"data.partitioner={settings.partitioner!r} is not one of {', '.join(PARTITIONERS)}.")
     for name in ("num_clients", "history_len", "bpr_dim"):
@@ -116,14 +169,14 @@ def validate(settings: DataSettings) -> None:
                             f"{settings.partitioner} partitioner (it clusters BPR embeddings).")
 
 
-def read_source(settings: DataSettings, columns: TableColumns | None = None) -> SourceData:
+def read_source(settings: DataSettings) -> SourceData:
     if settings.dataset == "demo":
         return read_demo()
     if settings.dataset == "games":
         return readers.read_games(settings.path)
     if settings.dataset == "amazon2018":
-        return readers.read_amazon2018(settings.path)
-    return readers.read_table(settings.path, columns or TableColumns())
+        return readers.read_amazon2018(settings.path, settings.k_core)
+    return readers.read_table(settings.path, table_columns(settings), settings.k_core)
 
 
 def assign_users(sequences: list[list[int]], user_ids: list[int], num_items: int, settings: DataSettings,
@@ -170,10 +223,9 @@ def _check_every_client_has_rows(frames: dict[str, pd.DataFrame], num_clients: i
                                 "(0 = all) or lower data.num-clients.")
 
 
-def build(settings: DataSettings, seed: int, columns: TableColumns | None = None,
-          progress: bool = True) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+def build(settings: DataSettings, seed: int, progress: bool = True) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Compute every output frame and the manifest's counts (no writing)."""
-    source = read_source(settings, columns)
+    source = read_source(settings)
     sequences, short = splits.drop_short_users(source.sequences)
     dropped = dict(source.dropped)
     dropped[f"users_below_{splits.MIN_SEQUENCE}_items"] = short
@@ -184,7 +236,10 @@ def build(settings: DataSettings, seed: int, columns: TableColumns | None = None
     seq_frame = parts.train_sequences
     client_of = assign_users(seq_frame["items"].tolist(), seq_frame["user_id"].tolist(), len(source.items),
                              settings, seed, progress)
-    frames = {"items.parquet": source.items}
+    items = source.items.assign(original_id=[source.original_items[i] for i in source.items["item_id"]])
+    users = pd.DataFrame({"user_id": seq_frame["user_id"],
+                          "original_id": [source.original_users[u] for u in seq_frame["user_id"]]})
+    frames = {"items.parquet": items, "users.parquet": users}
     for name, frame in (("train", parts.train), ("valid", parts.valid), ("test", parts.test),
                         ("train_sequences", seq_frame)):
         frames[f"{name}.parquet"] = frame.assign(client=frame["user_id"].map(client_of).astype("int64"))
@@ -227,21 +282,75 @@ def _lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _reusable(folder: Path, content: dict[str, Any], fingerprint: list[dict[str, Any]], explicit: bool) -> bool:
-    """True if `folder` already holds exactly this data; raises if an explicit folder holds
-    other data or foreign files."""
+def _key(name: str) -> str:
+    return "data." + name.replace("_", "-")
+
+
+def adopt_settings(settings: DataSettings, manifest: dict[str, Any]) -> tuple[DataSettings, list[str]]:
+    """The run's data settings made to agree with a prepared folder's, or an error naming each
+    setting that differs.
+
+    A setting the run leaves at its default is taken from the folder (returned as a note);
+    one the run sets to another value than the folder's is a conflict; ``data.num-clients``
+    must always match (the federation has that many clients). The seed and the pipeline's
+    recipe are not compared: the folder is the data.
+    """
+    recorded = {k: v for k, v in manifest.get("settings", {}).items() if k not in ("seed", "recipe")}
+    defaults = dataclasses.asdict(DataSettings())
+    run = dataclasses.asdict(settings)
+    adopted: dict[str, Any] = {}
+    conflicts: list[str] = []
+    for name in ("dataset", *sorted(set(recorded) - {"dataset"})):  # dataset first: it decides the rest
+        if name not in run or name not in recorded:
+            continue
+        current = _resolved_path(dataclasses.replace(settings, **adopted)) if name == "path" else run[name]
+        if current == recorded[name] or (name == "path" and not recorded[name] and not run[name]):
+            continue
+        if run[name] == defaults[name] and name != "num_clients":
+            adopted[name] = recorded[name]
+        else:
+            default = " (the default)" if run[name] == defaults[name] else ""
+            conflicts.append(f"{_key(name)}: this run {run[name]!r}{default}, the folder {recorded[name]!r}")
+    if conflicts:
+        raise DataPrepError(
+            f"{settings.prepared_dir} was prepared with other settings: " + "; ".join(conflicts) + ". Use the "
+            "folder's values (a data.* key left out takes the folder's value; data.num-clients must match, and "
+            "min-clients and the number of SuperNodes with it), or set data.prepared-dir to a new folder to "
+            "prepare these settings there.")
+    notes = [f"{_key(k)}={v!r} (from the folder)" for k, v in adopted.items()]
+    return dataclasses.replace(settings, **adopted), notes
+
+
+def _stale_source(settings: DataSettings, manifest: dict[str, Any]) -> str:
+    """Which recorded source file changed since preparation ("" if none, or if the sources are
+    not reachable here: a prepared folder may travel without them)."""
+    try:
+        now = {f["role"]: f for f in source_fingerprint(settings)}
+    except DataPrepError:
+        return ""
+    for old in manifest.get("source", []):
+        new = now.get(old["role"])
+        if new is not None and new != old:
+            return (f"{new['name']} changed since preparation (size {old['size']} -> {new['size']} bytes, or its "
+                    "modification time)")
+    return ""
+
+
+def _reusable(folder: Path, settings: DataSettings, content: dict[str, Any], explicit: bool) -> bool:
+    """True if `folder` already holds this data (explicit folders: compatible data, see
+    :func:`adopt_settings`); raises if an explicit folder holds other data or foreign files."""
     if not folder.exists():
         return False
     manifest = read_manifest(folder)
     if manifest is not None:
-        if manifest.get("settings") == content and manifest.get("source") == fingerprint:
-            return True
-        if explicit:
-            diff = _differences(manifest.get("settings", {}), content)
-            what = f"settings differ in {diff}" if diff else "the source files changed"
-            raise DataPrepError(f"{folder} holds data prepared differently ({what}). Delete it, or set "
-                                "data.prepared-dir to another folder (or to \"\" for the settings-keyed cache).")
-        return False
+        if not explicit:  # a settings-keyed cache folder: exactly these settings and sources
+            return manifest.get("settings") == content and manifest.get("source") == source_fingerprint(settings)
+        effective, _notes = adopt_settings(settings, manifest)
+        stale = _stale_source(effective, manifest)
+        if stale:
+            raise DataPrepError(f"{folder} is out of date: {stale}. Prepare again (delete the folder and rerun), "
+                                "or set data.prepared-dir to a new folder.")
+        return True
     # A folder with some of our files is a damaged prepared folder (perhaps with caches the
     # runtime keeps inside it): rebuilt. A non-empty folder without any is someone else's.
     entries = [p.name for p in folder.iterdir()]
@@ -251,34 +360,33 @@ def _reusable(folder: Path, content: dict[str, Any], fingerprint: list[dict[str,
     return False
 
 
-def target_folder(settings: DataSettings, cache_root: str | Path, seed: int = 2024,
-                  columns: TableColumns | None = None) -> Path:
+def target_folder(settings: DataSettings, cache_root: str | Path, seed: int = 2024) -> Path:
     """Where prepare() writes for these settings (without preparing)."""
     if settings.prepared_dir:
         return Path(settings.prepared_dir).expanduser()
-    key = cache_key(content_settings(settings, seed, columns), source_fingerprint(settings))
+    key = cache_key(content_settings(settings, seed), source_fingerprint(settings))
     return Path(cache_root).expanduser() / f"{settings.dataset}-{key}"
 
 
-def prepare(settings: DataSettings, cache_root: str | Path, seed: int = 2024, *,
-            columns: TableColumns | None = None, progress: bool = True) -> Path:
+def prepare(settings: DataSettings, cache_root: str | Path, seed: int = 2024, *, progress: bool = True) -> Path:
     """Prepare the data set described by `settings` (a no-op if already done); return its folder.
 
     `seed` is the run's seed (``FellRecConfig.seed``): it drives the few-shot sampling, BPR,
-    K-means and the IID/Dirichlet shuffles. `columns` names the ``table`` source's columns.
+    K-means and the IID/Dirichlet shuffles. A compatible explicit folder is reused as is.
     """
     validate(settings)
-    content = content_settings(settings, seed, columns)
-    fingerprint = source_fingerprint(settings)
-    folder = target_folder(settings, cache_root, seed, columns)
     explicit = bool(settings.prepared_dir)
-    if _reusable(folder, content, fingerprint, explicit):
+    content = content_settings(settings, seed)
+    folder = target_folder(settings, cache_root, seed)  # an explicit folder needs no source files
+    if _reusable(folder, settings, content, explicit):
         return folder
     with _lock(folder):
-        if _reusable(folder, content, fingerprint, explicit):  # another process finished meanwhile
+        if _reusable(folder, settings, content, explicit):  # another process finished meanwhile
             return folder
         started = time.perf_counter()
-        frames, info = build(settings, seed, columns, progress)
+        files = readers.source_files(settings.dataset, settings.path)
+        fingerprint = source_fingerprint(settings)  # before reading: a later change shows as stale
+        frames, info = build(settings, seed, progress)
         with atomic_dir(folder, overwrite=True) as tmp:
             for name, frame in frames.items():
                 atomic_to_parquet(frame, tmp / name, schema=SCHEMAS[name])
@@ -286,6 +394,7 @@ def prepare(settings: DataSettings, cache_root: str | Path, seed: int = 2024, *,
                 "format_version": FORMAT_VERSION,
                 "created_by": CREATED_BY,
                 "dataset": settings.dataset,
+                "split_order": split_order(settings, files),
                 "settings": content,
                 "source": fingerprint,
                 **info,

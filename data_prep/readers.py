@@ -9,13 +9,19 @@ Three sources are supported (the built-in demo lives in :mod:`data_prep.demo`):
   (``item,user,rating,timestamp``, no header) and ``meta_*.json.gz`` (one object per line,
   JSON or the Python-literal form of the 2018 release). Processed as upstream (LLMRank):
   sort each user's interactions by time, drop repeated (user, item), drop items without a
-  title, iterative 5-core, re-index in order of first appearance.
-- ``table``: a generic interactions table (CSV or Parquet; columns user, item, optional
-  timestamp) plus an item-title table (item, title), in one folder as
-  ``interactions.{csv,parquet}`` and ``items.{csv,parquet}``.
+  title, iterative k-core (``data.k-core``, 5 upstream), re-index in order of first appearance.
+- ``table``: a generic interactions table (CSV or Parquet; columns user, item, time) plus an
+  item-title table (item, title), in one folder as ``interactions.{csv,parquet}`` and
+  ``items.{csv,parquet}``. Column names, separator, k-core and order are ``data.*`` settings.
+
+Order of a user's interactions (``table`` and ``amazon2018``): by time; interactions of one
+user with the same time are ordered by item id (as numbers when every item id is an integer,
+else as text), so the split never depends on the rows' order in the file. Only
+``data.order='file'`` (table) uses the file's row order instead, and the manifest says so.
 
 Every reader returns :class:`SourceData` with item ids re-indexed to ``0..n-1`` (the Games
-ids already are, and are kept). Titles are cleaned by :func:`clean_title`.
+ids already are, and are kept) and the source's own ids kept as text
+(``original_users``/``original_items``). Titles are cleaned by :func:`clean_title`.
 
 Duplicate titles: several item ids may share one title (Games: 354 titles are shared).
 They stay distinct items here. Grounding ranks *titles*, so a generated title that matches
@@ -45,12 +51,17 @@ AMAZON_CORE = 5  # upstream 5-core: users and items with >= 5 interactions
 
 @dataclass(frozen=True)
 class TableColumns:
-    """Column names of the generic ``table`` source (CLI: --user-col etc.)."""
+    """How to read the generic ``table`` source (run config ``data.user-col`` etc.)."""
 
     user: str = "user_id"
     item: str = "item_id"
-    timestamp: str = "timestamp"  # optional in the file; without it the file order is kept
+    timestamp: str = "timestamp"
     title: str = "title"
+    sep: str = ","  # CSV only; "tab" or "\\t" mean a tab
+    order: str = "time"  # "time": by `timestamp` (required); "file": the rows' order in the file
+
+    def csv_sep(self) -> str:
+        return "\t" if self.sep in ("tab", "\\t", "\t") else self.sep
 
 
 @dataclass
@@ -65,6 +76,8 @@ class SourceData:
     items: pd.DataFrame
     sequences: dict[int, list[int]]
     dropped: dict[str, int] = field(default_factory=dict)
+    original_users: dict[int, str] = field(default_factory=dict)  # user id -> the source's own id
+    original_items: dict[int, str] = field(default_factory=dict)  # item id -> the source's own id
 
 
 _WHITESPACE = re.compile(r"\s+")
@@ -85,9 +98,12 @@ def clean_title(raw: object) -> str:
 
 def _one_file(folder: Path, patterns: Iterable[str], what: str, fix: str) -> Path:
     found = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
-    if len(found) != 1:
-        listed = ", ".join(p.name for p in found) or "none"
-        raise DataPrepError(f"Expected exactly one {what} in {folder} (found: {listed}). {fix}")
+    if not found:
+        present = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+        raise DataPrepError(f"Missing file: no {what} in {folder} (it holds: {present}). {fix}")
+    if len(found) > 1:
+        raise DataPrepError(f"Several files could be the {what} in {folder}: "
+                            f"{', '.join(p.name for p in found)}; keep one. {fix}")
     return found[0]
 
 
@@ -263,17 +279,24 @@ def read_amazon_meta(path: Path) -> dict[str, str]:
 def read_amazon_ratings(path: Path) -> pd.DataFrame:
     """The ratings-only CSV (item, user, rating, timestamp; no header) as a DataFrame."""
     try:
-        df = pd.read_csv(path, header=None, names=["item", "user", "rating", "timestamp"],
-                         dtype={"item": str, "user": str}, on_bad_lines="error")
+        df = pd.read_csv(path, header=None, dtype=str, on_bad_lines="error")
     except pd.errors.EmptyDataError:
         raise DataPrepError(f"{path} is empty; expected rows item,user,rating,timestamp.") from None
     except (pd.errors.ParserError, ValueError) as err:
-        raise DataPrepError(f"{path}: cannot parse as item,user,rating,timestamp without a header ({err}).") from None
+        raise DataPrepError(f"Wrong columns: {path} cannot be parsed as item,user,rating,timestamp rows "
+                            f"({err}). Use the ratings-only CSV of the 2018 release.") from None
+    if df.shape[1] != 4:
+        raise DataPrepError(f"Wrong columns: {path} has {df.shape[1]} fields per row, expected 4 "
+                            "(item,user,rating,timestamp, no header); is this the ratings-only CSV?")
+    df.columns = ["item", "user", "rating", "timestamp"]
     ts = pd.to_numeric(df["timestamp"], errors="coerce")
     if ts.isna().any():
         bad = int(ts.isna().idxmax()) + 1
-        raise DataPrepError(f"{path}, line {bad}: the 4th column (unix timestamp) is missing or not a number; "
-                            "expected item,user,rating,timestamp.")
+        if bad == 1 and ts.notna().iloc[1:].all() and len(ts) > 1:
+            raise DataPrepError(f"Wrong columns: {path}, line 1 looks like a header ({df.iloc[0].tolist()}); "
+                                "the 2018 ratings CSV has none: delete that line.")
+        raise DataPrepError(f"Wrong columns: {path}, line {bad}: the 4th column (unix timestamp) is missing or "
+                            "not a number; expected item,user,rating,timestamp.")
     df["timestamp"] = ts
     if df.empty:
         raise DataPrepError(f"{path} is empty: it has no rows item,user,rating,timestamp.")
@@ -281,105 +304,154 @@ def read_amazon_ratings(path: Path) -> pd.DataFrame:
 
 
 def k_core(df: pd.DataFrame, k: int) -> pd.DataFrame:
-    """Iteratively keep users and items with at least `k` interactions until stable."""
-    while True:
+    """Iteratively keep users and items with at least `k` interactions until stable (k <= 1: all)."""
+    while k > 1:
         user_ok = df["user"].map(df["user"].value_counts()) >= k
         item_ok = df["item"].map(df["item"].value_counts()) >= k
         keep = user_ok & item_ok
         if keep.all():
             return df
         df = df[keep]
+    return df
 
 
-def read_amazon2018(path: str | Path) -> SourceData:
+def _apply_k_core(df: pd.DataFrame, k: int, source: Path, dropped: dict[str, int]) -> pd.DataFrame:
+    """k-core with its own error when nothing survives (the fix: a lower data.k-core)."""
+    if k <= 1:
+        return df
+    before_rows, before_users = len(df), df["user"].nunique()
+    df = k_core(df, k)
+    dropped[f"interactions_below_{k}_core"] = before_rows - len(df)
+    if df.empty:
+        raise DataPrepError(f"Nothing left after {k}-core filtering of {source}: none of its {before_users} "
+                            f"users and their items reach {k} interactions each ({before_rows} interactions "
+                            "before). Lower data.k-core (CLI --k-core; 0 = off).")
+    return df
+
+
+def read_amazon2018(path: str | Path, k: int = AMAZON_CORE) -> SourceData:
+    """The 2018 files; `k` is the k-core threshold (``data.k-core``, 5 upstream)."""
     files = amazon2018_files(path)
     titles = read_amazon_meta(files["meta"])
+    if not titles:
+        raise DataPrepError(f"{files['meta']}: no item has a non-empty 'title'; re-download the metadata file.")
     df = read_amazon_ratings(files["ratings"])
     dropped: dict[str, int] = {}
     df = _order_and_dedupe(df, has_time=True, dropped=dropped)
     titled = df["item"].isin(titles.keys())
     dropped["interactions_without_title"] = int((~titled).sum())
-    df = df[titled]
-    before = len(df)
-    df = k_core(df, AMAZON_CORE)
-    dropped[f"interactions_below_{AMAZON_CORE}_core"] = before - len(df)
-    if df.empty:
-        raise DataPrepError(f"No interactions left after dropping untitled items and {AMAZON_CORE}-core "
-                            f"filtering of {files['ratings']}; is the meta file of the same category?")
+    if not titled.any():
+        raise DataPrepError(f"None of the {df['item'].nunique()} rated items of {files['ratings'].name} has a title "
+                            f"in {files['meta'].name}: are both files of the same category?")
+    df = _apply_k_core(df[titled], k, files["ratings"], dropped)
     return _from_frame(df, titles, dropped)
 
 
 # ----------------------------------------------------------------------------- generic table
 
 
-def _read_frame(path: Path) -> pd.DataFrame:
+def _read_frame(path: Path, sep: str = ",") -> pd.DataFrame:
     try:
-        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        if path.suffix == ".parquet":
+            df = pd.read_parquet(path)
+        else:  # multi-character separators need pandas' python engine
+            df = pd.read_csv(path, sep=sep, engine="c" if len(sep) == 1 else "python")
     except pd.errors.EmptyDataError:
         raise DataPrepError(f"{path} is empty; it needs a header row and data rows.") from None
     except (pd.errors.ParserError, OSError, ValueError) as err:
-        raise DataPrepError(f"{path}: cannot read this table ({err}).") from None
+        raise DataPrepError(f"{path}: cannot read this table ({err}); is data.sep={sep!r} its separator?") from None
     if df.empty:
         raise DataPrepError(f"{path} has no rows.")
     return df
 
 
-def _need_columns(df: pd.DataFrame, path: Path, wanted: dict[str, str]) -> None:
-    missing = {flag: col for flag, col in wanted.items() if col not in df.columns}
+def _need_columns(df: pd.DataFrame, path: Path, wanted: dict[str, str], sep: str = ",") -> None:
+    missing = {key: col for key, col in wanted.items() if col not in df.columns}
     if missing:
-        hint = ", ".join(f"--{flag} ({col!r} not found)" for flag, col in missing.items())
-        raise DataPrepError(f"{path}: missing columns; its columns are {list(df.columns)}. "
-                            f"Name the right ones with {hint}.")
+        names = [str(c) for c in df.columns]
+        hint = ", ".join(f"data.{key}={col!r} (CLI --{key})" for key, col in missing.items())
+        # One long column name holding ';' or tabs means the file uses another separator.
+        joined = path.suffix != ".parquet" and any(ch in n for n in names for ch in ";\t|," if ch != sep)
+        sep_hint = f" The names look joined by a separator other than data.sep={sep!r}; set data.sep." if joined else ""
+        raise DataPrepError(f"{path}: missing columns; its columns are {names}. Not found: {hint}; set these "
+                            f"keys to the right column names.{sep_hint}")
 
 
-def read_table(path: str | Path, columns: TableColumns = TableColumns()) -> SourceData:
-    """Generic interactions + titles. Without a timestamp column the file order is the time order.
+def _time_column(inter: pd.DataFrame, path: Path, columns: TableColumns) -> pd.Series:
+    """The time column as numbers or datetimes; a clear error when it is absent or unparsable."""
+    if columns.timestamp not in inter.columns:
+        raise DataPrepError(
+            f"{path}: no time column {columns.timestamp!r} (data.time-col); its columns are "
+            f"{list(map(str, inter.columns))}. A temporal split needs the time of each interaction: set "
+            "data.time-col (CLI --time-col) to the column holding it, or set data.order='file' "
+            "(CLI --order file) to split by the rows' order in the file (recorded in the manifest).")
+    ts = inter[columns.timestamp]
+    if not (pd.api.types.is_numeric_dtype(ts) or pd.api.types.is_datetime64_any_dtype(ts)):
+        ts = pd.to_datetime(ts, errors="coerce")
+    if ts.isna().any():
+        bad = int(ts.isna().to_numpy().argmax()) + 2  # + header line, 1-based
+        raise DataPrepError(f"{path}: column {columns.timestamp!r} has missing or unparsable values (first at "
+                            f"line {bad}); fix them or name another column with data.time-col (CLI --time-col).")
+    return ts
+
+
+def read_table(path: str | Path, columns: TableColumns = TableColumns(), k: int = 0) -> SourceData:
+    """Generic interactions + titles, ordered by time (or by file rows with order='file').
 
     Drops (counted in the manifest): repeated (user, item) pairs after the first -- grounding
     masks history items, so a repeated target could never be recommended -- interactions whose
-    item has no (non-empty) title, and titles of items nobody interacted with.
+    item has no (non-empty) title, the k-core filter (`k`, 0 = off) and titles of items nobody
+    interacted with.
     """
+    if columns.order not in ("time", "file"):
+        raise DataPrepError(f"data.order={columns.order!r} is not one of time, file.")
     files = table_files(path)
-    inter = _read_frame(files["interactions"])
-    _need_columns(inter, files["interactions"], {"user-col": columns.user, "item-col": columns.item})
-    items = _read_frame(files["items"])
-    _need_columns(items, files["items"], {"item-col": columns.item, "title-col": columns.title})
-    has_time = columns.timestamp in inter.columns
+    sep = columns.csv_sep()
+    inter = _read_frame(files["interactions"], sep)
+    _need_columns(inter, files["interactions"], {"user-col": columns.user, "item-col": columns.item}, sep)
+    items = _read_frame(files["items"], sep)
+    _need_columns(items, files["items"], {"item-col": columns.item, "title-col": columns.title}, sep)
+    by_time = columns.order == "time"
     df = pd.DataFrame({"user": inter[columns.user].astype(str), "item": inter[columns.item].astype(str)})
-    if has_time:
-        ts = inter[columns.timestamp]
-        if not (pd.api.types.is_numeric_dtype(ts) or pd.api.types.is_datetime64_any_dtype(ts)):
-            ts = pd.to_datetime(ts, errors="coerce")
-        if ts.isna().any():
-            raise DataPrepError(f"{files['interactions']}: column {columns.timestamp!r} has missing or "
-                                "unparsable values; fix them or name another column with --time-col.")
-        df["timestamp"] = ts.to_numpy()
+    if by_time:
+        df["timestamp"] = _time_column(inter, files["interactions"], columns).to_numpy()
     if items[columns.item].astype(str).duplicated().any():
         raise DataPrepError(f"{files['items']}: item ids repeat in column {columns.item!r}; "
                             "give each item one row.")
     titles = {str(i): clean_title(t) for i, t in zip(items[columns.item], items[columns.title])}
     titles = {i: t for i, t in titles.items() if t}
     dropped: dict[str, int] = {}
-    df = _order_and_dedupe(df, has_time=has_time, dropped=dropped)
+    df = _order_and_dedupe(df, has_time=by_time, dropped=dropped)
     titled = df["item"].isin(titles.keys())
     dropped["interactions_without_title"] = int((~titled).sum())
     if not titled.any():
         raise DataPrepError(f"No item of {files['interactions'].name} has a title in {files['items'].name}; "
-                            "do the item id columns match (--item-col)?")
-    return _from_frame(df[titled], titles, dropped)
+                            "do the item id columns match (data.item-col)?")
+    df = _apply_k_core(df[titled], k, files["interactions"], dropped)
+    return _from_frame(df, titles, dropped)
 
 
 # ----------------------------------------------------------------------------- shared steps
 
 
+def id_order(ids: pd.Series) -> pd.Series:
+    """Sort key for ids given as text: numeric when every id is an integer, else the text."""
+    as_num = pd.to_numeric(ids, errors="coerce")
+    if as_num.notna().all() and (as_num == as_num.round()).all():
+        return as_num
+    return ids.astype(str)
+
+
 def _order_and_dedupe(df: pd.DataFrame, has_time: bool, dropped: dict[str, int]) -> pd.DataFrame:
-    """Sort each user's rows by time (stable: file order breaks ties) and keep the first of
-    each repeated (user, item)."""
+    """Order each user's rows by time, then item id (see the module docstring; without a time,
+    the file order) and keep the first of each repeated (user, item)."""
     if has_time:
-        # Users stay in the order they first appear in the file; rows of a user go by time.
-        first_seen = pd.Series(pd.factorize(df["user"])[0], index=df.index)
-        df = df.assign(_first=first_seen).sort_values(["_first", "timestamp"], kind="stable")
-        df = df.drop(columns="_first")
+        # Users are numbered in the order they first appear in the file (numbering only); a
+        # user's rows go by time, ties by item id, never by the rows' order in the file.
+        keys = pd.DataFrame({"first": pd.factorize(df["user"])[0], "time": df["timestamp"].to_numpy(),
+                             "item": id_order(df["item"]).to_numpy(), "text": df["item"].to_numpy()},
+                            index=df.index)
+        df = df.loc[keys.sort_values(["first", "time", "item", "text"], kind="stable").index]
     dup = df.duplicated(["user", "item"], keep="first")
     dropped["repeated_user_item"] = int(dup.sum())
     return df[~dup]
@@ -389,19 +461,26 @@ def _from_frame(df: pd.DataFrame, titles: dict[str, str], dropped: dict[str, int
     """Re-index users and items in order of first appearance; build sequences."""
     df = df.copy()
     # Users keep the order in which they first appear in the (time-sorted) frame.
-    df["uid"] = pd.factorize(df["user"])[0]
+    df["uid"], user_keys = pd.factorize(df["user"])
     df = df.sort_values("uid", kind="stable")
-    df["iid"] = pd.factorize(df["item"])[0]
-    item_keys = pd.factorize(df["item"])[1]
+    df["iid"], item_keys = pd.factorize(df["item"])
     dropped["titled_items_without_interactions"] = len(titles) - len(item_keys)
     item_titles = {int(i): titles[key] for i, key in enumerate(item_keys)}
     seqs = {int(u): g.tolist() for u, g in df.groupby("uid", sort=True)["iid"]}
-    return finish_source(item_titles, seqs, dropped)
+    return finish_source(item_titles, seqs, dropped,
+                         original_items={i: str(k) for i, k in enumerate(item_keys)},
+                         original_users={u: str(k) for u, k in enumerate(user_keys)})
 
 
-def finish_source(titles: dict[int, str], seqs: dict[int, list[int]], dropped: dict[str, int]) -> SourceData:
+def finish_source(titles: dict[int, str], seqs: dict[int, list[int]], dropped: dict[str, int],
+                  original_items: dict[int, str] | None = None,
+                  original_users: dict[int, str] | None = None) -> SourceData:
     """Last step of every reader: keep the items that occur in a sequence (re-indexing to
-    0..n-1 only when some are unused), check titles and repeats, build the items frame."""
+    0..n-1 only when some are unused), check titles and repeats, build the items frame.
+
+    `original_*` map the ids given here to the source's own ids (default: the ids themselves)."""
+    original_items = original_items or {i: str(i) for i in titles}
+    original_users = original_users or {u: str(u) for u in seqs}
     used = sorted({i for s in seqs.values() for i in s})
     empty = [i for i in used if not titles.get(i)]
     if empty:
@@ -411,6 +490,7 @@ def finish_source(titles: dict[int, str], seqs: dict[int, list[int]], dropped: d
         remap = {old: new for new, old in enumerate(used)}
         dropped["items_without_interactions"] = len(titles) - len(used)
         titles = {remap[i]: titles[i] for i in used}
+        original_items = {remap[i]: original_items[i] for i in used}
         seqs = {u: [remap[i] for i in s] for u, s in seqs.items()}
     else:
         titles = {i: titles[i] for i in used}
@@ -420,4 +500,6 @@ def finish_source(titles: dict[int, str], seqs: dict[int, list[int]], dropped: d
                                 "each (user, item) once.")
     items = pd.DataFrame({"item_id": np.arange(len(titles), dtype=np.int64),
                           "title": [titles[i] for i in range(len(titles))]})
-    return SourceData(items=items, sequences=seqs, dropped=dropped)
+    return SourceData(items=items, sequences=seqs, dropped=dropped,
+                      original_users={u: original_users[u] for u in seqs},
+                      original_items={i: original_items[i] for i in range(len(titles))})

@@ -11,11 +11,14 @@ setting means the same thing everywhere.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 STRATEGIES = ("fellrec", "fedavg", "fedprox", "local", "ffa-lora", "fedsa-lora", "fellrec+")
 PARTITIONERS = ("kmeans", "iid", "dirichlet")
+DATASETS = ("demo", "games", "amazon2018", "table")
+DATA_ORDERS = ("time", "file")
 HEATING_EXPONENTS = ("t+1/beta", "(t+1)/beta")
 SIMILARITY_BASES = ("parameters", "updates", "delta-w")
 SIMILARITY_KERNELS = ("linear", "softmax")
@@ -85,6 +88,15 @@ class DataSettings:
     test_users: int = 250
     bpr_dim: int = 32
     bpr_epochs: int = 20
+    # Reading your own files (dataset "table"; k-core also for "amazon2018"). See README
+    # "Your own data". The CLI flags (--user-col ...) are generated from these fields.
+    user_col: str = "user_id"
+    item_col: str = "item_id"  # in both the interactions and the item-title table
+    time_col: str = "timestamp"
+    title_col: str = "title"
+    sep: str = ","  # CSV field separator ("tab" or "\\t" for tabs); ignored for parquet
+    k_core: int = 5  # keep users and items with >= k interactions, repeatedly (0 = off)
+    order: str = "time"  # "time" (needs data.time-col) | "file": the rows' order in the file
 
 
 @dataclass
@@ -143,6 +155,8 @@ class FellRecConfig:
     def validate(self) -> "FellRecConfig":
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("data.partitioner", self.data.partitioner, PARTITIONERS)
+        _choice("data.dataset", self.data.dataset, DATASETS)
+        _choice("data.order", self.data.order, DATA_ORDERS)
         _choice("fellrec.heating-exponent", self.fellrec.heating_exponent, HEATING_EXPONENTS)
         _choice("fellrec.similarity-basis", self.fellrec.similarity_basis, SIMILARITY_BASES)
         _choice("fellrec.similarity-kernel", self.fellrec.similarity_kernel, SIMILARITY_KERNELS)
@@ -234,6 +248,24 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return str(value)
 
 
+def closest_keys(key: str, limit: int = 3) -> list[str]:
+    """Known keys nearest to a mistyped one: same last part first, then difflib's ratio."""
+    known = list(known_keys())
+    norm = key.replace("_", "-")
+    same_leaf = [k for k in known if k.split(".")[-1] == norm.split(".")[-1]]
+    close = difflib.get_close_matches(norm, known, n=limit, cutoff=0.6)
+    leaves = {k.split(".")[-1]: k for k in known}
+    close += [leaves[m] for m in difflib.get_close_matches(norm.split(".")[-1], list(leaves), n=limit, cutoff=0.75)]
+    return list(dict.fromkeys(same_leaf + close))[:limit]
+
+
+def unknown_key_message(key: str) -> str:
+    close = closest_keys(key)
+    hint = f" Did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
+    return (f"Unknown config key {key!r}.{hint} Known keys are listed in the README "
+            "(section 'Configuration') and in [tool.flwr.app.config] of pyproject.toml.")
+
+
 def from_run_config(run_config: Mapping[str, Any]) -> FellRecConfig:
     """Build a validated config from Flower's flattened run config (or any overrides).
 
@@ -245,12 +277,7 @@ def from_run_config(run_config: Mapping[str, Any]) -> FellRecConfig:
     for raw_key, value in run_config.items():
         key = raw_key.replace("_", "-")
         if key not in by_norm:
-            close = [k for k in defaults if k.split(".")[-1] == key.split(".")[-1]]
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"Unknown config key {raw_key!r}.{hint} Known keys are listed in the README "
-                "(section 'Configuration') and in [tool.flwr.app.config] of pyproject.toml."
-            )
+            raise ConfigError(unknown_key_message(raw_key))
         value = _coerce(key, value, defaults[key])
         target: Any = cfg
         parts = key.split(".")
@@ -258,3 +285,40 @@ def from_run_config(run_config: Mapping[str, Any]) -> FellRecConfig:
             target = getattr(target, part.replace("-", "_"))
         setattr(target, parts[-1].replace("-", "_"), value)
     return cfg.validate()
+
+
+def check_overrides(args: list[str]) -> FellRecConfig:
+    """Parse `flwr run --run-config` arguments exactly as flwr does, then check them here.
+
+    Flower refuses a key that pyproject.toml does not declare with only ``[code: 15] Invalid
+    run configuration`` (the SuperLink checks before the app starts); this names the key.
+    """
+    from flwr.common.config import parse_config_args  # Flower's own parser: same reading of quotes
+
+    return from_run_config(parse_config_args(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(
+        prog="python -m fellrec_flwr.config",
+        description="Check run-config overrides before `flwr run`: names an unknown or mistyped key and "
+                    "the closest valid ones (flwr itself only says '[code: 15] Invalid run configuration').")
+    ap.add_argument("overrides", nargs="+", help="the same text as after `flwr run . --run-config`, "
+                                                  "e.g. \"data.user-col='uid' num-server-rounds=2\", or a .toml file")
+    args = ap.parse_args(argv)
+    try:
+        cfg = check_overrides(args.overrides)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    changed = {k: v for k, v in cfg.to_run_config().items() if known_keys()[k] != v}
+    print("ok; settings that differ from the defaults: " + (", ".join(f"{k}={v!r}" for k, v in changed.items())
+                                                            or "none"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,6 +3,7 @@
     data = PreparedData.load(folder)
     data.split("train", client=2)  # -> [Example(user_id, history, target), ...]
     data.titles[item_id]           # cleaned title
+    data.with_original_ids(frame)  # + the source's own user / item ids beside user_id, target, item_id
 
 Several item ids may share one title (kept as distinct items). Grounding ranks titles, so a
 generated title matching a shared title stands for all its ids: evaluation should count a hit
@@ -22,7 +23,8 @@ import pandas as pd
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid", "test")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: users.parquet and items.original_id (the source's own ids)
+DATA_FILES = ("items.parquet", "users.parquet", "train_sequences.parquet", *(f"{s}.parquet" for s in SPLITS))
 _FIX = "Prepare it again: python -m data_prep --dataset ... --out FOLDER (or delete the folder and rerun)."
 
 
@@ -37,6 +39,17 @@ class Example:
     user_id: int
     history: tuple[int, ...]
     target: int
+
+
+def _map_ids(values: pd.Series, mapping: dict[int, str], column: str, folder: Path) -> pd.Series:
+    def one(v: Any) -> str:
+        try:
+            return mapping[int(v)]
+        except KeyError:
+            raise PreparedDataError(f"{column}={v} is not an id of the prepared data at {folder}; the "
+                                    "results and the folder must belong together.") from None
+
+    return values.map(lambda v: [one(x) for x in v] if hasattr(v, "__len__") and not isinstance(v, str) else one(v))
 
 
 def sha256_file(path: Path) -> str:
@@ -73,7 +86,7 @@ class PreparedData:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise PreparedDataError(f"{path} has format version {manifest.get('format_version')!r}; this code "
                                     f"reads version {FORMAT_VERSION}. {_FIX}")
-        expected = {"items.parquet", "train_sequences.parquet"} | {f"{s}.parquet" for s in SPLITS}
+        expected = set(DATA_FILES)
         if set(checksums) != expected:
             raise PreparedDataError(f"{manifest_path} lists files {sorted(checksums)}, expected {sorted(expected)}. {_FIX}")
         for name, digest in checksums.items():
@@ -107,6 +120,28 @@ class PreparedData:
     def titles(self) -> dict[int, str]:
         return dict(zip(self.items["item_id"].tolist(), self.items["title"].tolist()))
 
+    @cached_property
+    def original_user_ids(self) -> dict[int, str]:
+        """user_id -> the user's id in the source data (as text)."""
+        users = self._frame("users")
+        return dict(zip(users["user_id"].tolist(), users["original_id"].tolist()))
+
+    @cached_property
+    def original_item_ids(self) -> dict[int, str]:
+        """item_id -> the item's id in the source data (as text)."""
+        return dict(zip(self.items["item_id"].tolist(), self.items["original_id"].tolist()))
+
+    def with_original_ids(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """A copy of `frame` with ``original_<col>`` beside each id column it has: ``user_id``
+        (users), ``item_id``, ``target`` and ``history`` (items); list columns such as
+        ``history`` map element-wise. Unknown ids raise, naming the column."""
+        out = frame.copy()
+        for column, mapping in (("user_id", self.original_user_ids), ("item_id", self.original_item_ids),
+                                ("target", self.original_item_ids), ("history", self.original_item_ids)):
+            if column in out.columns:
+                out[f"original_{column}"] = _map_ids(out[column], mapping, column, self.path)
+        return out
+
     @property
     def train_sequences(self) -> pd.DataFrame:
         """``user_id``, ``items`` (the whole training sequence, without valid/test targets), ``client``."""
@@ -138,3 +173,34 @@ class PreparedData:
         if client is not None:
             frame = frame[frame["client"] == client]
         return {int(u): tuple(int(i) for i in s) for u, s in zip(frame["user_id"], frame["items"])}
+
+
+def with_prepared_settings(cfg: Any) -> Any:
+    """`cfg` (a FellRecConfig) with the data settings of its existing ``data.prepared-dir``.
+
+    A folder prepared once (``python -m data_prep --out DIR``) is then run with only
+    ``data.prepared-dir`` set: data settings left at their defaults take the folder's values,
+    so the run's name, config.json and caches describe the data really used. A setting the
+    run sets differently raises, naming it (see ``data_prep.prepare.adopt_settings``). Without
+    a finished folder there, `cfg` is returned unchanged (the run prepares it).
+    """
+    import dataclasses
+    from logging import INFO, getLogger
+
+    manifest_path = Path(cfg.data.prepared_dir).expanduser() / MANIFEST if cfg.data.prepared_dir else None
+    if manifest_path is None or not manifest_path.exists():
+        return cfg
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except ValueError:
+        return cfg  # unfinished or damaged: prepare() rebuilds it
+    from data_prep.errors import DataPrepError
+    from data_prep.prepare import adopt_settings
+
+    try:
+        data, notes = adopt_settings(cfg.data, manifest)
+    except DataPrepError as err:
+        raise PreparedDataError(str(err)) from None
+    if notes:
+        getLogger("flwr").log(INFO, "Prepared data %s: %s", cfg.data.prepared_dir, ", ".join(notes))
+    return dataclasses.replace(cfg, data=data)

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from fellrec_flwr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fellrec_flwr.config import ConfigError, FellRecConfig, from_run_config
 from fellrec_flwr.lora_state import record_to_state, set_lora_state, state_to_record
+from fellrec_flwr.prepared import with_prepared_settings
 from fellrec_flwr.results import (
     PER_USER_FILE, atomic_write_json, final_intervals, plot_run, run_per_user_rows, summarise, write_metrics_csv,
     write_per_user_csv,
@@ -69,7 +70,7 @@ def split_service(cfg: FellRecConfig) -> Iterator[FellRecConfig]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = from_run_config(context.run_config)
+    cfg = with_prepared_settings(from_run_config(context.run_config))  # a prepared folder's own settings
     run_dir = run_dir_of(cfg)
     strategy = make_strategy(cfg)
     start_round = 0

@@ -126,7 +126,7 @@ def test_failure_leaves_no_partial_folder(tmp_path, monkeypatch):
 def test_explicit_folder_with_other_data_is_refused(demo_iid, tmp_path):
     settings = DataSettings(partitioner="iid", prepared_dir=str(tmp_path / "p"), **FAST)
     prepare(settings, "unused", seed=11, progress=False)
-    with pytest.raises(DataPrepError, match=r"settings differ in \['num_clients'\]"):
+    with pytest.raises(DataPrepError, match=r"prepared with other settings: data.num-clients: this run 4, the folder 5"):
         prepare(dataclasses.replace(settings, num_clients=4), "unused", seed=11, progress=False)
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -181,9 +181,89 @@ def test_table_source_through_cli_with_short_users(tmp_path, capsys):
     out = tmp_path / "out"
     rc = cli_main(["--dataset", "table", "--path", str(src), "--out", str(out), "--partitioner", "iid",
                    "--num-clients", "2", "--train-samples", "0", "--valid-users", "0", "--test-users", "0",
-                   "--user-col", "who", "--item-col", "what", "--time-col", "t", "--quiet"])
-    assert rc == 0, capsys.readouterr().err
+                   "--user-col", "who", "--item-col", "what", "--time-col", "t", "--k-core", "0", "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert f"data.prepared-dir='{out.resolve()}'" in printed and "time: column 't'" in printed
     data = PreparedData.load(out)
     assert data.manifest["dropped"]["users_below_3_items"] == 1
-    assert data.manifest["settings"]["table_columns"]["user"] == "who"
+    assert data.manifest["settings"]["user_col"] == "who" and data.manifest["settings"]["k_core"] == 0
+    assert data.manifest["split_order"] == "time: column 't'; equal times by item id"
     assert len(data.split("train")) == 12 * 2 and len(data.split("test")) == 12
+    # the source's own ids come back for every prepared id
+    test = data.with_original_ids(data.split_frame("test"))
+    assert set(test["original_user_id"]) == {f"u{u}" for u in range(12)}
+    for u, target in zip(test["original_user_id"], test["original_target"]):
+        assert target == f"i{(int(u[1:]) + 4) % 9}"  # each user's last (latest) item
+
+
+def small_table(folder, user="who", item="what", time="ts", users=12):
+    """`users` users with 6 items each, written newest first (the file order is not the time order)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [(f"u{u}", f"i{(u + k) % 9}", 1000 * u + k) for u in range(users) for k in reversed(range(6))]
+    pd.DataFrame(rows, columns=[user, item, time]).to_csv(folder / "interactions.csv", index=False)
+    pd.DataFrame({item: [f"i{i}" for i in range(9)], "title": [f"Game {i}" for i in range(9)]}).to_csv(
+        folder / "items.csv", index=False)
+    return folder
+
+
+TABLE = dict(dataset="table", user_col="who", item_col="what", time_col="ts", partitioner="iid", num_clients=2,
+             train_samples=0, valid_users=0, test_users=0)
+
+
+def test_cli_folder_is_reused_by_a_run_that_names_only_the_folder(tmp_path, capsys, monkeypatch):
+    src = small_table(tmp_path / "src")
+    out = tmp_path / "prepared"
+    assert cli_main(["--dataset", "table", "--path", str(src), "--out", str(out), "--partitioner", "iid",
+                     "--num-clients", "2", "--user-col", "who", "--item-col", "what", "--time-col", "ts",
+                     "--quiet"]) == 0
+    before = (out / "manifest.json").stat().st_mtime_ns
+    monkeypatch.setattr(prep, "build", lambda *a, **k: pytest.fail("a compatible folder was prepared again"))
+    # data settings left at their defaults come from the folder; the run's seed does not matter
+    run = DataSettings(prepared_dir=str(out), num_clients=2)
+    adopted, notes = prep.adopt_settings(run, json.loads((out / "manifest.json").read_text()))
+    assert (adopted.dataset, adopted.user_col, adopted.path) == ("table", "who", str(src.resolve()))
+    assert "data.dataset='table' (from the folder)" in notes
+    assert prepare(run, "unused", seed=99, progress=False) == out
+    assert prepare(adopted, "unused", seed=99, progress=False) == out
+    assert (out / "manifest.json").stat().st_mtime_ns == before
+    # a setting the run gives another value is named, with both values
+    with pytest.raises(DataPrepError, match=r"data.test-users: this run 5, the folder 250; data.time-col: this run 'when', the folder 'ts'"):
+        prepare(dataclasses.replace(run, time_col="when", test_users=5), "unused", progress=False)
+    with pytest.raises(DataPrepError, match=r"data.num-clients: this run 5 \(the default\), the folder 2"):
+        prepare(DataSettings(prepared_dir=str(out)), "unused", progress=False)
+    # a source file changed since preparation: stale, said so
+    (src / "interactions.csv").write_text((src / "interactions.csv").read_text() + "u0,i8,99999\n")
+    with pytest.raises(DataPrepError, match="out of date: interactions.csv changed since preparation"):
+        prepare(run, "unused", progress=False)
+
+
+def test_cli_default_folder_is_where_the_run_looks(tmp_path, capsys, monkeypatch):
+    from fellrec_flwr.config import from_run_config
+    from fellrec_flwr.runtime import prepare_data
+
+    monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
+    src = small_table(tmp_path / "src")
+    assert cli_main(["--dataset", "table", "--path", str(src), "--partitioner", "iid", "--num-clients", "2",
+                     "--user-col", "who", "--item-col", "what", "--time-col", "ts", "--quiet"]) == 0
+    monkeypatch.setattr(prep, "build", lambda *a, **k: pytest.fail("prepared again"))
+    cfg = from_run_config({"data.dataset": "table", "data.path": str(src), "data.partitioner": "iid",
+                           "data.num-clients": 2, "min-clients": 2, "data.user-col": "who",
+                           "data.item-col": "what", "data.time-col": "ts"})
+    assert prepare_data(cfg).path.parent == tmp_path / "cache"
+
+
+def test_file_order_is_explicit_and_recorded(tmp_path):
+    src = small_table(tmp_path / "src", time="when")
+    with pytest.raises(DataPrepError, match=r"no time column 'ts' \(data.time-col\); its columns are \['who', 'what', 'when'\]"):
+        prepare(DataSettings(path=str(src), **TABLE), tmp_path, progress=False)
+    folder = prepare(DataSettings(path=str(src), **{**TABLE, "order": "file"}), tmp_path, progress=False)
+    data = PreparedData.load(folder)
+    assert data.manifest["split_order"].startswith("file order: the rows of interactions.csv")
+    test = data.with_original_ids(data.split_frame("test"))
+    # written newest first, so in file order the test target is each user's OLDEST item
+    assert all(t == f"i{int(u[1:]) % 9}" for u, t in zip(test["original_user_id"], test["original_target"]))
+    with pytest.raises(DataPrepError, match="data.order='file' applies only to data.dataset='table'"):
+        prepare(DataSettings(order="file"), tmp_path, progress=False)
+    with pytest.raises(DataPrepError, match="data.k-core applies to the table and amazon2018"):
+        prepare(DataSettings(k_core=3), tmp_path, progress=False)

@@ -85,7 +85,11 @@ def test_games_folder_errors(tmp_path):
         read_games("")
     with pytest.raises(DataPrepError, match="not a folder"):
         read_games(tmp_path / "nope")
-    with pytest.raises(DataPrepError, match=r"exactly one \*\.item"):
+    with pytest.raises(DataPrepError, match=r"Missing file: no \*\.item file"):
+        read_games(tmp_path)
+    write_games(tmp_path)
+    (tmp_path / "H.item").write_text("item_id:token\ttitle:token_seq\n")
+    with pytest.raises(DataPrepError, match=r"Several files could be the \*\.item file.*G\.item, H\.item; keep one"):
         read_games(tmp_path)
 
 
@@ -129,6 +133,35 @@ def test_amazon2018_pipeline(tmp_path):
     assert data.dropped["interactions_without_title"] == 1
     assert data.dropped["interactions_below_5_core"] == 1 + 5  # F, then u7's 4 + G
     assert data.dropped["titled_items_without_interactions"] == 2  # F and G (H has no title)
+
+
+def test_amazon2018_original_ids_and_k_core_option(tmp_path):
+    data = read_amazon2018(amazon_fixture(tmp_path), k=0)  # no core: u7 stays, with G; F too
+    assert sorted(data.original_users.values()) == [f"u{i}" for i in range(1, 8)]
+    assert set(data.original_items.values()) == set("ABCDEFG")
+    assert "interactions_below_0_core" not in data.dropped
+    seq_u7 = next(s for u, s in data.sequences.items() if data.original_users[u] == "u7")
+    assert [data.original_items[i] for i in seq_u7] == list("ABCDG")  # by time: 1100..1103, then 1500
+
+
+def test_amazon2018_errors_are_separate(tmp_path):
+    with pytest.raises(DataPrepError, match="Missing file: no ratings CSV"):
+        read_amazon2018(tmp_path)
+    ratings = [f"{i},u{u},5.0,{100 + k}" for u in range(3) for k, i in enumerate("ABC")]
+    meta = [json.dumps({"asin": i, "title": i}) for i in "ABC"]
+    write_amazon(tmp_path, ["item,user,rating,timestamp"] + ratings, meta)
+    with pytest.raises(DataPrepError, match="Wrong columns: .*line 1 looks like a header"):
+        read_amazon2018(tmp_path)
+    write_amazon(tmp_path, [r.rsplit(",", 1)[0] for r in ratings], meta)
+    with pytest.raises(DataPrepError, match="Wrong columns: .*3 fields per row, expected 4"):
+        read_amazon2018(tmp_path)
+    write_amazon(tmp_path, ratings, [json.dumps({"asin": "Z", "title": "z"})])
+    with pytest.raises(DataPrepError, match="None of the 3 rated items .* has a title .*same category"):
+        read_amazon2018(tmp_path)
+    write_amazon(tmp_path, ratings, meta)
+    with pytest.raises(DataPrepError, match=r"Nothing left after 5-core filtering.*Lower data.k-core"):
+        read_amazon2018(tmp_path)
+    assert len(read_amazon2018(tmp_path, k=3).sequences) == 3
 
 
 def test_k_core_is_iterative():
@@ -177,19 +210,62 @@ def test_table_reader_custom_columns_time_order_and_drops(tmp_path):
     assert len(data.items) == 3  # "Unused" is not in the catalogue
 
 
-def test_table_without_timestamp_keeps_file_order(tmp_path):
+def test_table_file_order_only_when_asked(tmp_path):
     pd.DataFrame({"user_id": [1, 1, 1], "item_id": [30, 10, 20]}).to_csv(tmp_path / "interactions.csv", index=False)
     pd.DataFrame({"item_id": [10, 20, 30], "title": ["a", "b", "c"]}).to_csv(tmp_path / "items.csv", index=False)
-    data = read_table(tmp_path)
+    with pytest.raises(DataPrepError) as err:
+        read_table(tmp_path)  # no silent fallback to the file order
+    message = str(err.value)
+    assert "no time column 'timestamp' (data.time-col)" in message and "['user_id', 'item_id']" in message
+    assert "data.order='file'" in message
+    data = read_table(tmp_path, TableColumns(order="file"))
     assert [data.items["title"][i] for i in data.sequences[0]] == ["c", "a", "b"]
+
+
+def write_table(folder, rows, sep=","):
+    inter = pd.DataFrame(rows, columns=["who", "what", "ts"])
+    inter.to_csv(folder / "interactions.csv", index=False, sep=sep)
+    items = sorted({r[1] for r in rows})
+    pd.DataFrame({"what": items, "name": [f"Title {i}" for i in items]}).to_csv(folder / "items.csv", index=False, sep=sep)
+
+
+COLS = TableColumns(user="who", item="what", timestamp="ts", title="name")
+
+
+def named_sequences(data):
+    return {data.original_users[u]: [data.original_items[i] for i in s] for u, s in data.sequences.items()}
+
+
+def test_equal_times_are_ordered_by_item_id_whatever_the_file_order(tmp_path):
+    # user 7: items 10 and 9 at t=5 (tie), 100 at t=1; user x: "b" and "a" at t=2 (tie, text ids)
+    rows = [(7, 10, 5), (7, 9, 5), (7, 100, 1), ("x", 10, 2), ("x", 9, 2), ("x", 100, 3)]
+    expected = {"7": ["100", "9", "10"], "x": ["9", "10", "100"]}  # numeric item order: 9 < 10 < 100
+    for order in (rows, rows[::-1], [rows[i] for i in (3, 1, 5, 0, 4, 2)]):
+        write_table(tmp_path, order)
+        assert named_sequences(read_table(tmp_path, COLS)) == expected
+    text_items = [(1, "b", 5), (1, "a", 5), (1, "c", 1)]
+    write_table(tmp_path, text_items)
+    assert named_sequences(read_table(tmp_path, COLS)) == {"1": ["c", "a", "b"]}
+
+
+def test_table_separator_and_k_core(tmp_path):
+    rows = [(u, i, u * 10 + i) for u in range(4) for i in range(4)] + [(9, 0, 1), (9, 1, 2)]
+    write_table(tmp_path, rows, sep="\t")
+    with pytest.raises(DataPrepError, match=r"missing columns.*data.user-col='who'.*set data.sep"):
+        read_table(tmp_path, COLS)
+    data = read_table(tmp_path, TableColumns("who", "what", "ts", "name", sep="tab"), k=3)
+    assert sorted(data.original_users.values()) == ["0", "1", "2", "3"]  # user 9 has 2 < 3
+    assert data.dropped["interactions_below_3_core"] == 2
+    with pytest.raises(DataPrepError, match="Nothing left after 5-core filtering"):
+        read_table(tmp_path, TableColumns("who", "what", "ts", "name", sep="tab"), k=5)
 
 
 def test_table_errors(tmp_path):
     pd.DataFrame({"user": [1], "item_id": [1]}).to_csv(tmp_path / "interactions.csv", index=False)
     pd.DataFrame({"item_id": [1], "title": ["a"]}).to_csv(tmp_path / "items.csv", index=False)
-    with pytest.raises(DataPrepError, match=r"interactions\.csv: missing columns.*--user-col"):
+    with pytest.raises(DataPrepError, match=r"interactions\.csv: missing columns.*data.user-col='user_id' \(CLI --user-col\)"):
         read_table(tmp_path)
-    pd.DataFrame({"user_id": [1], "item_id": [2]}).to_csv(tmp_path / "interactions.csv", index=False)
+    pd.DataFrame({"user_id": [1], "item_id": [2], "timestamp": [3]}).to_csv(tmp_path / "interactions.csv", index=False)
     with pytest.raises(DataPrepError, match="No item of interactions.csv has a title"):
         read_table(tmp_path)
     (tmp_path / "items.csv").write_text("")
@@ -201,5 +277,5 @@ def test_table_errors(tmp_path):
     pd.DataFrame({"user_id": [1], "item_id": [1], "timestamp": ["soon"]}).to_csv(
         tmp_path / "interactions.csv", index=False)
     pd.DataFrame({"item_id": [1], "title": ["a"]}).to_csv(tmp_path / "items.csv", index=False)
-    with pytest.raises(DataPrepError, match="--time-col"):
+    with pytest.raises(DataPrepError, match=r"column 'timestamp' has missing or unparsable values.*line 2.*--time-col"):
         read_table(tmp_path)
