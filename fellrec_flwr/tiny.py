@@ -11,15 +11,18 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 # Bump when the public warm-up changes, so cached warm weights are not reused.
-PRETRAIN_RECIPE = "r2"
+PRETRAIN_RECIPE = "r3"
+PRETRAIN_EPOCHS = 2
+PRETRAIN_LR = 3e-3
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
@@ -90,47 +93,93 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, hidden: int = 64, layer
     return model
 
 
+def _title_ids(titles: Mapping[int, str]) -> dict[str, int]:
+    """title -> smallest item id with that title (a title group's representative)."""
+    out: dict[str, int] = {}
+    for item in sorted(titles):
+        out.setdefault(titles[item], item)
+    return out
+
+
+def demo_public_sequences(titles: Mapping[int, str], num_users: int, seed: int = 0) -> list[list[int]] | None:
+    """Item-id sequences of synthetic PUBLIC demo users, or None when `titles` is not the demo catalogue.
+
+    The users come from the demo generator with its public seed (`data_prep.demo`): same
+    catalogue and behaviour rules (series followed in order, genres), no taste groups, and
+    never the clients' users. Titles the prepared catalogue lacks are dropped.
+    """
+    from data_prep.demo import PUBLIC_SEED, public_title_sequences
+
+    ids = _title_ids(titles)
+    sequences = public_title_sequences(num_users, seed=PUBLIC_SEED + seed)
+    known = sum(t in ids for s in sequences for t in s) / max(1, sum(len(s) for s in sequences))
+    if known < 0.9:  # another catalogue (e.g. Games): the demo world says nothing about it
+        return None
+    return [[ids[t] for t in s if t in ids] for s in sequences]
+
+
+def franchise_sequences(titles: Mapping[int, str]) -> list[list[int]]:
+    """Public catalogue knowledge for a non-demo catalogue: titles sharing a first word, in title order.
+
+    A franchise ("Halo", "Halo 2", "Halo 3") is played in order, the kind of knowledge a
+    real pretrained LLM brings; no interaction data is used.
+    """
+    by_word: dict[str, list[tuple[str, int]]] = {}
+    for title, item in _title_ids(titles).items():
+        words = title.split()
+        if words:
+            by_word.setdefault(words[0].lower(), []).append((title, item))
+    return [[item for _, item in sorted(group)] for group in by_word.values() if len(group) >= 2]
+
+
+def sequence_windows(sequences: Sequence[Sequence[int]], history_len: int) -> list[tuple[tuple[int, ...], int]]:
+    """Every (history, next item) window of every sequence, as the clients' training prompts are built."""
+    return [(tuple(seq[max(0, j - history_len):j]), int(seq[j])) for seq in sequences for j in range(1, len(seq))]
+
+
 def public_prompts(item_ids: list[int], num_prompts: int, history_len: int, seed: int,
                    titles: dict[int, str] | None = None) -> list:
-    """Prompts an outsider can build from the public catalogue alone (no interaction data).
+    """`num_prompts` warm-up prompts an outsider can build without any client's data.
 
-    Histories are random titles. Half of the targets are random; the other half share a
-    history title's first word (a franchise or series name), the kind of catalogue knowledge
-    a real pretrained LLM brings ("Halo 3" after "Halo 2"). Without that half the warm-up
-    would teach the model that the history is irrelevant to the answer.
+    On the demo catalogue: windows of synthetic public users drawn from the demo world
+    (`demo_public_sequences`), so the model learns the titles AND the task with real
+    structure (a sequel after its predecessor, genres kept). On another catalogue: windows
+    of its franchises in title order (`franchise_sequences`). Never random histories: those
+    teach the model that the history does not matter.
     """
     import random
 
     from fellrec_flwr.prepared import Example
 
+    if not titles:
+        raise ValueError("public_prompts needs the catalogue titles (item id -> title).")
+    titles = {i: titles[i] for i in item_ids}
     rng = random.Random(seed)
-    by_word: dict[str, list[int]] = {}
-    for item in item_ids:
-        words = (titles or {}).get(item, "").split()
-        if words:
-            by_word.setdefault(words[0].lower(), []).append(item)
-    prompts = []
-    for _ in range(num_prompts):
-        history = tuple(rng.sample(item_ids, k=rng.randint(1, min(history_len, len(item_ids)))))
-        target = rng.choice(item_ids)
-        if titles and rng.random() < 0.5:
-            anchor = (titles.get(rng.choice(history), "").split() or [""])[0].lower()
-            related = [i for i in by_word.get(anchor, []) if i not in history]
-            if related:
-                target = rng.choice(related)
-        prompts.append(Example(user_id=-1, history=history, target=target))
-    return prompts
+    # ~11 windows per demo user (sequences of 5-20 items): draw enough users for num_prompts.
+    sequences = demo_public_sequences(titles, max(50, num_prompts // 8), seed) or franchise_sequences(titles)
+    windows = sequence_windows(sequences, history_len)
+    if not windows:
+        raise ValueError("no public warm-up prompts: the catalogue has no franchise of 2+ titles and is not the "
+                         "demo's. Set model.tiny-pretrain-prompts=0 to skip the warm-up.")
+    picked = rng.sample(windows, num_prompts) if num_prompts <= len(windows) else \
+        [rng.choice(windows) for _ in range(num_prompts)]
+    return [Example(user_id=-1, history=h, target=t) for h, t in picked]
 
 
 def pretrain_on_catalogue(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, titles: dict[int, str],
                           num_prompts: int, seed: int = 0, history_len: int = 10) -> float:
-    """Full-model warm-up of the random tiny LLaMA on public catalogue prompts; returns the last loss."""
+    """Full-model warm-up of the random tiny LLaMA on public prompts (`public_prompts`); returns the last loss."""
     from fellrec_flwr.config import TrainSettings
     from fellrec_flwr.trainer import train_local
 
     prompts = public_prompts(sorted(titles), num_prompts, history_len, seed, titles)
-    settings = TrainSettings(local_epochs=2, lr=3e-3, batch_size=16, max_length=256, train_on_inputs=True)
+    settings = TrainSettings(local_epochs=PRETRAIN_EPOCHS, lr=PRETRAIN_LR, batch_size=16, max_length=256,
+                             train_on_inputs=True)
+    print(f"[tiny] public warm-up of the random tiny model: {len(prompts)} prompts of synthetic public users "
+          f"(none of the clients'), {PRETRAIN_EPOCHS} epochs; runs once, then cached", flush=True)
+    t0 = time.time()
     result = train_local(model, tokenizer, prompts, titles, settings, seed=seed, progress=True)
+    print(f"[tiny] public warm-up done in {time.time() - t0:.0f}s, loss {result.loss:.3f}", flush=True)
     model.eval()
     return result.loss
 
@@ -144,6 +193,7 @@ def load_or_pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
         return model
     if cache_file.exists():
         model.load_state_dict(load_file(str(cache_file)))
+        print(f"[tiny] public warm-up: cached weights {cache_file.name}", flush=True)
         return model
     pretrain_on_catalogue(model, tokenizer, titles, num_prompts)
     cache_file.parent.mkdir(parents=True, exist_ok=True)

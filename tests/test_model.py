@@ -120,7 +120,7 @@ def test_tiny_public_warmup_lowers_loss_and_is_cached(tmp_path):
     warm, _ = load_base_model(ModelConfig(tiny_pretrain_prompts=96), TITLES, tmp_path)
     cached = list(tmp_path.glob("tiny-base-*-p96-*.safetensors"))
     assert len(cached) == 1
-    probe = public_prompts(sorted(TITLES), 16, 5, seed=123)
+    probe = public_prompts(sorted(TITLES), 16, 5, seed=123, titles=TITLES)
     settings = TrainSettings()
     assert eval_loss(warm, tok, probe, TITLES, settings) < eval_loss(cold, tok, probe, TITLES, settings) - 0.5
     again, _ = load_base_model(ModelConfig(tiny_pretrain_prompts=96), TITLES, tmp_path)
