@@ -24,6 +24,7 @@ SIMILARITY_BASES = ("parameters", "updates", "delta-w")
 SIMILARITY_KERNELS = ("linear", "softmax")
 HEATING_LOSSES = ("raw", "normalised")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+DECODINGS = ("beam-l2", "constrained")
 
 
 class ConfigError(ValueError):
@@ -107,6 +108,12 @@ class EvalSettings:
     batch_size: int = 16
     final_split: str = "test"  # split evaluated after the last round
     early_stop_patience: int = 0  # rounds without valid-loss improvement; 0 = off
+    # How a user's list is made: "beam-l2" = the paper's free generation grounded by L2
+    # distance; "constrained" = beam search over a trie of catalogue titles (constrained.py).
+    decoding: str = "beam-l2"
+    constrained_beams: int = 20  # live prefixes kept per user in constrained decoding
+    prior_weight: float = 0.0  # constrained: subtract this x each title's log-lik under a neutral prompt
+    length_norm: float = 0.0  # constrained: divide a title's log-lik by n_tokens**length_norm (0 = plain sum)
 
 
 @dataclass
@@ -162,6 +169,10 @@ class FellRecConfig:
         _choice("fellrec.similarity-kernel", self.fellrec.similarity_kernel, SIMILARITY_KERNELS)
         _choice("fellrec.heating-loss", self.fellrec.heating_loss, HEATING_LOSSES)
         _choice("model.quantization", self.model.quantization, QUANTIZATIONS)
+        _choice("eval.decoding", self.eval.decoding, DECODINGS)
+        _positive("eval.constrained-beams", self.eval.constrained_beams)
+        if self.eval.length_norm < 0:
+            raise ConfigError(f"eval.length-norm={self.eval.length_norm} must be >= 0 (0 = plain sum of log-probs).")
         _choice("split.wire-dtype", self.split.wire_dtype, ("float32", "float16", "bfloat16"))
         _positive("num-server-rounds", self.num_server_rounds)
         _positive("data.num-clients", self.data.num_clients)

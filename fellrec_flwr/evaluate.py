@@ -6,6 +6,10 @@ it with the BASE model (adapters off), rank the catalogue's title groups by L2 d
 with the user's history masked, and score the target's position. Duplicate-title and
 masking semantics: see `fellrec_flwr.grounding`.
 
+`eval.decoding='constrained'` replaces generate -> ground by catalogue-constrained
+decoding (`fellrec_flwr.constrained`): the model may only write catalogue titles and the
+top-K titles by log-likelihood are the list (history masked the same way).
+
 Every stage is injectable (`prompt_fn`, `generate_fn`, `extract_fn`, `embed_fn`) so that
 the split-model path can route generation and embedding through the split service, and
 tests can pin one stage.
@@ -13,6 +17,7 @@ tests can pin one stage.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -20,13 +25,18 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from fellrec_flwr.config import EvalSettings
-from fellrec_flwr.grounding import Catalogue, EmbedFn, GroundingError, embed_texts, rank
+from fellrec_flwr.config import DECODINGS, EvalSettings
+from fellrec_flwr.constrained import ConstrainedRanker, TitlePrior, TitleTrie, build_title_trie
+from fellrec_flwr.grounding import Catalogue, EmbedFn, GroundingError, TitleGroups, embed_texts, rank
 from fellrec_flwr.metrics import DEFAULT_KS, ranking_metrics, target_ranks
 
 PromptFn = Callable[[Sequence[str]], Any]  # history titles -> prompt str (or (prompt, response))
 GenerateFn = Callable[[Sequence[str]], list[str]]  # prompts -> generated continuations
 ExtractFn = Callable[[str], str]  # generated continuation -> the title text to ground
+
+# Title tries per catalogue (weakly held: they go with the catalogue) and tokenizer.
+_TRIES: "weakref.WeakKeyDictionary[TitleGroups, weakref.WeakKeyDictionary[Any, TitleTrie]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def _default_prompt_fn() -> PromptFn:
@@ -88,6 +98,50 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], eval_cfg:
     return outputs
 
 
+def constrained_ranker(model: Any, tokenizer: Any, catalogue: Catalogue, eval_cfg: EvalSettings,
+                       prompt_fn: PromptFn | None = None) -> ConstrainedRanker:
+    """The catalogue trie for (tokenizer, catalogue), built once and reused, with `eval_cfg`'s settings.
+
+    The neutral prompt of the title prior is the prompt of an empty history. Priors are
+    recomputed per call (they depend on the adapters being evaluated); the trie is not.
+    """
+    from fellrec_flwr.collate import prompt_token_ids
+
+    prompt_fn = prompt_fn or _default_prompt_fn()
+    tries = _TRIES.setdefault(catalogue.groups, weakref.WeakKeyDictionary())
+    if tokenizer not in tries:
+        tries[tokenizer] = build_title_trie(tokenizer, catalogue.groups.titles)
+    trie = tries[tokenizer]
+    prior = None
+    if eval_cfg.prior_weight != 0.0:
+        neutral = prompt_token_ids(tokenizer, _prompt_text(prompt_fn([])))
+        prior = TitlePrior(model, neutral, trie, length_norm=eval_cfg.length_norm,
+                           pad_token_id=_pad_token(tokenizer))
+    return ConstrainedRanker(model, tokenizer, trie, beams=eval_cfg.constrained_beams,
+                             prior_weight=eval_cfg.prior_weight, length_norm=eval_cfg.length_norm,
+                             batch_users=max(1, eval_cfg.batch_size), prior=prior)
+
+
+def rank_constrained(model: Any, tokenizer: Any, prompts: Sequence[str], histories: Sequence[Sequence[int]],
+                     catalogue: Catalogue, eval_cfg: EvalSettings, k: int, prompt_fn: PromptFn | None = None,
+                     progress: bool = True) -> np.ndarray:
+    """(users, k) item ids by constrained decoding (history title groups masked), -1 padded."""
+    from fellrec_flwr.collate import prompt_token_ids  # the prompt tokens exactly as in training
+
+    if not prompts:
+        return np.zeros((0, k), dtype=np.int64)
+    ranker = constrained_ranker(model, tokenizer, catalogue, eval_cfg, prompt_fn)
+    token_prompts = [prompt_token_ids(tokenizer, p) for p in prompts]
+    masked = [catalogue.groups.group_index(h).tolist() for h in histories]
+    groups, _ = ranker.rank(token_prompts, masked, k, progress=progress)
+    return np.where(groups >= 0, catalogue.groups.rep_ids[np.maximum(groups, 0)], -1)
+
+
+def _pad_token(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad) if pad is not None else 0
+
+
 def evaluate_recommender(model: Any, tokenizer: Any, examples: Sequence[Any], titles: Mapping[int, str],
                          catalogue: Catalogue, eval_cfg: EvalSettings, prompt_fn: PromptFn | None = None,
                          progress: bool = True, *, ks: Sequence[int] = DEFAULT_KS,
@@ -104,6 +158,8 @@ def evaluate_recommender(model: Any, tokenizer: Any, examples: Sequence[Any], ti
     so it could not be recommended).
     Defaults: prompts.build_prompt / prompts.extract_response, `generate_texts` with
     `model`, and `embed_texts` with the base model (adapters off).
+    With ``eval_cfg.decoding == 'constrained'`` the list comes from `rank_constrained`
+    (generate_fn/extract_fn/embed_fn are not used) and `generated` is the top title.
     """
     if not ks or min(ks) < 1:
         raise GroundingError(f"ks={list(ks)} must be a non-empty list of positive cut-offs.")
@@ -125,16 +181,24 @@ def evaluate_recommender(model: Any, tokenizer: Any, examples: Sequence[Any], ti
     if missing:
         raise GroundingError(f"history item ids {missing[:5]} have no title; pass the prepared data's titles.")
     prompts = [_prompt_text(prompt_fn([titles[i] for i in h])) for h in histories]
-    generated = [extract_fn(text) for text in generate_fn(prompts)] if prompts else []
-    if len(generated) != len(prompts):
-        raise GroundingError(f"generate_fn returned {len(generated)} texts for {len(prompts)} prompts.")
 
     k_max = max(ks)
-    if prompts:
-        queries = np.asarray(embed_fn(generated), dtype=np.float32)
-        ranked = rank(queries, catalogue, masks, k_max)
+    if eval_cfg.decoding == "constrained":
+        ranked = rank_constrained(model, tokenizer, prompts, histories, catalogue, eval_cfg, k_max, prompt_fn,
+                                  progress)
+        # The "generated" text is the top title: always a catalogue title by construction.
+        generated = [catalogue.groups.titles[catalogue.groups.group_of[i]] if i >= 0 else "" for i in ranked[:, 0]]
+    elif eval_cfg.decoding == "beam-l2":
+        generated = [extract_fn(text) for text in generate_fn(prompts)] if prompts else []
+        if len(generated) != len(prompts):
+            raise GroundingError(f"generate_fn returned {len(generated)} texts for {len(prompts)} prompts.")
+        if prompts:
+            queries = np.asarray(embed_fn(generated), dtype=np.float32)
+            ranked = rank(queries, catalogue, masks, k_max)
+        else:
+            ranked = np.zeros((0, k_max), dtype=np.int64)
     else:
-        ranked = np.zeros((0, k_max), dtype=np.int64)
+        raise GroundingError(f"eval.decoding={eval_cfg.decoding!r} is not one of {', '.join(DECODINGS)}.")
     ranks = target_ranks(ranked, targets, canonical=catalogue.canonical)
 
     valid = [text in catalogue.groups.by_title for text in generated]

@@ -128,3 +128,52 @@ def test_unknown_target_is_a_clear_error(tiny):
     model, tok, cat = tiny
     with pytest.raises(ValueError, match="not in the catalogue"):
         evaluate_recommender(model, tok, [Ex(0, (1,), 999)], TITLES, cat, EVAL, simple_prompt, progress=False)
+
+
+# --- eval.decoding = 'constrained' -------------------------------------------------
+
+
+def test_constrained_decoding_lists_distinct_catalogue_titles_with_history_masked(tiny):
+    from dataclasses import replace
+
+    model, tok, cat = tiny
+    cfg = replace(EVAL, decoding="constrained", constrained_beams=4)
+    metrics, rows = evaluate_recommender(model, tok, EXAMPLES, TITLES, cat, cfg, simple_prompt, progress=False)
+    _check_sane(metrics, rows)
+    assert metrics["valid-title-rate"] == 1.0  # the top title is always a catalogue title
+    for row, ex in zip(rows, EXAMPLES):
+        ids = [i for i in row["top10"] if i >= 0]
+        assert len(ids) == 10 and len({TITLES[i] for i in ids}) == 10  # distinct titles
+        assert row["generated"] == TITLES[ids[0]]
+        masked_titles = {TITLES[i] for i in ex.history}
+        assert not {TITLES[i] for i in ids} & masked_titles  # history title groups masked
+        assert all(i == min(j for j in TITLES if TITLES[j] == TITLES[i]) for i in ids)  # group representative
+    assert rows[3]["target_masked"] and rows[3]["target_rank"] == -1
+
+
+def test_constrained_ranking_equals_the_exact_likelihood_order(tiny):
+    """With beams >= titles the list is the catalogue sorted by log-likelihood (brute force)."""
+    from dataclasses import replace
+
+    from fellrec_flwr.collate import prompt_token_ids
+    from fellrec_flwr.constrained import response_sequences, sequence_log_likelihoods
+
+    model, tok, cat = tiny
+    ex = EXAMPLES[0]
+    cfg = replace(EVAL, decoding="constrained", constrained_beams=len(cat))
+    _, rows = evaluate_recommender(model, tok, [ex], TITLES, cat, cfg, simple_prompt, progress=False)
+    prompt = prompt_token_ids(tok, simple_prompt([TITLES[i] for i in ex.history]))
+    scores = sequence_log_likelihoods(model, prompt, response_sequences(tok, cat.groups.titles),
+                                      pad_token_id=tok.pad_token_id)
+    masked = set(cat.groups.group_index(ex.history).tolist())
+    order = [g for g in np.lexsort((np.arange(len(cat)), -scores)) if g not in masked]
+    assert rows[0]["top10"] == cat.groups.rep_ids[order[:10]].tolist()
+
+
+def test_unknown_decoding_is_a_clear_error(tiny):
+    from dataclasses import replace
+
+    model, tok, cat = tiny
+    with pytest.raises(ValueError, match="eval.decoding"):
+        evaluate_recommender(model, tok, EXAMPLES[:1], TITLES, cat, replace(EVAL, decoding="greedy"), simple_prompt,
+                             progress=False)

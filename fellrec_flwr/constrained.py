@@ -1,0 +1,526 @@
+"""Catalogue-constrained decoding: rank catalogue titles by the model's likelihood of writing them.
+
+Instead of generating free text and grounding it (BIGRec's beam search + L2, see
+`fellrec_flwr.evaluate`), the model may only write a catalogue title: a beam search walks a
+prefix tree (trie) of every title's response tokens -- exactly the tokens a training sequence
+holds after the prompt, ``'"Title"'`` (`prompts.format_response`) plus EOS -- and returns the
+top-K distinct titles with their scores
+
+    score(title) = sum_t log p(token_t | prompt, tokens_<t)        (optionally / n_tokens**length_norm)
+
+Title groups (several item ids with one title string, `grounding.TitleGroups`) are the
+unit, as everywhere in evaluation: each group ends at one trie node; a user's history groups
+are masked (never returned, and subtrees holding only masked titles are never expanded).
+
+Speed (the reason this is not `generate(prefix_allowed_tokens_fn=...)`): each prompt is
+encoded once; its KV cache is copied to the user's live beams; users are batched; a beam is
+a trie node, so the children to score are a dictionary lookup; a beam is dropped as soon as
+it cannot beat the K-th finished title (log-probs are <= 0, so a prefix's score bounds every
+completion's), and a user is done when no beam is left.
+
+Title prior (optional): a few famous titles are likely under any prompt. `TitlePrior` scores
+titles under a neutral prompt (the prompt of an empty history) and `rerank_with_prior`
+subtracts ``weight x prior`` from the search's candidates (the top max(K, beams) by raw
+score) before taking the top K.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fellrec_flwr.atomic import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+PRIOR_METHOD = "neutral-prompt-loglik-v1"  # part of the prior cache key
+
+
+class ConstrainedError(ValueError):
+    """Bad input to constrained decoding (empty catalogue, bad K/beams, tokenizer without EOS)."""
+
+
+# ---------------------------------------------------------------------------
+# The trie (pure python/numpy)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class TitleTrie:
+    """Prefix tree of token sequences; node 0 is the root. Sequence g ends at node `end_node[g]`."""
+
+    children: list[dict[int, int]]  # node -> {token: child node}
+    token: np.ndarray  # node -> the token on the edge into it (-1 for the root)
+    depth: np.ndarray  # node -> tokens from the root
+    parent: np.ndarray  # node -> parent node (-1 for the root)
+    terminal: list[tuple[int, ...]]  # node -> sequences (title groups) ending exactly here
+    subtree: np.ndarray  # node -> number of sequences ending at or below it
+    max_depth: np.ndarray  # node -> depth of the deepest sequence end at or below it
+    end_node: np.ndarray  # sequence -> its last node
+    sequences: list[list[int]] = field(repr=False)
+    _child_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_sequences(cls, sequences: Sequence[Sequence[int]]) -> "TitleTrie":
+        if not sequences:
+            raise ConstrainedError("the catalogue is empty: no title sequences to build a trie from.")
+        children: list[dict[int, int]] = [{}]
+        token, depth, parent = [-1], [0], [-1]
+        terminal: list[list[int]] = [[]]
+        end_node = np.empty(len(sequences), dtype=np.int64)
+        for g, seq in enumerate(sequences):
+            if not len(seq):
+                raise ConstrainedError(f"title sequence {g} is empty; every title needs at least one token.")
+            node = 0
+            for tok in seq:
+                nxt = children[node].get(int(tok))
+                if nxt is None:
+                    nxt = len(children)
+                    children[node][int(tok)] = nxt
+                    children.append({})
+                    token.append(int(tok))
+                    depth.append(depth[node] + 1)
+                    parent.append(node)
+                    terminal.append([])
+                node = nxt
+            terminal[node].append(g)
+            end_node[g] = node
+        n = len(children)
+        depth_arr = np.asarray(depth, dtype=np.int64)
+        parent_arr = np.asarray(parent, dtype=np.int64)
+        subtree = np.array([len(t) for t in terminal], dtype=np.int64)
+        max_depth = np.where(subtree > 0, depth_arr, 0)
+        for node in range(n - 1, 0, -1):  # children always have larger ids than their parent
+            p = parent_arr[node]
+            subtree[p] += subtree[node]
+            max_depth[p] = max(max_depth[p], max_depth[node])
+        return cls(children=children, token=np.asarray(token, dtype=np.int64), depth=depth_arr,
+                   parent=parent_arr, terminal=[tuple(t) for t in terminal], subtree=subtree,
+                   max_depth=max_depth, end_node=end_node, sequences=[list(map(int, s)) for s in sequences])
+
+    def __len__(self) -> int:
+        return len(self.children)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.end_node)
+
+    def child_arrays(self, node: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, child nodes) of `node` as arrays (cached: the wide upper nodes are hit by every user)."""
+        out = self._child_arrays.get(node)
+        if out is None:
+            kids = self.children[node]
+            out = (np.fromiter(kids.keys(), dtype=np.int64, count=len(kids)),
+                   np.fromiter(kids.values(), dtype=np.int64, count=len(kids)))
+            self._child_arrays[node] = out
+        return out
+
+    def masked_counts(self, groups: Sequence[int]) -> dict[int, int]:
+        """node -> how many of `groups` end at or below it (for one user's history mask)."""
+        counts: dict[int, int] = {}
+        for g in set(int(x) for x in groups):
+            node = int(self.end_node[g])
+            while node >= 0:
+                counts[node] = counts.get(node, 0) + 1
+                node = int(self.parent[node])
+        return counts
+
+
+def response_sequences(tokenizer: Any, titles: Sequence[str], end_with_eos: bool = True,
+                       format_fn: Callable[[str], str] | None = None) -> list[list[int]]:
+    """Token ids of each title as the model writes it after the prompt: '"Title"' (+ EOS).
+
+    Tokenised on its own, without special tokens, exactly like a training sequence's
+    response (`collate.response_token_ids`), so the search scores what training taught.
+    """
+    if format_fn is None:
+        from fellrec_flwr.prompts import format_response as format_fn
+    eos = tokenizer.eos_token_id
+    if end_with_eos and eos is None:
+        raise ConstrainedError("the tokenizer has no EOS token; set tokenizer.eos_token or use end_with_eos=False.")
+    texts = [format_fn(t) for t in titles]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [list(seq) + ([int(eos)] if end_with_eos else []) for seq in ids]
+
+
+def build_title_trie(tokenizer: Any, titles: Sequence[str], end_with_eos: bool = True) -> TitleTrie:
+    """Trie over `titles` (one per title group, in group order) as the model writes them."""
+    return TitleTrie.from_sequences(response_sequences(tokenizer, titles, end_with_eos))
+
+
+# ---------------------------------------------------------------------------
+# Model plumbing
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _inference(model: Any) -> Iterator[None]:
+    """Eval mode and no grad (adapters stay ON: the tuned model is being evaluated)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+             cache: Any, last_only: bool) -> tuple[torch.Tensor, Any]:
+    """float32 log-probs (rows, positions, vocab) and the updated KV cache."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                use_cache=True, logits_to_keep=1 if last_only else 0)
+    new_cache = getattr(out, "cache", None)
+    if new_cache is None:
+        new_cache = out.past_key_values
+    return torch.log_softmax(out.logits.float(), dim=-1), new_cache
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        if len(p):
+            ids[row, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[row, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _pad_id(tokenizer_or_id: Any) -> int:
+    if isinstance(tokenizer_or_id, int):
+        return tokenizer_or_id
+    for tid in (tokenizer_or_id.pad_token_id, tokenizer_or_id.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# The search
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _UserState:
+    masked: dict[int, int]  # trie node -> masked groups at or below it
+    masked_groups: frozenset[int]
+    finished: list[tuple[float, int]] = field(default_factory=list)  # (score, group), best first
+
+    def kth(self, keep: int) -> float:
+        return self.finished[keep - 1][0] if len(self.finished) >= keep else -np.inf
+
+    def add(self, items: list[tuple[float, int]], keep: int) -> None:
+        if items:
+            self.finished.extend(items)
+            self.finished.sort(key=lambda sg: (-sg[0], sg[1]))
+            del self.finished[keep:]  # later titles only push these down: beyond `keep` never returns
+
+
+def constrained_search(model: Any, prompts: Sequence[Sequence[int]], trie: TitleTrie, k: int, beams: int,
+                       masked_groups: Sequence[Sequence[int]] | None = None, *, length_norm: float = 0.0,
+                       batch_users: int = 4, max_rows: int = 128, pad_token_id: int = 0,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-`k` distinct title groups per prompt by (length-normalised) log-likelihood.
+
+    prompts: token ids per user (BOS included where the model expects it), each ending
+    where the response starts. masked_groups: per user, groups never to return (history).
+    beams: live prefixes kept per user and step; finished titles do not take a slot, and
+    with beams >= the number of titles the result is the exact top-k. A user whose beams
+    all end before k titles are found is searched again with twice the beams.
+    Returns (groups, scores), both (users, k), best first; -1 / -inf where fewer than k
+    titles are reachable. Ties go to the smaller group index.
+    """
+    if k < 1 or beams < 1:
+        raise ConstrainedError(f"k={k} and beams={beams} must both be >= 1.")
+    if length_norm < 0:
+        raise ConstrainedError(f"length_norm={length_norm} must be >= 0 (0 = plain sum of log-probs).")
+    if masked_groups is not None and len(masked_groups) != len(prompts):
+        raise ConstrainedError(f"masked_groups has {len(masked_groups)} rows for {len(prompts)} prompts.")
+    if any(len(p) == 0 for p in prompts):
+        raise ConstrainedError("a prompt is empty; every prompt needs at least one token (e.g. BOS).")
+    groups_out = np.full((len(prompts), k), -1, dtype=np.int64)
+    scores_out = np.full((len(prompts), k), -np.inf, dtype=np.float64)
+    per_batch = max(1, min(batch_users, max_rows // beams if beams <= max_rows else 1))
+    # Longest prompts first (the slow batches show up early in the progress bar), similar lengths together.
+    order = np.argsort([-len(p) for p in prompts], kind="stable")
+    batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
+    with _inference(model):
+        for batch in tqdm(batches, desc="constrained", disable=not progress, unit="batch"):
+            masks = [masked_groups[i] if masked_groups is not None else () for i in batch]
+            found = _search_batch(model, [prompts[i] for i in batch], trie, k, beams, masks, length_norm, pad_token_id)
+            found = _widen_short(model, [prompts[i] for i in batch], trie, k, beams, masks, length_norm,
+                                 pad_token_id, found)
+            for row, user in enumerate(batch):
+                for j, (score, group) in enumerate(found[row]):
+                    groups_out[user, j], scores_out[user, j] = group, score
+    return groups_out, scores_out
+
+
+def _widen_short(model: Any, prompts: list[Sequence[int]], trie: TitleTrie, k: int, beams: int,
+                 masks: list[Sequence[int]], length_norm: float, pad_id: int,
+                 found: list[list[tuple[float, int]]]) -> list[list[tuple[float, int]]]:
+    """Search again, with twice the beams, for users whose beams all died before k titles finished.
+
+    Beams pruned early are gone, so a narrow search can run out of titles (e.g. when every
+    title has the same length); doubling until k are found (at worst every prefix is kept,
+    which is exhaustive) guarantees k titles whenever k are reachable.
+    """
+    width = beams
+    while True:
+        short = [i for i, f in enumerate(found)
+                 if len(f) < min(k, trie.num_sequences - len(set(int(g) for g in masks[i])))]
+        if not short or width >= trie.num_sequences:
+            return found
+        width = min(2 * width, trie.num_sequences)
+        again = _search_batch(model, [prompts[i] for i in short], trie, k, width, [masks[i] for i in short],
+                              length_norm, pad_id)
+        for i, f in zip(short, again):
+            found[i] = f
+
+
+def _search_batch(model: Any, prompts: list[Sequence[int]], trie: TitleTrie, k: int, beams: int,
+                  masked_groups: list[Sequence[int]], length_norm: float, pad_id: int) -> list[list[tuple[float, int]]]:
+    device = _device(model)
+    users = [_UserState(trie.masked_counts(m), frozenset(int(g) for g in m)) for m in masked_groups]
+    ids, mask, positions = _left_pad(prompts, pad_id, device)
+    logp, cache = _forward(model, ids, mask, positions, None, last_only=True)
+    prompt_len = torch.as_tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    # Live beams, one entry per cache row: owning user, trie node, score.
+    beam_user = np.arange(len(prompts))
+    beam_node = np.zeros(len(prompts), dtype=np.int64)
+    beam_score = np.zeros(len(prompts), dtype=np.float64)
+    while len(beam_user):
+        rows, toks, kids = [], [], []
+        for row, node in enumerate(beam_node):
+            t, c = trie.child_arrays(int(node))
+            rows.append(np.full(len(t), row))
+            toks.append(t)
+            kids.append(c)
+        cand_row, cand_tok, cand_node = np.concatenate(rows), np.concatenate(toks), np.concatenate(kids)
+        step = logp[:, -1, :][torch.as_tensor(cand_row, device=logp.device),
+                              torch.as_tensor(cand_tok, device=logp.device)]
+        cand_score = beam_score[cand_row] + step.double().cpu().numpy()
+        cand_user = beam_user[cand_row]
+        keep_rows, keep_nodes, keep_scores, keep_users = [], [], [], []
+        for u in np.unique(cand_user):
+            sel = np.flatnonzero(cand_user == u)
+            picked = _expand_user(users[u], trie, cand_node[sel], cand_score[sel], k, beams, length_norm)
+            keep_rows.append(cand_row[sel[picked]])
+            keep_nodes.append(cand_node[sel[picked]])
+            keep_scores.append(cand_score[sel[picked]])
+            keep_users.append(np.full(len(picked), u))
+        if not keep_rows or sum(len(r) for r in keep_rows) == 0:
+            break
+        parent_rows = np.concatenate(keep_rows)
+        beam_node, beam_score, beam_user = np.concatenate(keep_nodes), np.concatenate(keep_scores), np.concatenate(keep_users)
+        index = torch.as_tensor(parent_rows, dtype=torch.long, device=device)
+        cache.reorder_cache(index)  # row i of the cache now holds the prefix of new beam i
+        mask = torch.cat([mask.index_select(0, index), torch.ones((len(index), 1), dtype=mask.dtype, device=device)], 1)
+        depth = torch.as_tensor(trie.depth[beam_node], dtype=torch.long, device=device)
+        pos = (prompt_len[torch.as_tensor(beam_user, device=device)] + depth - 1).unsqueeze(1)
+        tok = torch.as_tensor(trie.token[beam_node], dtype=torch.long, device=device).unsqueeze(1)
+        logp, cache = _forward(model, tok, mask, pos, cache, last_only=True)
+    return [u.finished for u in users]
+
+
+def _expand_user(user: _UserState, trie: TitleTrie, nodes: np.ndarray, scores: np.ndarray, k: int, beams: int,
+                 length_norm: float) -> np.ndarray:
+    """Record the user's finished titles among the candidate nodes; return the candidates kept as beams."""
+    masked = np.fromiter((user.masked.get(int(n), 0) for n in nodes), dtype=np.int64, count=len(nodes)) \
+        if user.masked else np.zeros(len(nodes), dtype=np.int64)
+    alive = trie.subtree[nodes] - masked  # unmasked titles at or below each candidate
+    done: list[tuple[float, int]] = []
+    ends_here = np.zeros(len(nodes), dtype=np.int64)
+    for i in np.flatnonzero(alive > 0):
+        ends = [g for g in trie.terminal[int(nodes[i])] if g not in user.masked_groups]
+        if ends:
+            ends_here[i] = len(ends)
+            final = _normalise(scores[i], int(trie.depth[nodes[i]]), length_norm)
+            done.extend((final, g) for g in ends)
+    user.add(done, k)
+    # A beam continues only if an unmasked title lies strictly below it and it can still beat the K-th.
+    below = alive - ends_here
+    bound = scores if length_norm == 0 else scores / np.maximum(trie.max_depth[nodes], 1) ** length_norm
+    live = np.flatnonzero((below > 0) & (bound >= user.kth(k)))
+    if len(live) > beams:
+        # Highest scores; ties by node id so the result does not depend on candidate order.
+        order = np.lexsort((nodes[live], -scores[live]))
+        live = live[order[:beams]]
+    return live
+
+
+def _normalise(score: float, length: int, length_norm: float) -> float:
+    return float(score) if length_norm == 0 else float(score) / max(length, 1) ** length_norm
+
+
+# ---------------------------------------------------------------------------
+# Scoring given titles (brute force; the prior)
+# ---------------------------------------------------------------------------
+
+
+def sequence_log_likelihoods(model: Any, prompt: Sequence[int], sequences: Sequence[Sequence[int]],
+                             batch_size: int = 32, pad_token_id: int = 0, progress: bool = False,
+                             length_norm: float = 0.0) -> np.ndarray:
+    """log p(sequence | prompt) for every sequence (teacher forcing, the prompt encoded once).
+
+    The direct computation the trie search must agree with, and the title prior's scorer.
+    """
+    if not len(prompt):
+        raise ConstrainedError("the prompt is empty; it needs at least one token (e.g. BOS).")
+    out = np.empty(len(sequences), dtype=np.float64)
+    if not len(sequences):
+        return out
+    device = _device(model)
+    order = np.argsort([len(s) for s in sequences], kind="stable")
+    p = len(prompt)
+    with _inference(model):
+        ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=device)
+        first, prompt_cache = _forward(model, ids, torch.ones_like(ids), torch.arange(p, device=device)[None],
+                                       None, last_only=True)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        for batch in tqdm(batches, desc="title likelihoods", disable=not progress, unit="batch"):
+            seqs = [sequences[i] for i in batch]
+            width = max(len(s) for s in seqs)
+            tok = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+            real = torch.zeros((len(seqs), width), dtype=torch.long)
+            for row, s in enumerate(seqs):
+                tok[row, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+                real[row, :len(s)] = 1
+            tok, real = tok.to(device), real.to(device)
+            cache = copy.deepcopy(prompt_cache)
+            cache.reorder_cache(torch.zeros(len(seqs), dtype=torch.long, device=device))
+            mask = torch.cat([torch.ones((len(seqs), p), dtype=torch.long, device=device), real], 1)
+            pos = (p + torch.arange(width, device=device)).expand(len(seqs), width)
+            logp, _ = _forward(model, tok, mask, pos, cache, last_only=False)
+            # token 0 is predicted by the prompt's last position, token t by the sequence's position t-1
+            step = torch.cat([first[0, -1][tok[:, :1]], logp[:, :-1].gather(2, tok[:, 1:, None])[..., 0]], 1)
+            total = (step.double() * real).sum(1).cpu().numpy()
+            lengths = real.sum(1).cpu().numpy()
+            out[batch] = [_normalise(s, int(n), length_norm) for s, n in zip(total, lengths)]
+    return out
+
+
+class TitlePrior:
+    """Each title's log-likelihood under a neutral prompt, computed on first use and cached.
+
+    Only the titles a search proposes are ever scored (a few thousand of ~17k on Games); with
+    `cache_file` the values persist across runs, under a key of the model fingerprint, the
+    prompt and every title's tokens (so a stale file is never reused).
+    """
+
+    def __init__(self, model: Any, prompt: Sequence[int], trie: TitleTrie, *, length_norm: float = 0.0,
+                 batch_size: int = 32, pad_token_id: int = 0, cache_file: str | Path | None = None,
+                 model_key: str = ""):
+        self.model, self.prompt, self.trie = model, list(prompt), trie
+        self.length_norm, self.batch_size, self.pad_token_id = length_norm, batch_size, pad_token_id
+        self.values: dict[int, float] = {}
+        self.cache_file = Path(cache_file) if cache_file is not None else None
+        digest = hashlib.sha256(json.dumps([PRIOR_METHOD, model_key, self.prompt, length_norm]).encode())
+        for seq in trie.sequences:
+            digest.update(np.asarray(seq, dtype=np.int64).tobytes())
+        self.key = digest.hexdigest()
+        self._load()
+
+    def _load(self) -> None:
+        if self.cache_file is None or not self.cache_file.exists():
+            return
+        try:
+            stored = json.loads(self.cache_file.read_text())
+        except (OSError, ValueError) as err:
+            log.warning("ignoring unreadable prior cache %s: %s", self.cache_file, err)
+            return
+        if stored.get("key") == self.key:
+            self.values = {int(g): float(v) for g, v in stored["values"].items()}
+
+    def _save(self) -> None:
+        if self.cache_file is not None:
+            blob = json.dumps({"key": self.key, "values": {str(g): v for g, v in self.values.items()}})
+            atomic_write_bytes(self.cache_file, blob.encode())
+
+    def __call__(self, groups: np.ndarray) -> np.ndarray:
+        """Prior log-likelihood of each group in `groups` (any shape; -1 entries give 0)."""
+        groups = np.asarray(groups, dtype=np.int64)
+        missing = sorted({int(g) for g in groups.ravel() if g >= 0 and int(g) not in self.values})
+        if missing:
+            values = sequence_log_likelihoods(self.model, self.prompt, [self.trie.sequences[g] for g in missing],
+                                              self.batch_size, self.pad_token_id, length_norm=self.length_norm)
+            self.values.update(zip(missing, values.tolist()))
+            self._save()
+        flat = [self.values.get(int(g), 0.0) if g >= 0 else 0.0 for g in groups.ravel()]
+        return np.asarray(flat, dtype=np.float64).reshape(groups.shape)
+
+
+def rerank_with_prior(groups: np.ndarray, scores: np.ndarray, prior: np.ndarray, weight: float,
+                      k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of each row by score - weight * prior (ties: smaller group index; -1 padding stays last)."""
+    corrected = np.where(groups >= 0, scores - weight * prior, -np.inf)
+    out_g = np.full((len(groups), k), -1, dtype=np.int64)
+    out_s = np.full((len(groups), k), -np.inf, dtype=np.float64)
+    for row in range(len(groups)):
+        valid = np.flatnonzero(groups[row] >= 0)
+        order = valid[np.lexsort((groups[row, valid], -corrected[row, valid]))][:k]
+        out_g[row, :len(order)], out_s[row, :len(order)] = groups[row, order], corrected[row, order]
+    return out_g, out_s
+
+
+# ---------------------------------------------------------------------------
+# Ranking a catalogue for users
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ConstrainedRanker:
+    """Everything a constrained evaluation needs, built once per (model, tokenizer, catalogue)."""
+
+    model: Any
+    tokenizer: Any
+    trie: TitleTrie
+    beams: int = 20
+    prior_weight: float = 0.0
+    length_norm: float = 0.0
+    batch_users: int = 4
+    prior: TitlePrior | None = None
+
+    @classmethod
+    def build(cls, model: Any, tokenizer: Any, unique_titles: Sequence[str], neutral_prompt: Sequence[int] | None = None,
+              *, beams: int = 20, prior_weight: float = 0.0, length_norm: float = 0.0, batch_users: int = 4,
+              end_with_eos: bool = True, prior_cache_file: str | Path | None = None,
+              model_key: str = "") -> "ConstrainedRanker":
+        if beams < 1:
+            raise ConstrainedError(f"beams={beams} must be >= 1 (eval.constrained-beams).")
+        trie = build_title_trie(tokenizer, unique_titles, end_with_eos)
+        prior = None
+        if prior_weight != 0.0:
+            if neutral_prompt is None:
+                raise ConstrainedError("prior_weight != 0 needs the neutral prompt's token ids.")
+            prior = TitlePrior(model, neutral_prompt, trie, length_norm=length_norm, pad_token_id=_pad_id(tokenizer),
+                               cache_file=prior_cache_file, model_key=model_key)
+        return cls(model, tokenizer, trie, beams, prior_weight, length_norm, batch_users, prior)
+
+    def rank(self, prompts: Sequence[Sequence[int]], masked_groups: Sequence[Sequence[int]] | None, k: int,
+             progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(users, k) title-group indices and their final scores, best first."""
+        pool = k if self.prior is None else max(k, self.beams)  # the prior re-ranks a wider candidate pool
+        groups, scores = constrained_search(self.model, prompts, self.trie, pool, self.beams, masked_groups,
+                                            length_norm=self.length_norm, batch_users=self.batch_users,
+                                            pad_token_id=_pad_id(self.tokenizer), progress=progress)
+        if self.prior is None:
+            return groups, scores
+        return rerank_with_prior(groups, scores, self.prior(groups), self.prior_weight, k)
+

@@ -1,0 +1,194 @@
+"""Catalogue-constrained decoding: the trie, exactness against brute-force scoring, masking, the prior."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fellrec_flwr.collate import prompt_token_ids
+from fellrec_flwr.constrained import (ConstrainedError, ConstrainedRanker, TitleTrie, build_title_trie,
+                                      constrained_search, rerank_with_prior, response_sequences,
+                                      sequence_log_likelihoods)
+from fellrec_flwr.grounding import TitleGroups
+from fellrec_flwr.prompts import build_prompt
+from fellrec_flwr.tiny import build_tiny_model, train_tokenizer
+
+WORDS = ["Mario", "Zelda", "Halo", "Doom", "Tetris", "Sonic", "Kirby", "Metroid", "Portal", "Myst"]
+TITLES = {i: f"{w} {i // len(WORDS)}" for i, w in enumerate(WORDS * 3)}
+TITLES.update({30: "Halo", 31: "Halo 2", 32: TITLES[4]})  # a prefix title, and a duplicate ("Tetris 0")
+GROUPS = TitleGroups.from_titles(TITLES)
+HISTORIES = [[0, 1, 2], [5, 6], [4, 9, 10, 30], [11, 12, 13, 14, 15, 16, 17]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    texts = list(TITLES.values()) + [build_prompt(["A", "B"])]
+    tok = train_tokenizer(texts, 300, tmp_path_factory.mktemp("tok") / "tok")
+    torch.manual_seed(0)
+    model = build_tiny_model(tok, hidden=32, layers=2, heads=2, seed=0)
+    with torch.no_grad():  # a random model is near-uniform; sharpen it so scores differ clearly
+        model.lm_head.weight.mul_(8.0)
+    return model, tok
+
+
+def _prompts(tok, histories):
+    return [prompt_token_ids(tok, build_prompt([TITLES[i] for i in h])) for h in histories]
+
+
+def _brute_force(model, tok, prompt, masked, k):
+    seqs = response_sequences(tok, GROUPS.titles)
+    scores = sequence_log_likelihoods(model, prompt, seqs, pad_token_id=tok.pad_token_id or 0)
+    order = [g for g in np.lexsort((np.arange(len(seqs)), -scores)) if g not in set(masked)]
+    return np.array(order[:k]), scores[order[:k]]
+
+
+# --- the trie ---------------------------------------------------------------
+
+
+def test_trie_structure_on_hand_made_sequences():
+    trie = TitleTrie.from_sequences([[1, 2, 3], [1, 2], [1, 4], [5], [1, 2]])  # 1 is [1,2] again (a duplicate)
+    assert trie.terminal[trie.end_node[1]] == (1, 4)  # identical sequences share an end node
+    assert trie.end_node[1] == trie.end_node[4] and trie.children[int(trie.end_node[1])] == {3: int(trie.end_node[0])}
+    assert trie.subtree[0] == 5 and trie.max_depth[0] == 3
+    assert trie.subtree[trie.children[0][1]] == 4
+    assert trie.masked_counts([1, 0]) == {0: 2, trie.children[0][1]: 2, int(trie.end_node[1]): 2,
+                                          int(trie.end_node[0]): 1}
+    with pytest.raises(ConstrainedError, match="empty"):
+        TitleTrie.from_sequences([[1], []])
+    with pytest.raises(ConstrainedError, match="empty"):
+        TitleTrie.from_sequences([])
+
+
+def test_response_sequences_match_training_tokens(tiny):
+    from fellrec_flwr.collate import response_token_ids
+
+    _, tok = tiny
+    seqs = response_sequences(tok, ["Halo 2", "Doom 1"])
+    assert seqs == [response_token_ids(tok, "Halo 2"), response_token_ids(tok, "Doom 1")]  # '"Title"' + EOS
+
+
+# --- the search --------------------------------------------------------------
+
+
+def test_exact_top_k_equals_brute_force_when_beams_cover_the_catalogue(tiny):
+    model, tok = tiny
+    trie = build_title_trie(tok, GROUPS.titles)
+    prompts = _prompts(tok, HISTORIES)
+    masked = [GROUPS.group_index(h).tolist() for h in HISTORIES]
+    k = 12
+    groups, scores = constrained_search(model, prompts, trie, k, beams=len(GROUPS), masked_groups=masked,
+                                        batch_users=3, pad_token_id=tok.pad_token_id)
+    for row, prompt in enumerate(prompts):
+        want_g, want_s = _brute_force(model, tok, prompt, masked[row], k)
+        np.testing.assert_allclose(scores[row], want_s, rtol=0, atol=1e-4)
+        assert np.all(np.diff(scores[row]) <= 0)  # best first
+        assert np.abs(np.diff(want_s)).min() > 1e-3  # no near-ties here, so the order is exact too
+        assert groups[row].tolist() == want_g.tolist()
+
+
+def test_outputs_are_distinct_unmasked_catalogue_titles_with_narrow_beams(tiny):
+    model, tok = tiny
+    trie = build_title_trie(tok, GROUPS.titles)
+    prompts = _prompts(tok, HISTORIES)
+    masked = [GROUPS.group_index(h).tolist() for h in HISTORIES]
+    groups, scores = constrained_search(model, prompts, trie, 20, beams=3, masked_groups=masked,
+                                        pad_token_id=tok.pad_token_id)
+    for row in range(len(prompts)):
+        got = groups[row][groups[row] >= 0].tolist()
+        assert len(got) == len(set(got)) == min(20, len(GROUPS) - len(set(masked[row])))  # distinct, all found
+        assert all(0 <= g < len(GROUPS) for g in got)  # always a catalogue title
+        assert not set(got) & set(masked[row])  # history masked ("Tetris 0" masks ids 4 and 32 alike)
+        assert np.all(np.isfinite(scores[row][: len(got)])) and np.all(scores[row][: len(got)] <= 0)
+
+
+def test_k_larger_than_the_reachable_titles_is_padded(tiny):
+    model, tok = tiny
+    titles = ["Halo", "Doom", "Myst"]
+    trie = build_title_trie(tok, titles)
+    prompt = _prompts(tok, [[0]])
+    groups, scores = constrained_search(model, prompt, trie, 5, beams=5, masked_groups=[[1]],
+                                        pad_token_id=tok.pad_token_id)
+    assert sorted(groups[0][:2].tolist()) == [0, 2] and groups[0][2:].tolist() == [-1, -1, -1]
+    assert np.isneginf(scores[0][2:]).all()
+
+
+def test_batching_does_not_change_the_result(tiny):
+    model, tok = tiny
+    trie = build_title_trie(tok, GROUPS.titles)
+    prompts = _prompts(tok, HISTORIES)  # different lengths: left padding inside a batch
+    one = constrained_search(model, prompts, trie, 10, beams=5, batch_users=1, pad_token_id=tok.pad_token_id)
+    many = constrained_search(model, prompts, trie, 10, beams=5, batch_users=4, pad_token_id=tok.pad_token_id)
+    np.testing.assert_array_equal(one[0], many[0])
+    np.testing.assert_allclose(one[1], many[1], atol=1e-4)
+
+
+def test_length_normalisation_ranks_by_mean_log_prob(tiny):
+    model, tok = tiny
+    trie = build_title_trie(tok, GROUPS.titles)
+    prompt = _prompts(tok, [[0, 1]])
+    seqs = response_sequences(tok, GROUPS.titles)
+    total = sequence_log_likelihoods(model, prompt[0], seqs, pad_token_id=tok.pad_token_id)
+    mean = total / np.array([len(s) for s in seqs])
+    groups, scores = constrained_search(model, prompt, trie, 5, beams=len(GROUPS), length_norm=1.0,
+                                        pad_token_id=tok.pad_token_id)
+    np.testing.assert_allclose(scores[0], np.sort(mean)[::-1][:5], atol=1e-4)
+
+
+def test_peft_model_runs_with_adapters_on(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    _, tok = tiny
+    model = get_peft_model(build_tiny_model(tok, hidden=32, layers=2, heads=2, seed=0),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.train()
+    trie = build_title_trie(tok, GROUPS.titles)
+    groups, _ = constrained_search(model, _prompts(tok, HISTORIES[:2]), trie, 5, beams=5,
+                                   pad_token_id=tok.pad_token_id)
+    assert (groups >= 0).all() and model.training  # train mode restored
+
+
+def test_bad_arguments_are_clear_errors(tiny):
+    model, tok = tiny
+    trie = build_title_trie(tok, GROUPS.titles)
+    with pytest.raises(ConstrainedError, match="k=0"):
+        constrained_search(model, [[1, 2]], trie, 0, 5)
+    with pytest.raises(ConstrainedError, match="masked_groups"):
+        constrained_search(model, [[1, 2]], trie, 3, 5, masked_groups=[[], []])
+    with pytest.raises(ConstrainedError, match="length_norm"):
+        constrained_search(model, [[1, 2]], trie, 3, 5, length_norm=-1)
+
+
+# --- the prior ---------------------------------------------------------------
+
+
+def test_rerank_with_prior_on_hand_made_scores():
+    groups = np.array([[3, 1, 2, -1]])
+    scores = np.array([[-1.0, -2.0, -3.0, -np.inf]])
+    prior = np.array([[-0.5, -4.0, -3.0, 0.0]])
+    g, s = rerank_with_prior(groups, scores, prior, 1.0, 3)  # corrected: -0.5, 2.0, 0.0
+    assert g.tolist() == [[1, 2, 3]] and s.tolist() == [[2.0, 0.0, -0.5]]
+    g0, _ = rerank_with_prior(groups, scores, prior, 0.0, 4)
+    assert g0.tolist() == [[3, 1, 2, -1]]
+
+
+def test_ranker_with_prior_reorders_by_corrected_score(tiny, tmp_path):
+    model, tok = tiny
+    neutral = prompt_token_ids(tok, build_prompt([]))
+    ranker = ConstrainedRanker.build(model, tok, GROUPS.titles, neutral, beams=len(GROUPS), prior_weight=1.0,
+                                     prior_cache_file=tmp_path / "prior.json", model_key="tiny")
+    prompt = _prompts(tok, [[0, 1]])
+    groups, scores = ranker.rank(prompt, None, 5)
+    seqs = response_sequences(tok, GROUPS.titles)
+    raw = sequence_log_likelihoods(model, prompt[0], seqs, pad_token_id=tok.pad_token_id)
+    prior = sequence_log_likelihoods(model, neutral, seqs, pad_token_id=tok.pad_token_id)
+    want = np.lexsort((np.arange(len(seqs)), -(raw - prior)))[:5]
+    np.testing.assert_allclose(scores[0], (raw - prior)[want], atol=2e-4)
+    assert groups[0][0] == want[0]
+    # the cache file holds the computed priors and is reused by a ranker with the same key
+    again = ConstrainedRanker.build(model, tok, GROUPS.titles, neutral, beams=len(GROUPS), prior_weight=1.0,
+                                    prior_cache_file=tmp_path / "prior.json", model_key="tiny")
+    assert again.prior is not None and len(again.prior.values) >= 5
+    other = ConstrainedRanker.build(model, tok, GROUPS.titles, neutral, beams=len(GROUPS), prior_weight=1.0,
+                                    prior_cache_file=tmp_path / "prior.json", model_key="another model")
+    assert other.prior is not None and other.prior.values == {}
