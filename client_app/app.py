@@ -9,6 +9,7 @@ Interaction data never leaves this function: only LoRA weights and scalar metric
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator
 
@@ -77,8 +78,13 @@ def train(msg: Message, context: Context) -> Message:
     if on_gpu:  # per-client peak GPU memory, for sharing one GPU between simulated clients
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
+    train_fn = train_local
+    if cfg.model.head == "retrieval":
+        from fellrec_flwr.retrieval import train_retrieval
+
+        train_fn = functools.partial(train_retrieval, settings=cfg.retrieval)
     with lora_a_frozen(rt.model, bool(config.get("freeze-lora-a", False))):  # FFA-LoRA
-        result = train_local(
+        result = train_fn(
             rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train,
             seed=derive_seed(cfg.seed, server_round, key),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
@@ -105,11 +111,26 @@ def evaluate(msg: Message, context: Context) -> Message:
     split = str(msg.content["config"].get("split", "valid"))
     set_lora_state(rt.model, record_to_state(msg.content["arrays"]))
     examples = rt.data.split(split, client=key)
-    loss = eval_loss(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train)
-    scores, rows = evaluate_recommender(rt.model, rt.tokenizer, examples, rt.data.titles, rt.catalogue, cfg.eval)
+    if cfg.model.head == "retrieval":
+        scores, rows = _retrieval_scores(cfg, rt, examples)
+        loss = scores["eval-loss"]
+    else:
+        loss = eval_loss(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train)
+        scores, rows = evaluate_recommender(rt.model, rt.tokenizer, examples, rt.data.titles, rt.catalogue, cfg.eval)
     metrics = {"eval-loss": float(loss), "num-examples": len(examples), "client-key": key}
     metrics.update({k: float(v) for k, v in scores.items() if k.startswith(("recall@", "ndcg@", "valid-title"))})
     # Each evaluated user's target rank (-1 = not in the top 20), for paired bootstrap intervals on the server.
     per_user = ConfigRecord({"user-ids": [int(r["user_id"]) for r in rows],
                              "target-ranks": [int(r["target_rank"]) for r in rows]})
     return Message(RecordDict({"metrics": MetricRecord(metrics), "per-user": per_user}), reply_to=msg)
+
+
+def _retrieval_scores(cfg: FellRecConfig, rt, examples) -> tuple[dict, list[dict]]:
+    """The retrieval head's scores (eval-loss: full-catalogue cross-entropy) and per-user rows.
+
+    Item vectors are recomputed with the adapter just received, then one matrix product per user batch.
+    """
+    from fellrec_flwr.retrieval import evaluate_retrieval
+
+    return evaluate_retrieval(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.retrieval,
+                              cfg.train.max_length, max(1, cfg.eval.batch_size))

@@ -24,6 +24,8 @@ SIMILARITY_BASES = ("parameters", "updates", "delta-w")
 SIMILARITY_KERNELS = ("linear", "softmax")
 HEATING_LOSSES = ("raw", "normalised")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+HEADS = ("generative", "retrieval")
+RETRIEVAL_POOLINGS = ("mean", "last")
 DECODINGS = ("beam-l2", "constrained")
 
 
@@ -45,6 +47,9 @@ class ModelConfig:
     tiny_vocab: int = 4000
     # Public warm-up of the random tiny model on catalogue-only prompts (0 = stay random).
     tiny_pretrain_prompts: int = 2000
+    # "generative" (BIGRec: generate a title, ground it) or "retrieval" (RecFormer-style:
+    # history and title vectors, softmax over the catalogue; fellrec_flwr/retrieval.py).
+    head: str = "generative"
 
 
 @dataclass
@@ -117,6 +122,15 @@ class EvalSettings:
 
 
 @dataclass
+class RetrievalSettings:
+    """The retrieval head (model.head='retrieval'); see fellrec_flwr/retrieval.py."""
+
+    temperature: float = 0.05  # softmax temperature over cosine scores (RecFormer)
+    negatives: int = 0  # title groups sampled uniformly per batch, besides the in-batch targets
+    pooling: str = "mean"  # mean | last: how a text's final hidden states become one vector
+
+
+@dataclass
 class FellRecSettings:
     alpha: float = 0.7
     beta: float = 1.0
@@ -158,6 +172,7 @@ class FellRecConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     fellrec: FellRecSettings = field(default_factory=FellRecSettings)
     split: SplitSettings = field(default_factory=SplitSettings)
+    retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
 
     def validate(self) -> "FellRecConfig":
         _choice("strategy", self.strategy, STRATEGIES)
@@ -169,6 +184,15 @@ class FellRecConfig:
         _choice("fellrec.similarity-kernel", self.fellrec.similarity_kernel, SIMILARITY_KERNELS)
         _choice("fellrec.heating-loss", self.fellrec.heating_loss, HEATING_LOSSES)
         _choice("model.quantization", self.model.quantization, QUANTIZATIONS)
+        _choice("model.head", self.model.head, HEADS)
+        _choice("retrieval.pooling", self.retrieval.pooling, RETRIEVAL_POOLINGS)
+        if not self.retrieval.temperature > 0:
+            raise ConfigError(f"retrieval.temperature={self.retrieval.temperature} must be > 0 (RecFormer: 0.05).")
+        if self.retrieval.negatives < 0:
+            raise ConfigError(f"retrieval.negatives={self.retrieval.negatives} must be >= 0.")
+        if self.model.head == "retrieval" and self.split.enabled:
+            raise ConfigError("model.head='retrieval' does not run through the split service yet; "
+                              "set split.enabled=false or model.head='generative'.")
         _choice("eval.decoding", self.eval.decoding, DECODINGS)
         _positive("eval.constrained-beams", self.eval.constrained_beams)
         if self.eval.length_norm < 0:
