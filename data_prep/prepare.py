@@ -71,7 +71,8 @@ def recipe() -> dict[str, Any]:
     }
 
 
-# Settings that only some sources read; left out of the others' identity (and manifest).
+# Settings that only some sources (or partitioners) read: left out of the others' identity
+# and manifest, so changing one that has no effect neither rebuilds nor conflicts.
 TABLE_ONLY = ("user_col", "item_col", "time_col", "title_col", "sep", "order")
 USES_K_CORE = ("table", "amazon2018")
 
@@ -95,6 +96,11 @@ def data_settings_dict(settings: DataSettings) -> dict[str, Any]:
             out.pop(key)
     if settings.dataset not in USES_K_CORE:
         out.pop("k_core")
+    if settings.partitioner == "iid":  # no BPR embeddings, no Dirichlet draw
+        for key in ("bpr_dim", "bpr_epochs", "dirichlet_alpha"):
+            out.pop(key)
+    elif settings.partitioner == "kmeans":
+        out.pop("dirichlet_alpha")
     return out
 
 

@@ -4,7 +4,8 @@ Layout of ``<out-dir>/<run-name>/``::
 
     config.json          the resolved configuration
     metrics.csv          round, client, split, metric, value (one row per measurement)
-    per_user.csv         method, round, split, client, user_id, target_rank: every evaluated
+    per_user.csv         method, round, split, client, user_id, original_user_id (the id in
+                         the source data), target_rank: every evaluated
                          user's 0-based target rank in the top 20 (-1 = not there), for the
                          run's method and the popularity / Markov baselines on the same users
                          (paired bootstrap intervals in `python -m fellrec_flwr.compare`)
@@ -56,9 +57,15 @@ def per_user_rows(method: str, round_: int, split: str, client: int, user_ids: I
              "target_rank": int(r)} for u, r in zip(user_ids, target_ranks)]
 
 
-def write_per_user_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+def write_per_user_csv(path: str | Path, rows: Iterable[Mapping[str, Any]],
+                       original_user_ids: Mapping[int, str] | None = None) -> pd.DataFrame:
+    """With `original_user_ids` (``PreparedData.original_user_ids``) an ``original_user_id``
+    column gives each user's id in the source data, to join results back to it."""
     frame = pd.DataFrame(list(rows), columns=PER_USER_COLUMNS)
     frame = frame.sort_values(["method", "split", "round", "client", "user_id"], kind="stable").reset_index(drop=True)
+    if original_user_ids is not None:
+        frame.insert(frame.columns.get_loc("user_id") + 1, "original_user_id",
+                     [original_user_ids.get(int(u), "") for u in frame["user_id"]])
     atomic_write_bytes(path, frame.to_csv(index=False).encode())
     return frame
 

@@ -90,6 +90,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Run folder: %s", run_dir)
 
     baselines = baseline_rows_for(cfg)
+    original_ids = original_user_ids_for(cfg)  # per_user.csv: each user's id in the source data
 
     def on_round_end(server_round: int, strat: Any) -> None:
         rows = strat.metric_rows()
@@ -98,7 +99,8 @@ def main(grid: Grid, context: Context) -> None:
             round=server_round, strategy_state=strat.state_dict(),
             global_arrays=record_to_state(strat.global_arrays), metric_rows=rows, config=cfg.to_run_config(),
         ))
-        per_user = write_per_user_csv(run_dir / PER_USER_FILE, run_per_user_rows(cfg.strategy, strat.user_ranks) + baselines)
+        per_user = write_per_user_csv(run_dir / PER_USER_FILE, run_per_user_rows(cfg.strategy, strat.user_ranks) + baselines,
+                                      original_ids)
         plot_run(frame, run_dir, cfg.resolved_run_name(), per_user)
 
     strategy.on_round_end = on_round_end
@@ -119,7 +121,8 @@ def main(grid: Grid, context: Context) -> None:
         strategy.evaluate_all(grid, final_arrays, split=cfg.eval.final_split, server_round=last_round,
                               config=ConfigRecord(split_url))
     frame = write_metrics_csv(run_dir / "metrics.csv", strategy.metric_rows())
-    per_user = write_per_user_csv(run_dir / PER_USER_FILE, run_per_user_rows(cfg.strategy, strategy.user_ranks) + baselines)
+    per_user = write_per_user_csv(run_dir / PER_USER_FILE, run_per_user_rows(cfg.strategy, strategy.user_ranks) + baselines,
+                                  original_ids)
     summary = {"method": cfg.strategy, "run_name": cfg.resolved_run_name(), "failed_clients": strategy.failed_clients(),
                **summarise(frame, cfg.eval.final_split),
                "intervals": final_intervals(per_user, cfg.strategy, cfg.eval.final_split)}
@@ -143,6 +146,15 @@ def baseline_rows_for(cfg: FellRecConfig) -> list[dict[str, Any]]:
     except Exception as err:  # noqa: BLE001 -- baselines are a convenience, never a reason to fail a run
         log(WARNING, "No popularity/Markov baselines in this run folder: %s", err)
         return []
+
+
+def original_user_ids_for(cfg: FellRecConfig) -> dict[int, str] | None:
+    """user_id -> the user's own id in the source data, when the server holds the prepared data."""
+    try:
+        return prepare_data(cfg).original_user_ids
+    except Exception as err:  # noqa: BLE001 -- as baseline_rows_for: a convenience, never a reason to fail
+        log(WARNING, "per_user.csv without original user ids: %s", err)
+        return None
 
 
 def save_adapters(cfg: FellRecConfig, strategy: Any, global_arrays: ArrayRecord, run_dir: Path) -> None:

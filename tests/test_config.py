@@ -42,6 +42,10 @@ def test_overrides_are_typed_and_nested():
         ({"strategy": "fedsgd"}, "strategy='fedsgd' is not one of"),
         ({"no-such-key": 1}, "Unknown config key 'no-such-key'"),
         ({"lr": 0.1}, "Did you mean 'train.lr'"),
+        ({"data.user-colum": "u"}, "Unknown config key 'data.user-colum'. Did you mean 'data.user-col'"),
+        ({"data.kcore": 3}, "Did you mean 'data.k-core'"),
+        ({"num-rounds": 3}, "Did you mean 'num-server-rounds'"),
+        ({"data.order": "random"}, "data.order='random' is not one of time, file"),
         ({"lora.r": 2.5}, "lora.r=2.5 must be an integer"),
         ({"fellrec.heating": "maybe"}, "must be true or false"),
         ({"min-clients": 9}, "exceeds data.num-clients"),
@@ -52,3 +56,28 @@ def test_overrides_are_typed_and_nested():
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         from_run_config(overrides)
+
+
+def test_every_data_prep_flag_is_a_run_config_key():
+    """One source of truth: python -m data_prep's flags are generated from the data.* keys."""
+    from data_prep.__main__ import parser
+
+    flags = {a.option_strings[0] for a in parser()._actions if a.option_strings}
+    data_keys = {k for k in known_keys() if k.startswith("data.")}
+    assert {"--" + k.removeprefix("data.") for k in data_keys} <= flags
+    assert flags - {"--" + k.removeprefix("data.") for k in data_keys} == {"-h", "--seed", "--cache-root", "--quiet"}
+
+
+def test_data_prep_help_is_instant():
+    import subprocess
+    import sys
+    import time
+
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "data_prep", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert "--user-col" in out and time.perf_counter() - started < 3.0
+    imported = subprocess.run([sys.executable, "-c", "import sys, data_prep.__main__; "
+                               "print(sorted({'pandas', 'torch', 'numpy', 'flwr'} & set(sys.modules)))"],
+                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"  # heavy imports wait until a data set is really prepared

@@ -77,3 +77,50 @@ def test_bad_manifest(copy):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PreparedDataError, match="num_items"):
         PreparedData.load(copy)
+
+
+def test_original_ids_map_back_on_a_hand_made_folder(copy):
+    # rewrite the id maps by hand: user u -> "U<u>", item i -> "I<i>"
+    data = PreparedData.load(copy)
+    users = pd.read_parquet(copy / "users.parquet")
+    assert len(users) == data.manifest["num_users"] and users["user_id"].is_unique
+    data = PreparedData(copy, data.manifest)
+    data._frames["users"] = users.assign(original_id=[f"U{u}" for u in users["user_id"]])
+    data._frames["items"] = data.items.assign(original_id=[f"I{i}" for i in data.items["item_id"]])
+    frame = pd.DataFrame({"user_id": [3, 1], "history": [[0, 2], [5]], "target": [7, 0]})
+    out = data.with_original_ids(frame)
+    assert out["original_user_id"].tolist() == ["U3", "U1"]
+    assert out["original_history"].tolist() == [["I0", "I2"], ["I5"]]
+    assert out["original_target"].tolist() == ["I7", "I0"]
+    assert "original_user_id" not in frame  # a copy, the input is untouched
+    with pytest.raises(PreparedDataError, match="user_id=999999 is not an id of the prepared data"):
+        data.with_original_ids(pd.DataFrame({"user_id": [999999]}))
+
+
+def test_demo_ids_are_their_own_originals(folder):
+    data = PreparedData.load(folder)
+    assert all(data.original_user_ids[u] == str(u) for u in list(data.original_user_ids)[:50])
+    assert all(data.original_item_ids[i] == str(i) for i in range(data.num_items))
+
+
+def test_a_run_takes_the_settings_of_its_prepared_folder(folder, tmp_path):
+    from fellrec_flwr.config import FellRecConfig
+    from fellrec_flwr.prepared import with_prepared_settings
+
+    cfg = FellRecConfig()
+    assert with_prepared_settings(cfg) is cfg  # no folder named: unchanged
+    missing = FellRecConfig(data=DataSettings(prepared_dir=str(tmp_path / "not-yet")))
+    assert with_prepared_settings(missing) is missing  # the run will prepare it
+    named = FellRecConfig(data=DataSettings(prepared_dir=str(folder), num_clients=3), min_clients=3)
+    adopted = with_prepared_settings(named).data
+    assert (adopted.partitioner, adopted.test_users, adopted.valid_users) == ("iid", 0, 30)
+    with pytest.raises(PreparedDataError, match=r"data.partitioner: this run 'dirichlet', the folder 'iid'"):
+        with_prepared_settings(FellRecConfig(data=DataSettings(prepared_dir=str(folder), num_clients=3,
+                                                               partitioner="dirichlet"), min_clients=3))
+
+
+def test_a_format_1_folder_is_refused_with_the_fix(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(PreparedDataError, match="format version 1; this code reads version 2. Prepare it again"):
+        PreparedData.load(copy)

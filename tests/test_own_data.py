@@ -1,0 +1,126 @@
+"""Your own data through the run config only (issue 16).
+
+A small table with non-default column names and another separator goes through the same
+steps as `flwr run . --run-config "..."`: Flower's own parser reads the override text,
+Flower's own key check (`fuse_dicts(check_keys=True)`, what the SuperLink does) accepts it
+against pyproject.toml, then the ServerApp and ClientApps run in process (no Ray). The run
+must split by time (ties by item id) and write per_user.csv with the table's own user ids.
+A folder prepared once by `python -m data_prep` is reused by a run that names only the
+folder. (tests/test_flwr_run.py runs the real `flwr run`.)
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.app import Context, RecordDict
+from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
+
+import data_prep.prepare as prep
+import server_app.app as server
+from client_app.app import app as client_app
+from conftest import ROOT
+from data_prep.__main__ import main as data_prep_cli
+from fellrec_flwr.inprocess_grid import InProcessGrid
+from fellrec_flwr.prepared import PreparedData
+
+# As tests/test_app_inprocess.py: a tiny model and few users, one round.
+FAST = ("num-server-rounds=1 min-clients=2 eval.interval=0 eval.num-beams=2 eval.max-new-tokens=8 "
+        "model.tiny-layers=2 model.tiny-vocab=800 train.batch-size=8 model.tiny-pretrain-prompts=64 "
+        "data.bpr-epochs=2 data.train-samples=48")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FELLREC_CACHE", str(tmp_path_factory.getbasetemp() / "fellrec-cache"))
+
+
+def write_log(folder, seed: int = 0, users: int = 24, items: int = 12) -> pd.DataFrame:
+    """`members` with 6-9 interactions at shuffled rows, some at equal times; ';'-separated."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(users):
+        picked = rng.choice(items, size=int(rng.integers(6, 10)), replace=False)
+        times = np.sort(rng.integers(1_600_000_000, 1_600_000_000 + 50, size=len(picked)))
+        times[-2] = times[-1]  # the last two share a time: the item id decides
+        rows += [(f"m-{1000 + 7 * u}", f"SKU{i:03d}", int(t)) for i, t in zip(picked, times)]
+    log = pd.DataFrame(rows, columns=["member", "sku", "unix_time"]).sample(frac=1.0, random_state=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    log.to_csv(folder / "interactions.csv", sep=";", index=False)
+    pd.DataFrame({"sku": [f"SKU{i:03d}" for i in range(items)],
+                  "name": [f"Game {i} ({'deluxe' if i % 3 else 'classic'})" for i in range(items)]}).to_csv(
+        folder / "items.csv", sep=";", index=False)
+    return log
+
+
+def expected_last_items(log: pd.DataFrame) -> dict[str, str]:
+    """Each member's latest item, equal times broken by item id (the documented rule)."""
+    ordered = log.sort_values(["member", "unix_time", "sku"])
+    return ordered.groupby("member")["sku"].last().to_dict()
+
+
+def flwr_run_config(text: str) -> dict:
+    """What the ServerApp's context.run_config is after `flwr run . --run-config "<text>"`."""
+    defaults = flatten_dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    return fuse_dicts(defaults, parse_config_args([text]), check_keys=True)  # raises on an undeclared key
+
+
+def run_in_process(run_config: dict, num_clients: int = 2) -> None:
+    grid = InProcessGrid(client_app, num_clients, run_config)
+    server.main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
+
+
+@pytest.mark.slow
+def test_table_with_own_column_names_through_the_run_config_only(tmp_path):
+    log = write_log(tmp_path / "mylog")
+    prepared = tmp_path / "prepared"
+    text = (f"data.dataset='table' data.path='{tmp_path / 'mylog'}' data.sep=';' data.user-col='member' "
+            "data.item-col='sku' data.time-col='unix_time' data.title-col='name' data.k-core=3 "
+            f"data.num-clients=2 data.partitioner='iid' data.valid-users=0 data.test-users=0 "
+            f"data.prepared-dir='{prepared}' out-dir='{tmp_path / 'out'}' run-name='mine' {FAST}")
+    run_in_process(flwr_run_config(text))
+
+    data = PreparedData.load(prepared)
+    assert data.manifest["split_order"] == "time: column 'unix_time'; equal times by item id"
+    assert data.manifest["dropped"]["interactions_below_3_core"] == 0  # so the last items below are kept
+    test = data.with_original_ids(data.split_frame("test"))
+    last = expected_last_items(log)
+    assert len(test) == log["member"].nunique() == len(last)
+    assert dict(zip(test["original_user_id"], test["original_target"])) == last
+
+    per_user = pd.read_csv(tmp_path / "out" / "mine" / "per_user.csv", dtype={"original_user_id": str})
+    final = per_user[(per_user["split"] == "test") & (per_user["method"] == "fellrec")]
+    assert set(final["original_user_id"]) == set(last)  # every test user, by the table's own id
+    assert (final["original_user_id"] == final["user_id"].map(data.original_user_ids)).all()
+
+
+def test_an_undeclared_key_is_refused_by_flower_and_named_by_our_check(capsys):
+    from fellrec_flwr.config import main as check_cli
+
+    with pytest.raises(ValueError, match="data.user-column"):  # what the SuperLink logs; flwr run says code 15
+        flwr_run_config("data.user-column='member'")
+    assert check_cli(["data.user-column='member'"]) == 2
+    assert "Did you mean 'data.user-col'" in capsys.readouterr().err
+    assert check_cli(["data.user-col='member' data.sep=';'"]) == 0
+
+
+@pytest.mark.slow
+def test_folder_prepared_by_the_cli_is_reused_by_the_run(tmp_path, monkeypatch):
+    write_log(tmp_path / "mylog", seed=1)
+    folder = tmp_path / "prepared"
+    assert data_prep_cli(["--dataset", "table", "--path", str(tmp_path / "mylog"), "--sep", ";", "--user-col",
+                          "member", "--item-col", "sku", "--time-col", "unix_time", "--title-col", "name",
+                          "--k-core", "3", "--num-clients", "2", "--partitioner", "iid", "--out", str(folder),
+                          "--valid-users", "0", "--test-users", "0", "--train-samples", "48", "--quiet"]) == 0
+    written = (folder / "manifest.json").stat().st_mtime_ns
+    monkeypatch.setattr(prep, "build", lambda *a, **k: pytest.fail("the run prepared the data again"))
+    text = f"data.prepared-dir='{folder}' data.num-clients=2 out-dir='{tmp_path / 'out'}' run-name='reuse' {FAST}"
+    run_in_process(flwr_run_config(text))
+    assert (folder / "manifest.json").stat().st_mtime_ns == written
+    config = json.loads((tmp_path / "out" / "reuse" / "config.json").read_text())
+    # the run records the data it really used: the folder's settings, not the defaults
+    assert (config["data.dataset"], config["data.user-col"], config["data.k-core"]) == ("table", "member", 3)
