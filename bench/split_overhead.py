@@ -60,7 +60,8 @@ MODES = {"cached": [], "recompute": ["--activation-cache-mb", "0"]}
 def model_folder(name: str, work_dir: Path) -> Path:
     """A safetensors folder for 'tiny' (built with the default ModelConfig and saved once) or
     'smollm' (the GGUF converted once, the same copy model.load_base_model uses)."""
-    from fellrec_flwr.split import resolve_checkpoint, save_full_model
+    from fellrec_flwr.model import resolve_checkpoint
+    from fellrec_flwr.split import save_full_model
 
     if name == "tiny":
         out = work_dir / "split-models" / "tiny-bench"

@@ -95,7 +95,7 @@ def default_state_dir(run_id: int | None = None) -> Path:
     Per-run folders keep simultaneous simulations apart (two `flwr run .` on one machine
     would otherwise write the same client's state.json). Deployments set `state-dir`.
     """
-    from fellrec_flwr.runtime import cache_root
+    from fellrec_flwr.paths import cache_root
 
     root = cache_root() / "client-state"
     return root if run_id is None else root / f"run-{run_id}"

@@ -9,7 +9,8 @@ concatenates in that order. Always float32 on the wire: Flower's `Array` has no 
 
 from __future__ import annotations
 
-from typing import Mapping
+from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -83,3 +84,19 @@ def state_to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
 def record_to_state(record: ArrayRecord) -> LoraState:
     """Back to float32 numpy arrays, keeping the record's key order."""
     return {k: np.asarray(arr.numpy(), dtype=np.float32) for k, arr in record.items()}
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the file names peft's save_pretrained writes
+
+
+def save_adapter_folder(state: Mapping[str, np.ndarray], config: Any, out_dir: str | Path) -> Path:
+    """A peft adapter folder (`PeftModel.from_pretrained(base, out_dir)` loads it) from a LoRA state
+    and its peft `LoraConfig`, without the base model: what `PeftModel.save_pretrained` writes."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
+    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return out_dir

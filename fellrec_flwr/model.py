@@ -118,11 +118,11 @@ def load_base_model(
             raise ModelLoadError("model.name='tiny' cannot be quantized; set model.quantization='none'.")
         model, tokenizer = _load_tiny(model_cfg, titles, Path(work_dir))
     elif (gguf := find_gguf(name)) is not None:
-        model, tokenizer = _load_gguf(gguf, dtype, quant, Path(work_dir))
+        model, tokenizer = _load_gguf(gguf, dtype, quant, Path(work_dir), device)
     elif name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
         raise ModelLoadError(f"model.name={name!r}: no such file or folder.")
     else:
-        model, tokenizer = _load_pretrained(name, dtype, quant)
+        model, tokenizer = _load_pretrained(name, dtype, quant, device)
     _ensure_pad_token(tokenizer, model)
     tokenizer.padding_side = "left"  # generation pads on the left; training pads itself
     if quant is None:
@@ -174,11 +174,21 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _load_pretrained(name: str, dtype: torch.dtype, quant) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def quantized_device_map(device: torch.device) -> dict[str, int]:
+    """Where bitsandbytes puts the whole model: the configured ``cuda:N``; for a bare ``cuda``
+    the current device (a Flower simulation sets CUDA_VISIBLE_DEVICES per client actor, so
+    that is the GPU the simulation assigned to this client)."""
+    if device.type != "cuda":
+        raise ModelLoadError(f"8bit/4bit weights live on a CUDA GPU; the configured device is {device}.")
+    return {"": device.index if device.index is not None else torch.cuda.current_device()}
+
+
+def _load_pretrained(name: str, dtype: torch.dtype, quant,
+                     device: torch.device | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     local_only = _offline() or Path(name).expanduser().is_dir()
     kwargs: dict = {"dtype": dtype, "local_files_only": local_only}
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": torch.cuda.current_device()})
+        kwargs.update(quantization_config=quant, device_map=quantized_device_map(device or torch.device("cuda")))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
@@ -192,14 +202,36 @@ def _load_pretrained(name: str, dtype: torch.dtype, quant) -> tuple[PreTrainedMo
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, quant,
-               work_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+               work_dir: Path, device: torch.device | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a GGUF through a safetensors copy under work_dir (written on first use)."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    cache = work_dir / "base-models" / f"{path.stem}-{key}"
-    if not (cache / "config.json").exists():
-        _convert_gguf(path, cache)
-    return _load_pretrained(str(cache), dtype, quant)
+    return _load_pretrained(str(resolve_checkpoint(path, work_dir)), dtype, quant, device)
+
+
+def converted_gguf_dir(gguf: Path, work_dir: str | Path) -> Path:
+    """Where the safetensors copy of `gguf` lives: named by its path, size and mtime, so an
+    edited file gets a new copy and every process (clients, service, trainer) finds the same one."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return Path(work_dir).expanduser() / "base-models" / f"{gguf.stem}-{key}"
+
+
+def resolve_checkpoint(name: str | Path, work_dir: str | Path) -> Path:
+    """A folder of safetensors for `name`: a safetensors folder as is, or a GGUF file converted once.
+
+    The conversion de-quantises the whole model once (a preparation step); later partial
+    loads (`model_parts`) read only the tensors they need from the copy.
+    """
+    gguf = find_gguf(str(name))
+    if gguf is None:
+        path = Path(name).expanduser()
+        if not (path.is_file() and path.suffix == ".safetensors") and not any(path.glob("*.safetensors")):
+            raise ModelLoadError(f"no .safetensors file in {path}; give a GGUF file, a folder with safetensors "
+                                 "weights, or save the model with split.save_full_model().")
+        return path
+    out = converted_gguf_dir(gguf, work_dir)
+    if not (out / "config.json").exists():
+        _convert_gguf(gguf, out)
+    return out
 
 
 def _convert_gguf(path: Path, out_dir: Path) -> None:
@@ -288,16 +320,21 @@ def add_lora(model: PreTrainedModel, lora_cfg: LoraSettings, seed: int) -> PeftM
         if bad or not layers:
             raise LoraTargetError(f"lora.layers={lora_cfg.layers!r}: the model has layers "
                                   f"0..{num_layers(model) - 1}; {bad} are out of range.")
-    config = LoraConfig(
-        r=lora_cfg.r,
-        lora_alpha=lora_cfg.alpha,
-        lora_dropout=lora_cfg.dropout,
-        target_modules=targets,
-        layers_to_transform=layers,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    config = peft_lora_config(lora_cfg)
     if is_quantized(model):
         model = prepare_model_for_kbit_training(model)
     with seeded_torch(seed):
         return get_peft_model(model, config)
+
+
+def peft_lora_config(lora_cfg: LoraSettings) -> LoraConfig:
+    """The peft LoraConfig for these settings (also written next to saved adapters)."""
+    return LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=lora_cfg.target_list(),
+        layers_to_transform=lora_cfg.layer_list(),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fellrec_flwr.config import FellRecConfig
+from fellrec_flwr.paths import cache_root  # noqa: F401 (re-exported: where prepared data and models live)
 from fellrec_flwr.prepared import PreparedData
 
 _CACHE: dict[str, "Runtime"] = {}
-
-
-def cache_root() -> Path:
-    """Where prepared data sets and converted models live unless data.prepared-dir is set."""
-    return Path(os.environ.get("FELLREC_CACHE", Path.home() / ".cache" / "fellrec-flwr"))
+_DATA: dict[str, PreparedData] = {}
 
 
 def derive_seed(*parts: Any) -> int:
@@ -35,8 +30,10 @@ def derive_seed(*parts: Any) -> int:
 def prepare_data(cfg: FellRecConfig) -> PreparedData:
     from data_prep.prepare import prepare
 
-    path = prepare(cfg.data, cache_root(), seed=cfg.seed)
-    return PreparedData.load(path)
+    key = json.dumps({"data": asdict(cfg.data), "seed": cfg.seed, "root": str(cache_root())}, sort_keys=True)
+    if key not in _DATA:  # the ServerApp asks several times (LoRA shapes, baselines, adapters)
+        _DATA[key] = PreparedData.load(prepare(cfg.data, cache_root(), seed=cfg.seed))
+    return _DATA[key]
 
 
 @dataclass
@@ -56,9 +53,20 @@ class Runtime:
 
             self._catalogue = Catalogue.build(
                 self.model, self.tokenizer, self.data.titles, cache_dir=self.data.path / "catalogue",
-                model_id=model_identity(self.cfg),
+                model_id=model_identity(self.cfg) + _service_identity(self.model),
             )
         return self._catalogue
+
+
+def _service_identity(model: Any) -> str:
+    """For a split model, the service's weight probe: the cache key then covers the middle layers,
+    which the client does not hold (its own fingerprint covers only its layers)."""
+    from fellrec_flwr.split_client import RemoteBody
+
+    body = next((m for m in model.modules() if isinstance(m, RemoteBody)), None)
+    if body is None:
+        return ""
+    return json.dumps(body.client.info().get("probe", {}), sort_keys=True)
 
 
 def model_identity(cfg: FellRecConfig) -> str:
@@ -79,7 +87,13 @@ def get_runtime(cfg: FellRecConfig) -> Runtime:
             torch.set_num_threads(1)
 
         data = prepare_data(cfg)
-        base, tokenizer = load_base_model(cfg.model, data.titles, data.path)
+        if cfg.split.enabled:  # flexible storage: only the client's layers, read from the checkpoint
+            from fellrec_flwr.model_parts import load_client_part
+
+            base, tokenizer = load_client_part(cfg.model, data.titles, data.path, cfg.split.front_k,
+                                               cfg.split.back_k)
+        else:
+            base, tokenizer = load_base_model(cfg.model, data.titles, data.path)
         from fellrec_flwr.lora_state import get_lora_state
 
         from fellrec_flwr.split_runtime import client_lora_settings
@@ -88,3 +102,34 @@ def get_runtime(cfg: FellRecConfig) -> Runtime:
         _CACHE[key] = Runtime(cfg=cfg, data=data, model=model, tokenizer=tokenizer,
                               initial_lora=get_lora_state(model))
     return _CACHE[key]
+
+
+# --------------------------------------------------------------------------- the server's side (no weights)
+
+
+def server_lora_settings(cfg: FellRecConfig) -> tuple[Any, Any]:
+    """(model config, LoRA settings as the clients apply them), from the config alone."""
+    from fellrec_flwr.model_parts import base_config
+    from fellrec_flwr.split_runtime import client_lora_settings
+
+    data = prepare_data(cfg)
+    config = base_config(cfg.model, data.titles, data.path)
+    return config, client_lora_settings(cfg, config.num_hidden_layers)
+
+
+def initial_lora(cfg: FellRecConfig) -> dict[str, Any]:
+    """The LoRA every client starts from, from the model config and the seed alone: equal to
+    `get_runtime(cfg).initial_lora` without loading a weight (the ServerApp never loads the model)."""
+    from fellrec_flwr.model_parts import initial_lora_state, lora_dtype
+
+    config, lora = server_lora_settings(cfg)
+    return initial_lora_state(config, lora, cfg.seed, lora_dtype(cfg.model))
+
+
+def save_adapter(cfg: FellRecConfig, state: Any, out_dir: Any) -> None:
+    """A client's LoRA as a peft adapter folder, written without the base model."""
+    from fellrec_flwr.lora_state import save_adapter_folder
+    from fellrec_flwr.model import peft_lora_config
+
+    _, lora = server_lora_settings(cfg)
+    save_adapter_folder(state, peft_lora_config(lora), out_dir)

@@ -19,8 +19,6 @@ client's memory is proportional to what it keeps.
 from __future__ import annotations
 
 import copy
-import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,7 +344,7 @@ def safetensors_files(path: str | Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not files:
         raise SplitError(f"no .safetensors file in {path}; save the full model with save_full_model() "
-                         "(or convert a GGUF file with resolve_checkpoint()).")
+                         "(or convert a GGUF file with model.resolve_checkpoint()).")
     return files
 
 
@@ -509,25 +507,7 @@ def save_full_model(model: Any, out_dir: str | Path, tokenizer: Any = None) -> P
     return out_dir
 
 
-def resolve_checkpoint(name: str | Path, work_dir: str | Path) -> Path:
-    """A folder of safetensors for `name`: a safetensors folder as is, or a GGUF file converted once.
-
-    The converted copy is the one `model.load_base_model` writes and reads
-    (`work_dir/base-models/<stem>-<hash>`), so clients, the service and the trainer share it.
-    """
-    from fellrec_flwr import model as model_loading
-
-    gguf = model_loading.find_gguf(str(name))
-    if gguf is None:
-        safetensors_files(name)  # raises a clear error when there are none
-        return Path(name).expanduser()
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = Path(work_dir).expanduser() / "base-models" / f"{gguf.stem}-{key}"  # = model._load_gguf's folder
-    if not (out / "config.json").exists():
-        model_loading._convert_gguf(gguf, out)
-    return out
-
-
 def default_work_dir() -> Path:
-    return Path(os.environ.get("FELLREC_CACHE", Path.home() / ".cache" / "fellrec-flwr"))
+    from fellrec_flwr.paths import cache_root
+
+    return cache_root()

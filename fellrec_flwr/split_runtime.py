@@ -51,13 +51,13 @@ def attach_split(rt: Any, cfg: FellRecConfig, node_config: Mapping[str, Any], me
     if node.split_token_file:
         client = service_client(url, node.split_key(), token=node.split_token(), ca_file=node.split_ca_file or None)
     else:  # local simulation: the service's secret is on this machine
-        from server_app.split_service import default_secret_file
+        from fellrec_flwr.paths import default_secret_file
 
         client = service_client(url, node.split_key(), secret_file=default_secret_file())
     body = next((m for m in rt.model.modules() if isinstance(m, RemoteBody)), None)
     if body is not None:  # one simulation process serves many clients: switch identity
         body.client = client
         return
-    _ = rt.catalogue  # public embeddings from the full base model (or the server's cached copy), before the cut
+    # the catalogue (grounding) is embedded later, through the split: this process holds no middle layer
     make_split_model(rt.model, plan_for_model(rt.model, cfg.split.front_k, cfg.split.back_k), client,
                      wire=cfg.split.wire_dtype)

@@ -23,13 +23,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fellrec_flwr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fellrec_flwr.config import ConfigError, FellRecConfig, from_run_config
-from fellrec_flwr.lora_state import record_to_state, set_lora_state, state_to_record
+from fellrec_flwr.lora_state import record_to_state, state_to_record
 from fellrec_flwr.prepared import with_prepared_settings
 from fellrec_flwr.results import (
     PER_USER_FILE, atomic_write_json, final_intervals, plot_run, run_per_user_rows, summarise, write_metrics_csv,
     write_per_user_csv,
 )
-from fellrec_flwr.runtime import get_runtime
+from fellrec_flwr.runtime import initial_lora, prepare_data, save_adapter
 from strategies import make_strategy
 
 app = ServerApp()
@@ -81,11 +81,8 @@ def main(grid: Grid, context: Context) -> None:
         initial = state_to_record(ckpt.global_arrays)
         start_round = ckpt.round
         log(INFO, "Resuming %s from round %d (checkpoint %s)", cfg.resolved_run_name(), start_round, cfg.resume_from)
-    else:
-        rt = get_runtime(cfg)
-        initial = state_to_record(rt.initial_lora)  # the same LoRA init for every client
-    if cfg.split.enabled:
-        _ = get_runtime(cfg).catalogue  # computed once here from the full model; clients find it cached
+    else:  # the same seeded LoRA init for every client, from the model config: no weights loaded here
+        initial = state_to_record(initial_lora(cfg))
     atomic_write_json(run_dir / "config.json", cfg.to_run_config())
     log(INFO, "Run folder: %s", run_dir)
 
@@ -142,7 +139,7 @@ def baseline_rows_for(cfg: FellRecConfig) -> list[dict[str, Any]]:
     from fellrec_flwr.baselines import baseline_rows
 
     try:
-        return baseline_rows(get_runtime(cfg).data, ["valid", cfg.eval.final_split])
+        return baseline_rows(prepare_data(cfg), ["valid", cfg.eval.final_split])
     except Exception as err:  # noqa: BLE001 -- baselines are a convenience, never a reason to fail a run
         log(WARNING, "No popularity/Markov baselines in this run folder: %s", err)
         return []
@@ -159,8 +156,6 @@ def original_user_ids_for(cfg: FellRecConfig) -> dict[int, str] | None:
 
 def save_adapters(cfg: FellRecConfig, strategy: Any, global_arrays: ArrayRecord, run_dir: Path) -> None:
     """Each client's final LoRA as a peft adapter folder (PeftModel.from_pretrained loads it)."""
-    rt = get_runtime(cfg)
     for key in strategy.client_keys():
         arrays = strategy.personal_arrays(key) or global_arrays
-        set_lora_state(rt.model, record_to_state(arrays))
-        rt.model.save_pretrained(str(run_dir / "adapters" / f"client-{key}"))
+        save_adapter(cfg, record_to_state(arrays), run_dir / "adapters" / f"client-{key}")  # no base model needed

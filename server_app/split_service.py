@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from fellrec_flwr.paths import default_secret_file  # noqa: F401 (where a simulation's secret lives; re-exported)
 from fellrec_flwr.split import ServerBody, SplitError, build_server_body, load_server_body, plan_for_model
 from fellrec_flwr.split_auth import KEY_HEADER, TOKEN_HEADER, load_secret, server_ssl_context, verify_token
 from fellrec_flwr.wire import CONTENT_TYPE, WireError, decode, encode, read_header
@@ -642,9 +643,10 @@ def make_body(model: Any, front_k: int, back_k: int, device: str = "cpu", dtype:
     if isinstance(model, ServerBody):
         body = model
     elif isinstance(model, (str, Path)):
-        from fellrec_flwr.split import default_work_dir, resolve_checkpoint
+        from fellrec_flwr.model import resolve_checkpoint
+        from fellrec_flwr.paths import cache_root
 
-        path = resolve_checkpoint(model, work_dir or default_work_dir())
+        path = resolve_checkpoint(model, work_dir or cache_root())
         return load_server_body(path, front_k, back_k, dtype=dtype, device=device)
     else:
         body = build_server_body(model, plan_for_model(model, front_k, back_k))
@@ -676,29 +678,25 @@ def start_service(model: Any, secret: bytes, front_k: int = 1, back_k: int = 1, 
     return ServiceHandle(url, str(bound_host), int(bound_port), service, server, thread)
 
 
-def default_secret_file() -> Path:
-    from fellrec_flwr.split import default_work_dir
-
-    return default_work_dir() / "split-secret.txt"
-
-
 def start_service_for_run(cfg: Any, secret_file: str | Path | None = None) -> ServiceHandle:
-    """Simulation convenience: serve this run's base model on loopback.
+    """Simulation convenience: serve this run's middle layers on loopback.
 
-    The secret is read from `secret_file` (default `<cache>/split-secret.txt`, created with mode
-    600 if absent); simulated clients on the same machine derive their tokens from it with
-    `split_client.local_service_client`. In a deployment run the service as its own process.
+    Only the middle layers are read from the checkpoint (`model_parts.load_server_part`; 8/4-bit
+    and `cuda:N` as configured). The secret is read from `secret_file` (default
+    `<cache>/split-secret.txt`, created with mode 600 if absent); simulated clients on the same
+    machine derive their tokens from it. In a deployment run the service as its own process.
     """
-    from fellrec_flwr.runtime import get_runtime
+    from fellrec_flwr.model_parts import load_server_part
+    from fellrec_flwr.runtime import prepare_data
     from fellrec_flwr.split_auth import write_secret
 
     path = Path(secret_file or default_secret_file())
     if not path.exists():
         write_secret(path)
-    rt = get_runtime(cfg)
-    device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return start_service(rt.model, load_secret(path), cfg.split.front_k, cfg.split.back_k, device=device,
-                          dtype=cfg.model.dtype)
+    data = prepare_data(cfg)  # the tiny model's tokenizer and converted checkpoints live in this folder
+    body = load_server_part(cfg.model, data.titles, data.path, cfg.split.front_k, cfg.split.back_k)
+    device = next(body.parameters()).device
+    return start_service(body, load_secret(path), cfg.split.front_k, cfg.split.back_k, device=str(device))
 
 
 def _tiny_model(args: argparse.Namespace) -> Any:
