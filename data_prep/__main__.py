@@ -54,20 +54,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def summary(data, seconds: float) -> str:
-    m = data.manifest
-    c = m["counts"]
-    lines = [f"prepared data: {data.path}",
-             f"  {m['num_items']} items, {m['num_users']} users, {m['num_interactions']} interactions, "
-             f"{m['available_train_prompts']} training prompts available",
-             f"  order of each user's items: {m.get('split_order', '?')}",
-             f"  dropped: {m['dropped']}",
-             f"  {'':18}{'total':>8}  per client (0..{data.num_clients - 1})"]
-    for key in ("train", "valid", "test", "users", "train_interactions"):
-        lines.append(f"  {key:18}{c[key]['total']:>8}  {c[key]['per_client']}")
-    lines.append(f"  prep time {m['prep_seconds']} s when built; this call {seconds:.1f} s")
-    lines.append(f"  run on it: flwr run . --run-config \"data.prepared-dir='{data.path.resolve()}' "
-                 f"data.num-clients={data.num_clients} min-clients={data.num_clients}\" "
-                 f"--federation-config \"num-supernodes={data.num_clients}\"")
+    from fellrec_flwr.prepared import describe
+
+    lines = describe(data).splitlines()
+    lines.insert(-1, f"  prep time {data.manifest['prep_seconds']} s when built; this call {seconds:.1f} s")
     return "\n".join(lines)
 
 

@@ -204,3 +204,43 @@ def with_prepared_settings(cfg: Any) -> Any:
     if notes:
         getLogger("flwr").log(INFO, "Prepared data %s: %s", cfg.data.prepared_dir, ", ".join(notes))
     return dataclasses.replace(cfg, data=data)
+
+
+def describe(data: PreparedData) -> str:
+    """Counts of users, items, interactions and rows per client, the order used, what was
+    dropped, and the `flwr run` line that uses the folder."""
+    m = data.manifest
+    c = m["counts"]
+    lines = [f"prepared data: {data.path}",
+             f"  {m['num_items']} items, {m['num_users']} users, {m['num_interactions']} interactions, "
+             f"{m['available_train_prompts']} training prompts available",
+             f"  order of each user's items: {m.get('split_order', '?')}",
+             f"  dropped: {m['dropped']}",
+             f"  {'':18}{'total':>8}  per client (0..{data.num_clients - 1})"]
+    for key in ("train", "valid", "test", "users", "train_interactions"):
+        lines.append(f"  {key:18}{c[key]['total']:>8}  {c[key]['per_client']}")
+    n = data.num_clients
+    lines.append(f"  run on it: flwr run . --run-config \"data.prepared-dir='{data.path.resolve()}' "
+                 f"data.num-clients={n} min-clients={n}\" --federation-config \"num-supernodes={n}\"")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m fellrec_flwr.prepared FOLDER: check a prepared folder (checksums) and show its counts."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m fellrec_flwr.prepared FOLDER  (checks a prepared folder and prints its counts)",
+              file=sys.stderr)
+        return 2
+    try:
+        print(describe(PreparedData.load(args[0])))
+    except PreparedDataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
