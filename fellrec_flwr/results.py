@@ -218,6 +218,7 @@ def plot_run(frame: pd.DataFrame, run_dir: str | Path, title: str, per_user: pd.
         ax.set_xlabel("round")
         ax.set_ylabel("Recall@10 (valid)")
         ax.set_title(f"{title}: valid Recall@10" + (f", {n_users} users" if n_users else ""), fontsize=9)
+        _note(ax, zero_note({"Recall@10": valid["value"]}))
         ax.legend(fontsize=7)
         written.append(_save_fig(fig, run_dir / "recall_by_round.png"))
         plt.close(fig)
@@ -234,6 +235,7 @@ def plot_run(frame: pd.DataFrame, run_dir: str | Path, title: str, per_user: pd.
         n_users = frame[(frame["split"] == split) & (frame["metric"] == "num-examples")
                         & (frame["round"] == final["round"].max())]["value"].sum()
         ax.set_title(f"{title} — final {split}" + (f", {int(n_users)} users" if n_users else ""), fontsize=9)
+        _note(ax, zero_note({m: table[m] for m in table.columns}))
         written.append(_save_fig(fig, run_dir / "final_by_client.png"))
         plt.close(fig)
         break
@@ -260,6 +262,21 @@ def _plot_overall(ax: Any, per_user: pd.DataFrame | None) -> int:
             ax.plot(part["round"], part["recall@10"], marker="s", lw=2.5, color="tab:red", label=f"{method}, all users")
             n_users = int(part["n_users"].iloc[-1])
     return n_users
+
+
+def zero_note(values: Mapping[str, Any]) -> str:
+    """A line for a plot whose metric is 0 for every client, so an empty chart does not look broken."""
+    zero = [name for name, v in values.items() if len(v) and not np.any(np.asarray(v, dtype=float))]
+    if not zero:
+        return ""
+    return (f"{' and '.join(zero)} = 0 for every client: no evaluated user's target\n"
+            "was ranked in the top 10 (an untrained or too small model)")
+
+
+def _note(ax: Any, text: str) -> None:
+    if text:
+        ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=8,
+                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "grey"})
 
 
 def _save_fig(fig: Any, path: Path) -> Path:
