@@ -157,11 +157,12 @@ def load_tokenizer(model_cfg: ModelConfig, folder: Path) -> Any:
 def load_client_part(model_cfg: ModelConfig, titles: Titles, work_dir: str | Path, front_k: int,
                      back_k: int) -> tuple[nn.Module, Any]:
     """The client's part only (embedding, first front_k and last back_k layers, norm, head) and the
-    tokenizer; the server layers are placeholders until `split_client.make_split_model`."""
-    device, dtype, quant = settings(model_cfg)
+    tokenizer; the server layers are placeholders until `split_client.make_split_model`. Under
+    8/4-bit the held decoder layers are quantised and the rest is in the compute dtype."""
+    device, _, quant = settings(model_cfg)
     folder = checkpoint_for(model_cfg, titles, work_dir)
-    model = load_client_model(folder, front_k, back_k, dtype=dtype if quant is None else torch.float32,
-                              device="cpu" if quant is not None else device)
+    model = load_client_model(folder, front_k, back_k, dtype=compute_dtype_for(model_cfg),
+                              device="cpu" if quant is not None else device)  # bnb quantises on its way to the GPU
     if quant is not None:
         quantize_decoder_linears(model, quant, device)
     tokenizer = load_tokenizer(model_cfg, folder)
@@ -172,9 +173,9 @@ def load_client_part(model_cfg: ModelConfig, titles: Titles, work_dir: str | Pat
 def load_server_part(model_cfg: ModelConfig, titles: Titles, work_dir: str | Path, front_k: int,
                      back_k: int) -> ServerBody:
     """The server's middle layers only, with the compute dtype set from the config (never int8)."""
-    device, dtype, quant = settings(model_cfg)
+    device, _, quant = settings(model_cfg)
     folder = checkpoint_for(model_cfg, titles, work_dir)
-    body = load_server_body(folder, front_k, back_k, dtype=dtype if quant is None else torch.float32,
+    body = load_server_body(folder, front_k, back_k, dtype=compute_dtype_for(model_cfg),
                             device="cpu" if quant is not None else device)
     if quant is not None:
         quantize_decoder_linears(body, quant, device)
