@@ -174,6 +174,25 @@ class TrainCollator:
         }
 
 
+def bucketed_batches(lengths: Sequence[int], order: Sequence[int], batch_size: int, chunk_batches: int,
+                     generator: torch.Generator) -> list[list[int]]:
+    """Batches of indices with similar lengths, still random: less padding per batch.
+
+    The shuffled `order` is cut into chunks of ``chunk_batches * batch_size`` examples; each
+    chunk is sorted by length and cut into batches; then the batches of all chunks are
+    shuffled, so an epoch does not go from short to long. ``chunk_batches=1`` keeps the
+    plain shuffled batches (in shuffled batch order).
+    """
+    if batch_size < 1 or chunk_batches < 1:
+        raise ValueError(f"batch_size={batch_size} and chunk_batches={chunk_batches} must be >= 1.")
+    chunk = batch_size * chunk_batches
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: lengths[i])  # stable: ties keep shuffled order
+        batches.extend(part[b:b + batch_size] for b in range(0, len(part), batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-pad prompt ids for batched generation (new tokens are appended on the right)."""
     width = max(len(p) for p in prompts)

@@ -78,6 +78,15 @@ class TrainSettings:
     max_length: int = 256  # token cutoff of one prompt+response
     train_on_inputs: bool = True  # authors: loss over the whole sequence
     weight_decay: float = 0.0
+    # Learning rate per round: `warmup_steps` linear warm-up, then constant or linear decay
+    # (authors: linear, 20 warm-up steps). See trainer.lr_factor.
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | linear
+    # Speed (fellrec_flwr/speed.py, measured by bench/train_speed.py).
+    autocast: str = "auto"  # auto (bf16 on a CPU with avx512_bf16/amx_bf16) | bf16 | off
+    length_bucketing: bool = False  # batch similar lengths (within shuffled chunks): less padding
+    labelled_logits_only: bool = True  # LM head only on positions that carry a loss (exact)
+    prefix_cache_mb: int = 1024  # cache the frozen layers' output when LoRA is in the last layers only; 0 = off
 
 
 @dataclass
@@ -113,6 +122,9 @@ class EvalSettings:
     batch_size: int = 16
     final_split: str = "test"  # split evaluated after the last round
     early_stop_patience: int = 0  # rounds without valid-loss improvement; 0 = off
+    # Adapter each client is tested with after the last round: "best" = its own lowest
+    # valid loss (the authors test best_client{i}), "last" = the last round's.
+    test_adapter: str = "best"
     # How a user's list is made: "beam-l2" = the paper's free generation grounded by L2
     # distance; "constrained" = beam search over a trie of catalogue titles (constrained.py).
     decoding: str = "beam-l2"
@@ -202,6 +214,11 @@ class FellRecConfig:
         _positive("data.num-clients", self.data.num_clients)
         _positive("train.batch-size", self.train.batch_size)
         _positive("train.grad-accum", self.train.grad_accum)
+        _choice("train.lr-schedule", self.train.lr_schedule, ("constant", "linear"))
+        _choice("train.autocast", self.train.autocast, ("auto", "bf16", "off"))
+        _choice("eval.test-adapter", self.eval.test_adapter, ("best", "last"))
+        if self.train.warmup_steps < 0 or self.train.prefix_cache_mb < 0:
+            raise ConfigError("train.warmup-steps and train.prefix-cache-mb must be >= 0.")
         _positive("lora.r", self.lora.r)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train={self.fraction_train} must be in (0, 1].")

@@ -5,6 +5,15 @@ micro-batches (sum of token losses / token count), so gradient accumulation give
 same step as one big batch. The FedProx proximal term 0.5*mu*||theta - theta_received||^2
 over the trainable parameters is added to the objective but not to the reported loss.
 
+Learning rate: ``train.lr-schedule`` 'constant' or 'linear' (decay to ~0 at the last step),
+after ``train.warmup-steps`` of linear warm-up (see :func:`lr_factor`); the schedule restarts
+with every call, i.e. every round, as the authors' per-round HF Trainer does.
+
+Speed options (fellrec_flwr/speed.py; bench/train_speed.py measures them): bf16 autocast
+(``train.autocast``), length bucketing (``train.length-bucketing``), the LM head only on
+labelled positions (``train.labelled-logits-only``) and the frozen prefix's activations
+cached when LoRA sits in the last layers only (``train.prefix-cache-mb``).
+
 Reproducible: shuffling uses a private generator and dropout runs under a forked,
 seeded torch RNG, both derived from `seed`; on CPU two calls with the same seed and
 starting weights give bit-identical results.
@@ -14,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +36,17 @@ from fellrec_flwr.collate import (
     ExampleLike,
     Titles,
     TrainCollator,
+    bucketed_batches,
     encode_examples,
     pad_token_id_of,
 )
 from fellrec_flwr.config import TrainSettings
 from fellrec_flwr.prompts import GAMES, PromptDomain
 from fellrec_flwr.seeding import derive_seed, seeded_torch, torch_generator
+from fellrec_flwr.speed import FastForward, default_chooser, pad_hidden
+
+LR_SCHEDULES = ("constant", "linear")
+BUCKET_CHUNK_BATCHES = 16  # length bucketing sorts within chunks of this many batches
 
 
 class TrainingError(ValueError):
@@ -75,10 +89,66 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _batches(features: Sequence[EncodedExample], batch_size: int, collator: TrainCollator,
-             order: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-    return [collator([features[i] for i in order[start:start + batch_size]])
-            for start in range(0, len(order), batch_size)]
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at optimiser step `step` (0-based) of `total_steps`.
+
+    Warm-up: (step+1)/warmup for the first `warmup_steps` steps (so the first step already
+    moves, unlike transformers' step/warmup). Then 'constant' stays at 1 and 'linear' decays
+    as (total - step)/(total - warmup): 1 right after warm-up, 1/(total - warmup) at the last step.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise TrainingError(f"train.lr-schedule={schedule!r} is not one of {', '.join(LR_SCHEDULES)}.")
+    if warmup_steps < 0:
+        raise TrainingError(f"train.warmup-steps={warmup_steps} must be >= 0.")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def _index_batches(features: Sequence[EncodedExample], batch_size: int, order: Sequence[int],
+                   bucketing: bool, generator: torch.Generator) -> list[list[int]]:
+    if bucketing:
+        lengths = [len(f.input_ids) for f in features]
+        return bucketed_batches(lengths, order, batch_size, BUCKET_CHUNK_BATCHES, generator)
+    return [list(order[start:start + batch_size]) for start in range(0, len(order), batch_size)]
+
+
+def _collate(features: Sequence[EncodedExample], index_batches: Sequence[Sequence[int]], collator: TrainCollator,
+             prefix: Sequence[torch.Tensor] | None) -> list[dict[str, torch.Tensor]]:
+    """Collated batches; with cached prefix states, each batch also carries them ("prefix_hidden")."""
+    out = []
+    for idx in index_batches:
+        batch = collator([features[i] for i in idx])
+        if prefix is not None:
+            batch["prefix_hidden"] = pad_hidden([prefix[i] for i in idx])
+        out.append(batch)
+    return out
+
+
+def fast_forward(model: torch.nn.Module, train_cfg: TrainSettings, device: torch.device,
+                 features: Sequence[EncodedExample], collator: TrainCollator, backward: bool) -> FastForward:
+    """The loss forward the speed settings ask for (see fellrec_flwr/speed.py).
+
+    For ``train.autocast='auto'`` the first batch of `features` is the timing probe (a
+    training step without the optimiser when `backward`, a forward pass otherwise).
+    """
+    forward = FastForward(model, device, labelled_logits_only=train_cfg.labelled_logits_only,
+                          prefix_cache_mb=train_cfg.prefix_cache_mb)
+    sample = collator(list(features[:train_cfg.batch_size]))
+
+    def step(dtype: torch.dtype | None) -> None:
+        forward.dtype = dtype
+        if backward:
+            forward.loss_sum(sample)[0].backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                forward.loss_sum(sample)
+
+    forward.dtype = default_chooser().choose(train_cfg.autocast, device, model, step)
+    return forward
 
 
 def _check_factors(proximal_mu: float, lr_scale: float) -> None:
@@ -101,13 +171,12 @@ def train_local(
     proximal_mu: float = 0.0,
     lr_scale: float = 1.0,
     progress: bool = True,
-    warmup_steps: int = 0,
     domain: PromptDomain = GAMES,
 ) -> TrainResult:
     """Train the model's trainable parameters (the LoRA of a PeftModel) on `examples`, in place.
 
-    `lr_scale` multiplies ``train_cfg.lr`` (FELLRec's optional per-client factor);
-    `warmup_steps` ramps the learning rate linearly over the first steps of this call.
+    `lr_scale` multiplies ``train_cfg.lr`` (FELLRec's optional per-client factor); the
+    schedule (warm-up, decay) is :func:`lr_factor` over this call's optimiser steps.
     """
     _check_factors(proximal_mu, lr_scale)
     if not examples:
@@ -122,10 +191,13 @@ def train_local(
     batches_per_epoch = math.ceil(len(features) / train_cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / train_cfg.grad_accum)
     total_steps = steps_per_epoch * train_cfg.local_epochs
+    lr_factor(0, total_steps, train_cfg.warmup_steps, train_cfg.lr_schedule)  # bad settings fail here
+    forward = fast_forward(model, train_cfg, device, features, collator, backward=True)
+    prefix = forward.prefix_states([f.input_ids for f in features], train_cfg.batch_size)
 
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr * lr_scale, weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+        optimizer, lambda step: lr_factor(step, total_steps, train_cfg.warmup_steps, train_cfg.lr_schedule))
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     shuffle = torch_generator(derive_seed(seed, "shuffle"))
 
@@ -137,10 +209,13 @@ def train_local(
         with seeded_torch(derive_seed(seed, "dropout")):
             for _ in range(train_cfg.local_epochs):
                 order = torch.randperm(len(features), generator=shuffle).tolist()
-                batches = _batches(features, train_cfg.batch_size, collator, order)
+                index_batches = _index_batches(features, train_cfg.batch_size, order, train_cfg.length_bucketing,
+                                               shuffle)
+                batches = _collate(features, index_batches, collator, prefix)
                 for start in range(0, len(batches), train_cfg.grad_accum):
                     group = batches[start:start + train_cfg.grad_accum]
-                    loss = optimizer_step(model, optimizer, group, params, anchors, proximal_mu, device)
+                    loss = optimizer_step(model, optimizer, group, params, anchors, proximal_mu, device,
+                                          loss_fn=forward.loss_sum)
                     scheduler.step()
                     if loss is not None:
                         step_losses.append(loss)
@@ -161,11 +236,13 @@ def optimizer_step(
     anchors: Sequence[torch.Tensor],
     proximal_mu: float,
     device: torch.device,
+    loss_fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int]] | None = None,
 ) -> float | None:
     """One optimiser step over a group of micro-batches (collated by TrainCollator).
 
     Returns the step's token-mean loss, or None (and no step) when no token is labelled.
     `anchors` are the received values of `params`, used only when proximal_mu > 0.
+    `loss_fn(batch) -> (loss sum, label count)` defaults to the model's full logits.
     """
     tokens = sum(count_label_tokens(b["labels"]) for b in group)
     if tokens == 0:  # every label masked (possible with train_on_inputs=False and truncation)
@@ -173,9 +250,12 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     data_loss = 0.0
     for batch in group:
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                    use_cache=False)
-        loss_sum, _ = token_loss_sum(out.logits, batch["labels"])
+        if loss_fn is not None:
+            loss_sum, _ = loss_fn(batch)
+        else:
+            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                        use_cache=False)
+            loss_sum, _ = token_loss_sum(out.logits, batch["labels"])
         (loss_sum / tokens).backward()
         data_loss += loss_sum.item() / tokens
     if proximal_mu > 0:
@@ -205,15 +285,16 @@ def eval_loss(
     collator = TrainCollator(pad_token_id_of(tokenizer))
     order = sorted(range(len(features)), key=lambda i: len(features[i].input_ids))  # less padding
     device = model_device(model)
+    forward = fast_forward(model, train_cfg, device, [features[i] for i in order], collator, backward=False)
+    prefix = forward.prefix_states([f.input_ids for f in features], train_cfg.batch_size)
+    index_batches = [order[start:start + train_cfg.batch_size] for start in range(0, len(order), train_cfg.batch_size)]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for batch in tqdm(_batches(features, train_cfg.batch_size, collator, order), desc="eval loss",
+        for batch in tqdm(_collate(features, index_batches, collator, prefix), desc="eval loss",
                           disable=not progress, leave=False):
-            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                        use_cache=False)
-            loss_sum, n = token_loss_sum(out.logits, batch["labels"])
+            loss_sum, n = forward.loss_sum(batch)
             total += loss_sum.item()
             count += n
     finally:

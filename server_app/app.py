@@ -115,14 +115,17 @@ def main(grid: Grid, context: Context) -> None:
         else:
             final_arrays = initial
         last_round = start_round + max(remaining, 0)
+        # eval.test-adapter: each client's best adapter by its own valid loss (authors), or the last.
         strategy.evaluate_all(grid, final_arrays, split=cfg.eval.final_split, server_round=last_round,
-                              config=ConfigRecord(split_url))
+                              config=ConfigRecord(split_url), adapter=cfg.eval.test_adapter)
     frame = write_metrics_csv(run_dir / "metrics.csv", strategy.metric_rows())
     per_user = write_per_user_csv(run_dir / PER_USER_FILE, run_per_user_rows(cfg.strategy, strategy.user_ranks) + baselines,
                                   original_ids)
     summary = {"method": cfg.strategy, "run_name": cfg.resolved_run_name(), "failed_clients": strategy.failed_clients(),
                **summarise(frame, cfg.eval.final_split),
                "intervals": final_intervals(per_user, cfg.strategy, cfg.eval.final_split)}
+    summary["test_adapter"] = {"choice": cfg.eval.test_adapter,  # which round each client's tested adapter is from
+                               "best_valid_round": {str(k): r for k, (r, _) in sorted(strategy.client_best.items())}}
     atomic_write_json(run_dir / "summary.json", summary)
     plot_run(frame, run_dir, cfg.resolved_run_name(), per_user)
     save_adapters(cfg, strategy, final_arrays, run_dir)
@@ -155,7 +158,9 @@ def original_user_ids_for(cfg: FellRecConfig) -> dict[int, str] | None:
 
 
 def save_adapters(cfg: FellRecConfig, strategy: Any, global_arrays: ArrayRecord, run_dir: Path) -> None:
-    """Each client's final LoRA as a peft adapter folder (PeftModel.from_pretrained loads it)."""
+    """Each client's tested LoRA (eval.test-adapter: best or last) as a peft adapter folder
+    (PeftModel.from_pretrained loads it)."""
     for key in strategy.client_keys():
-        arrays = strategy.personal_arrays(key) or global_arrays
+        tested = strategy.best_personal_arrays(key) if cfg.eval.test_adapter == "best" else strategy.personal_arrays(key)
+        arrays = tested or global_arrays
         save_adapter(cfg, record_to_state(arrays), run_dir / "adapters" / f"client-{key}")  # no base model needed

@@ -145,6 +145,7 @@ class StrategyBase:
         self._warned_missing_key = False
         self.client_best: dict[int, tuple[int, float]] = {}  # key -> (round, valid loss)
         self._best_arrays: dict[int, ArrayRecord] = {}
+        self._send_best = False  # evaluate_all(adapter="best"): each client gets its best adapter
 
     # ------------------------------------------------------------------ identities
     @property
@@ -178,7 +179,8 @@ class StrategyBase:
         A ClientApp without a query handler answers with an error; such nodes get the
         fallback arrays, as new clients do.
         """
-        if not self.personalised or not self.has_personal_state():
+        sends_best = self._send_best and bool(self._best_arrays)  # best adapters are per client, too
+        if not sends_best and (not self.personalised or not self.has_personal_state()):
             return
         unknown = [n for n in node_ids if n not in self.node_to_key and n not in self._unidentifiable]
         if not unknown:
@@ -262,6 +264,13 @@ class StrategyBase:
         """The client's adapter from the round with its lowest own valid loss (else its current one)."""
         return self._best_arrays.get(client_key, self.personal_arrays(client_key))
 
+    def best_arrays_for_node(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The node's client's best adapter by its own valid loss; its usual arrays if it has none."""
+        key = self.node_to_key.get(node_id)
+        if key is not None and key in self._best_arrays:
+            return self._best_arrays[key]
+        return self.arrays_for_node(node_id, arrays)
+
     def add_train_config(self, config: ConfigRecord, node_id: int) -> None:
         """Per-node train settings, written into that node's own ConfigRecord copy."""
         config["lr-scale"] = 1.0
@@ -277,7 +286,8 @@ class StrategyBase:
                 self.add_train_config(node_config, node_id)
             else:
                 node_config["split"] = self._eval_split
-            node_arrays = self.arrays_for_node(node_id, arrays)
+            node_arrays = (self.best_arrays_for_node(node_id, arrays) if self._send_best and stage == "evaluate"
+                           else self.arrays_for_node(node_id, arrays))
             sent[node_id] = node_arrays
             content = RecordDict({self.arrayrecord_key: node_arrays, self.configrecord_key: node_config})
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
@@ -545,25 +555,31 @@ class StrategyBase:
 
     def evaluate_all(self, grid: Grid, arrays: ArrayRecord | None = None, split: str = "test",
                      server_round: int | None = None, config: ConfigRecord | None = None,
-                     timeout: float = 3600) -> MetricRecord | None:
+                     timeout: float = 3600, adapter: str = "last") -> MetricRecord | None:
         """Evaluate every connected client once, outside the loop (e.g. the final test split).
 
-        Personalised strategies send each client its own arrays; the others send ``arrays``
-        (default: the current global arrays). Rows are recorded under ``split`` at
-        ``server_round`` (default: the last finished round); early stopping is not touched.
+        ``adapter="last"``: personalised strategies send each client its own arrays, the others
+        ``arrays`` (default: the current global arrays). ``adapter="best"``: each client gets the
+        arrays of the round with its own lowest valid loss (the authors test ``best_client{i}``),
+        a client never evaluated on valid gets the "last" ones. Rows are recorded under ``split``
+        at ``server_round`` (default: the last finished round); early stopping is not touched.
         """
+        if adapter not in ("best", "last"):
+            raise ValueError(f"adapter={adapter!r} must be 'best' or 'last' (eval.test-adapter).")
         server_round = self.round_offset if server_round is None else server_round
         if arrays is None:
             arrays = self.global_arrays if self.global_arrays is not None else ArrayRecord()
         config = ConfigRecord(dict(config or {}))
         config["split"] = split
         self._force_evaluate = True
+        self._send_best = adapter == "best"
         try:
             messages = list(self.configure_evaluate(server_round, arrays, config, grid))
             replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
             return self.aggregate_evaluate(server_round, replies)
         finally:
             self._force_evaluate = False
+            self._send_best = False
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
