@@ -124,3 +124,32 @@ def test_folder_prepared_by_the_cli_is_reused_by_the_run(tmp_path, monkeypatch):
     config = json.loads((tmp_path / "out" / "reuse" / "config.json").read_text())
     # the run records the data it really used: the folder's settings, not the defaults
     assert (config["data.dataset"], config["data.user-col"], config["data.k-core"]) == ("table", "member", 3)
+
+
+@pytest.mark.slow
+def test_real_flwr_run_accepts_the_data_keys_and_keeps_the_ids(tmp_path):
+    """The same table through a real `flwr run` (SuperLink, Ray): the data.* keys pass Flower's
+    own check, the run finishes, and per_user.csv carries the table's ids."""
+    import subprocess
+
+    from flwr_procs import BIN, flower_env, free_port, kill_tree, pids_matching, run_list_json
+
+    log = write_log(tmp_path / "mylog")
+    port = free_port()
+    env = flower_env(tmp_path / "flwr-home", port, FELLREC_CACHE=str(tmp_path / "cache"))
+    text = (f"data.dataset='table' data.path='{tmp_path / 'mylog'}' data.sep=';' data.user-col='member' "
+            "data.item-col='sku' data.time-col='unix_time' data.title-col='name' data.k-core=3 "
+            "data.num-clients=2 data.partitioner='iid' data.valid-users=8 data.test-users=0 "
+            f"out-dir='{tmp_path / 'out'}' run-name='real' {FAST}")
+    cmd = [str(BIN / "flwr"), "run", str(ROOT), "--stream", "--run-config", text,
+           "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        output = proc.stdout + proc.stderr
+        runs = run_list_json(env)
+        assert runs and runs[-1]["status"] == "finished:completed", f"{runs}\n{output[-4000:]}"
+    finally:
+        kill_tree(pids_matching(f"--port {port}"))
+    per_user = pd.read_csv(tmp_path / "out" / "real" / "per_user.csv", dtype={"original_user_id": str})
+    final = per_user[(per_user["split"] == "test") & (per_user["method"] == "fellrec")]
+    assert set(final["original_user_id"]) == set(log["member"])
