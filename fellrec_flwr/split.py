@@ -395,6 +395,28 @@ def held_bytes_on_disk(path: str | Path, plan: SplitPlan, part: Part) -> int:
     return total
 
 
+def checkpoint_probe(path: str | Path, names: Iterable[str], n: int = 8) -> dict[str, list[float]]:
+    """The first `n` values of each named tensor, reading one row of it from the checkpoint: lets a
+    client that holds no middle layer check that the service serves the same weights."""
+    from safetensors import safe_open
+
+    wanted, out = set(names), {}
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as fh:
+            for key in wanted & set(fh.keys()):
+                out[key] = [float(x) for x in fh.get_slice(key)[0:1].flatten()[:n].float()]
+    return out
+
+
+def check_service_probe(path: str | Path, probe: dict[str, list[float]], url: str) -> None:
+    """Raise SplitError when the service's weight probe differs from this client's checkpoint."""
+    mine = checkpoint_probe(path, probe)
+    for name, values in probe.items():
+        if name in mine and not torch.allclose(torch.tensor(mine[name]), torch.tensor(values), rtol=1e-2, atol=1e-3):
+            raise SplitError(f"the split service at {url} holds different weights for {name} than this client's "
+                             f"checkpoint {path}: it serves another model (or another tiny-model seed).")
+
+
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -444,6 +466,7 @@ def load_client_model(path: str | Path, front_k: int, back_k: int, dtype: str | 
     if gen_file.exists():
         model.generation_config = GenerationConfig.from_pretrained(str(_config_dir(path)))
     model.split_plan = plan  # a plain attribute: lets make_split_model check the plan matches
+    model.split_checkpoint = str(path)  # where the middle layers' weights can be checked against the service
     return model.to(device=device, dtype=_torch_dtype(dtype)).eval()
 
 

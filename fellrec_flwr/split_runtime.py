@@ -40,7 +40,7 @@ def attach_split(rt: Any, cfg: FellRecConfig, node_config: Mapping[str, Any], me
     if not cfg.split.enabled:
         return
     from fellrec_flwr.client_state import node_settings
-    from fellrec_flwr.split import plan_for_model
+    from fellrec_flwr.split import _causal_lm, check_service_probe, plan_for_model
     from fellrec_flwr.split_client import RemoteBody, make_split_model, service_client
 
     url = cfg.split.service_url or str(message_config.get("split-url", ""))
@@ -58,6 +58,11 @@ def attach_split(rt: Any, cfg: FellRecConfig, node_config: Mapping[str, Any], me
     if body is not None:  # one simulation process serves many clients: switch identity
         body.client = client
         return
+    # a client-only model cannot compare the service's weight probe with its own layers: read the
+    # probed tensors' first values from the checkpoint instead
+    checkpoint = getattr(_causal_lm(rt.model), "split_checkpoint", None)
+    if checkpoint:
+        check_service_probe(checkpoint, client.info().get("probe", {}), url)
     # the catalogue (grounding) is embedded later, through the split: this process holds no middle layer
     make_split_model(rt.model, plan_for_model(rt.model, cfg.split.front_k, cfg.split.back_k), client,
                      wire=cfg.split.wire_dtype)

@@ -72,6 +72,19 @@ def test_service_part_holds_only_the_middle_layers(work_dir, front_k, back_k):
             assert torch.equal(mine[name], value), (layer_idx, name)
 
 
+def test_a_client_without_middle_layers_still_checks_the_service_weights(work_dir):
+    """The service's probe is compared with the checkpoint (one row read per probed tensor)."""
+    from fellrec_flwr.split import SplitError, check_service_probe, checkpoint_probe
+
+    folder = checkpoint_for(tiny_cfg(), TITLES, work_dir)
+    probe = load_server_part(tiny_cfg(), TITLES, work_dir, 1, 1).probe()
+    assert checkpoint_probe(folder, probe) == probe  # float32 checkpoint, float32 service: exact
+    check_service_probe(folder, probe, "http://svc")  # same weights: no error
+    other = {k: [v + 0.5 for v in values] for k, values in probe.items()}
+    with pytest.raises(SplitError, match="different weights"):
+        check_service_probe(folder, other, "http://svc")
+
+
 def test_checkpoint_is_prepared_once(work_dir, monkeypatch):
     folder = checkpoint_for(tiny_cfg(), TITLES, work_dir)
     monkeypatch.setattr(model_parts, "_save_tiny", lambda *a: pytest.fail("prepared twice"))
