@@ -1,9 +1,18 @@
-"""Atomic file and folder writes.
+"""Atomic file and folder writes, private by default.
 
 A reader must never see half a file: every writer here writes to a temporary name in
 the destination folder (same file system, so the rename is atomic) and then moves it
 into place with ``os.replace``. On any error the temporary is removed and the old
 file, if any, is left untouched.
+
+Outputs are private: files are created 0600 and folders 0700 (prepared data, adapters,
+checkpoints, secrets and results describe real users), from the first byte on -- the
+temporary is created with that mode, so there is no moment when it is readable by others.
+Pass `mode=` to share a file on purpose.
+
+A process killed mid-write (``kill -9``) leaves its temporary behind; every writer removes
+the stale temporaries of its own target first (`clean_stale_temporaries`): those of processes
+that no longer run, and any older than a day.
 """
 
 from __future__ import annotations
@@ -11,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,38 +31,103 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+STALE_AFTER_S = 60.0  # a dead writer's temporary older than this is removed
+ABANDONED_AFTER_S = 24 * 3600.0  # any temporary older than this is removed (pid reused, other host)
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(?:tmp|old)$")
+_LEGACY_TMP_RE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.(?:tmp|old)$")  # before the pid was in the name
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+
+def private_mkdir(path: str | Path) -> Path:
+    """mkdir -p whose new folders are 0700 (Path.mkdir gives missing parents the umask's mode)."""
+    path = Path(path)
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=DIR_MODE)
+        except FileExistsError:  # a concurrent writer made it
+            pass
+    return Path(missing[0]) if missing else path
 
 
-# mkstemp/mkdtemp create private (0600/0700) entries; finished outputs get the usual
-# permissions instead, so another user or container can read prepared data.
-_UMASK = _read_umask()
-FILE_MODE = 0o666 & ~_UMASK
-DIR_MODE = 0o777 & ~_UMASK
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Remove temporaries left in `folder` by killed writers (of target `name`, or of any target).
+
+    Ours are named ``.<target>.<pid>.<random>.tmp`` (``.old`` for a replaced folder in transit): one
+    whose process is gone and that is older than STALE_AFTER_S is removed, as is any older than
+    ABANDONED_AFTER_S (and legacy names without a pid after ABANDONED_AFTER_S).
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    pattern = f".{glob_escape(name)}.*" if name else ".*"
+    for entry in folder.glob(pattern):
+        match = _TMP_RE.match(entry.name)
+        try:
+            age = now - entry.lstat().st_mtime
+        except OSError:
+            continue
+        if match and (name is None or match["name"] == name):
+            pid = int(match["pid"])
+            stale = age > ABANDONED_AFTER_S or (age > STALE_AFTER_S and pid != os.getpid() and not _pid_alive(pid))
+        else:
+            legacy = _LEGACY_TMP_RE.match(entry.name)
+            stale = bool(legacy) and (name is None or legacy["name"] == name) and age > ABANDONED_AFTER_S
+        if not stale:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?[])", r"[\1]", text)
+
+
+def _prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
 
 
 @contextlib.contextmanager
-def _temp_file_for(path: Path) -> Iterator[Path]:
+def _temp_file_for(path: Path, mode: int = FILE_MODE) -> Iterator[Path]:
     """Yield a fresh temporary path beside `path`; rename it onto `path` on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    private_mkdir(path.parent)
+    clean_stale_temporaries(path.parent, path.name)
+    fd, tmp_name = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)  # created 0600
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, mode)  # before the rename: the final name never has another mode
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = FILE_MODE) -> Path:
     path = Path(path)
-    with _temp_file_for(path) as tmp:
+    with _temp_file_for(path, mode) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -59,8 +135,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
-    return atomic_write_bytes(path, text.encode(encoding))
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8", mode: int = FILE_MODE) -> Path:
+    return atomic_write_bytes(path, text.encode(encoding), mode)
 
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
@@ -97,15 +173,16 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     (several ClientApps preparing the same data) can catch that and use the winner's.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    private_mkdir(path.parent)
+    clean_stale_temporaries(path.parent, path.name)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))  # created 0700
     try:
         yield tmp
         os.chmod(tmp, DIR_MODE)
         if path.exists():
             if not overwrite:
                 raise FileExistsError(f"{path} already exists; not replacing it.")
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            trash = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, trash / "old")
             os.replace(tmp, path)
             shutil.rmtree(trash, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -231,6 +232,7 @@ class FellRecConfig:
             raise ConfigError("fellrec.beta must be > 0 (the exponent uses 1/beta).")
         if self.split.enabled and (self.split.front_k < 1 or self.split.back_k < 1):
             raise ConfigError("split.front-k and split.back-k must be >= 1 when split.enabled.")
+        _plain_name("run-name", self.run_name)
         return self
 
     def resolved_run_name(self) -> str:
@@ -244,6 +246,16 @@ class FellRecConfig:
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}.")
+
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _plain_name(key: str, value: str) -> None:
+    """A folder name under out-dir, never a path: an absolute or ../ name would write anywhere."""
+    if value and (not _PLAIN_NAME.match(value) or ".." in value):
+        raise ConfigError(f"{key}={value!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' "
+                          "or '..'); choose where runs go with out-dir.")
 
 
 def _positive(key: str, value: int) -> None:

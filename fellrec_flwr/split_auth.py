@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import os
 import re
 import secrets
 import ssl
@@ -67,13 +66,12 @@ def load_secret(path: str | Path) -> bytes:
 
 
 def write_secret(path: str | Path, secret: bytes | None = None) -> bytes:
-    """Write a (new) secret readable by the owner only, atomically."""
+    """Write a (new) secret readable by the owner only, atomically: the temporary is created 0600
+    and renamed into place, so no reader ever sees the secret with a wider mode."""
     from fellrec_flwr.atomic import atomic_write_bytes
 
     secret = secret or new_secret()
-    path = Path(path)
-    atomic_write_bytes(path, secret + b"\n")
-    os.chmod(path, 0o600)
+    atomic_write_bytes(Path(path), secret + b"\n", mode=0o600)
     return secret
 
 

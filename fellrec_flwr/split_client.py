@@ -22,9 +22,11 @@ Three ways through the proxy:
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -45,7 +47,8 @@ from fellrec_flwr.wire import CONTENT_TYPE, decode, encode, wire_dtype
 log = logging.getLogger(__name__)
 
 BodyObserver = Callable[[str, bytes], None]  # (path, request body) — for audits and tests
-_RETRY_STATUSES = {500, 502, 503, 504}
+# 500 is not retried: it is a bug or an out-of-memory on this very request, which a retry repeats.
+_RETRY_STATUSES = {502, 503, 504}
 _SESSION_LOST = {"unknown_session", "session_out_of_sync"}
 
 
@@ -66,19 +69,62 @@ class SplitServiceUnavailable(ConnectionError):
 # ---------------------------------------------------------------------------
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_service_url(url: str, tls_configured: bool, allow_insecure_http: bool = False) -> None:
+    """The token is a bearer credential: it only travels over https, except to this machine.
+
+    Plain http is accepted for a loopback host (a local simulation: nothing leaves the machine)
+    or with the explicit development flag `allow_insecure_http`, never when a CA is configured
+    (that says TLS was meant).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SplitError(f"split service url {url!r} must look like https://host:port (or http://127.0.0.1:port).")
+    if parts.scheme == "https":
+        return
+    if tls_configured:
+        raise SplitError(f"split service url {url!r} is plain http but a CA file is configured: use "
+                         f"https://{parts.netloc} so the token is encrypted and the server verified.")
+    if not (_is_loopback(parts.hostname) or allow_insecure_http):
+        raise SplitError(f"split service url {url!r} is plain http to another machine: the client token would "
+                         f"travel in clear. Use https://{parts.netloc} (start_split_service.sh serves TLS); "
+                         "allow_insecure_http=True exists for a trusted development network only.")
+
+
+class _NoDelayHTTPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see server_app.split_service._nodelay
+
+
+class _NoDelayHTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class SplitServiceClient:
     """Talks to one split service: keep-alive connection per thread, bounded retries with back-off.
 
-    Retries cover connection errors and 5xx answers (a restarting service), with delays
-    backoff, 2*backoff, ... capped at max_backoff; 4xx answers raise SplitServiceError at once.
+    Retries cover connection errors and 502/503/504 answers (a restarting or busy service), with
+    delays backoff, 2*backoff, ... capped at max_backoff; other answers >= 300 raise
+    SplitServiceError at once (a redirect is never followed: the token goes to this URL only).
     """
 
     def __init__(self, url: str, client_key: str, token: str, timeout: float = 120.0, retries: int = 6,
                  backoff: float = 0.25, max_backoff: float = 8.0, ca_file: str | Path | None = None,
-                 ssl_context: ssl.SSLContext | None = None, body_observer: BodyObserver | None = None):
+                 ssl_context: ssl.SSLContext | None = None, body_observer: BodyObserver | None = None,
+                 allow_insecure_http: bool = False):
+        check_service_url(url, tls_configured=bool(ca_file or ssl_context), allow_insecure_http=allow_insecure_http)
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SplitError(f"split service url {url!r} must look like http://host:port or https://host:port.")
         self.url = url.rstrip("/")
         self.host, self.port, self.tls = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), \
             parts.scheme == "https"
@@ -100,9 +146,9 @@ class SplitServiceClient:
         if conn is not None:
             return conn, True
         if self.tls:
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.ssl_context)
+            conn = _NoDelayHTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.ssl_context)
         else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            conn = _NoDelayHTTPConnection(self.host, self.port, timeout=self.timeout)
         self._local.conn = conn
         return conn, False
 
@@ -136,8 +182,13 @@ class SplitServiceClient:
                     self.stats["requests"] += 1
                     self.stats["bytes_sent"] += len(body)
                     self.stats["bytes_received"] += len(data)
-                if resp.status < 400:
+                if 200 <= resp.status < 300:
                     return data
+                if 300 <= resp.status < 400:  # never followed: the token must not reach another URL
+                    raise SplitServiceError(resp.status, "redirect_refused",
+                                            f"the service answered a redirect to "
+                                            f"{str(resp.getheader('Location', '?'))[:200]!r}, which is not "
+                                            "followed; configure the final https URL instead.")
                 if resp.status not in _RETRY_STATUSES:
                     raise _service_error(resp.status, data)
                 last = _service_error(resp.status, data)

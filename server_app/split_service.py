@@ -5,8 +5,8 @@
 
 Endpoints (all POST bodies and tensor replies are safetensors, see `fellrec_flwr.wire`):
 
-    GET  /v1/health          liveness (no credentials needed)
-    GET  /v1/info            hidden size, layer range, dtype, limits, a weight probe
+    GET  /v1/health          liveness (no credentials needed; never waits for the compute lock)
+    GET  /v1/info            hidden size, layer range, dtype, limits, a weight probe (needs a token)
     POST /v1/forward         hidden [B,Q,H] (+ attention_mask [B,Q] bool, position_ids [1|B,Q])
                              -> hidden [B,Q,H]; metadata keep_graph=1 keeps the autograd graph
                              for the matching backward (an optimisation, see below)
@@ -26,14 +26,24 @@ Every request carries X-Client-Key / X-Client-Token (HMAC, see `fellrec_flwr.spl
 validated completely before any compute; a bad request gets a JSON error
 ``{"error": {"code": ..., "message": ...}}`` with an HTTP status, and the service keeps serving.
 Compute is serialised with one lock (one model, one device); parsing and validation run in the
-request threads. Inference sessions belong to the client key that created them, expire after
-`session_ttl_s` idle, and are evicted least-recently-used beyond `session_cache_bytes`.
+request threads, and shapes and limits are checked from the safetensors header before any tensor
+is materialised. Inference sessions belong to the client key that created them and expire after
+`session_ttl_s` idle. Each client has a KV quota (`session_bytes_per_client`): a step that would
+take a client over it first drops that client's own least-recently-used sessions, and a single
+session over it is refused (413); another client's session is only ever evicted once it has been
+idle `session_evict_idle_s`, otherwise a full service answers 503 (the client retries).
+
+The transport is the standard library's HTTP server, hardened (see docs/security.md): TCP_NODELAY
+on every connection, a whole-request deadline, obs-fold headers and GET bodies refused, 500s that
+never carry internals, a configurable listen backlog.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
 import secrets
@@ -71,10 +81,14 @@ class ServiceLimits:
     max_tokens: int = 1 << 18  # batch x sequence per request
     session_ttl_s: float = 600.0
     session_cache_bytes: int = 2 << 30  # KV caches of all sessions together
+    session_bytes_per_client: int = 512 << 20  # one client's sessions together (capped by the above)
+    session_evict_idle_s: float = 60.0  # another client's session may be evicted for room after this idle
     max_sessions_per_client: int = 32
     activation_cache_bytes: int = 2 << 30  # graphs kept between forward and backward; 0 = always recompute
     activation_ttl_s: float = 120.0
-    socket_timeout_s: float = 120.0  # idle keep-alive connections and slow senders are dropped
+    socket_timeout_s: float = 120.0  # per receive: idle keep-alive connections are dropped
+    request_timeout_s: float = 300.0  # whole request (headers + body + reply): slow-drip senders are dropped
+    listen_backlog: int = 128  # pending connections the kernel queues before refusing
 
 
 class ApiError(Exception):
@@ -170,6 +184,9 @@ class SplitService:
             header, meta = read_header(data)
         except WireError as err:
             raise ApiError(400, "bad_body", str(err)) from None
+        except (RecursionError, TypeError, ValueError, KeyError, IndexError):  # deeply nested or odd JSON
+            raise ApiError(400, "bad_body", "the safetensors header is malformed (nesting, types or offsets).") \
+                from None
         names = set(header)
         if required - names:
             raise ApiError(400, "missing_tensor", f"missing tensors {sorted(required - names)}; "
@@ -180,25 +197,24 @@ class SplitService:
             raise ApiError(400, "bad_metadata", f"unexpected metadata keys {sorted(set(meta) - meta_keys)}.")
         allowed = {"hidden": _HIDDEN_DTYPES, "grad": _HIDDEN_DTYPES, "attention_mask": ("BOOL",),
                    "position_ids": _INDEX_DTYPES, "beam_idx": _INDEX_DTYPES}
-        for name in names:
-            if header[name].get("dtype") not in allowed[name]:
-                raise ApiError(400, "bad_dtype", f"{name} has dtype {header[name].get('dtype')}; "
-                                                 f"allowed: {', '.join(allowed[name])}.")
+        for name in sorted(names):
+            _check_entry(name, header[name], allowed[name])
+        # Shapes and limits from the header, before any tensor is materialised.
+        self._check_hidden_shape(header["hidden"]["shape"])
         try:
             tensors, _ = decode(data)
         except WireError as err:
             raise ApiError(400, "bad_body", str(err)) from None
         return tensors, meta
 
-    def _check_hidden(self, t: dict[str, torch.Tensor]) -> tuple[int, int]:
-        h = t["hidden"]
-        if h.dim() != 3:
-            raise ApiError(400, "bad_shape", f"hidden must be [batch, seq, hidden]; got shape {list(h.shape)}.")
-        b, q, hs = h.shape
+    def _check_hidden_shape(self, shape: list[int] | torch.Size) -> tuple[int, int]:
+        if len(shape) != 3:
+            raise ApiError(400, "bad_shape", f"hidden must be [batch, seq, hidden]; got shape {list(shape)}.")
+        b, q, hs = shape
         if hs != self.hidden_size:
             raise ApiError(400, "bad_hidden_size", f"hidden size {hs} != the model's {self.hidden_size}.")
         if b < 1 or q < 1:
-            raise ApiError(400, "bad_shape", f"empty hidden states (shape {list(h.shape)}).")
+            raise ApiError(400, "bad_shape", f"empty hidden states (shape {list(shape)}).")
         lim = self.limits
         if b > lim.max_batch:
             raise ApiError(413, "batch_too_large", f"batch {b} > limit {lim.max_batch}; split the batch.")
@@ -206,6 +222,11 @@ class SplitService:
             raise ApiError(413, "sequence_too_long", f"sequence {q} > limit {lim.max_seq}.")
         if b * q > lim.max_tokens:
             raise ApiError(413, "too_many_tokens", f"batch x seq = {b * q} > limit {lim.max_tokens}.")
+        return b, q
+
+    def _check_hidden(self, t: dict[str, torch.Tensor]) -> tuple[int, int]:
+        h = t["hidden"]
+        b, q = self._check_hidden_shape(h.shape)
         if not torch.isfinite(h).all():
             raise ApiError(400, "non_finite", "hidden contains NaN or inf.")
         return b, q
@@ -260,9 +281,10 @@ class SplitService:
             else:
                 h.requires_grad_(True)
                 counter = _SavedBytes(self._param_ptrs)
-                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda x: x):
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(counter.pack, _unpack):
                     out = self.body(h, mask, pos)
-                nbytes = counter.total + sum(v.numel() * v.element_size() for v in t.values())
+                # everything the entry keeps alive: saved tensors, the input, the output, the wire copies
+                nbytes = counter.add(h, out, *t.values())
                 if nbytes <= self.limits.activation_cache_bytes:
                     aid = secrets.token_hex(8)
                     self._activations[(client, aid)] = _Activation(client, dict(t), h, out, nbytes)
@@ -294,13 +316,25 @@ class SplitService:
 
     def _expire_activations(self) -> None:
         now = time.monotonic()
-        for key in [k for k, a in self._activations.items() if now - a.created > self.limits.activation_ttl_s]:
+        expired = [k for k, a in self._activations.items() if now - a.created > self.limits.activation_ttl_s]
+        for key in expired:
             del self._activations[key]
+        if expired:
+            _release_freed_memory()
 
     def _evict_activations(self) -> None:
+        """Oldest first until the kept graphs fit the cap. Freed at once: a kept graph holds no
+        reference cycle (see _SavedBytes.pack), so dropping the entry drops its tensors."""
         cap = self.limits.activation_cache_bytes
+        evicted = False
         while self._activations and sum(a.nbytes for a in self._activations.values()) > cap:
             self._activations.popitem(last=False)
+            evicted = True
+        if evicted:
+            _release_freed_memory()
+
+    def activation_bytes(self) -> int:
+        return sum(a.nbytes for a in list(self._activations.values()))
 
     # -- inference sessions -----------------------------------------------------------------
 
@@ -316,6 +350,45 @@ class SplitService:
         session = _Session(secrets.token_urlsafe(16), client, self.body.new_cache())
         self._sessions[session.sid] = session
         return session
+
+    def _kv_bytes(self, batch: int, tokens: int) -> int:
+        """The server KV cache of `tokens` positions x `batch` rows (keys and values, all server layers)."""
+        cfg = self.body.config
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or self.hidden_size // heads)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * len(self.body.plan.server_layers) * kv_heads * head_dim * elem * batch * tokens
+
+    def _client_quota(self) -> int:
+        return min(self.limits.session_bytes_per_client, self.limits.session_cache_bytes)
+
+    def _reserve_session_memory(self, client: str, sid: str, batch: int, tokens: int) -> None:
+        """Make room for a session that will hold `tokens` x `batch` KV entries, or refuse.
+
+        Before any compute, so a refused step changes nothing. The client's own sessions go first
+        (least recently used); another client's session only when it has idled session_evict_idle_s.
+        """
+        need, quota, cap = self._kv_bytes(batch, tokens), self._client_quota(), self.limits.session_cache_bytes
+        if need > quota:
+            raise ApiError(413, "session_too_large",
+                           f"this step would grow the session's KV cache to {need} bytes, over the per-client "
+                           f"quota of {quota} bytes; use a smaller batch or fewer tokens (or ask the operator "
+                           "to raise --session-quota-mb).")
+        mine = [s for s in self._sessions.values() if s.owner == client and s.sid != sid]
+        while mine and sum(s.nbytes for s in mine) + need > quota:
+            del self._sessions[mine.pop(0).sid]  # LRU order: this client's least recently used first
+        others = [s for s in self._sessions.values() if s.sid != sid]
+        now = time.monotonic()
+        idle = [s for s in others if s.owner != client and now - s.last_used >= self.limits.session_evict_idle_s]
+        while idle and sum(s.nbytes for s in others) + need > cap:
+            victim = idle.pop(0)
+            del self._sessions[victim.sid]
+            others.remove(victim)
+        if sum(s.nbytes for s in others) + need > cap:
+            raise ApiError(503, "service_full",
+                           f"the service's KV memory ({cap} bytes) is taken by other clients' active sessions; "
+                           "retry shortly (the client does, with back-off).")
 
     def _owned(self, client: str, sid: str) -> _Session:
         session = self._sessions.get(sid)
@@ -380,6 +453,12 @@ class SplitService:
                                f"the session holds {session.past_len} tokens; the request says past_len={past}.")
             if past and b != session.batch:
                 raise ApiError(400, "bad_shape", f"batch {b} differs from the session's batch {session.batch}.")
+            try:
+                self._reserve_session_memory(client, session.sid, b, past + q)
+            except ApiError:
+                if not past:  # a session created by this very request holds nothing yet
+                    self._sessions.pop(session.sid, None)
+                raise
             new_keys = mask if mask is not None else torch.ones(b, q, dtype=torch.bool, device=self.device)
             try:
                 with torch.no_grad():
@@ -402,39 +481,95 @@ class SplitService:
                       {"session": session.sid, "past_len": str(session.past_len)})
 
     def _enforce_session_memory(self, current: _Session) -> None:
-        cap = self.limits.session_cache_bytes
-        for sid in list(self._sessions):
-            if sum(s.nbytes for s in self._sessions.values()) <= cap:
-                return
-            if sid != current.sid:
-                del self._sessions[sid]
-        if current.nbytes > cap:
+        """After the step, with the real sizes: only ever this client's own sessions are dropped."""
+        quota = self._client_quota()
+        mine = [s for s in self._sessions.values() if s.owner == current.owner and s.sid != current.sid]
+        while mine and sum(s.nbytes for s in mine) + current.nbytes > quota:
+            del self._sessions[mine.pop(0).sid]
+        if current.nbytes > quota:
             del self._sessions[current.sid]
-            raise ApiError(507, "session_memory_exceeded",
-                           f"this session's KV cache ({current.nbytes} bytes) exceeds the service cap ({cap}).")
+            raise ApiError(413, "session_too_large",
+                           f"this session's KV cache ({current.nbytes} bytes) exceeds the per-client quota ({quota}).")
 
     def session_count(self) -> int:
-        with self._lock:
-            return len(self._sessions)
+        return len(self._sessions)  # no lock: a health check must answer while compute runs
 
 
 class _SavedBytes:
-    """Counts bytes autograd saves for backward (parameters excluded: they are not extra memory)."""
+    """Bytes a kept graph holds: the storages of every tensor autograd saves for backward, plus
+    those passed to `add` (input, output, wire tensors), each storage counted once and whole (a
+    saved view keeps its entire storage alive). Parameters are excluded: they are not extra memory."""
 
     def __init__(self, param_ptrs: set[int]):
         self.param_ptrs = param_ptrs
-        self.seen: set[int] = set()
-        self.total = 0
+        self.storages: dict[int, int] = {}
+
+    def _count(self, x: torch.Tensor) -> None:
+        try:
+            storage = x.untyped_storage()
+            ptr = storage.data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensors without storage
+            return
+        if ptr not in self.param_ptrs:
+            self.storages[ptr] = max(self.storages.get(ptr, 0), storage.nbytes())
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            ptr = x.untyped_storage().data_ptr()
-            if ptr not in self.param_ptrs and ptr not in self.seen:
-                self.seen.add(ptr)
-                self.total += x.untyped_storage().nbytes()
-        except (RuntimeError, NotImplementedError):  # tensors without storage
-            pass
-        return x
+        self._count(x)
+        # A detached alias, not `x` itself: returning a saved *output* would let the graph hold the
+        # tensor whose grad_fn is that graph, a reference cycle only the garbage collector frees
+        # (which is how kept graphs used to outlive their eviction). Autograd re-attaches grad_fn
+        # on unpack, and the alias shares the storage, so nothing is copied.
+        return x.detach()
+
+    def add(self, *tensors: torch.Tensor) -> int:
+        for t in tensors:
+            self._count(t)
+        return sum(self.storages.values())
+
+
+def _unpack(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise, so RSS would not fall
+    after an eviction even though the memory is free)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "BOOL": 1, "I32": 4, "I64": 8}
+_MAX_DIMS = 4
+
+
+def _check_entry(name: str, entry: dict[str, Any], dtypes: Any) -> None:
+    """One safetensors header entry: an allowed dtype, a small rank, and offsets that span exactly
+    the bytes the shape needs (so decoding allocates no more than the body already holds)."""
+    dtype = entry.get("dtype")
+    if dtype not in dtypes:
+        raise ApiError(400, "bad_dtype", f"{name} has dtype {str(dtype)[:16]}; allowed: {', '.join(dtypes)}.")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if len(shape) > _MAX_DIMS:
+        raise ApiError(400, "bad_shape", f"{name} has {len(shape)} dimensions; at most {_MAX_DIMS}.")
+    if not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets) or offsets[0] > offsets[1]:
+        raise ApiError(400, "bad_body", f"tensor {name!r} has malformed data_offsets.")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * _DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
+        raise ApiError(400, "bad_body", f"tensor {name!r}: its shape needs {numel * _DTYPE_BYTES[dtype]} bytes, "
+                                        f"its offsets span {offsets[1] - offsets[0]}.")
 
 
 def _same_inputs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -457,13 +592,20 @@ def _cache_bytes(cache: Any) -> int:
     return total
 
 
+_MAX_JSON_BYTES = 1 << 16
+
+
 def _parse_json(data: bytes, allowed: set[str]) -> dict[str, Any]:
     if not data:
         return {}
+    if len(data) > _MAX_JSON_BYTES:
+        raise ApiError(413, "body_too_large", f"a JSON body is at most {_MAX_JSON_BYTES} bytes.")
     try:
         obj = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ApiError(400, "bad_json", f"body is not JSON: {err}") from None
+    except RecursionError:
+        raise ApiError(400, "bad_json", "body is nested too deeply.") from None
     if not isinstance(obj, dict):
         raise ApiError(400, "bad_json", "body must be a JSON object.")
     if set(obj) - allowed:
@@ -487,6 +629,20 @@ _POST_ROUTES: dict[str, Callable[[SplitService, str, bytes], bytes]] = {
 _GET_ROUTES = ("/v1/health", "/v1/info")
 
 
+def _nodelay(sock: socket.socket) -> None:
+    """Small requests and replies go out at once: without this, Nagle's algorithm holds a reply's
+    body until the peer's delayed ACK of its headers (~40 ms per keep-alive request)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # not TCP (a test's socketpair): nothing to tune
+        pass
+
+
+def _printable(value: Any, limit: int = 64) -> str:
+    """A header value fit for one log line: control characters escaped, length capped."""
+    return repr(str(value)[:limit])
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: every reply carries Content-Length
     server: "_HTTPServer"
@@ -508,8 +664,18 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.track(self.connection, False)
 
+    def handle_one_request(self) -> None:
+        # A whole-request deadline (the socket timeout only bounds each receive, so a sender
+        # dripping a byte at a time would hold this thread forever): the server's watchdog shuts
+        # the connection down if this request is not answered in time.
+        self.server.arm(self.connection, time.monotonic() + self.server.service.limits.request_timeout_s)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.arm(self.connection, None)
+
     def log_message(self, fmt: str, *args: Any) -> None:  # route the access log to logging
-        log.debug("%s " + fmt, self.address_string(), *args)
+        log.debug("%s " + fmt, self.address_string(), *(_printable(a, 200) for a in args))
 
     def _reply(self, status: int, body: bytes, ctype: str = "application/json", close: bool = False) -> None:
         self.send_response(status)
@@ -523,13 +689,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, err: ApiError, close: bool = False) -> None:
         self.server.service.stats["errors"] += 1
-        log.info("refused %s from %s: %s %s", self.path, self.headers.get(KEY_HEADER, "?"), err.code, err.message)
+        log.info("refused %s from %s: %s %s", _printable(self.path), _printable(self.headers.get(KEY_HEADER, "?")),
+                 err.code, err.message)
         self._reply(err.status, err.body(), close=close)
+
+    def _check_headers(self, may_have_body: bool) -> None:
+        """Refuse what a proxy in front might read differently from us (request smuggling shapes)."""
+        for name, value in self.headers.items():
+            if "\r" in value or "\n" in value:  # obs-fold: a header continued on the next line
+                raise ApiError(400, "bad_header", f"header {_printable(name, 32)} is folded across lines "
+                                                  "(obsolete line folding is not accepted).")
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise ApiError(411 if may_have_body else 400, "length_required",
+                           "Transfer-Encoding is not accepted; send a Content-Length header.")
+        if len(self.headers.get_all("Content-Length") or []) > 1:
+            raise ApiError(400, "bad_content_length", "more than one Content-Length header.")
+        if not may_have_body and self.headers.get("Content-Length", "0").strip() not in ("", "0"):
+            raise ApiError(400, "unexpected_body", f"{self.command} requests carry no body.")
 
     def do_GET(self) -> None:
         service = self.server.service
-        if self.path == "/v1/health":
-            self._reply(200, json.dumps({"status": "ok", "sessions": service.session_count()}).encode())
+        try:
+            self._check_headers(may_have_body=False)
+        except ApiError as err:
+            return self._error(err, close=True)  # an unread body must not be parsed as the next request
+        if self.path == "/v1/health":  # liveness only: nothing about clients, and never the compute lock
+            self._reply(200, json.dumps({"status": "ok"}).encode())
         elif self.path == "/v1/info":
             try:
                 service.authenticate(self.headers.get(KEY_HEADER), self.headers.get(TOKEN_HEADER))
@@ -539,7 +724,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path in _POST_ROUTES:
             self._error(ApiError(405, "method_not_allowed", f"{self.path} takes POST."))
         else:
-            self._error(ApiError(404, "not_found", f"no endpoint {self.path}."))
+            self._error(ApiError(404, "not_found", f"no endpoint {_printable(self.path)}."))
 
     def do_POST(self) -> None:
         service = self.server.service
@@ -549,14 +734,19 @@ class _Handler(BaseHTTPRequestHandler):
         route = _POST_ROUTES.get(self.path)
         if route is None:
             err = ApiError(405, "method_not_allowed", f"{self.path} takes GET.") if self.path in _GET_ROUTES \
-                else ApiError(404, "not_found", f"no endpoint {self.path}.")
+                else ApiError(404, "not_found", f"no endpoint {_printable(self.path)}.")
             return self._error(err, close=True)
         try:
+            self._check_headers(may_have_body=True)
             client = service.authenticate(self.headers.get(KEY_HEADER), self.headers.get(TOKEN_HEADER))
             length = self._content_length(service.limits.max_body_bytes)
         except ApiError as err:
             return self._error(err, close=True)
-        data = self.rfile.read(length)
+        try:
+            data = self.rfile.read(length)
+        except OSError:  # the deadline watchdog or the socket timeout ended a slow sender
+            self.close_connection = True
+            return
         if len(data) != length:  # the client went away mid-body
             self.close_connection = True
             return
@@ -564,9 +754,12 @@ class _Handler(BaseHTTPRequestHandler):
             reply = route(service, client, data)
         except ApiError as err:
             return self._error(err)
-        except Exception as err:  # a bug or an out-of-memory: report it, keep serving
-            log.exception("internal error on %s", self.path)
-            return self._error(ApiError(500, "internal_error", f"{type(err).__name__}: {err}"))
+        except Exception:  # a bug or an out-of-memory: logged in full here, never sent to the client
+            incident = secrets.token_hex(4)
+            log.exception("internal error %s on %s", incident, self.path)
+            return self._error(ApiError(500, "internal_error",
+                                        f"the service failed on this request (incident {incident}; "
+                                        "the operator finds it in the service log)."))
         ctype = "application/json" if self.path in ("/v1/infer/create", "/v1/infer/close") else CONTENT_TYPE
         self._reply(200, reply, ctype)
 
@@ -574,12 +767,9 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.headers.get("Content-Length")
         if raw is None:
             raise ApiError(411, "length_required", "send a Content-Length header (chunked bodies are not accepted).")
-        try:
-            length = int(raw)
-        except ValueError:
-            raise ApiError(400, "bad_content_length", f"Content-Length {raw[:32]!r} is not an integer.") from None
-        if length < 0:
-            raise ApiError(400, "bad_content_length", f"Content-Length {length} is negative.")
+        if not raw.strip().isdigit():
+            raise ApiError(400, "bad_content_length", f"Content-Length {_printable(raw, 32)} is not an integer.")
+        length = int(raw)
         if length > cap:
             raise ApiError(413, "body_too_large", f"body of {length} bytes exceeds the limit of {cap}.")
         return length
@@ -592,12 +782,14 @@ class _HTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], service: SplitService, ssl_context: ssl.SSLContext | None):
         self.service = service
         self.ssl_context = ssl_context
-        self._connections: set[socket.socket] = set()
+        self.request_queue_size = service.limits.listen_backlog  # read by server_activate's listen()
+        self._connections: dict[socket.socket, float | None] = {}  # -> request deadline (None: idle)
         self._conn_lock = threading.Lock()
         super().__init__(address, _Handler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = super().get_request()
+        _nodelay(sock)
         if self.ssl_context is not None:
             sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
@@ -608,17 +800,40 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def track(self, conn: socket.socket, add: bool) -> None:
         with self._conn_lock:
-            (self._connections.add if add else self._connections.discard)(conn)
+            if add:
+                self._connections[conn] = None
+            else:
+                self._connections.pop(conn, None)
+
+    def arm(self, conn: socket.socket, deadline: float | None) -> None:
+        with self._conn_lock:
+            if conn in self._connections:
+                self._connections[conn] = deadline
+
+    def service_actions(self) -> None:
+        """Called by serve_forever every poll interval: end requests past their deadline."""
+        now = time.monotonic()
+        with self._conn_lock:
+            late = [c for c, d in self._connections.items() if d is not None and d < now]
+            for conn in late:
+                self._connections[conn] = None
+        for conn in late:
+            log.info("dropping a connection whose request exceeded %.0f s", self.service.limits.request_timeout_s)
+            _shutdown(conn)
 
     def close_connections(self) -> None:
         """Drop open keep-alive connections so clients notice a stop at once."""
         with self._conn_lock:
             conns = list(self._connections)
         for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shutdown(conn)
+
+
+def _shutdown(conn: socket.socket) -> None:
+    try:  # the plain socket's shutdown, also under TLS: the handler thread may be inside a read
+        socket.socket.shutdown(conn, socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 @dataclass
@@ -735,7 +950,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--activation-cache-mb", type=int, default=lim.activation_cache_bytes >> 20,
                    help="graphs kept between forward and backward; 0 = always recompute (pure Petals)")
     p.add_argument("--session-cache-mb", type=int, default=lim.session_cache_bytes >> 20)
+    p.add_argument("--session-quota-mb", type=int, default=lim.session_bytes_per_client >> 20,
+                   help="KV memory of one client's sessions together; a step over it is refused with 413")
     p.add_argument("--session-ttl", type=float, default=lim.session_ttl_s)
+    p.add_argument("--request-timeout", type=float, default=lim.request_timeout_s,
+                   help="seconds a whole request (headers, body, reply) may take")
+    p.add_argument("--backlog", type=int, default=lim.listen_backlog, help="listen backlog (pending connections)")
     p.add_argument("--max-batch", type=int, default=lim.max_batch)
     p.add_argument("--max-seq", type=int, default=lim.max_seq)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
@@ -746,6 +966,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     limits = ServiceLimits(activation_cache_bytes=args.activation_cache_mb << 20,
                            session_cache_bytes=args.session_cache_mb << 20, session_ttl_s=args.session_ttl,
+                           session_bytes_per_client=args.session_quota_mb << 20,
+                           request_timeout_s=args.request_timeout, listen_backlog=args.backlog,
                            max_batch=args.max_batch, max_seq=args.max_seq)
     try:
         model = _tiny_model(args) if args.model == "tiny" else args.model

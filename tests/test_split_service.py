@@ -264,7 +264,9 @@ def test_sessions_expire_and_are_capped(full):
         with pytest.raises(SplitServiceError) as err:
             big = _good(1, 8, attention_mask=None)
             client.infer_step("", big["hidden"], None, big["position_ids"], 0)
-        assert err.value.status == 507 and err.value.code == "session_memory_exceeded"
+        # refused before any compute (hardening finding 3): 413 with the quota named
+        assert err.value.status == 413 and err.value.code == "session_too_large"
+        assert "quota" in str(err.value)
     finally:
         small.stop()
 
