@@ -75,7 +75,13 @@ def _to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(frame: pd.DataFrame, path: Path, metric: str = "recall@10") -> None:
+def num_test_users(summaries: list[dict[str, Any]]) -> int:
+    """Users behind the first run's final per-client metrics (sum of its clients' num-examples)."""
+    per_client = summaries[0].get("per_client", {}) if summaries else {}
+    return int(sum(m.get("num-examples", 0) for m in per_client.values()))
+
+
+def plot_comparison(frame: pd.DataFrame, path: Path, metric: str = "recall@10", n_users: int = 0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,8 +90,9 @@ def plot_comparison(frame: pd.DataFrame, path: Path, metric: str = "recall@10") 
     table = frame.pivot_table(index="client", columns="method", values=metric, aggfunc="first", sort=False)
     fig, ax = plt.subplots(figsize=(8, 4))
     table.plot.bar(ax=ax)
+    ax.set_xlabel("client")
     ax.set_ylabel(metric)
-    ax.set_title(f"per-client {metric} by method")
+    ax.set_title(f"per-client {metric} by method" + (f" ({n_users} test users)" if n_users else ""))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -180,9 +187,30 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path, profile: str = "") 
     atomic_write_bytes(out_dir / "comparison.csv", frame.to_csv(index=False).encode())
     intervals = compare_intervals(run_dirs, summaries, out_dir, profile)
     md = markdown_tables(summaries, frame) + ("\n" + intervals if intervals else "")
+    md += balance_markdown(run_dirs, summaries)
     atomic_write_bytes(out_dir / "comparison.md", md.encode())
-    plot_comparison(frame, out_dir / "comparison.png")
+    plot_comparison(frame, out_dir / "comparison.png", n_users=num_test_users(summaries))
     return frame
+
+
+def balance_markdown(run_dirs: list[str | Path], summaries: list[dict[str, Any]]) -> str:
+    """Last round's aggregation weights of each run that records them (FELLRec): does it personalise?"""
+    from fellrec_flwr.balance_report import balance_summary
+
+    lines = []
+    for run_dir, summary in zip(run_dirs, summaries):
+        path = Path(run_dir) / "metrics.csv"
+        stats = balance_summary(pd.read_csv(path)) if path.exists() else None
+        if stats is not None:
+            lines.append(f"| {summary['method']} | {stats['round']} | {stats['clients']} | {stats['uniform']:.3f} | "
+                         f"{stats['self_min']:.3f} / {stats['self_mean']:.3f} / {stats['self_max']:.3f} | "
+                         f"{stats['warm_min']:.3f} |")
+    if not lines:
+        return ""
+    header = ("\n### Aggregation weights (last round)\n\nself-weight W_ii near 1/N = a plain average, near 1 = local "
+              "training; min warm weight 1 = heating has no effect. Heatmaps: each run's balance_weights.png.\n\n"
+              "| method | round | clients | 1/N | self-weight min / mean / max | min warm weight |\n|---|---|---|---|---|---|")
+    return header + "\n" + "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
