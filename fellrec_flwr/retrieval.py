@@ -41,6 +41,7 @@ from fellrec_flwr.grounding import Catalogue, TitleGroups, _decoder
 from fellrec_flwr.metrics import DEFAULT_KS, ranking_metrics, target_ranks
 from fellrec_flwr.prompts import GAMES, PromptDomain, format_response, history_input
 from fellrec_flwr.seeding import derive_seed, seeded_torch, torch_generator
+from fellrec_flwr.speed import autocast
 from fellrec_flwr.trainer import TrainingError, TrainResult, _check_factors, model_device, proximal_term
 
 POOLINGS = ("mean", "last")
@@ -153,15 +154,8 @@ def encode_token_ids(model: Any, token_ids: Sequence[Sequence[int]], pad_id: int
     Right padding and gathering by length make a row independent of its batch-mates
     (positions start at 0, causal attention never looks at the padding after a text).
     """
-    lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
-    if (lengths < 1).any():
-        raise RetrievalError("a text encoded to no tokens; every text needs at least one token.")
-    width = int(lengths.max())
-    input_ids = torch.full((len(token_ids), width), int(pad_id), dtype=torch.long)
-    attention = torch.zeros((len(token_ids), width), dtype=torch.long)
-    for row, seq in enumerate(token_ids):
-        input_ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-        attention[row, : len(seq)] = 1
+    input_ids, attention, lengths_list = _right_padded(token_ids, pad_id)
+    lengths = torch.tensor(lengths_list, dtype=torch.long)
     device = model_device(model)
     hidden = _decoder(model)(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                              use_cache=False).last_hidden_state
@@ -191,6 +185,96 @@ def encode_all(model: Any, tokenizer: Any, token_ids: Sequence[Sequence[int]], p
     if out is None:
         raise RetrievalError("nothing to encode: the list of texts is empty.")
     return out
+
+
+# --------------------------------------------------------------------------- the frozen prefix
+# With LoRA in the last layers only (lora.layers), the hidden states entering the first
+# adapted layer never change while the adapter trains: compute them once per text and run
+# only the top layers for every later evaluation (zero-shot, then after training).
+
+
+def frozen_prefix_layers(model: Any) -> int:
+    """How many leading decoder layers hold nothing trainable (0 when that cannot be told)."""
+    from fellrec_flwr.speed import decoder_parts, first_changing_layer
+
+    parts = decoder_parts(model)
+    if parts is None:
+        return 0
+    return min(first_changing_layer(parts), len(parts.decoder.layers))
+
+
+@torch.no_grad()
+def prefix_states(model: Any, tokenizer: Any, token_ids: Sequence[Sequence[int]], stop: int, batch_size: int = 64,
+                  progress: bool = False, desc: str = "frozen prefix") -> list[torch.Tensor]:
+    """Per text, the [len, d] hidden states entering decoder layer `stop` (no final norm)."""
+    from fellrec_flwr.speed import layer_range
+
+    decoder = _decoder(model)
+    pad_id = pad_token_id_of(tokenizer)
+    order = np.argsort([len(t) for t in token_ids], kind="stable")
+    out: list[torch.Tensor | None] = [None] * len(token_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with layer_range(decoder, 0, stop, final_norm=False):
+            for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
+                batch = order[start:start + batch_size]
+                ids, attention, lengths = _right_padded([token_ids[i] for i in batch], pad_id)
+                hidden = decoder(input_ids=ids.to(model_device(model)), attention_mask=attention.to(model_device(model)),
+                                 use_cache=False).last_hidden_state.float().cpu()
+                for row, index in enumerate(batch):
+                    out[index] = hidden[row, : lengths[row]].clone()
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def encode_states(model: Any, states: Sequence[torch.Tensor], start: int, pooling: str) -> torch.Tensor:
+    """(n, d) unit vectors from `prefix_states(..., stop=start)`: only layers[start:] and the norm run."""
+    from fellrec_flwr.speed import layer_range, pad_hidden
+
+    decoder = _decoder(model)
+    lengths = torch.tensor([len(s) for s in states], dtype=torch.long)
+    attention = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
+    device = model_device(model)
+    with layer_range(decoder, start, len(decoder.layers)):
+        hidden = decoder(inputs_embeds=pad_hidden(states).to(device), attention_mask=attention.to(device),
+                         use_cache=False).last_hidden_state
+    return pool(hidden, lengths, pooling)
+
+
+@torch.no_grad()
+def encode_all_states(model: Any, states: Sequence[torch.Tensor], start: int, pooling: str, batch_size: int = 64,
+                      progress: bool = False, desc: str = "top layers") -> np.ndarray:
+    """(n, d) float32 unit vectors of cached prefix states, in input order (eval mode)."""
+    order = np.argsort([len(s) for s in states], kind="stable")
+    out: np.ndarray | None = None
+    was_training = model.training
+    model.eval()
+    try:
+        for begin in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
+            batch = order[begin:begin + batch_size]
+            vecs = encode_states(model, [states[i] for i in batch], start, pooling).cpu().numpy()
+            if out is None:
+                out = np.empty((len(states), vecs.shape[1]), dtype=np.float32)
+            out[batch] = vecs
+    finally:
+        model.train(was_training)
+    if out is None:
+        raise RetrievalError("nothing to encode: the list of states is empty.")
+    return out
+
+
+def _right_padded(token_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    lengths = [len(t) for t in token_ids]
+    if min(lengths) < 1:
+        raise RetrievalError("a text encoded to no tokens; every text needs at least one token.")
+    input_ids = torch.full((len(token_ids), max(lengths)), int(pad_id), dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, seq in enumerate(token_ids):
+        input_ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        attention[row, : len(seq)] = 1
+    return input_ids, attention, lengths
 
 
 def item_vectors(model: Any, tokenizer: Any, groups: TitleGroups, settings: RetrievalSettings, max_length: int,
@@ -242,6 +326,7 @@ def train_retrieval(
     domain: PromptDomain = GAMES,
     max_seconds: float | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    autocast_to: torch.dtype | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters (its LoRA) with the retrieval loss, in place.
 
@@ -250,7 +335,10 @@ def train_retrieval(
     accumulated per step, each with its own negatives. AdamW, ``lr * lr_scale`` and the
     FedProx term are the generative trainer's (`fellrec_flwr.trainer`). `max_seconds`
     stops after the step that crosses that wall-clock budget (benchmarks);
-    ``on_step(step, loss)`` is called after every step (learning curves).
+    ``on_step(step, loss)`` is called after every step (learning curves). `autocast_to`
+    (e.g. torch.bfloat16) runs each forward under autocast; never wrap the whole call in
+    one autocast block instead: autocast caches its casts of trainable weights until the
+    block ends, so later steps would compute with the first step's weights.
     """
     _check_factors(proximal_mu, lr_scale)
     check_temperature(settings.temperature)
@@ -288,7 +376,8 @@ def train_retrieval(
                     loss = 0.0
                     for batch in group:
                         extra = torch.randint(len(groups), (settings.negatives,), generator=sampler).tolist()
-                        batch_loss = _batch_loss(model, data, batch, extra, item_ids, pad_id, settings)
+                        with autocast(model_device(model), autocast_to):
+                            batch_loss = _batch_loss(model, data, batch, extra, item_ids, pad_id, settings)
                         (batch_loss / len(group)).backward()
                         loss += batch_loss.item() / len(group)
                     if proximal_mu > 0:
@@ -338,11 +427,13 @@ def full_catalogue_loss(user_vecs: np.ndarray, item_vecs: np.ndarray, target_gro
 def evaluate_retrieval(model: Any, tokenizer: Any, examples: Sequence[Any], titles: Mapping[int, str],
                        settings: RetrievalSettings, max_length: int, batch_size: int = 64, *,
                        groups: TitleGroups | None = None, items: np.ndarray | None = None,
+                       users: np.ndarray | None = None,
                        ks: Sequence[int] = DEFAULT_KS, progress: bool = False,
                        domain: PromptDomain = GAMES) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Recall@K / NDCG@K of the retrieval head, and its full-catalogue loss (``eval-loss``).
 
-    `items`: precomputed `item_vectors` for the current adapter (else computed here).
+    `items` / `users`: precomputed item and user vectors for the current adapter (e.g. from
+    a cached frozen prefix); else they are computed here.
     Returns (metrics, rows) like `evaluate.evaluate_recommender`: rows hold user_id,
     target, top10, target_rank (0-based, -1 = not in the top max(ks)) and target_masked.
     """
@@ -357,8 +448,11 @@ def evaluate_retrieval(model: Any, tokenizer: Any, examples: Sequence[Any], titl
     target_groups = groups.group_index(targets)
     histories = [list(ex.history) for ex in examples]
     masks = groups.history_mask(histories)
-    users = user_vectors(model, tokenizer, [lookup_titles(h, titles) for h in histories], settings, max_length,
-                         batch_size, progress, domain)
+    if users is None:
+        users = user_vectors(model, tokenizer, [lookup_titles(h, titles) for h in histories], settings, max_length,
+                             batch_size, progress, domain)
+    elif len(users) != len(examples):
+        raise RetrievalError(f"got {len(users)} user vectors for {len(examples)} examples.")
     ranked = Catalogue(groups, items).rank(users, histories, max(ks))
     ranks = target_ranks(ranked, targets, canonical=groups.canonical)
     metrics = ranking_metrics(ranks, ks)

@@ -254,3 +254,20 @@ def test_inprocess_federated_run_with_the_retrieval_head(tmp_path, private_cache
     assert ((values >= 0) & (values <= 1)).all()
     train_loss = rows[rows["metric"] == "train-loss"]["value"]
     assert len(train_loss) >= 4 and np.isfinite(train_loss).all()
+
+
+def test_cached_frozen_prefix_gives_the_same_vectors(work_dir):
+    from fellrec_flwr.retrieval import encode_all_states, frozen_prefix_layers, item_token_ids, prefix_states
+
+    base, tok = load_base_model(ModelConfig(tiny_pretrain_prompts=0), TITLES, work_dir)
+    model = add_lora(base, LoraSettings(layers="3"), seed=2)  # the tiny model has 4 layers
+    with torch.no_grad():  # a non-zero adapter, so the top layers' LoRA matters
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    groups = TitleGroups.from_titles(TITLES)
+    start = frozen_prefix_layers(model)
+    assert start == 3
+    states = prefix_states(model, tok, item_token_ids(tok, groups.titles, 64), start, batch_size=5)
+    via_prefix = encode_all_states(model, states, start, "mean", batch_size=3)
+    np.testing.assert_allclose(via_prefix, item_vectors(model, tok, groups, SETTINGS, 64), atol=1e-5)
