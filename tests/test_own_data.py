@@ -143,7 +143,13 @@ def test_real_flwr_run_accepts_the_data_keys_and_keeps_the_ids(tmp_path):
             f"out-dir='{tmp_path / 'out'}' run-name='real' {FAST}")
     cmd = [str(BIN / "flwr"), "run", str(ROOT), "--stream", "--run-config", text,
            "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
+    bad = [*cmd[:5], "data.user-column='member'", *cmd[6:]]
     try:
+        # a key pyproject.toml does not declare: flwr says only "code 15"; the SuperLink's log names it
+        refused = subprocess.run(bad, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert "Invalid run configuration" in refused.stdout + refused.stderr
+        superlink_log = (tmp_path / "flwr-home" / "local-superlink" / "superlink.log").read_text()
+        assert "Key 'data.user-column' is not present" in superlink_log
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
         output = proc.stdout + proc.stderr
         runs = run_list_json(env)
