@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fellrec_flwr.balance_report import plot_balance
 from fellrec_flwr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fellrec_flwr.config import ConfigError, FellRecConfig, from_run_config
 from fellrec_flwr.lora_state import record_to_state, state_to_record
@@ -99,6 +100,7 @@ def main(grid: Grid, context: Context) -> None:
         per_user = write_per_user_csv(run_dir / PER_USER_FILE, run_per_user_rows(cfg.strategy, strat.user_ranks) + baselines,
                                       original_ids)
         plot_run(frame, run_dir, cfg.resolved_run_name(), per_user)
+        plot_balance(frame, run_dir, cfg.resolved_run_name())  # FELLRec's client x client weights
 
     strategy.on_round_end = on_round_end
     remaining = cfg.num_server_rounds - start_round

@@ -59,8 +59,13 @@ def array_from_values(values: np.ndarray) -> Array:
     if not values.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
         values = values.copy(order="C")
     shape = tuple(int(s) for s in values.shape)
-    data = b"".join((npy_header(str(values.dtype), shape), memoryview(values).cast("B")))
-    return Array(dtype=str(values.dtype), shape=shape, stype=NUMPY_STYPE, data=data)
+    dtype = str(values.dtype)
+    return _array(memoryview(values).cast("B"), dtype, shape, npy_header(dtype, shape))
+
+
+def _array(raw: memoryview, dtype: str, shape: tuple[int, ...], header: bytes) -> Array:
+    """The Array of C-ordered raw bytes whose .npy header is known (the per-tensor hot path of mix)."""
+    return Array(dtype=dtype, shape=shape, stype=NUMPY_STYPE, data=b"".join((header, raw)))
 
 
 class ArrayLayoutError(ValueError):
@@ -112,10 +117,13 @@ class FlatLayout:
             row[offset : offset + size] = array_view(record[key]).reshape(-1)
 
     def stack(
-        self, records: Sequence[ArrayRecord], dtype: np.dtype = np.float32, names: Sequence[str] = ()
+        self, records: Sequence[ArrayRecord], dtype: np.dtype = np.float32, names: Sequence[str] = (),
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """(len(records), D) matrix, one flattened record per row."""
-        out = np.empty((len(records), self.size), dtype=dtype)
+        """(len(records), D) matrix, one flattened record per row; into ``out`` when it has that shape and dtype."""
+        shape = (len(records), self.size)
+        if out is None or out.shape != shape or out.dtype != np.dtype(dtype):
+            out = np.empty(shape, dtype=dtype)
         for i, record in enumerate(records):
             self.check(record, names[i] if i < len(names) else f"record {i}")
             self.flatten_into(record, out[i])
@@ -172,18 +180,32 @@ class FlatLayout:
         w = np.ascontiguousarray(weights, dtype=stacked.dtype)
         arrays: list[dict[str, Array]] = [{} for _ in range(m)]
         sizes = self.sizes()
+        # One buffer for every block: a fresh multi-MB result per block costs page faults
+        # (and THP compaction) that took longer than the product itself (measured, issue 14).
+        buffer = np.empty(m * min(max(block_columns, max(sizes, default=0)), self.size), dtype=stacked.dtype)
+        # Per tensor, once: dtype name and .npy header (str(dtype) alone cost ~20 us per Array).
+        dtypes = [str(dt) for dt in self.dtypes]
+        headers = [npy_header(dt, shape) for dt, shape in zip(dtypes, self.shapes)]
+        same_dtype = all(dt == stacked.dtype for dt in self.dtypes)
         index = 0
         while index < len(self.keys):
             stop = index + 1  # tensors index..stop-1 form one block (at least one tensor)
             while stop < len(self.keys) and self.offsets[stop] + sizes[stop] - self.offsets[index] <= block_columns:
                 stop += 1
             lo, hi = self.offsets[index], self.offsets[stop - 1] + sizes[stop - 1]
-            block = w @ stacked[:, lo:hi]
+            block = np.matmul(w, stacked[:, lo:hi], out=buffer[: m * (hi - lo)].reshape(m, hi - lo))
+            rows = memoryview(block).cast("B") if same_dtype else None
+            row_bytes = (hi - lo) * block.itemsize
             for t in range(index, stop):
                 start = self.offsets[t] - lo
+                key, shape, header = self.keys[t], self.shapes[t], headers[t]
                 for i in range(m):
-                    values = block[i, start : start + sizes[t]].reshape(self.shapes[t])
-                    arrays[i][self.keys[t]] = array_from_values(values.astype(self.dtypes[t], copy=False))
+                    if rows is not None:  # bytes straight from the block row: no intermediate array
+                        first = i * row_bytes + start * block.itemsize
+                        raw = rows[first : first + sizes[t] * block.itemsize]
+                    else:
+                        raw = memoryview(block[i, start : start + sizes[t]].astype(self.dtypes[t])).cast("B")
+                    arrays[i][key] = _array(raw, dtypes[t], shape, header)
             index = stop
         return [ArrayRecord(a) for a in arrays]
 

@@ -31,6 +31,7 @@ class PersonalisedBase(StrategyBase):
         # the size-weighted mean record if personalise() already built it.
         self.mean_weights: np.ndarray = np.zeros(0)
         self.round_mean: ArrayRecord | None = None
+        self._stack_buffer: np.ndarray | None = None
 
     def has_personal_state(self) -> bool:
         return bool(self.personal)
@@ -62,8 +63,11 @@ class PersonalisedBase(StrategyBase):
             return None, None
         records = [reply.content[self.arrayrecord_key] for _, _, reply in collected]
         layout = FlatLayout.of(records[0])
-        # One preallocated float32 (N, D) matrix, filled from views on the replies' bytes.
-        stacked = layout.stack(records, names=[f"client-key {key}" for key, _, _ in collected])
+        # One float32 (N, D) matrix, filled from views on the replies' bytes. It is kept for the
+        # next round: faulting in fresh GBs costs more than copying into them (measured, issue 14).
+        stacked = layout.stack(records, names=[f"client-key {key}" for key, _, _ in collected],
+                               out=self._stack_buffer)
+        self._stack_buffer = stacked
         contents = [reply.content for _, _, reply in collected]
         sizes = np.array([float(next(iter(c.metric_records.values()))[self.weighted_by_key])  # type: ignore[arg-type]
                           for c in contents])

@@ -271,3 +271,79 @@ def test_layout_lora_pairs_and_tensor_views():
     lonely = FlatLayout.of(ArrayRecord({"x.lora_B.weight": Array(np.zeros((2, 2), np.float32))}))
     with pytest.raises(ArrayLayoutError, match="no matching lora_A"):
         lonely.lora_pairs()
+
+
+# --------------------------------------------------------------------------- balance report
+def test_balance_report_reads_back_the_recorded_matrix(tmp_path):
+    from fellrec_flwr.balance_report import HEATMAP_FILE, balance_summary, plot_balance, weight_matrix
+    from fellrec_flwr.results import metrics_frame
+
+    n = 3
+    app, _ = lora_app()
+    strategy = build(FellRec, n, similarity_kernel="softmax")
+    strategy.start(InProcessGrid(app, n), initial_arrays(), num_rounds=2)
+    frame = metrics_frame(strategy.metric_rows())
+    matrix = weight_matrix(frame)
+    assert matrix.attrs["round"] == 2 and matrix.shape == (n, n)
+    np.testing.assert_allclose(matrix.sum(axis=1), 1.0, rtol=1e-9)
+    self_2 = {r["client"]: r["value"] for r in strategy.records if r["metric"] == "self-weight" and r["round"] == 2}
+    assert [matrix.loc[c, c] for c in range(n)] == pytest.approx([self_2[c] for c in range(n)])
+    summary = balance_summary(frame)
+    assert summary["clients"] == n and summary["self_min"] == pytest.approx(min(self_2.values()))
+    assert plot_balance(frame, tmp_path, "test") == tmp_path / HEATMAP_FILE
+    assert (tmp_path / HEATMAP_FILE).read_bytes()[:4] == b"\x89PNG"
+    # a strategy without weights (FedAvg) gives no matrix and no figure
+    empty = metrics_frame([{"round": 1, "client": 0, "split": "train", "metric": "train-loss", "value": 1.0}])
+    assert weight_matrix(empty) is None and plot_balance(empty, tmp_path / "x", "t") is None
+
+
+def test_compare_report_shows_the_last_rounds_weights(tmp_path):
+    import json
+
+    from fellrec_flwr.compare import compare
+    from fellrec_flwr.results import write_metrics_csv
+
+    for name, self_w in (("fellrec", 0.9), ("fedavg", None)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps({"method": name, "per_client": {"0": {"recall@10": 0.1}},
+                                                      "overall": {"recall@10": 0.1}}))
+        rows = [{"round": 1, "client": 0, "split": "train", "metric": "train-loss", "value": 1.0}]
+        if self_w is not None:  # two clients, each keeping 0.9 of itself
+            rows += [{"round": 1, "client": i, "split": "balance", "metric": f"weight:{j}",
+                      "value": self_w if i == j else 1 - self_w} for i in range(2) for j in range(2)]
+            rows += [{"round": 1, "client": i, "split": "train", "metric": "warm-weight", "value": 0.5 + i / 4}
+                     for i in range(2)]
+        write_metrics_csv(run / "metrics.csv", rows)
+    compare([tmp_path / "fellrec", tmp_path / "fedavg"], tmp_path / "out")
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "### Aggregation weights (last round)" in md
+    assert "| fellrec | 1 | 2 | 0.500 | 0.900 / 0.900 / 0.900 | 0.500 |" in md
+    assert "| fedavg |" not in md.split("### Aggregation weights")[1]  # no weights recorded, no row
+
+
+# --------------------------------------------------------------------------- the real apps (tiny model)
+@pytest.mark.slow
+def test_real_apps_ffa_lora_keeps_peft_lora_a_and_fellrec_writes_its_heatmap(tmp_path, monkeypatch):
+    from flwr.app import Context
+
+    import server_app.app as server
+    from client_app.app import app as client_app
+    from fellrec_flwr.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
+    small = {"data.num-clients": 2, "min-clients": 2, "data.train-samples": 32, "data.valid-users": 8,
+             "data.test-users": 8, "data.bpr-epochs": 2, "eval.num-beams": 1, "eval.max-new-tokens": 4,
+             "model.tiny-layers": 2, "model.tiny-vocab": 800, "train.batch-size": 8,
+             "model.tiny-pretrain-prompts": 32, "num-server-rounds": 1, "out-dir": str(tmp_path), "eval.interval": 0}
+    for strategy in ("ffa-lora", "fellrec"):
+        run_config = {**small, "strategy": strategy, "run-name": strategy}
+        grid = InProcessGrid(client_app, 2, run_config)
+        server.main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
+    state = load_checkpoint(tmp_path / "ffa-lora").strategy_state
+    initial, final = state["initial"], state["global"]
+    a_keys = [k for k in initial if "lora_A" in k]
+    assert a_keys and all(np.array_equal(np.asarray(initial[k]), np.asarray(final[k])) for k in a_keys)
+    assert any(not np.array_equal(np.asarray(initial[k]), np.asarray(final[k])) for k in initial if "lora_B" in k)
+    assert (tmp_path / "fellrec" / "balance_weights.png").exists()
+    assert not (tmp_path / "ffa-lora" / "balance_weights.png").exists()  # FFA-LoRA records no weights
