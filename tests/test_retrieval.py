@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fellrec_flwr.config import ConfigError, LoraSettings, ModelConfig, RetrievalSettings, TrainSettings, from_run_config
+from fellrec_flwr.config import STRATEGIES, ConfigError, LoraSettings, ModelConfig, RetrievalSettings, TrainSettings, from_run_config
 from fellrec_flwr.grounding import TitleGroups
 from fellrec_flwr.lora_state import get_lora_state, set_lora_state
 from fellrec_flwr.model import add_lora, load_base_model
@@ -228,7 +228,7 @@ def private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FELLREC_CACHE", str(tmp_path_factory.getbasetemp() / "fellrec-cache"))
 
 
-@pytest.mark.parametrize("strategy", ["fellrec", "fedavg"])
+@pytest.mark.parametrize("strategy", STRATEGIES)  # every strategy only sees LoRA arrays
 def test_inprocess_federated_run_with_the_retrieval_head(tmp_path, private_cache, strategy):
     from flwr.app import Context, RecordDict
 
