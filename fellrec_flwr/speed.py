@@ -101,15 +101,19 @@ def _read_cpuinfo() -> str:
 
 
 def time_call(fn: Any, repeats: int = 2) -> float:
-    """Fastest of `repeats` timed calls, after one untimed call (first-call allocations)."""
+    """Least CPU time of `repeats` calls, after one untimed call (first-call allocations).
+
+    CPU time of this process, not wall time: on cores shared with other jobs the wall clock
+    measures the neighbours.
+    """
     import time
 
     fn()
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.process_time() - start)
     return best
 
 
