@@ -310,7 +310,7 @@ def adopt_settings(settings: DataSettings, manifest: dict[str, Any]) -> tuple[Da
         if name not in run or name not in recorded:
             continue
         current = _resolved_path(dataclasses.replace(settings, **adopted)) if name == "path" else run[name]
-        if current == recorded[name] or (name == "path" and not recorded[name] and not run[name]):
+        if current == recorded[name]:
             continue
         if run[name] == defaults[name] and name != "num_clients":
             adopted[name] = recorded[name]
