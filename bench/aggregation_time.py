@@ -8,8 +8,18 @@ ArrayRecords into X, and turning each row of W @ X back into an ArrayRecord (LLa
 layout: 8 x 4096 and 4096 x 8 tensors).
 Combinations whose matrices would need more than --max-gb of RAM are skipped.
 
-    /tmp/venv/bin/python bench/aggregation_time.py --clients 10,50,100
+    python bench/aggregation_time.py --clients 10,50,100
     # -> a table on stdout and bench/results/aggregation_time.csv
+
+With --end-to-end it times the strategy's whole ``FellRec.aggregate_train``: N real Flower
+reply Messages (ArrayRecord + MetricRecord) in, N personal ArrayRecords (and the mean) out,
+conversions included (wall time, and the process CPU time, which does not count waiting for
+a core on a shared machine), with the split stack / balance / W @ X + records, and the peak memory
+the call added (peak resident memory, a separate untimed pass) as a multiple of the
+stacked (N, D) float32 matrix:
+
+    nice -n 10 python bench/aggregation_time.py --end-to-end --clients 10,50,100,150,200 \
+        --params 4194304 --out bench/results/aggregation_e2e.csv
 
 Sizes: 18,432 = a small LoRA; 460,800 = SmolLM2-135M with r=8 on q,v;
 4,194,304 = LLaMA-7B with r=8 on q,v (the paper's setting).
@@ -35,6 +45,9 @@ from strategies import fellrec_math  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "aggregation_time.csv"
 COLUMNS = ["clients", "params", "basis", "gb_needed", "balance_s", "aggregate_s", "total_s",
            "stack_s", "unflatten_s", "repeats", "cpus"]
+E2E_COLUMNS = ["clients", "params", "basis", "round", "end_to_end_s", "cpu_s", "stack_s", "balance_s", "mix_s",
+               "stack_cpu_s", "balance_cpu_s", "mix_cpu_s", "peak_gb",
+               "stacked_gb", "peak_over_stacked", "repeats", "blas_threads", "load_avg"]
 
 
 def needed_gb(n: int, d: int, basis: str, with_records: bool = False) -> float:
@@ -97,11 +110,133 @@ def time_one(n: int, d: int, basis: str, repeats: int, rng: np.random.Generator)
     return float(np.median(balance_times)), float(np.median(aggregate_times))
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def reply_messages(n: int, d: int, rng: np.random.Generator) -> list:
+    """n train replies as a Flower ServerApp receives them: arrays, train-loss, num-examples, client-key."""
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # needed to build Messages
+    replies = []
+    for i, record in enumerate(lora_like_records(n, d, rng)):
+        instruction = Message(RecordDict(), dst_node_id=100 + i, message_type="train")
+        metrics = MetricRecord({"train-loss": 1.0 + 0.1 * float(rng.random()), "num-examples": 100 + i,
+                                "client-key": i})
+        replies.append(Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=instruction))
+    return replies
+
+
+class _StepTimer:
+    """Wall time spent in a few named functions during one call (patched in, then restored)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._undo: list = []
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+                cpu = label.replace("_s", "_cpu_s")
+                self.seconds[cpu] = self.seconds.get(cpu, 0.0) + time.process_time() - c0
+
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, original))
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_during(call) -> int:
+    """Bytes of resident memory the call added at its peak (needs Linux's /proc/self/clear_refs)."""
+    import gc
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = _status_kb("VmRSS")
+    call()
+    return (_status_kb("VmHWM") - before) * 1024
+
+
+def time_end_to_end(n: int, d: int, basis: str, repeats: int, rng: np.random.Generator) -> dict:
+    """FellRec.aggregate_train on n real replies: median wall time, step split and peak memory."""
+    from strategies import FellRec
+    from strategies import fellrec as fellrec_module
+    from strategies.arrays import FlatLayout
+
+    replies = reply_messages(n, d, rng)
+    times, cpu, steps = [], [], []
+    strategy = FellRec(similarity_basis=basis)
+    for _ in range(repeats):  # one server, several rounds: the first allocates, later ones reuse
+        timer = _StepTimer()
+        timer.wrap(FlatLayout, "stack", "stack_s")
+        timer.wrap(fellrec_module.fellrec_math, "dynamic_balance", "balance_s")
+        timer.wrap(fellrec_module.fellrec_math, "delta_w_cosine", "balance_s")
+        timer.wrap(FlatLayout, "mix", "mix_s")
+        try:
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = strategy.aggregate_train(1, replies)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        finally:
+            timer.restore()
+        assert out[0] is not None and len(strategy.personal) == n
+        steps.append(timer.seconds)
+        del out
+    del strategy
+    # Memory in a separate, untimed first-round pass: the peak resident memory above what the
+    # process held before the call (Linux: VmHWM after resetting it; sees mmap'd matrices too).
+    strategy = FellRec(similarity_basis=basis)
+    peak = peak_rss_during(lambda: strategy.aggregate_train(1, replies))
+    stacked = n * d * 4
+    memory = {"peak_gb": round(peak / 1e9, 3), "stacked_gb": round(stacked / 1e9, 3),
+              "peak_over_stacked": round(peak / stacked, 2)}
+    rows = [{"round": "first", "end_to_end_s": round(times[0], 3), "cpu_s": round(cpu[0], 3),
+             **{k: round(v, 3) for k, v in steps[0].items()}, **memory}]
+    if repeats > 1:  # the median later round
+        later = 1 + int(np.argsort(times[1:])[(repeats - 1) // 2])
+        rows.append({"round": f"later (median of {repeats - 1})", "end_to_end_s": round(times[later], 3),
+                     "cpu_s": round(cpu[later], 3), **{k: round(v, 3) for k, v in steps[later].items()}, **memory})
+    return rows
+
+
+def main_end_to_end(args: argparse.Namespace) -> None:
+    from strategies.fellrec_math import GRAM_BLAS_THREADS
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in [int(c) for c in args.clients.split(",")]:
+        for d in [int(p) for p in args.params.split(",")]:
+            gb = 3 * n * d * 4 / 1e9  # replies + stacked X + new records
+            if gb > args.max_gb:
+                print(f"skip N={n} D={d}: needs {gb:.1f} GB > --max-gb {args.max_gb}", flush=True)
+                continue
+            for timed in time_end_to_end(n, d, args.basis, args.repeats, rng):
+                row = {"clients": n, "params": d, "basis": args.basis, "repeats": args.repeats,
+                       "blas_threads": GRAM_BLAS_THREADS, "load_avg": round(os.getloadavg()[0], 1), **timed}
+                rows.append(row)
+                print(", ".join(f"{k} {row.get(k)}" for k in E2E_COLUMNS), flush=True)
+            write_csv(rows, args.out, E2E_COLUMNS)  # after every size: partial results survive
+    print(f"written: {args.out}")
+
+
+def write_csv(rows: list[dict], path: Path, columns: list[str] = COLUMNS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
@@ -111,13 +246,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="10,50,100,200", help="comma-separated client counts")
     parser.add_argument("--params", default="18432,460800,4194304", help="comma-separated LoRA sizes")
-    parser.add_argument("--basis", default="parameters", choices=["parameters", "updates"])
+    parser.add_argument("--basis", default="parameters", choices=["parameters", "updates", "delta-w"],
+                        help="similarity basis (delta-w only with --end-to-end)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--max-gb", type=float, default=6.0, help="skip combinations needing more RAM")
     parser.add_argument("--with-records", action="store_true",
                         help="time the ArrayRecord conversions too (one pass, parameters basis)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="time FellRec.aggregate_train on real reply Messages (see the module doc)")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.end_to_end:
+        args.out = args.out or RESULTS.with_name("aggregation_e2e.csv")
+        main_end_to_end(args)
+        return
+    args.out = args.out or RESULTS
 
     combos = [(int(n), int(d)) for n in args.clients.split(",") for d in args.params.split(",")]
     rng = np.random.default_rng(0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import io
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,20 @@ def npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
     descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
     np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
     return buf.getvalue()
+
+
+def large_empty(shape: tuple[int, ...], dtype: np.dtype = np.float32) -> np.ndarray:
+    """An uninitialised array in plain anonymous memory (mmap) for the GB-sized stacked matrix.
+
+    numpy asks the kernel for transparent huge pages (MADV_HUGEPAGE) on large arrays; with
+    the common THP defrag setting "madvise" the first touch then compacts memory
+    synchronously, which made filling the matrix ~3x slower here (0.88 s vs 0.27 s of CPU
+    for 420 MB, measured). Small arrays keep numpy's allocator.
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if nbytes < (64 << 20):
+        return np.empty(shape, dtype=dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
 
 
 def array_view(array: Array) -> np.ndarray:
@@ -123,7 +138,7 @@ class FlatLayout:
         """(len(records), D) matrix, one flattened record per row; into ``out`` when it has that shape and dtype."""
         shape = (len(records), self.size)
         if out is None or out.shape != shape or out.dtype != np.dtype(dtype):
-            out = np.empty(shape, dtype=dtype)
+            out = large_empty(shape, dtype)
         for i, record in enumerate(records):
             self.check(record, names[i] if i < len(names) else f"record {i}")
             self.flatten_into(record, out[i])

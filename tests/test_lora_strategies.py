@@ -347,3 +347,12 @@ def test_real_apps_ffa_lora_keeps_peft_lora_a_and_fellrec_writes_its_heatmap(tmp
     assert any(not np.array_equal(np.asarray(initial[k]), np.asarray(final[k])) for k in initial if "lora_B" in k)
     assert (tmp_path / "fellrec" / "balance_weights.png").exists()
     assert not (tmp_path / "ffa-lora" / "balance_weights.png").exists()  # FFA-LoRA records no weights
+
+
+def test_large_empty_is_plain_writable_memory():
+    from strategies.arrays import large_empty
+
+    big = large_empty((20, 1 << 20))  # 80 MB: the mmap path
+    big[:] = 2.0
+    assert big.shape == (20, 1 << 20) and big.dtype == np.float32 and float(big[7, 99]) == 2.0
+    assert large_empty((2, 3)).shape == (2, 3)  # small: numpy's allocator
