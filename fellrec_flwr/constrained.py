@@ -20,8 +20,8 @@ completion's), and a user is done when no beam is left.
 
 Title prior (optional): a few famous titles are likely under any prompt. `TitlePrior` scores
 titles under a neutral prompt (the prompt of an empty history) and `rerank_with_prior`
-subtracts ``weight x prior`` from the search's candidates (the top max(K, beams) by raw
-score) before taking the top K.
+subtracts ``weight x prior`` from the search's candidates (the top K by raw score plus up
+to `beams` further titles the search finished) before taking the top K.
 """
 
 from __future__ import annotations
@@ -222,8 +222,8 @@ class _UserState:
     masked_groups: frozenset[int]
     finished: list[tuple[float, int]] = field(default_factory=list)  # (score, group), best first
 
-    def kth(self, keep: int) -> float:
-        return self.finished[keep - 1][0] if len(self.finished) >= keep else -np.inf
+    def kth(self, k: int) -> float:
+        return self.finished[k - 1][0] if len(self.finished) >= k else -np.inf
 
     def add(self, items: list[tuple[float, int]], keep: int) -> None:
         if items:
@@ -234,17 +234,20 @@ class _UserState:
 
 def constrained_search(model: Any, prompts: Sequence[Sequence[int]], trie: TitleTrie, k: int, beams: int,
                        masked_groups: Sequence[Sequence[int]] | None = None, *, length_norm: float = 0.0,
-                       batch_users: int = 4, max_rows: int = 128, pad_token_id: int = 0,
-                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                       batch_users: int = 4, max_rows: int = 128, pad_token_id: int = 0, extra: int = 0,
+                       max_widen: int = 2, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-`k` distinct title groups per prompt by (length-normalised) log-likelihood.
 
     prompts: token ids per user (BOS included where the model expects it), each ending
     where the response starts. masked_groups: per user, groups never to return (history).
     beams: live prefixes kept per user and step; finished titles do not take a slot, and
     with beams >= the number of titles the result is the exact top-k. A user whose beams
-    all end before k titles are found is searched again with twice the beams.
-    Returns (groups, scores), both (users, k), best first; -1 / -inf where fewer than k
-    titles are reachable. Ties go to the smaller group index.
+    all end before k titles are found is searched again with twice the beams, at most
+    `max_widen` times (then fewer than k titles come back; rare with beams >= k).
+    extra: also return up to this many further titles the search finished on the way
+    (free: pruning still only protects the top k), e.g. as candidates for a re-ranking.
+    Returns (groups, scores), both (users, k + extra), best first; -1 / -inf where fewer
+    titles were found. Ties go to the smaller group index.
     """
     if k < 1 or beams < 1:
         raise ConstrainedError(f"k={k} and beams={beams} must both be >= 1.")
@@ -254,8 +257,10 @@ def constrained_search(model: Any, prompts: Sequence[Sequence[int]], trie: Title
         raise ConstrainedError(f"masked_groups has {len(masked_groups)} rows for {len(prompts)} prompts.")
     if any(len(p) == 0 for p in prompts):
         raise ConstrainedError("a prompt is empty; every prompt needs at least one token (e.g. BOS).")
-    groups_out = np.full((len(prompts), k), -1, dtype=np.int64)
-    scores_out = np.full((len(prompts), k), -np.inf, dtype=np.float64)
+    if extra < 0 or max_widen < 0:
+        raise ConstrainedError(f"extra={extra} and max_widen={max_widen} must be >= 0.")
+    groups_out = np.full((len(prompts), k + extra), -1, dtype=np.int64)
+    scores_out = np.full((len(prompts), k + extra), -np.inf, dtype=np.float64)
     per_batch = max(1, min(batch_users, max_rows // beams if beams <= max_rows else 1))
     # Longest prompts first (the slow batches show up early in the progress bar), similar lengths together.
     order = np.argsort([-len(p) for p in prompts], kind="stable")
@@ -263,9 +268,10 @@ def constrained_search(model: Any, prompts: Sequence[Sequence[int]], trie: Title
     with _inference(model):
         for batch in tqdm(batches, desc="constrained", disable=not progress, unit="batch"):
             masks = [masked_groups[i] if masked_groups is not None else () for i in batch]
-            found = _search_batch(model, [prompts[i] for i in batch], trie, k, beams, masks, length_norm, pad_token_id)
+            found = _search_batch(model, [prompts[i] for i in batch], trie, k, beams, masks, length_norm,
+                                  pad_token_id, extra)
             found = _widen_short(model, [prompts[i] for i in batch], trie, k, beams, masks, length_norm,
-                                 pad_token_id, found)
+                                 pad_token_id, extra, found, max_widen, max_rows)
             for row, user in enumerate(batch):
                 for j, (score, group) in enumerate(found[row]):
                     groups_out[user, j], scores_out[user, j] = group, score
@@ -273,29 +279,34 @@ def constrained_search(model: Any, prompts: Sequence[Sequence[int]], trie: Title
 
 
 def _widen_short(model: Any, prompts: list[Sequence[int]], trie: TitleTrie, k: int, beams: int,
-                 masks: list[Sequence[int]], length_norm: float, pad_id: int,
-                 found: list[list[tuple[float, int]]]) -> list[list[tuple[float, int]]]:
+                 masks: list[Sequence[int]], length_norm: float, pad_id: int, extra: int,
+                 found: list[list[tuple[float, int]]], max_widen: int, max_rows: int) -> list[list[tuple[float, int]]]:
     """Search again, with twice the beams, for users whose beams all died before k titles finished.
 
     Beams pruned early are gone, so a narrow search can run out of titles (e.g. when every
-    title has the same length); doubling until k are found (at worst every prefix is kept,
-    which is exhaustive) guarantees k titles whenever k are reachable.
+    title has the same length); doubling finds more (once beams >= the number of titles
+    the search is exhaustive). Users are searched again in groups of at most `max_rows` beams.
     """
     width = beams
-    while True:
+    for _ in range(max_widen):
         short = [i for i, f in enumerate(found)
                  if len(f) < min(k, trie.num_sequences - len(set(int(g) for g in masks[i])))]
         if not short or width >= trie.num_sequences:
-            return found
+            break
         width = min(2 * width, trie.num_sequences)
-        again = _search_batch(model, [prompts[i] for i in short], trie, k, width, [masks[i] for i in short],
-                              length_norm, pad_id)
-        for i, f in zip(short, again):
-            found[i] = f
+        per = max(1, max_rows // width)
+        for start in range(0, len(short), per):
+            part = short[start:start + per]
+            again = _search_batch(model, [prompts[i] for i in part], trie, k, width, [masks[i] for i in part],
+                                  length_norm, pad_id, extra)
+            for i, f in zip(part, again):
+                found[i] = f
+    return found
 
 
 def _search_batch(model: Any, prompts: list[Sequence[int]], trie: TitleTrie, k: int, beams: int,
-                  masked_groups: list[Sequence[int]], length_norm: float, pad_id: int) -> list[list[tuple[float, int]]]:
+                  masked_groups: list[Sequence[int]], length_norm: float, pad_id: int,
+                  extra: int = 0) -> list[list[tuple[float, int]]]:
     device = _device(model)
     users = [_UserState(trie.masked_counts(m), frozenset(int(g) for g in m)) for m in masked_groups]
     ids, mask, positions = _left_pad(prompts, pad_id, device)
@@ -320,7 +331,7 @@ def _search_batch(model: Any, prompts: list[Sequence[int]], trie: TitleTrie, k: 
         keep_rows, keep_nodes, keep_scores, keep_users = [], [], [], []
         for u in np.unique(cand_user):
             sel = np.flatnonzero(cand_user == u)
-            picked = _expand_user(users[u], trie, cand_node[sel], cand_score[sel], k, beams, length_norm)
+            picked = _expand_user(users[u], trie, cand_node[sel], cand_score[sel], k, beams, length_norm, extra)
             keep_rows.append(cand_row[sel[picked]])
             keep_nodes.append(cand_node[sel[picked]])
             keep_scores.append(cand_score[sel[picked]])
@@ -340,7 +351,7 @@ def _search_batch(model: Any, prompts: list[Sequence[int]], trie: TitleTrie, k: 
 
 
 def _expand_user(user: _UserState, trie: TitleTrie, nodes: np.ndarray, scores: np.ndarray, k: int, beams: int,
-                 length_norm: float) -> np.ndarray:
+                 length_norm: float, extra: int = 0) -> np.ndarray:
     """Record the user's finished titles among the candidate nodes; return the candidates kept as beams."""
     masked = np.fromiter((user.masked.get(int(n), 0) for n in nodes), dtype=np.int64, count=len(nodes)) \
         if user.masked else np.zeros(len(nodes), dtype=np.int64)
@@ -353,7 +364,7 @@ def _expand_user(user: _UserState, trie: TitleTrie, nodes: np.ndarray, scores: n
             ends_here[i] = len(ends)
             final = _normalise(scores[i], int(trie.depth[nodes[i]]), length_norm)
             done.extend((final, g) for g in ends)
-    user.add(done, k)
+    user.add(done, k + extra)
     # A beam continues only if an unmasked title lies strictly below it and it can still beat the K-th.
     below = alive - ends_here
     bound = scores if length_norm == 0 else scores / np.maximum(trie.max_depth[nodes], 1) ** length_norm
@@ -516,10 +527,11 @@ class ConstrainedRanker:
     def rank(self, prompts: Sequence[Sequence[int]], masked_groups: Sequence[Sequence[int]] | None, k: int,
              progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(users, k) title-group indices and their final scores, best first."""
-        pool = k if self.prior is None else max(k, self.beams)  # the prior re-ranks a wider candidate pool
-        groups, scores = constrained_search(self.model, prompts, self.trie, pool, self.beams, masked_groups,
+        # The prior re-ranks a wider pool: the top k plus titles the search finished on the way.
+        extra = 0 if self.prior is None else self.beams
+        groups, scores = constrained_search(self.model, prompts, self.trie, k, self.beams, masked_groups,
                                             length_norm=self.length_norm, batch_users=self.batch_users,
-                                            pad_token_id=_pad_id(self.tokenizer), progress=progress)
+                                            pad_token_id=_pad_id(self.tokenizer), extra=extra, progress=progress)
         if self.prior is None:
             return groups, scores
         return rerank_with_prior(groups, scores, self.prior(groups), self.prior_weight, k)

@@ -93,7 +93,7 @@ def test_outputs_are_distinct_unmasked_catalogue_titles_with_narrow_beams(tiny):
     prompts = _prompts(tok, HISTORIES)
     masked = [GROUPS.group_index(h).tolist() for h in HISTORIES]
     groups, scores = constrained_search(model, prompts, trie, 20, beams=3, masked_groups=masked,
-                                        pad_token_id=tok.pad_token_id)
+                                        pad_token_id=tok.pad_token_id, max_widen=10)  # widened until all found
     for row in range(len(prompts)):
         got = groups[row][groups[row] >= 0].tolist()
         assert len(got) == len(set(got)) == min(20, len(GROUPS) - len(set(masked[row])))  # distinct, all found
@@ -182,9 +182,13 @@ def test_ranker_with_prior_reorders_by_corrected_score(tiny, tmp_path):
     seqs = response_sequences(tok, GROUPS.titles)
     raw = sequence_log_likelihoods(model, prompt[0], seqs, pad_token_id=tok.pad_token_id)
     prior = sequence_log_likelihoods(model, neutral, seqs, pad_token_id=tok.pad_token_id)
-    want = np.lexsort((np.arange(len(seqs)), -(raw - prior)))[:5]
-    np.testing.assert_allclose(scores[0], (raw - prior)[want], atol=2e-4)
-    assert groups[0][0] == want[0]
+    corrected = raw - prior
+    np.testing.assert_allclose(scores[0], corrected[groups[0]], atol=2e-4)  # each score is raw - prior
+    assert np.all(np.diff(scores[0]) <= 0)
+    # the pool holds at least the exact raw top-5, so the result is at least as good as re-ranking those
+    raw_top = np.lexsort((np.arange(len(seqs)), -raw))[:5]
+    assert scores[0][0] >= corrected[raw_top].max() - 2e-4
+    assert list(groups[0]) != list(raw_top)  # the prior changed the list
     # the cache file holds the computed priors and is reused by a ranker with the same key
     again = ConstrainedRanker.build(model, tok, GROUPS.titles, neutral, beams=len(GROUPS), prior_weight=1.0,
                                     prior_cache_file=tmp_path / "prior.json", model_key="tiny")
@@ -192,3 +196,17 @@ def test_ranker_with_prior_reorders_by_corrected_score(tiny, tmp_path):
     other = ConstrainedRanker.build(model, tok, GROUPS.titles, neutral, beams=len(GROUPS), prior_weight=1.0,
                                     prior_cache_file=tmp_path / "prior.json", model_key="another model")
     assert other.prior is not None and other.prior.values == {}
+
+
+def test_extra_titles_come_after_the_unchanged_top_k(tiny):
+    model, tok = tiny
+    trie = build_title_trie(tok, GROUPS.titles)
+    prompts = _prompts(tok, HISTORIES)
+    top, top_s = constrained_search(model, prompts, trie, 5, beams=4, pad_token_id=tok.pad_token_id)
+    wide, wide_s = constrained_search(model, prompts, trie, 5, beams=4, pad_token_id=tok.pad_token_id, extra=6)
+    assert wide.shape == (len(prompts), 11)
+    np.testing.assert_array_equal(wide[:, :5], top)
+    for row in range(len(prompts)):
+        got = wide[row][wide[row] >= 0]
+        assert len(got) == len(set(got.tolist())) > 5
+        assert np.all(np.diff(wide_s[row][: len(got)]) <= 0)
