@@ -3,7 +3,10 @@
     python -m data_prep --dataset games --path ../shared/data/amazon-games --partitioner iid \
         --num-clients 1 --train-samples 256 --valid-users 32 --test-users 32 \
         --out bench/results/tmp/games-speed --quiet
-    python bench/train_speed.py            # nice 10; 2 threads if the machine is idle, else 1
+    python bench/train_speed.py --time-budget 60   # nice 10; 2 threads if the machine is idle, else 1
+    python bench/train_speed.py --configs "" --time-budget 90 --curve \
+        --time-configs "baseline,all-options (LoRA every layer),all-options (LoRA last layers)" \
+        --out docs/train_speed_curve.csv     # held-out loss vs CPU time: speed-up at equal loss
 
 Every configuration trains a fresh LoRA (same seed, same init) of SmolLM2-135M on the same
 `--examples` real Games training prompts for `--rounds` calls of train_local with
@@ -13,8 +16,8 @@ Time is the process's CPU time (time.process_time): on cores shared with other j
 measures the work, where wall time measures the neighbours; wall seconds are reported too.
 Reported: training examples per CPU-second over all calls (cache building included), CPU
 seconds per round, the mean training loss of the last round, and the loss on `--held-out`
-validation prompts after the budget, computed in full precision by the exact path (labelled
-logits only) for every row alike. With `--time-budget S`, the `--time-configs` also train
+validation prompts after the budget, computed in full precision by the exact paths (labelled
+logits only, prefix cache) for every row alike. With `--time-budget S`, the `--time-configs` also train
 for S CPU-seconds each (rounds of `--epochs` epochs until the time is up) and report the
 held-out loss then: what the same CPU time buys.
 Writes docs/train_speed.csv and prints a markdown table for docs/results.md.
@@ -44,7 +47,7 @@ import fellrec_flwr.speed as speed_module  # noqa: E402
 from fellrec_flwr.speed import describe  # noqa: E402
 from fellrec_flwr.trainer import eval_loss, fast_forward, model_device, train_local  # noqa: E402
 
-EXACT_EVAL = dict(autocast="off", length_bucketing=False, labelled_logits_only=True, prefix_cache_mb=0)
+EXACT_EVAL = dict(autocast="off", length_bucketing=False, labelled_logits_only=True, prefix_cache_mb=1024)  # all exact
 PLAIN = dict(autocast="off", length_bucketing=False, labelled_logits_only=False, prefix_cache_mb=0)
 FAST = dict(autocast="auto", length_bucketing=True, labelled_logits_only=True, prefix_cache_mb=1024)
 # name -> (train settings, LoRA on the last n layers only (0 = every layer))
@@ -85,6 +88,9 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     ap.add_argument("--time-budget", type=float, default=0.0, help="CPU seconds per --time-configs row (0 = none)")
     ap.add_argument("--time-configs", default="baseline,all-options (LoRA last layers)")
+    ap.add_argument("--curve", action="store_true",
+                    help="time rows: held-out loss after every round (not counted in CPU time), and the CPU "
+                         "seconds each row needs to reach the first time row's final loss")
     ap.add_argument("--threads", type=int, default=0, help="0 = 2 if the machine is idle, else 1")
     ap.add_argument("--out", default=str(ROOT / "docs" / "train_speed.csv"))
     ap.add_argument("--work-dir", default=str(ROOT / "bench" / "results" / "tmp"))
@@ -129,13 +135,15 @@ def main() -> None:
         chosen = describe(fast_forward(model, cfg, model_device(model), feats, TrainCollator(pad_token_id_of(tok)),
                                        backward=True))
         load0 = os.getloadavg()[0]
-        round_s, losses = [], []
+        round_s, losses, curve = [], [], []
         wall0 = time.perf_counter()
         while (len(round_s) < args.rounds) if not time_budget else (sum(round_s) < time_budget):
             t0 = time.process_time()  # CPU seconds of this process: robust to other jobs on shared cores
             result = train_local(model, tok, train, data.titles, cfg, seed=len(round_s), progress=False)
             round_s.append(time.process_time() - t0)
             losses.append(result.loss)
+            if time_budget and args.curve:
+                curve.append((sum(round_s), eval_loss(model, tok, held_out, data.titles, measure_cfg)))
         seconds = sum(round_s)
         wall = time.perf_counter() - wall0
         seen = len(train) * args.epochs * len(round_s)
@@ -153,6 +161,7 @@ def main() -> None:
             "valid_loss_before": start_loss,
             "valid_loss": round(eval_loss(model, tok, held_out, data.titles, measure_cfg), 4),
             "load_avg_1min": f"{load0:.2f}-{os.getloadavg()[0]:.2f}",
+            "curve_cpu_s_loss": " ".join(f"{s:.1f}:{v:.4f}" for s, v in curve),
         }
         print(row, flush=True)
         return row
@@ -161,12 +170,24 @@ def main() -> None:
     if args.time_budget:
         rows += rows_for(args.time_configs, args.time_budget)
 
+    time_rows = [r for r in rows if r["curve_cpu_s_loss"]]
+    if time_rows:  # equal-loss speed-up: CPU seconds to reach the first time row's (the baseline's) final loss
+        target = time_rows[0]["valid_loss"]
+        for row in time_rows:
+            points = [(float(s), float(v)) for s, v in (x.split(":") for x in row["curve_cpu_s_loss"].split())]
+            row["cpu_s_to_target_loss"] = next((s for s, v in points if v <= target + 1e-4), "")
+        base_time = time_rows[0]["cpu_s_to_target_loss"]
+        for row in time_rows:
+            reached = row["cpu_s_to_target_loss"]
+            row["speedup_at_equal_loss"] = round(base_time / reached, 2) if reached and base_time else ""
+        print(f"target held-out loss {target}: " + "; ".join(
+            f"{r['config']} reaches it after {r['cpu_s_to_target_loss']} CPU s" for r in time_rows))
     base_speed = next((r["examples_per_s"] for r in rows if r["config"] == "baseline"), None)  # first: fixed examples
     for row in rows:
         row["speedup"] = round(row["examples_per_s"] / base_speed, 2) if base_speed else ""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
     print(f"\nwrote {args.out}\n")

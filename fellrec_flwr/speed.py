@@ -281,7 +281,8 @@ class PrefixCache:
         self.key, self.items, self.bytes = key, {}, 0
 
 
-_CACHES: "weakref.WeakKeyDictionary[nn.Module, PrefixCache]" = weakref.WeakKeyDictionary()
+# decoder -> autocast dtype -> cache (a full-precision evaluation does not evict bf16 training states)
+_CACHES: "weakref.WeakKeyDictionary[nn.Module, dict[str, PrefixCache]]" = weakref.WeakKeyDictionary()
 
 
 def _prefix_key(parts: DecoderParts, start: int, dtype: torch.dtype | None) -> tuple:
@@ -325,7 +326,7 @@ class FastForward:
             return None
         parts = self.parts
         assert parts is not None
-        cache = _CACHES.setdefault(parts.decoder, PrefixCache())
+        cache = _CACHES.setdefault(parts.decoder, {}).setdefault(str(self.dtype), PrefixCache())
         key = _prefix_key(parts, self.prefix_start, self.dtype)
         if cache.key != key:
             cache.reset(key)
