@@ -159,11 +159,22 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_rss_during(call) -> int:
-    """Bytes of resident memory the call added at its peak (needs Linux's /proc/self/clear_refs)."""
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc), so that the next
+    call's allocations are fresh pages: what a server sees, and what VmHWM can count."""
+    import ctypes
     import gc
 
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss_during(call) -> int:
+    """Bytes of resident memory the call added at its peak (needs Linux's /proc/self/clear_refs)."""
+    release_memory()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _status_kb("VmRSS")
     call()
@@ -177,6 +188,10 @@ def time_end_to_end(n: int, d: int, basis: str, repeats: int, rng: np.random.Gen
     from strategies.arrays import FlatLayout
 
     replies = reply_messages(n, d, rng)
+    # Memory first, in a fresh first-round pass (untimed): the peak resident memory the call
+    # adds (Linux: VmHWM after resetting it; sees the mmap'd matrix too).
+    peak = peak_rss_during(lambda: FellRec(similarity_basis=basis).aggregate_train(1, replies))
+    release_memory()
     times, cpu, steps = [], [], []
     strategy = FellRec(similarity_basis=basis)
     for _ in range(repeats):  # one server, several rounds: the first allocates, later ones reuse
@@ -196,10 +211,6 @@ def time_end_to_end(n: int, d: int, basis: str, repeats: int, rng: np.random.Gen
         steps.append(timer.seconds)
         del out
     del strategy
-    # Memory in a separate, untimed first-round pass: the peak resident memory above what the
-    # process held before the call (Linux: VmHWM after resetting it; sees mmap'd matrices too).
-    strategy = FellRec(similarity_basis=basis)
-    peak = peak_rss_during(lambda: strategy.aggregate_train(1, replies))
     stacked = n * d * 4
     memory = {"peak_gb": round(peak / 1e9, 3), "stacked_gb": round(stacked / 1e9, 3),
               "peak_over_stacked": round(peak / stacked, 2)}

@@ -22,11 +22,15 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from threadpoolctl import threadpool_limits
 
 NUMPY_STYPE = "numpy.ndarray"  # flwr's SType.NUMPY: data is np.save output
 # Columns of one block of W @ X in FlatLayout.mix: 2**17 float32 columns x 101 rows = 53 MB
 # (small next to X, large enough for BLAS to run at full speed).
 MIX_BLOCK_COLUMNS = 1 << 17
+# BLAS threads for the blocks of W @ X: one, as for the Gram matrix (strategies/fellrec_math.py):
+# the server shares its cores with ClientApps, and waiting BLAS threads spin on a busy machine.
+MIX_BLAS_THREADS = 1
 
 
 @functools.lru_cache(maxsize=4096)
@@ -208,7 +212,8 @@ class FlatLayout:
             while stop < len(self.keys) and self.offsets[stop] + sizes[stop] - self.offsets[index] <= block_columns:
                 stop += 1
             lo, hi = self.offsets[index], self.offsets[stop - 1] + sizes[stop - 1]
-            block = np.matmul(w, stacked[:, lo:hi], out=buffer[: m * (hi - lo)].reshape(m, hi - lo))
+            with threadpool_limits(limits=MIX_BLAS_THREADS, user_api="blas"):
+                block = np.matmul(w, stacked[:, lo:hi], out=buffer[: m * (hi - lo)].reshape(m, hi - lo))
             rows = memoryview(block).cast("B") if same_dtype else None
             row_bytes = (hi - lo) * block.itemsize
             for t in range(index, stop):
