@@ -6,8 +6,11 @@
 DEPLOY_DIR="$(realpath -m "${DEPLOY_DIR:-$HOME/fellrec-deploy}")"
 # The server's address as the clients reach it (must be one of the certificate's SANs).
 SUPERLINK_HOST="${SUPERLINK_HOST:-127.0.0.1}"
-SUPERLINK_PORT="${SUPERLINK_PORT:-9093}"
-# Interface the server processes listen on: 0.0.0.0 accepts other machines, 127.0.0.1 only this one.
+SUPERLINK_PORT="${SUPERLINK_PORT:-9093}"  # the Fleet gateway: the only SuperLink port other machines reach
+# The SuperLink itself (Control, Runtime and Fleet API) on 127.0.0.1 only: operators' `flwr` CLI.
+CONTROL_PORT="${CONTROL_PORT:-9095}"
+# Interface the public processes (Fleet gateway, split service) listen on: 0.0.0.0 accepts other
+# machines, 127.0.0.1 only this one.
 BIND_HOST="${BIND_HOST:-0.0.0.0}"
 SPLIT_PORT="${SPLIT_PORT:-8470}"
 # Name of the [superlink.<name>] connection in $FLWR_HOME/config.toml used by `flwr run/list/stop`.

@@ -5,11 +5,11 @@
 # (copy token i to client machine i only). A token is HMAC-SHA256(secret, "client-<i>"): the
 # service checks it without a token table; a new secret revokes every token.
 set -euo pipefail
+umask 077  # before anything is created: the secret, the tokens and their folders are owner-only
 source "$(dirname "$0")/common.sh"
 n="${1:?usage: make_split_credentials.sh NUM_NODES}"
 mkdir -p "$SPLIT_DIR/tokens"
 [[ -f "$SPLIT_DIR/secret.txt" ]] || "$PYTHON" -m fellrec_flwr.split_auth new-secret "$SPLIT_DIR/secret.txt"
-umask 077
 for ((i = 0; i < n; i++)); do
   "$PYTHON" -m fellrec_flwr.split_auth issue --secret-file "$SPLIT_DIR/secret.txt" --client-key "client-$i" \
     > "$SPLIT_DIR/tokens/client-$i.token"

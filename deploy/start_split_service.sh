@@ -7,7 +7,10 @@
 # Environment: FRONT_K / BACK_K (default 1/1, must match split.front-k / split.back-k), DEVICE (cpu).
 # Clients reach it at https://$SUPERLINK_HOST:$SPLIT_PORT (pass it as split.service-url).
 set -euo pipefail
+umask 077
 source "$(dirname "$0")/common.sh"
+[[ "$(stat -c %a "$SPLIT_DIR/secret.txt" 2>/dev/null)" == 600 ]] || {
+  echo "error: $SPLIT_DIR/secret.txt must exist with mode 600 (deploy/make_split_credentials.sh)" >&2; exit 2; }
 model="${1:?usage: start_split_service.sh MODEL [options]}"; shift
 exec "$PYTHON" -m server_app.split_service --model "$model" "$@" \
   --front-k "${FRONT_K:-1}" --back-k "${BACK_K:-1}" --device "${DEVICE:-cpu}" \

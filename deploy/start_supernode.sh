@@ -9,6 +9,7 @@
 # split/tokens/client-<i>.token. The split token reaches the ClientApp through the node config
 # (a file path), never through the run config, which every node sees.
 set -euo pipefail
+umask 077  # this client's state, adapters and logs are its own
 source "$(dirname "$0")/common.sh"
 i="${1:?usage: start_supernode.sh INDEX NUM_NODES}"
 n="${2:?usage: start_supernode.sh INDEX NUM_NODES}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Write the [superlink.$CONNECTION] entry (TLS, our CA) into $FLWR_HOME/config.toml, replacing
 # an older entry of the same name. `flwr run . $CONNECTION`, `flwr list`, `flwr stop` use it.
-# Usage: deploy/write_connection.sh
+# Usage: deploy/write_connection.sh      (on the server: the Control API listens on its loopback only;
+# from another machine first open a tunnel: ssh -N -L $CONTROL_PORT:127.0.0.1:$CONTROL_PORT server)
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cfg="$FLWR_HOME/config.toml"
@@ -15,8 +16,8 @@ awk -v hdr="[superlink.$CONNECTION]" '
 cat >> "$cfg.tmp" <<TOML
 
 [superlink.$CONNECTION]
-address = "$SUPERLINK_HOST:$SUPERLINK_PORT"
+address = "127.0.0.1:$CONTROL_PORT"
 root-certificates = "$CERTS/ca.crt"
 TOML
 mv "$cfg.tmp" "$cfg"
-echo "connection '$CONNECTION' -> $SUPERLINK_HOST:$SUPERLINK_PORT written to $cfg"
+echo "connection '$CONNECTION' -> 127.0.0.1:$CONTROL_PORT (the SuperLink's Control API) written to $cfg"

@@ -177,7 +177,7 @@ class FellRecConfig:
     seed: int = 2024
     out_dir: str = "results"
     run_name: str = ""  # "" = <strategy>-<dataset>
-    resume_from: str = ""  # a run folder (or its checkpoint.pt) to continue
+    resume_from: str = ""  # a run folder (or its checkpoint.safetensors) to continue
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)

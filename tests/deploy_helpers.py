@@ -119,8 +119,10 @@ class Cluster:
 
     root: Path
     num_nodes: int = 3
-    superlink_port: int = field(default_factory=free_port)
+    superlink_port: int = field(default_factory=free_port)  # the Fleet gateway (what SuperNodes reach)
+    control_port: int = field(default_factory=free_port)  # the SuperLink itself, on loopback (flwr CLI)
     split_port: int = field(default_factory=free_port)
+    bind_host: str = "127.0.0.1"
     connection: str = "fellrec-test"
     data_path: Path | None = None  # the clients' prepared-data folder (node config data-path)
     tokenizer_dir: Path | None = None  # the tiny model's tokenizer, for the split service
@@ -143,9 +145,10 @@ class Cluster:
             "DEPLOY_DIR": str(self.deploy_dir),
             "FLWR_HOME": str(self.root / "flwr-home"),
             "FELLREC_CACHE": str(self.root / "cache"),
-            "BIND_HOST": "127.0.0.1",
+            "BIND_HOST": self.bind_host,
             "SUPERLINK_HOST": "127.0.0.1",
             "SUPERLINK_PORT": str(self.superlink_port),
+            "CONTROL_PORT": str(self.control_port),
             "SPLIT_PORT": str(self.split_port),
             "CONNECTION": self.connection,
             # three ClientApps + the ServerApp share two cores: one thread each avoids oversubscription
@@ -191,6 +194,7 @@ class Cluster:
     def leftovers(self) -> list[int]:
         """PIDs of processes still running with this cluster's ports on their command line."""
         fragments = [f"127.0.0.1:{self.superlink_port}", f"--port {self.superlink_port}",
+                     f"--port {self.control_port}", f"{self.bind_host}:{self.superlink_port}",
                      f"--port {self.split_port}", *(f"--port {p}" for p in self.node_ports.values())]
         found = []
         for proc in Path("/proc").iterdir():
@@ -215,8 +219,9 @@ class Cluster:
 
     def start_superlink(self) -> Started:
         started = self.start("superlink", "start_superlink.sh")
-        wait_for(lambda: "Uvicorn running on https://" in started.text() or started.proc.poll() is not None,
-                 60, "the SuperLink to listen", context=started.text)
+        gateway = f"Uvicorn running on https://{self.bind_host}:{self.superlink_port}"  # after the SuperLink
+        wait_for(lambda: gateway in started.text() or started.proc.poll() is not None,
+                 90, "the SuperLink and its Fleet gateway to listen", context=started.text)
         assert started.proc.poll() is None, started.text()
         return started
 

@@ -570,3 +570,117 @@ def test_run_name_must_be_a_plain_name(name):
 
 def test_plain_run_names_are_accepted():
     assert from_run_config({"run-name": "fellrec-games_s1.v2"}).run_name == "fellrec-games_s1.v2"
+
+
+# -- High 1: the SuperLink's Control API is not reachable from client machines ----------------------
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses listening on TCP `port` (IPv4 and IPv6), from /proc/net/tcp*."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            addr, hexport = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(hexport, 16) == port:  # 0A = LISTEN
+                if len(addr) == 8:
+                    found.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+                else:
+                    found.add("::" if set(addr) == {"0"} else addr)
+    return found
+
+
+def _outward_address() -> str | None:
+    """This machine's address on a non-loopback interface (what another machine would connect to)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.254", 9))  # no packet is sent: this only picks the route
+            addr = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if addr.startswith("127.") else addr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from /proc")
+def test_control_api_listens_on_loopback_only_and_the_public_port_serves_only_fleet(tmp_path):
+    import shutil as _shutil
+    import ssl
+
+    if not (_shutil.which("openssl") and _shutil.which("ssh-keygen")):
+        pytest.skip("the deploy scripts need openssl and ssh-keygen")
+    from deploy_helpers import Cluster
+
+    cluster = Cluster(tmp_path, num_nodes=1, bind_host="0.0.0.0")  # the documented multi-machine layout
+    cluster.script("make_certs.sh")
+    cluster.script("write_connection.sh")
+    try:
+        cluster.start_superlink()
+        assert _listening(cluster.control_port) == {"127.0.0.1"}
+        assert "0.0.0.0" in _listening(cluster.superlink_port)
+        outward = _outward_address()
+        if outward:  # as another machine would: the Control API refuses, the Fleet port answers
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((outward, cluster.control_port), timeout=5).close()
+            socket.create_connection((outward, cluster.superlink_port), timeout=5).close()
+        ctx = ssl.create_default_context(cafile=str(cluster.deploy_dir / "certs" / "ca.crt"))
+
+        def post(path: str) -> tuple[int, bytes]:
+            conn = http.client.HTTPSConnection("127.0.0.1", cluster.superlink_port, timeout=30, context=ctx)
+            try:
+                conn.request("POST", path, body=b"", headers={"Content-Type": "application/protobuf"})
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            finally:
+                conn.close()
+
+        for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/acquire-task", "/docs",
+                     "/v1/fleet/../control/list-runs"):
+            status, body = post(path)
+            assert status == 404 and b"Fleet API only" in body, (path, status, body[:200])
+        status, body = post("/v1/fleet/get-run")  # forwarded: the SuperLink itself answers
+        assert b"Fleet API only" not in body, (status, body[:200])
+        # the operator's CLI on the server still reaches the Control API (loopback)
+        out = cluster.flwr("list", cluster.connection, "--format", "json")
+        assert out.returncode == 0 and '"runs"' in out.stdout, out.stdout + out.stderr
+        assert "127.0.0.1:%d" % cluster.control_port in (cluster.root / "flwr-home" / "config.toml").read_text()
+    finally:
+        cluster.stop_all()
+        assert cluster.leftovers() == []
+
+
+# -- Low 18: key handling the scripts follow ------------------------------------------------------
+
+
+def test_scripts_keep_the_ca_key_apart_and_every_secret_owner_only(tmp_path):
+    import shutil as _shutil
+
+    if not (_shutil.which("openssl") and _shutil.which("ssh-keygen")):
+        pytest.skip("the deploy scripts need openssl and ssh-keygen")
+    from deploy_helpers import Cluster
+
+    cluster = Cluster(tmp_path, num_nodes=1)
+    old = os.umask(0o022)  # a typical login umask: the scripts must not depend on the caller's
+    try:
+        cluster.script("make_certs.sh")
+        cluster.script("make_node_keys.sh", "1")
+        cluster.script("make_split_credentials.sh", "1")
+    finally:
+        os.umask(old)
+    d = cluster.deploy_dir
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert not (d / "certs" / "ca.key").exists()  # not beside the server's files
+    assert mode(d / "ca-private") == 0o700 and mode(d / "ca-private" / "ca.key") == 0o600
+    assert mode(d / "certs" / "server.key") == 0o600 and mode(d / "certs" / "ca.crt") == 0o644
+    assert mode(d / "keys" / "sn0") == 0o600 and mode(d / "keys" / "sn0.pub") == 0o644
+    assert mode(d / "split" / "secret.txt") == 0o600 and mode(d / "split" / "tokens" / "client-0.token") == 0o600
+    assert mode(d / "split") == mode(d / "split" / "tokens") == 0o700
+    # re-issuing the server certificate works with the CA key where the admin keeps it
+    offline = tmp_path / "usb"
+    _shutil.move(str(d / "ca-private"), offline)
+    assert cluster.script("make_certs.sh", check=False).returncode == 2  # no CA key: refuses, clearly
+    cluster.script("make_certs.sh", CA_DIR=str(offline))
