@@ -87,7 +87,7 @@ class ServiceLimits:
     activation_cache_bytes: int = 2 << 30  # graphs kept between forward and backward; 0 = always recompute
     activation_ttl_s: float = 120.0
     socket_timeout_s: float = 120.0  # per receive: idle keep-alive connections are dropped
-    request_timeout_s: float = 300.0  # whole request (headers + body + reply): slow-drip senders are dropped
+    request_timeout_s: float = 300.0  # to send a whole request, and to take a whole reply: slow drips are cut
     listen_backlog: int = 128  # pending connections the kernel queues before refusing
 
 
@@ -678,6 +678,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + fmt, self.address_string(), *(_printable(a, 200) for a in args))
 
     def _reply(self, status: int, body: bytes, ctype: str = "application/json", close: bool = False) -> None:
+        self.server.arm(self.connection, time.monotonic() + self.server.service.limits.request_timeout_s)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -750,6 +751,9 @@ class _Handler(BaseHTTPRequestHandler):
         if len(data) != length:  # the client went away mid-body
             self.close_connection = True
             return
+        # The deadline bounds what the peer controls (sending the request, taking the reply), not
+        # the compute or the wait for the compute lock behind other clients.
+        self.server.arm(self.connection, None)
         try:
             reply = route(service, client, data)
         except ApiError as err:
@@ -954,7 +958,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="KV memory of one client's sessions together; a step over it is refused with 413")
     p.add_argument("--session-ttl", type=float, default=lim.session_ttl_s)
     p.add_argument("--request-timeout", type=float, default=lim.request_timeout_s,
-                   help="seconds a whole request (headers, body, reply) may take")
+                   help="seconds a client has to send a whole request (and to take a whole reply)")
     p.add_argument("--backlog", type=int, default=lim.listen_backlog, help="listen backlog (pending connections)")
     p.add_argument("--max-batch", type=int, default=lim.max_batch)
     p.add_argument("--max-seq", type=int, default=lim.max_seq)

@@ -431,6 +431,22 @@ def test_a_slow_drip_request_is_cut_at_the_deadline(full):
         handle.stop()
 
 
+def test_the_deadline_does_not_cut_a_slow_compute(full, monkeypatch):
+    """The deadline bounds what the client controls (sending, taking the reply), not the compute or
+    the wait for the compute lock behind other clients."""
+    def slow_create(self, client, data):
+        time.sleep(1.5)
+        return b'{"session": "x"}'
+
+    monkeypatch.setitem(split_service._POST_ROUTES, "/v1/infer/create", slow_create)
+    handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(request_timeout_s=0.5))
+    try:
+        status, reply = _post(handle.url, "/v1/infer/create", b"{}")
+        assert status == 200 and reply == {"session": "x"}
+    finally:
+        handle.stop()
+
+
 def test_listen_backlog_is_configurable_and_not_5(full):
     assert ServiceLimits().listen_backlog >= 128
     handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(listen_backlog=321))
