@@ -84,7 +84,10 @@ def _save_tiny(model_cfg: ModelConfig, titles: Titles, work_dir: Path, folder: P
 
     model, tokenizer = _load_tiny(model_cfg, titles, work_dir)
     _ensure_pad_token(tokenizer, model)
-    save_full_model(model, folder, tokenizer)
+    try:
+        save_full_model(model, folder, tokenizer, overwrite=False)
+    except FileExistsError:  # another client process on this machine saved the same model first
+        pass
 
 
 def _hub_snapshot(name: str) -> Path:
@@ -284,23 +287,24 @@ def held_parameter_names(module: nn.Module) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m fellrec_flwr.model_parts prepare --model NAME [--data-dir PREPARED]"""
+    """python -m fellrec_flwr.model_parts prepare --run-config "model.name=... data.dataset=..." """
     p = argparse.ArgumentParser(prog="python -m fellrec_flwr.model_parts",
-                                description="Prepare the safetensors checkpoint that partial loads read.")
+                                description="Prepare, once, the safetensors checkpoint a run's partial loads read "
+                                            "(GGUF de-quantised, tiny generated), where the run will look for it.")
     p.add_argument("command", choices=["prepare"])
-    p.add_argument("--model", required=True, help="'tiny', a .gguf file/folder, a safetensors folder or an HF id")
-    p.add_argument("--work-dir", default="", help="where converted models go (default: the cache root); "
-                   "for 'tiny', the prepared-data folder whose titles train its tokenizer")
+    p.add_argument("--run-config", default="", help='the run\'s settings, as for flwr run, e.g. "model.name=x.gguf"')
     args = p.parse_args(argv)
+    from flwr.common.config import parse_config_args
+
+    from data_prep.prepare import prepare
+    from fellrec_flwr.config import from_run_config
     from fellrec_flwr.paths import cache_root
+    from fellrec_flwr.prepared import PreparedData
 
-    work_dir = Path(args.work_dir or cache_root())
-    titles: Titles = []
-    if args.model == "tiny":
-        from fellrec_flwr.prepared import PreparedData
-
-        titles = PreparedData.load(work_dir).titles
-    print(checkpoint_for(ModelConfig(name=args.model, device="cpu"), titles, work_dir))
+    cfg = from_run_config(parse_config_args([args.run_config]) if args.run_config else {})
+    # as runtime.prepare_data: converted models live in the prepared-data folder, where every process looks
+    data = PreparedData.load(prepare(cfg.data, cache_root(), seed=cfg.seed))
+    print(checkpoint_for(cfg.model, data.titles, data.path))
 
 
 if __name__ == "__main__":

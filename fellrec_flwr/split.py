@@ -500,8 +500,12 @@ def load_server_body(path: str | Path, front_k: int, back_k: int, dtype: str | t
 # ---------------------------------------------------------------------------
 
 
-def save_full_model(model: Any, out_dir: str | Path, tokenizer: Any = None) -> Path:
+def save_full_model(model: Any, out_dir: str | Path, tokenizer: Any = None, overwrite: bool = True) -> Path:
     """Save a full LLaMA as safetensors (+ config, tokenizer) into `out_dir`, atomically.
+
+    With ``overwrite=False`` an existing `out_dir` is kept and FileExistsError raised (processes
+    racing to write the same deterministic model use the winner's, never replace a folder that
+    another process may be reading).
 
     The state dict is copied into a plain `LlamaForCausalLM` first: transformers refuses to
     save a GGUF-loaded model, and a peft wrapper would add adapter names.
@@ -523,7 +527,7 @@ def save_full_model(model: Any, out_dir: str | Path, tokenizer: Any = None) -> P
     plain.generation_config = lm.generation_config
     lm = plain
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=True) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         lm.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

@@ -91,6 +91,14 @@ def test_checkpoint_is_prepared_once(work_dir, monkeypatch):
     assert checkpoint_for(tiny_cfg(), TITLES, work_dir) == folder
 
 
+def test_a_second_writer_keeps_the_first_checkpoint(work_dir):
+    """Client processes on one machine may race to save the tiny model: the winner's folder stays."""
+    folder = checkpoint_for(tiny_cfg(), TITLES, work_dir)
+    before = (folder / "config.json").stat().st_ino
+    model_parts._save_tiny(tiny_cfg(), TITLES, work_dir, folder)  # loses the race: no error, no replacement
+    assert (folder / "config.json").stat().st_ino == before
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("layers", ["0,3", ""])
 def test_initial_lora_from_the_config_equals_a_real_model_with_peft(work_dir, dtype, layers):
