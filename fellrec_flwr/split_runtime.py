@@ -1,9 +1,10 @@
 """Wire a client's runtime to the split-inference service (flexible storage, client side).
 
-With `split.enabled`, the client's model keeps the embedding, the first `front_k` and last
-`back_k` decoder layers, the final norm, the LM head and its LoRA; the middle layers are
-replaced by a proxy that calls the service (`fellrec_flwr.split_client`). Training, the
-validation loss and generation then run unchanged through the split.
+With `split.enabled`, the client's model holds only the embedding, the first `front_k` and
+last `back_k` decoder layers, the final norm, the LM head and its LoRA — read from the
+checkpoint by `model_parts.load_client_part`, the middle layers never loaded; a proxy that
+calls the service (`fellrec_flwr.split_client`) takes their place. Training, the validation
+loss, generation and the grounding catalogue then run unchanged through the split.
 
 Credentials: in a deployment each SuperNode has a token file from the server operator
 (`split-token-file` in its node config). In a local simulation the clients run on the same
