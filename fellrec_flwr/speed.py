@@ -1,8 +1,9 @@
 """Faster training forward passes on a CPU, each exact or switchable (bench/train_speed.py measures them).
 
-- bf16 autocast, chosen per CPU and model: on an AVX2-only CPU it was measured 4x slower,
-  and even on a CPU with native bf16 instructions it is 2.7x slower for the tiny model (its
-  matrices are too small to pay for the casts) while faster for SmolLM2. So
+- bf16 autocast, chosen per CPU and model: on an AVX2-only CPU it was measured 4x slower
+  (issue 13), and even on a CPU with native bf16 instructions it is slower for the tiny model
+  (its matrices are too small to pay for the casts) while 1.9x faster for SmolLM2
+  (bench/train_speed.py, docs/results.md). So
   ``train.autocast='auto'`` uses bf16 only when the CPU has ``avx512_bf16`` or ``amx_bf16``
   (/proc/cpuinfo) AND one timed training step with bf16 beats one without by 10 %; the
   verdict is kept per (CPU, model architecture, trainable-parameter count) in
