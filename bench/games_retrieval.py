@@ -1,21 +1,21 @@
 """The retrieval head (RecFormer-style) on real Amazon Games with SmolLM2-135M, on a CPU.
 
-    nice -n 10 python bench/games_retrieval.py                       # every phase, in order
-    nice -n 10 python bench/games_retrieval.py --phase zero-shot     # phases can run separately
-    nice -n 10 python bench/games_retrieval.py --phase trained --train-minutes 40
-    python bench/games_retrieval.py --phase report                   # tables, CIs and the plot
+    nice -n 10 python bench/games_retrieval.py --train-minutes 40   # every phase, in order
+    nice -n 10 python bench/games_retrieval.py --phase baselines    # phases can run separately
+    python bench/games_retrieval.py --phase report                  # tables, CIs and the plot again
 
-Phases (each writes its per-user ranks under --out, so they can run in any order or in
-parallel processes; `report` reads whatever is there):
-- zero-shot: the un-tuned model (LoRA at its zero-initialised B, i.e. the base model)
-  encodes every catalogue title and every test user; top-K by cosine, history masked;
-- trained: a short centralized LoRA training with the retrieval loss (in-batch +
-  sampled negatives) on training windows sampled with the seed, under a wall-clock
-  budget; then the same evaluation with item vectors recomputed with the trained adapter;
-- baselines: popularity and first-order Markov (`fellrec_flwr.baselines`) on the same users;
-- report: Recall/NDCG@10/20 with 95% paired-bootstrap CIs (`fellrec_flwr.bootstrap`) and
-  the difference of each method to popularity and to Markov; seconds per user;
-  writes games_retrieval.csv, games_retrieval.json and games_retrieval.png.
+Phases (each writes its per-user ranks under --out; `report` reads whatever is there):
+- baselines: popularity and first-order Markov (`fellrec_flwr.baselines`) on the test users;
+- model: LoRA sits in the last layers only (--lora-layers), so the frozen layers' states of
+  every test user and every catalogue title are computed once (and kept under
+  --states-cache for reruns); then the zero-shot adapter (LoRA B = 0, i.e. the base model)
+  and, after a short centralized training with the retrieval loss (in-batch + sampled
+  negatives, training windows drawn with the seed, stopped by --train-minutes), the trained
+  adapter each rerun only the top layers; top-K by cosine over the whole catalogue, history
+  masked, duplicate titles one group;
+- report: Recall/NDCG@10/20 with 95% paired-bootstrap CIs (`fellrec_flwr.bootstrap`) and each
+  method's difference to popularity and to Markov; seconds per user; writes
+  games_retrieval.csv, games_retrieval.json and games_retrieval.png (with the training loss).
 
 Single-threaded (torch.set_num_threads(1)) unless --threads says otherwise. Needs
 ../shared (the Games data and the SmolLM2 GGUF); exits with a message when it is absent.
@@ -24,6 +24,7 @@ Single-threaded (torch.set_num_threads(1)) unless --threads says otherwise. Need
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pooling", default="mean")
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--states-cache", default=os.path.join(os.environ.get("FELLREC_CACHE", ROOT / ".cache" / "fellrec"),
+                                                           "games-retrieval"),
+                    help="where the frozen prefix's states are kept between runs (about 0.9 GB for Games)")
     ap.add_argument("--autocast", choices=("bf16", "off"), default="bf16",
                     help="bf16 autocast: 2-3x faster on a CPU with AMX/avx512_bf16 (measured: item vectors agree to "
                          "cosine 0.99996); 'off' for float32 throughout")
@@ -158,16 +162,26 @@ def phase_model(args, cfg, data) -> None:
     test = data.split("test")
     start = frozen_prefix_layers(model)
     print(f"frozen prefix: layers 0..{start - 1} computed once; LoRA layers {cfg.lora.layers}", flush=True)
-    with cast():
-        t0 = time.time()
-        user_states = prefix_states(model, tok, [user_token_ids(tok, lookup_titles(ex.history, data.titles),
-                                                                cfg.train.max_length) for ex in test],
-                                    start, 16, progress=True, desc="users: frozen prefix")
-        prefix_seconds = {"users_prefix": time.time() - t0}
-        t0 = time.time()
-        item_states = prefix_states(model, tok, item_token_ids(tok, groups.titles, cfg.train.max_length), start, 64,
-                                    progress=True, desc="catalogue: frozen prefix")
-        prefix_seconds["catalogue_prefix"] = time.time() - t0
+    user_ids = [user_token_ids(tok, lookup_titles(ex.history, data.titles), cfg.train.max_length) for ex in test]
+    item_ids = item_token_ids(tok, groups.titles, cfg.train.max_length)
+    # The frozen prefix depends only on the base weights, the layer cut, the texts and the
+    # autocast: kept on disk so a rerun (e.g. with a longer training) skips it.
+    key = hashlib.sha256(json.dumps([args.model, start, args.autocast, user_ids, item_ids]).encode()).hexdigest()[:16]
+    cache_file = Path(args.states_cache) / f"prefix-{key}.pt"
+    if cache_file.exists():
+        cached = torch.load(cache_file)
+        user_states, item_states, prefix_seconds = cached["users"], cached["items"], cached["seconds"]
+        print(f"frozen prefix states read from {cache_file} (computed in {prefix_seconds})", flush=True)
+    else:
+        with cast():
+            t0 = time.time()
+            user_states = prefix_states(model, tok, user_ids, start, 16, progress=True, desc="users: frozen prefix")
+            prefix_seconds = {"users_prefix": time.time() - t0}
+            t0 = time.time()
+            item_states = prefix_states(model, tok, item_ids, start, 64, progress=True, desc="catalogue: frozen prefix")
+            prefix_seconds["catalogue_prefix"] = time.time() - t0
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"users": user_states, "items": item_states, "seconds": prefix_seconds}, cache_file)
 
     def top(name: str, extra: dict) -> None:
         with cast():
@@ -245,12 +259,13 @@ def phase_report(args) -> None:
     for m, r in found.items():
         summary["methods"][m] = {k: v for k, v in r.items() if k not in ("user_ids", "ranks")}
     write_json(out.with_suffix(".json"), summary)
-    plot(frame, out.with_suffix(".png"), len(users))
+    curve = found.get("retrieval-trained", {}).get("train", {}).get("curve", [])
+    plot(frame, out.with_suffix(".png"), len(users), curve)
     pd.set_option("display.width", 200)
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
-def plot(frame, path: Path, n_users: int) -> None:
+def plot(frame, path: Path, n_users: int, curve: list) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,7 +274,7 @@ def plot(frame, path: Path, n_users: int) -> None:
     means = frame[frame["versus"] == ""]
     metrics = list(dict.fromkeys(means["metric"]))
     methods = list(dict.fromkeys(means["method"]))
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, (ax, ax_curve) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [2, 1]})
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
         part = means[means["method"] == method].set_index("metric").loc[metrics]
@@ -267,8 +282,20 @@ def plot(frame, path: Path, n_users: int) -> None:
         ax.bar(x, part["value"], width, label=method,
                yerr=[part["value"] - part["ci_low"], part["ci_high"] - part["value"]], capsize=3)
     ax.set_xticks(np.arange(len(metrics)) + width * (len(methods) - 1) / 2, metrics)
-    ax.set_title(f"Games, SmolLM2-135M retrieval head vs baselines ({n_users} test users, 95% bootstrap CI)")
+    ax.set_title(f"Games, SmolLM2-135M retrieval head vs baselines ({n_users} test users, 95% bootstrap CI)",
+                 fontsize=9)
     ax.legend(fontsize=8)
+    if curve:  # the training loss per step (in-batch + sampled negatives), and a running mean
+        steps, losses = np.array([c[0] for c in curve]), np.array([c[1] for c in curve])
+        window = max(1, len(losses) // 10)
+        ax_curve.plot(steps, losses, alpha=0.4, label="step loss")
+        ax_curve.plot(steps[window - 1:], np.convolve(losses, np.ones(window) / window, "valid"),
+                      label=f"mean of {window}")
+        ax_curve.set_xlabel("optimiser step")
+        ax_curve.set_title("retrieval training loss", fontsize=9)
+        ax_curve.legend(fontsize=8)
+    else:
+        ax_curve.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
