@@ -26,12 +26,14 @@ from pathlib import Path
 import pandas as pd
 
 PROFILES = {
-    # tiny LLaMA (public warm-up), 7 methods in about 25 min per data set on 2 cores
-    "cpu": {"num-server-rounds": 4, "train.local-epochs": 1, "train.lr": 0.003, "eval.interval": 2,
-            "eval.num-beams": 4, "eval.max-new-tokens": 24, "model.tiny-layers": 4},
-    # SmolLM2-135M (set model.name to the GGUF file or a local folder); GPU recommended
+    # tiny LLaMA (public warm-up): the demo defaults of pyproject.toml, spelled out
+    "cpu": {"num-server-rounds": 5, "train.local-epochs": 2, "train.lr": 0.003, "eval.interval": 1,
+            "eval.decoding": "constrained", "model.tiny-layers": 4, "model.tiny-pretrain-prompts": 1000,
+            "lora.r": 16, "lora.alpha": 32, "lora.target-modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"},
+    # SmolLM2-135M (set model.name to the GGUF file or a local folder); GPU recommended; the paper's LoRA
     "pretrained": {"num-server-rounds": 5, "train.local-epochs": 1, "train.lr": 0.0003, "eval.interval": 1,
-                   "eval.num-beams": 4, "eval.max-new-tokens": 32, "train.batch-size": 4},
+                   "eval.num-beams": 4, "eval.max-new-tokens": 32, "train.batch-size": 4,
+                   "lora.r": 8, "lora.alpha": 16, "lora.target-modules": "q_proj,v_proj"},
 }
 METHODS = {
     "fellrec": {"strategy": "fellrec"},

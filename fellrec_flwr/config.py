@@ -47,7 +47,7 @@ class ModelConfig:
     tiny_heads: int = 4
     tiny_vocab: int = 4000
     # Public warm-up of the random tiny model on catalogue-only prompts (0 = stay random).
-    tiny_pretrain_prompts: int = 2000
+    tiny_pretrain_prompts: int = 1000
     # "generative" (BIGRec: generate a title, ground it) or "retrieval" (RecFormer-style:
     # history and title vectors, softmax over the catalogue; fellrec_flwr/retrieval.py).
     head: str = "generative"
@@ -55,10 +55,11 @@ class ModelConfig:
 
 @dataclass
 class LoraSettings:
-    r: int = 8
-    alpha: int = 16
+    r: int = 16
+    alpha: int = 32
     dropout: float = 0.05
-    target_modules: str = "q_proj,v_proj"  # comma-separated module names
+    # comma-separated module names; the demo default adapts every projection (the paper: q_proj,v_proj, r 8)
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     layers: str = ""  # comma-separated layer indices; "" = every layer
 
     def target_list(self) -> list[str]:
@@ -72,8 +73,8 @@ class LoraSettings:
 
 @dataclass
 class TrainSettings:
-    local_epochs: int = 1
-    lr: float = 1e-3
+    local_epochs: int = 2
+    lr: float = 3e-3
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 256  # token cutoff of one prompt+response
@@ -128,7 +129,7 @@ class EvalSettings:
     test_adapter: str = "best"
     # How a user's list is made: "beam-l2" = the paper's free generation grounded by L2
     # distance; "constrained" = beam search over a trie of catalogue titles (constrained.py).
-    decoding: str = "beam-l2"
+    decoding: str = "constrained"
     constrained_beams: int = 20  # live prefixes kept per user in constrained decoding
     prior_weight: float = 0.0  # constrained: subtract this x each title's log-lik under a neutral prompt
     length_norm: float = 0.0  # constrained: divide a title's log-lik by n_tokens**length_norm (0 = plain sum)
@@ -169,7 +170,7 @@ class SplitSettings:
 @dataclass
 class FellRecConfig:
     strategy: str = "fellrec"
-    num_server_rounds: int = 3
+    num_server_rounds: int = 5
     fraction_train: float = 1.0
     min_clients: int = 5
     node_wait_timeout: float = 300.0  # seconds to wait for min_clients before a round

@@ -22,9 +22,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 # Bump when the public warm-up changes, so cached warm weights are not reused.
 PRETRAIN_RECIPE = "r4"
-# 2,000 prompts x 6 epochs = 750 steps: on the demo, constrained Recall@10 of the warm model
-# rose from popularity level (0.09-0.12 at 125-250 steps) to 0.30 at 750 steps (150 valid
-# users; bench/tiny_warmup_curve.py), once it learnt to follow the history.
+# Steps = model.tiny-pretrain-prompts / 16 x 6 epochs. On the demo, constrained Recall@10 of
+# the warm model is at popularity level up to ~375 steps (it knows the titles and their
+# marginal) and follows the history from ~500 (0.30 at 750; bench/tiny_warmup_curve.py).
+# The default 1,000 prompts (~375 steps) leave following the history to federated training,
+# so the demo's curve shows what the clients learn (docs/results.md).
 PRETRAIN_EPOCHS = 6
 PRETRAIN_LR = 3e-3
 
