@@ -125,6 +125,7 @@ class Cluster:
     bind_host: str = "127.0.0.1"
     connection: str = "fellrec-test"
     data_path: Path | None = None  # the clients' prepared-data folder (node config data-path)
+    data_paths: dict[int, Path] = field(default_factory=dict)  # per client: only its own partition
     tokenizer_dir: Path | None = None  # the tiny model's tokenizer, for the split service
     procs: dict[str, Started] = field(default_factory=dict)
     node_ports: dict[int, int] = field(default_factory=dict)
@@ -231,8 +232,9 @@ class Cluster:
 
     def start_node(self, i: int, label: str | None = None, **extra: str) -> Started:
         port = self.node_ports.setdefault(i, free_port())
-        if self.data_path is not None:
-            extra.setdefault("DATA_PATH", str(self.data_path))
+        path = self.data_paths.get(i, self.data_path)
+        if path is not None:
+            extra.setdefault("DATA_PATH", str(path))
         return self.start(label or f"sn{i}", "start_supernode.sh", str(i), str(self.num_nodes),
                           NODE_PORT=str(port), **extra)
 

@@ -28,6 +28,8 @@ import json
 import shutil
 import signal
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -37,6 +39,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import ROOT
 from deploy_helpers import Cluster, wait_for
 
 pytestmark = [pytest.mark.slow]
@@ -54,9 +57,10 @@ NODE_WAIT = 5  # node-wait-timeout of the failure run, seconds
 HEARTBEAT_LIMIT = 2 * 30 + 30  # Flower: 30 s heartbeat interval x patience 2, plus slack for a loaded CI box
 
 
-def _prepare_data(cluster: Cluster) -> tuple[Path, Path]:
+def _prepare_data(cluster: Cluster) -> tuple[dict[int, Path], Path]:
     """Prepare the demo data and the tiny tokenizer once: for the ServerApp (cache), the split
-    service (the tokenizer), and a copy for the clients (their node config data-path)."""
+    service (the tokenizer), and for each client only its own partition (its node config
+    data-path), exported with deploy/export_partition.py as deploy/README.md tells."""
     from flwr.common.config import parse_config_args
 
     from data_prep.prepare import prepare
@@ -68,9 +72,13 @@ def _prepare_data(cluster: Cluster) -> tuple[Path, Path]:
     folder = prepare(cfg.data, cluster.root / "cache", seed=cfg.seed, progress=False)
     load_base_model(cfg.model, PreparedData.load(folder).titles, folder)  # writes tokenizer-<hash>/
     tokenizer_dir = next(folder.glob("tokenizer-*"))
-    client_copy = cluster.root / "client-data"
-    shutil.copytree(folder, client_copy)
-    return client_copy, tokenizer_dir
+    parts = {}
+    for i in range(cluster.num_nodes):
+        parts[i] = cluster.root / f"client-data-{i}"
+        out = subprocess.run([sys.executable, str(ROOT / "deploy" / "export_partition.py"), str(folder), str(i),
+                              str(parts[i])], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+    return parts, tokenizer_dir
 
 
 def run_config(cluster: Cluster, extra: str) -> str:
@@ -88,7 +96,7 @@ def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("deploy"))
     try:
         c.setup()
-        c.data_path, c.tokenizer_dir = _prepare_data(c)
+        c.data_paths, c.tokenizer_dir = _prepare_data(c)
         start_split_service(c)
         c.start_superlink()
         c.register_nodes()
@@ -101,6 +109,17 @@ def cluster(tmp_path_factory):
         c.stop_all()
         left = c.leftovers()
         assert not left, f"processes outlived the test: {left}"
+
+
+def test_each_client_machine_holds_only_its_own_partition(cluster):
+    from fellrec_flwr.prepared import PreparedData
+
+    for i, path in cluster.data_paths.items():
+        data = PreparedData.load(path)
+        for name in ("train", "valid", "test"):
+            assert set(data.split_frame(name)["client"]) == {i}, (i, name)
+        assert set(data.train_sequences["client"]) == {i}
+        assert data.manifest["partition"]["client"] == i
 
 
 # --------------------------------------------------------------------------- node authentication

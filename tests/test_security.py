@@ -700,3 +700,34 @@ def test_scripts_keep_the_ca_key_apart_and_every_secret_owner_only(tmp_path):
     _shutil.move(str(d / "ca-private"), offline)
     assert cluster.script("make_certs.sh", check=False).returncode == 2  # no CA key: refuses, clearly
     cluster.script("make_certs.sh", CA_DIR=str(offline))
+
+
+# -- Low 15: each client machine gets only its own partition ----------------------------------------
+
+
+def test_a_client_partition_export_holds_only_that_clients_rows(tmp_path):
+    sys.path.insert(0, str(ROOT / "deploy"))
+    try:
+        from export_partition import ExportError, export_partition
+    finally:
+        sys.path.remove(str(ROOT / "deploy"))
+    from data_prep.prepare import prepare
+    from fellrec_flwr.prepared import PreparedData
+
+    cfg = from_run_config({"min-clients": 3, "data.num-clients": 3, "data.train-samples": 48,
+                           "data.valid-users": 30, "data.test-users": 30, "data.bpr-epochs": 2})
+    source = PreparedData.load(prepare(cfg.data, tmp_path / "cache", seed=cfg.seed, progress=False))
+    (source.path / "notes-about-users.txt").write_text("anything unknown stays on the server")
+    out = export_partition(source.path, 1, tmp_path / "client-1")
+    part = PreparedData.load(out)
+    for name in ("train", "valid", "test"):
+        assert set(part.split_frame(name)["client"]) == {1}
+        assert part.split(name, 1) == source.split(name, 1)
+    assert part.sequences() == source.sequences(1)
+    mine = set(source.sequences(1)) | {e.user_id for n in ("train", "valid", "test") for e in source.split(n, 1)}
+    assert set(part.original_user_ids) == mine  # only this client's users
+    assert not (out / "notes-about-users.txt").exists()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in out.iterdir() if f.is_file())
+    with pytest.raises(ExportError, match="out of range"):
+        export_partition(source.path, 3, tmp_path / "client-3")
