@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fellrec_flwr.collate import IGNORE_INDEX, TrainCollator, bucketed_batches, encode_examples
-from fellrec_flwr.config import LoraSettings, TrainSettings
+from fellrec_flwr.config import TrainSettings
 from fellrec_flwr.lora_state import flatten_state, get_lora_state
 from fellrec_flwr.speed import (
     AutocastChooser,
@@ -27,7 +27,7 @@ from fellrec_flwr.speed import (
 from fellrec_flwr.trainer import eval_loss, token_loss_sum, train_local
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import TITLES, TRAIN, fresh  # noqa: E402
+from test_trainer import TITLES, TRAIN, fresh, small_lora  # noqa: E402
 
 PLAIN = dict(autocast="off", labelled_logits_only=False, prefix_cache_mb=0)
 CPUINFO_AVX2 = "processor\t: 0\nmodel name\t: Old CPU\nflags\t\t: fpu sse avx2 fma\n"
@@ -135,7 +135,7 @@ def test_auto_autocast_measures_once_and_keeps_the_verdict(tmp_path):
 
 
 def test_labelled_logits_only_gives_the_same_loss(work_dir):
-    model, tok = fresh(work_dir, LoraSettings(dropout=0.0))
+    model, tok = fresh(work_dir, small_lora(dropout=0.0))
     randomised(model).eval()
     for train_on_inputs in (True, False):
         batch, _ = batch_of(tok, TRAIN[:6], train_on_inputs)
@@ -148,8 +148,8 @@ def test_labelled_logits_only_gives_the_same_loss(work_dir):
 
 
 def test_prefix_cache_only_when_lora_sits_in_the_last_layers(work_dir):
-    everywhere, _ = fresh(work_dir, LoraSettings(dropout=0.0))
-    top, tok = fresh(work_dir, LoraSettings(dropout=0.0, layers="2,3"))
+    everywhere, _ = fresh(work_dir, small_lora(dropout=0.0))
+    top, tok = fresh(work_dir, small_lora(dropout=0.0, layers="2,3"))
     assert first_changing_layer(decoder_parts(everywhere)) == 0
     assert first_changing_layer(decoder_parts(top)) == 2
     assert FastForward(everywhere, torch.device("cpu"), prefix_cache_mb=64).prefix_start == 0
@@ -158,7 +158,7 @@ def test_prefix_cache_only_when_lora_sits_in_the_last_layers(work_dir):
 
 
 def test_prefix_cache_gives_the_same_loss_and_training(work_dir):
-    lora = LoraSettings(dropout=0.0, layers="2,3")
+    lora = small_lora(dropout=0.0, layers="2,3")
     model, tok = fresh(work_dir, lora)
     randomised(model).eval()
     _, feats = batch_of(tok, TRAIN[:7])
@@ -185,7 +185,7 @@ def test_prefix_cache_gives_the_same_loss_and_training(work_dir):
 
 
 def test_prefix_cache_is_renewed_when_the_prefix_weights_change(work_dir):
-    model, tok = fresh(work_dir, LoraSettings(dropout=0.0, layers="3"))
+    model, tok = fresh(work_dir, small_lora(dropout=0.0, layers="3"))
     _, feats = batch_of(tok, TRAIN[:3])
     seqs = [f.input_ids for f in feats]
     fast = FastForward(model, torch.device("cpu"), prefix_cache_mb=64)
@@ -198,14 +198,14 @@ def test_prefix_cache_is_renewed_when_the_prefix_weights_change(work_dir):
 
 
 def test_prefix_cache_over_budget_falls_back_to_the_whole_model(work_dir):
-    model, tok = fresh(work_dir, LoraSettings(dropout=0.0, layers="3"))
+    model, tok = fresh(work_dir, small_lora(dropout=0.0, layers="3"))
     _, feats = batch_of(tok, TRAIN[:3])
     tiny_budget = FastForward(model, torch.device("cpu"), prefix_cache_mb=1e-6)
     assert tiny_budget.prefix_states([f.input_ids for f in feats], 3) is None
 
 
 def test_length_bucketing_trains_every_example_and_learns(work_dir):
-    model, tok = fresh(work_dir, LoraSettings(dropout=0.0))
+    model, tok = fresh(work_dir, small_lora(dropout=0.0))
     cfg = TrainSettings(batch_size=8, lr=1e-2, local_epochs=2, length_bucketing=True, autocast="off")
     before = eval_loss(model, tok, TRAIN[100:140], TITLES, cfg)
     result = train_local(model, tok, TRAIN[:96], TITLES, cfg, seed=3, progress=False)
