@@ -67,9 +67,9 @@ def default_threads() -> int:
     return 2 if os.getloadavg()[0] < 0.5 else 1  # the machine's 2 cores are shared: 1 unless idle
 
 
-def lora_for(last_n: int, num_layers: int) -> LoraSettings:
+def lora_for(last_n: int, num_layers: int, r: int, targets: str) -> LoraSettings:
     layers = "" if last_n == 0 else ",".join(str(i) for i in range(num_layers - last_n, num_layers))
-    return LoraSettings(dropout=0.0, layers=layers)
+    return LoraSettings(r=r, alpha=2 * r, target_modules=targets, dropout=0.0, layers=layers)
 
 
 def main() -> None:
@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="local epochs per call")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2r); the paper's 8")
+    ap.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules (the paper's)")
     ap.add_argument("--last-layers", type=int, default=4, help="n of the 'LoRA on the last n layers' rows")
     ap.add_argument("--train-on-inputs", choices=["true", "false"], default="false",
                     help="loss on the prompt too (authors) or on the response only")
@@ -113,7 +115,7 @@ def main() -> None:
     feats = encode_examples(tok, train, data.titles, settings.max_length, settings.train_on_inputs)
     mean_tokens = sum(len(f.input_ids) for f in feats) / len(feats)
 
-    untrained = add_lora(base, lora_for(0, num_layers), seed=0)  # LoRA B = 0: the base model's loss
+    untrained = add_lora(base, lora_for(0, num_layers, args.lora_r, args.targets), seed=0)  # LoRA B = 0: the base model's loss
     start_loss = round(eval_loss(untrained, tok, held_out, data.titles, measure_cfg), 4)
     base = untrained.unload()
     print(f"held-out loss before training: {start_loss}", flush=True)
@@ -122,7 +124,7 @@ def main() -> None:
         nonlocal base
         out = []
         for name in [c.strip() for c in names.split(",") if c.strip()]:
-            model = add_lora(base, lora_for(_last_n(name), num_layers), seed=0)
+            model = add_lora(base, lora_for(_last_n(name), num_layers, args.lora_r, args.targets), seed=0)
             out.append(measure(name, model, time_budget))
             base = model.unload()  # the base model without this configuration's LoRA, for the next one
         return out
