@@ -216,6 +216,7 @@ def plot_run(frame: pd.DataFrame, run_dir: str | Path, title: str, per_user: pd.
             ax.plot(part["round"], part["value"], marker="o", lw=0.8, alpha=0.6, label=f"client {int(client)}")
         n_users = _plot_overall(ax, per_user)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # rounds are whole numbers
         ax.set_ylabel("Recall@10 (valid)")
         ax.set_title(f"{title}: valid Recall@10" + (f", {n_users} users" if n_users else ""), fontsize=9)
         _note(ax, zero_note({"Recall@10": valid["value"]}))
