@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -234,6 +235,13 @@ class FellRecConfig:
         if self.split.enabled and (self.split.front_k < 1 or self.split.back_k < 1):
             raise ConfigError("split.front-k and split.back-k must be >= 1 when split.enabled.")
         _plain_name("run-name", self.run_name)
+        if self.split.enabled and self.eval.decoding == "constrained":
+            # The split service holds one KV cache per session at a fixed batch, while the trie
+            # search widens each user's batch to its beams: split runs evaluate the paper's way.
+            logging.getLogger(__name__).warning(
+                "eval.decoding='constrained' does not run through the split service yet: this split run "
+                "evaluates with eval.decoding='beam-l2'.")
+            self.eval.decoding = "beam-l2"
         return self
 
     def resolved_run_name(self) -> str:

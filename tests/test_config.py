@@ -81,3 +81,8 @@ def test_data_prep_help_is_instant():
                                "print(sorted({'pandas', 'torch', 'numpy', 'flwr'} & set(sys.modules)))"],
                               cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert imported.strip() == "[]"  # heavy imports wait until a data set is really prepared
+
+
+def test_split_runs_evaluate_with_beam_l2_while_constrained_cannot_go_through_the_service():
+    assert from_run_config({}).eval.decoding == "constrained"
+    assert from_run_config({"split.enabled": True}).eval.decoding == "beam-l2"
