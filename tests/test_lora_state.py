@@ -33,7 +33,7 @@ def one_thread():
 @pytest.fixture
 def peft_model(work_dir):
     model, _ = load_base_model(ModelConfig(tiny_pretrain_prompts=0), TITLES, work_dir)
-    return add_lora(model, LoraSettings(), seed=3)
+    return add_lora(model, LoraSettings(r=8, alpha=16, target_modules="q_proj,v_proj"), seed=3)  # the paper's LoRA
 
 
 def random_state(state, seed=0):
