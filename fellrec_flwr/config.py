@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -26,9 +25,9 @@ SIMILARITY_BASES = ("parameters", "updates", "delta-w")
 SIMILARITY_KERNELS = ("linear", "softmax")
 HEATING_LOSSES = ("raw", "normalised")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+DECODINGS = ("beam-l2", "constrained")
 HEADS = ("generative", "retrieval")
 RETRIEVAL_POOLINGS = ("mean", "last")
-DECODINGS = ("beam-l2", "constrained")
 
 
 class ConfigError(ValueError):
@@ -199,6 +198,10 @@ class FellRecConfig:
         _choice("fellrec.similarity-kernel", self.fellrec.similarity_kernel, SIMILARITY_KERNELS)
         _choice("fellrec.heating-loss", self.fellrec.heating_loss, HEATING_LOSSES)
         _choice("model.quantization", self.model.quantization, QUANTIZATIONS)
+        _choice("eval.decoding", self.eval.decoding, DECODINGS)
+        _positive("eval.constrained-beams", self.eval.constrained_beams)
+        if self.eval.length_norm < 0:
+            raise ConfigError(f"eval.length-norm={self.eval.length_norm} must be >= 0 (0 = plain sum of log-probs).")
         _choice("model.head", self.model.head, HEADS)
         _choice("retrieval.pooling", self.retrieval.pooling, RETRIEVAL_POOLINGS)
         if not self.retrieval.temperature > 0:
@@ -208,10 +211,6 @@ class FellRecConfig:
         if self.model.head == "retrieval" and self.split.enabled:
             raise ConfigError("model.head='retrieval' does not run through the split service yet; "
                               "set split.enabled=false or model.head='generative'.")
-        _choice("eval.decoding", self.eval.decoding, DECODINGS)
-        _positive("eval.constrained-beams", self.eval.constrained_beams)
-        if self.eval.length_norm < 0:
-            raise ConfigError(f"eval.length-norm={self.eval.length_norm} must be >= 0 (0 = plain sum of log-probs).")
         _choice("split.wire-dtype", self.split.wire_dtype, ("float32", "float16", "bfloat16"))
         _positive("num-server-rounds", self.num_server_rounds)
         _positive("data.num-clients", self.data.num_clients)
@@ -235,13 +234,10 @@ class FellRecConfig:
         if self.split.enabled and (self.split.front_k < 1 or self.split.back_k < 1):
             raise ConfigError("split.front-k and split.back-k must be >= 1 when split.enabled.")
         _plain_name("run-name", self.run_name)
-        if self.split.enabled and self.eval.decoding == "constrained":
-            # The split service holds one KV cache per session at a fixed batch, while the trie
-            # search widens each user's batch to its beams: split runs evaluate the paper's way.
-            logging.getLogger(__name__).warning(
-                "eval.decoding='constrained' does not run through the split service yet: this split run "
-                "evaluates with eval.decoding='beam-l2'.")
-            self.eval.decoding = "beam-l2"
+        if self.split.enabled and self.eval.decoding == "constrained" and self.eval.prior_weight > 0:
+            # the title prior copies a prompt's KV cache, which a split session (held by the service) cannot be
+            raise ConfigError("eval.prior-weight > 0 is not supported with split.enabled (the title prior copies "
+                              "the prompt's KV cache, which the split service holds); set eval.prior-weight=0.")
         return self
 
     def resolved_run_name(self) -> str:

@@ -436,8 +436,8 @@ class SplitService:
                            f"past_len {past} + {q} new tokens exceeds the session limit {self.limits.max_seq}.")
         self._check_aux(t, b, q)
         beam = t.get("beam_idx")
-        if beam is not None and (beam.dim() != 1 or beam.shape[0] != b or int(beam.min()) < 0 or int(beam.max()) >= b):
-            raise ApiError(400, "bad_beam_idx", f"beam_idx must be [{b}] with values in [0, {b}).")
+        if beam is not None and (beam.dim() != 1 or beam.shape[0] != b or int(beam.min()) < 0):
+            raise ApiError(400, "bad_beam_idx", f"beam_idx must be [{b}] (one source row per new row), values >= 0.")
         h, mask, pos = self._to_device(t)
         sid = meta.get("session", "")
         with self._computing():
@@ -451,8 +451,14 @@ class SplitService:
             if past != session.past_len:
                 raise ApiError(409, "session_out_of_sync",
                                f"the session holds {session.past_len} tokens; the request says past_len={past}.")
-            if past and b != session.batch:
-                raise ApiError(400, "bad_shape", f"batch {b} differs from the session's batch {session.batch}.")
+            # beam_idx may change the number of rows (a search that keeps a varying number of beams):
+            # row i of the reordered cache is old row beam_idx[i]
+            if beam is not None and int(beam.max()) >= session.batch:  # a new session has no rows yet
+                raise ApiError(400, "bad_beam_idx", f"beam_idx values must be in [0, {session.batch}) "
+                                                    "(the session's rows).")
+            if past and beam is None and b != session.batch:
+                raise ApiError(400, "bad_shape", f"batch {b} differs from the session's batch {session.batch}; "
+                                                 "send beam_idx to select or repeat rows.")
             try:
                 self._reserve_session_memory(client, session.sid, b, past + q)
             except ApiError:

@@ -136,7 +136,7 @@ def test_clientapp_without_partition_id_fails_with_a_clear_error():
 def test_split_run_trains_through_the_service_and_matches_the_unsplit_run(tmp_path):
     """Flexible storage changes where the middle layers run, not what is learned."""
     base = {**SMALL, "model.tiny-layers": 4, "lora.layers": "0,3", "out-dir": str(tmp_path),
-            "num-server-rounds": 2, "eval.interval": 0, "eval.decoding": "beam-l2"}  # the path split runs take
+            "num-server-rounds": 2, "eval.interval": 0}  # default decoding: constrained, through the service
     run_server({**base, "run-name": "whole"})
     run_server({**base, "run-name": "split", "split.enabled": True, "split.front-k": 1, "split.back-k": 1})
     whole, split = personal_state(tmp_path / "whole"), personal_state(tmp_path / "split")

@@ -83,6 +83,8 @@ def test_data_prep_help_is_instant():
     assert imported.strip() == "[]"  # heavy imports wait until a data set is really prepared
 
 
-def test_split_runs_evaluate_with_beam_l2_while_constrained_cannot_go_through_the_service():
+def test_split_runs_keep_constrained_decoding_but_refuse_the_title_prior():
     assert from_run_config({}).eval.decoding == "constrained"
-    assert from_run_config({"split.enabled": True}).eval.decoding == "beam-l2"
+    assert from_run_config({"split.enabled": True}).eval.decoding == "constrained"
+    with pytest.raises(ConfigError, match="eval.prior-weight=0"):
+        from_run_config({"split.enabled": True, "eval.prior-weight": 0.5})

@@ -7,6 +7,7 @@ import copy
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -398,3 +399,18 @@ def test_no_token_ids_or_labels_on_the_wire(full, tok, service):
             real = row[row >= 0]
             for dtype in (torch.int64, torch.int32):
                 assert real.to(dtype).numpy().tobytes() not in body, f"token ids found in a {path} body"
+
+
+def test_constrained_search_through_the_service_matches_unsplit(full, tok, service):
+    """Catalogue-constrained decoding reorders the KV cache with a varying number of beams per step;
+    the service follows (beam_idx may change the row count) and the lists equal the unsplit model's."""
+    from fellrec_flwr.constrained import build_title_trie, constrained_search
+
+    trie = build_title_trie(tok, TITLES)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    masked = [[0], [], [2, 3]]
+    want = constrained_search(full, prompts, trie, 3, beams=2, masked_groups=masked, pad_token_id=tok.pad_token_id)
+    split = make_split_model(copy.deepcopy(full), plan_for_model(full, 1, 1), _client(service))
+    got = constrained_search(split, prompts, trie, 3, beams=2, masked_groups=masked, pad_token_id=tok.pad_token_id)
+    assert (want[0] >= 0).all() and np.array_equal(want[0], got[0])
+    assert np.allclose(want[1], got[1], atol=1e-4)
