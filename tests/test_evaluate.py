@@ -31,7 +31,7 @@ EXAMPLES = [
     Ex(3, (4, 9, 10), 30),  # the target's title is in the history: masked, always a miss
     Ex(4, (11, 12, 13, 14), 15),
 ]
-EVAL = EvalSettings(num_beams=2, max_new_tokens=8, batch_size=2)
+EVAL = EvalSettings(num_beams=2, max_new_tokens=8, batch_size=2, decoding="beam-l2")  # the paper's generate + ground path
 KEYS = {"recall@10", "ndcg@10", "recall@20", "ndcg@20", "num-users", "valid-title-rate"}
 
 
