@@ -40,6 +40,9 @@ METHODS = {
     "fellrec-noheat": {"strategy": "fellrec", "fellrec.heating": False},
     "fedavg": {"strategy": "fedavg"},
     "fedprox": {"strategy": "fedprox"},
+    "fellrec+": {"strategy": "fellrec+"},  # delta-w similarity, softmax kernel (README "FELLRec+")
+    "ffa-lora": {"strategy": "ffa-lora"},  # A frozen at the shared init, B averaged
+    "fedsa-lora": {"strategy": "fedsa-lora"},  # A averaged, B personal
     "local": {"strategy": "local"},
     "centralized": None,
     "popularity": None,
