@@ -26,8 +26,9 @@ import numpy as np
 from fellrec_flwr.grounding import TitleGroups
 from fellrec_flwr.metrics import DEFAULT_KS, ranking_metrics, target_ranks
 from fellrec_flwr.popularity import _sequences, popularity_order, popularity_scores, rank_popular
+from fellrec_flwr.results import BASELINE_METHODS, per_user_rows
 
-BASELINES = ("popularity", "markov")
+BASELINES = BASELINE_METHODS  # one list of names, kept in results (per_user.csv)
 
 
 def transition_counts(train_sequences: Any, groups: TitleGroups) -> dict[int, Counter[int]]:
@@ -115,8 +116,6 @@ def baseline_rows(data: Any, splits: Sequence[str], round_: int = 0) -> list[dic
     train_sequences and titles). Counts come from all users' training sequences, the
     same interactions the federated clients train on.
     """
-    from fellrec_flwr.results import per_user_rows
-
     fitted = FittedBaselines.fit(data.train_sequences, data.titles)
     rows: list[dict[str, Any]] = []
     for split in dict.fromkeys(splits):  # unique, in order

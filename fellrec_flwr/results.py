@@ -12,7 +12,7 @@ Layout of ``<out-dir>/<run-name>/``::
     summary.json         final per-client and overall metrics + balance statistics
     recall_by_round.png  per-client Recall@10 over rounds
     final_by_client.png  final per-client Recall@10 / NDCG@10 bars
-    checkpoint.pt        strategy state + per-client LoRA after the last finished round
+    checkpoint.safetensors  strategy state (JSON metadata) + per-client LoRA after the last finished round
     adapters/client-<k>/ each client's final LoRA, saved with peft ``save_pretrained``
 
 Everything is rewritten atomically, so a crash never leaves a half-written file.
@@ -34,6 +34,9 @@ METRIC_COLUMNS = ["round", "client", "split", "metric", "value"]
 HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 PER_USER_COLUMNS = ["method", "round", "split", "client", "user_id", "target_rank"]
 PER_USER_FILE = "per_user.csv"
+# The non-LLM baselines written next to every run's own rows (fitted in fellrec_flwr.baselines,
+# which imports this name: the dependency runs one way).
+BASELINE_METHODS = ("popularity", "markov")
 
 
 def metrics_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
@@ -250,13 +253,11 @@ def _plot_overall(ax: Any, per_user: pd.DataFrame | None) -> int:
     curves = overall_by_round(per_user, "valid")
     if curves.empty:
         return 0
-    from fellrec_flwr.baselines import BASELINES
-
-    rounds = curves.loc[~curves["method"].isin(BASELINES), "round"]
+    rounds = curves.loc[~curves["method"].isin(BASELINE_METHODS), "round"]
     span = (rounds.min(), rounds.max()) if len(rounds) else (0, 1)
     n_users = 0
     for method, part in curves.groupby("method"):
-        if method in BASELINES:
+        if method in BASELINE_METHODS:
             ax.hlines(part["recall@10"].iloc[-1], *span, linestyles="--", colors="grey" if method == "popularity"
                       else "black", label=f"{method} (same users)")
         else:

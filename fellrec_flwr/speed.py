@@ -171,7 +171,7 @@ class AutocastChooser:
 def default_chooser() -> AutocastChooser:
     global _CHOOSER
     if _CHOOSER is None:
-        from fellrec_flwr.runtime import cache_root
+        from fellrec_flwr.paths import cache_root
 
         _CHOOSER = AutocastChooser(cache_root() / "autocast.json")
     return _CHOOSER

@@ -44,11 +44,7 @@ def imported_names(path: Path) -> set[str]:
 # Imports that close a cycle in files other people are editing right now: each is one lazy import
 # of a helper. Fix it (e.g. `speed` can take `cache_root` from `fellrec_flwr.paths`), then delete
 # the entry; `test_pending_edges_still_exist` fails once an entry is stale.
-PENDING_EDGES = {
-    ("fellrec_flwr.speed", "fellrec_flwr.runtime"): "speed.py: cache_root from fellrec_flwr.paths instead",
-    ("fellrec_flwr.baselines", "fellrec_flwr.results"): "baselines.py: per_user_rows imported from results, "
-                                                        "which imports BASELINES back",
-}
+PENDING_EDGES: dict[tuple[str, str], str] = {}  # (importer, imported) -> the planned fix
 
 
 def library_graph() -> dict[str, set[str]]:
