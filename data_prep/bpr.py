@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from fellrec_flwr.progress import tqdm
 
 
 @dataclass(frozen=True)

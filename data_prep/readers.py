@@ -42,7 +42,7 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from fellrec_flwr.progress import tqdm
 
 from data_prep.errors import DataPrepError
 

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from fellrec_flwr.progress import tqdm
 
 from fellrec_flwr.atomic import atomic_write_bytes
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from fellrec_flwr.progress import tqdm
 from transformers import GenerationConfig
 
 from fellrec_flwr.config import DECODINGS, EvalSettings

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from fellrec_flwr.progress import tqdm
 
 from fellrec_flwr.atomic import atomic_write_bytes
 

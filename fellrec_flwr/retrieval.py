@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from fellrec_flwr.progress import tqdm
 
 from fellrec_flwr.collate import lookup_titles, pad_token_id_of, prompt_token_ids
 from fellrec_flwr.config import RetrievalSettings, TrainSettings

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from fellrec_flwr.progress import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fellrec_flwr.collate import (

@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from fellrec_flwr.progress import tqdm
 
 from fellrec_flwr.audit.defence import NoiseAt, add_relative_noise, mean_loss
 from fellrec_flwr.audit.identify import TitleMatcher

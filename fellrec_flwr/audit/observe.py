@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from fellrec_flwr.progress import tqdm
 
 from fellrec_flwr.audit.sequences import AuditError, AuditSequence
 
