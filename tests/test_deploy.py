@@ -48,7 +48,7 @@ if not (shutil.which("openssl") and shutil.which("ssh-keygen")):
     pytest.skip("the deploy scripts need openssl and ssh-keygen", allow_module_level=True)
 
 TINY = (
-    "data.num-clients=3 min-clients=3 data.train-samples=48 data.valid-users=12 data.test-users=12 "
+    "data.num-clients=3 min-clients=3 data.train-samples=48 data.valid-users=30 data.test-users=30 "
     "data.bpr-epochs=2 eval.num-beams=2 eval.max-new-tokens=8 eval.interval=0 model.tiny-layers=3 "
     "model.tiny-vocab=800 train.batch-size=8 run-name='deploy' split.front-k=1 split.back-k=1 "
     "model.tiny-pretrain-prompts=0"  # a random tiny base: no warm-up, which costs minutes per process
