@@ -155,23 +155,38 @@ def managed_superlink_pids(home: Path) -> list[int]:
     return pids
 
 
-def stop_superlink(home: Path, grace_s: float = 10.0) -> int:
-    """SIGTERM (then SIGKILL) the managed SuperLink of `home` and its process group; returns how many."""
-    pids = managed_superlink_pids(home)
+def _alive(pid: int) -> bool:
+    """Running (a zombie, ended but not yet reaped by its parent, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def end_process_groups(pids: list[int], grace_s: float = 10.0) -> None:
+    """SIGTERM each PID's process group (a SuperLink's simulation children run in its group),
+    then SIGKILL whatever is still there after `grace_s`."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
-                os.killpg(os.getpgid(pid), sig)  # its simulation children run in its group
+                os.killpg(os.getpgid(pid), sig)
             except (ProcessLookupError, PermissionError):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.2)
-        if not any(Path(f"/proc/{p}").exists() for p in pids):
-            break
+        if not any(_alive(p) for p in pids):
+            return
+
+
+def stop_superlink(home: Path, grace_s: float = 10.0) -> int:
+    """Stop the managed SuperLink of `home` (and its process group); returns how many were found."""
+    pids = managed_superlink_pids(home)
+    end_process_groups(pids, grace_s)
     return len(pids)
 
 

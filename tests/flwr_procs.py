@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -56,19 +55,10 @@ def pids_matching(fragment: str) -> list[int]:
 
 
 def kill_tree(pids: list[int], grace: float = 5.0) -> None:
-    """SIGTERM each PID's process group, then SIGKILL whatever is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.killpg(os.getpgid(pid), sig)
-            except (ProcessLookupError, PermissionError):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        deadline = time.time() + grace
-        while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-            time.sleep(0.2)
+    """SIGTERM each PID's process group, then SIGKILL whatever is left (the app's own safe stop)."""
+    from fellrec_flwr.run import end_process_groups
+
+    end_process_groups(pids, grace)
 
 
 def run_list_json(env: dict[str, str]) -> list[dict]:

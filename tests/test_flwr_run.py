@@ -81,7 +81,7 @@ def test_stop_superlink_only_matches_its_own_home(tmp_path):
     from fellrec_flwr.run import managed_superlink_pids, stop_superlink
 
     script = tmp_path / "flower-superlink"  # a stand-in with the managed SuperLink's command line
-    script.write_text("#!/bin/sh\nsleep 60\n")
+    script.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")  # no child processes (sh forks)
     script.chmod(0o755)
     other, mine = tmp_path / "other-home", tmp_path / "my-home"
     fake = subprocess.Popen([str(script), "--log-file", str(other / "local-superlink" / "superlink.log")],
