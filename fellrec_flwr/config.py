@@ -253,13 +253,13 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}.")
 
 
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")  # "+" for strategy names such as fellrec+
 
 
 def _plain_name(key: str, value: str) -> None:
     """A folder name under out-dir, never a path: an absolute or ../ name would write anywhere."""
     if value and (not _PLAIN_NAME.match(value) or ".." in value):
-        raise ConfigError(f"{key}={value!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' "
+        raise ConfigError(f"{key}={value!r} must be a plain folder name (letters, digits, '.', '_', '+', '-'; no '/' "
                           "or '..'); choose where runs go with out-dir.")
 
 

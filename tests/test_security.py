@@ -586,6 +586,7 @@ def test_run_name_must_be_a_plain_name(name):
 
 def test_plain_run_names_are_accepted():
     assert from_run_config({"run-name": "fellrec-games_s1.v2"}).run_name == "fellrec-games_s1.v2"
+    assert from_run_config({"run-name": "fellrec+-s2024"}).run_name == "fellrec+-s2024"  # strategy names have "+"
 
 
 # -- High 1: the SuperLink's Control API is not reachable from client machines ----------------------
