@@ -162,6 +162,27 @@ def encode_token_ids(model: Any, token_ids: Sequence[Sequence[int]], pad_id: int
     return pool(hidden, lengths, pooling)
 
 
+def _encode_in_length_order(model: Any, items: Sequence[Any], encode_batch: Callable[[list[Any]], torch.Tensor],
+                            batch_size: int, progress: bool, desc: str, what: str) -> np.ndarray:
+    """(n, d) float32 rows of `encode_batch` over `items`, batched shortest first, in input order (eval mode)."""
+    order = np.argsort([len(x) for x in items], kind="stable")
+    out: np.ndarray | None = None
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
+            batch = order[start:start + batch_size]
+            vecs = encode_batch([items[i] for i in batch]).cpu().numpy()
+            if out is None:
+                out = np.empty((len(items), vecs.shape[1]), dtype=np.float32)
+            out[batch] = vecs
+    finally:
+        model.train(was_training)
+    if out is None:
+        raise RetrievalError(f"nothing to encode: the list of {what} is empty.")
+    return out
+
+
 @torch.no_grad()
 def encode_all(model: Any, tokenizer: Any, token_ids: Sequence[Sequence[int]], pooling: str, batch_size: int,
                progress: bool = False, desc: str = "encoding") -> np.ndarray:
@@ -169,22 +190,8 @@ def encode_all(model: Any, tokenizer: Any, token_ids: Sequence[Sequence[int]], p
     if batch_size < 1:
         raise RetrievalError(f"batch_size={batch_size} must be >= 1.")
     pad_id = pad_token_id_of(tokenizer)
-    order = np.argsort([len(t) for t in token_ids], kind="stable")
-    out: np.ndarray | None = None
-    was_training = model.training
-    model.eval()
-    try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
-            batch = order[start:start + batch_size]
-            vecs = encode_token_ids(model, [token_ids[i] for i in batch], pad_id, pooling).cpu().numpy()
-            if out is None:
-                out = np.empty((len(token_ids), vecs.shape[1]), dtype=np.float32)
-            out[batch] = vecs
-    finally:
-        model.train(was_training)
-    if out is None:
-        raise RetrievalError("nothing to encode: the list of texts is empty.")
-    return out
+    return _encode_in_length_order(model, token_ids, lambda ids: encode_token_ids(model, ids, pad_id, pooling),
+                                   batch_size, progress, desc, "texts")
 
 
 # --------------------------------------------------------------------------- the frozen prefix
@@ -247,22 +254,8 @@ def encode_states(model: Any, states: Sequence[torch.Tensor], start: int, poolin
 def encode_all_states(model: Any, states: Sequence[torch.Tensor], start: int, pooling: str, batch_size: int = 64,
                       progress: bool = False, desc: str = "top layers") -> np.ndarray:
     """(n, d) float32 unit vectors of cached prefix states, in input order (eval mode)."""
-    order = np.argsort([len(s) for s in states], kind="stable")
-    out: np.ndarray | None = None
-    was_training = model.training
-    model.eval()
-    try:
-        for begin in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
-            batch = order[begin:begin + batch_size]
-            vecs = encode_states(model, [states[i] for i in batch], start, pooling).cpu().numpy()
-            if out is None:
-                out = np.empty((len(states), vecs.shape[1]), dtype=np.float32)
-            out[batch] = vecs
-    finally:
-        model.train(was_training)
-    if out is None:
-        raise RetrievalError("nothing to encode: the list of states is empty.")
-    return out
+    return _encode_in_length_order(model, states, lambda batch: encode_states(model, batch, start, pooling),
+                                   batch_size, progress, desc, "states")
 
 
 def _right_padded(token_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
