@@ -87,8 +87,11 @@ def main(grid: Grid, context: Context) -> None:
     atomic_write_json(run_dir / "config.json", cfg.to_run_config())
     log(INFO, "Run folder: %s", run_dir)
 
-    baselines = baseline_rows_for(cfg)
-    original_ids = original_user_ids_for(cfg)  # per_user.csv: each user's id in the source data
+    baselines, original_ids = server_side_user_data(cfg)
+
+    def write_per_user(strat: Any) -> Any:
+        return write_per_user_csv(run_dir / PER_USER_FILE, run_per_user_rows(cfg.strategy, strat.user_ranks) + baselines,
+                                  original_ids)
 
     def on_round_end(server_round: int, strat: Any) -> None:
         rows = strat.metric_rows()
@@ -97,8 +100,7 @@ def main(grid: Grid, context: Context) -> None:
             round=server_round, strategy_state=strat.state_dict(),
             global_arrays=record_to_state(strat.global_arrays), metric_rows=rows, config=cfg.to_run_config(),
         ))
-        per_user = write_per_user_csv(run_dir / PER_USER_FILE, run_per_user_rows(cfg.strategy, strat.user_ranks) + baselines,
-                                      original_ids)
+        per_user = write_per_user(strat)
         plot_run(frame, run_dir, cfg.resolved_run_name(), per_user)
         plot_balance(frame, run_dir, cfg.resolved_run_name())  # FELLRec's client x client weights
 
@@ -121,8 +123,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.evaluate_all(grid, final_arrays, split=cfg.eval.final_split, server_round=last_round,
                               config=ConfigRecord(split_url), adapter=cfg.eval.test_adapter)
     frame = write_metrics_csv(run_dir / "metrics.csv", strategy.metric_rows())
-    per_user = write_per_user_csv(run_dir / PER_USER_FILE, run_per_user_rows(cfg.strategy, strategy.user_ranks) + baselines,
-                                  original_ids)
+    per_user = write_per_user(strategy)
     summary = {"method": cfg.strategy, "run_name": cfg.resolved_run_name(), "failed_clients": strategy.failed_clients(),
                **summarise(frame, cfg.eval.final_split),
                "intervals": final_intervals(per_user, cfg.strategy, cfg.eval.final_split)}
@@ -135,28 +136,20 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Paired 95%% bootstrap intervals over users: %s", summary["intervals"])
 
 
-def baseline_rows_for(cfg: FellRecConfig) -> list[dict[str, Any]]:
-    """Popularity and Markov on the run's validation and final users (per_user.csv rows).
-
-    The server holds the prepared data in simulation; where it cannot prepare it (a
-    deployment whose data live only on the clients) the run goes on without baselines.
+def server_side_user_data(cfg: FellRecConfig) -> tuple[list[dict[str, Any]], dict[int, str] | None]:
+    """per_user.csv extras the server can add when it holds the prepared data (simulation):
+    popularity and Markov rows on the run's validation and final users, and each user's id in
+    the source data. In a deployment whose data live only on the clients the run goes on
+    without them: they are a convenience, never a reason to fail a run.
     """
     from fellrec_flwr.baselines import baseline_rows
 
     try:
-        return baseline_rows(prepare_data(cfg), ["valid", cfg.eval.final_split])
-    except Exception as err:  # noqa: BLE001 -- baselines are a convenience, never a reason to fail a run
-        log(WARNING, "No popularity/Markov baselines in this run folder: %s", err)
-        return []
-
-
-def original_user_ids_for(cfg: FellRecConfig) -> dict[int, str] | None:
-    """user_id -> the user's own id in the source data, when the server holds the prepared data."""
-    try:
-        return prepare_data(cfg).original_user_ids
-    except Exception as err:  # noqa: BLE001 -- as baseline_rows_for: a convenience, never a reason to fail
-        log(WARNING, "per_user.csv without original user ids: %s", err)
-        return None
+        data = prepare_data(cfg)
+        return baseline_rows(data, ["valid", cfg.eval.final_split]), data.original_user_ids
+    except Exception as err:  # noqa: BLE001 -- see the docstring
+        log(WARNING, "No popularity/Markov baselines or original user ids in this run folder: %s", err)
+        return [], None
 
 
 def save_adapters(cfg: FellRecConfig, strategy: Any, global_arrays: ArrayRecord, run_dir: Path) -> None:
