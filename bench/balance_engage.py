@@ -54,7 +54,7 @@ def run_setting(overrides: dict, rounds: int, seed: int, workdir: Path) -> list[
     from client_app.app import app as client_app
     from fellrec_flwr.config import from_run_config
     from fellrec_flwr.inprocess_grid import InProcessGrid
-    from fellrec_flwr.lora_state import state_to_record
+    from fellrec_flwr.model.lora_state import state_to_record
     from fellrec_flwr.runtime import get_runtime
     from strategies import make_strategy
 

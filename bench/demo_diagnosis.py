@@ -53,8 +53,8 @@ def generation_stats(rows: Sequence[dict[str, Any]], examples: Sequence[Any], ti
 
 
 def measure(rt: Any, cfg: Any, examples: Sequence[Any], label: str, train_loss: float | None) -> dict[str, Any]:
-    from fellrec_flwr.evaluate import evaluate_recommender
-    from fellrec_flwr.trainer import eval_loss
+    from fellrec_flwr.eval.evaluate import evaluate_recommender
+    from fellrec_flwr.train.trainer import eval_loss
 
     t0 = time.time()
     loss = eval_loss(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train)
@@ -71,8 +71,8 @@ def measure(rt: Any, cfg: Any, examples: Sequence[Any], label: str, train_loss: 
 
 
 def baselines(rt: Any, examples: Sequence[Any]) -> dict[str, float]:
-    from fellrec_flwr.baselines import FittedBaselines
-    from fellrec_flwr.metrics import ranking_metrics
+    from fellrec_flwr.eval.baselines import FittedBaselines
+    from fellrec_flwr.eval.metrics import ranking_metrics
 
     fitted = FittedBaselines.fit(rt.data.train_sequences, rt.data.titles)
     return {f"{m} {k}": v for m in ("popularity", "markov")
@@ -100,9 +100,9 @@ def main() -> None:
     from flwr.common.config import parse_config_args
 
     from fellrec_flwr.config import from_run_config
-    from fellrec_flwr.lora_state import set_lora_state
+    from fellrec_flwr.model.lora_state import set_lora_state
     from fellrec_flwr.runtime import derive_seed, get_runtime
-    from fellrec_flwr.trainer import train_local
+    from fellrec_flwr.train.trainer import train_local
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-config", "-c", action="append", default=[])

@@ -5,7 +5,7 @@
     python bench/games_retrieval.py --phase report                  # tables, CIs and the plot again
 
 Phases (each writes its per-user ranks under --out; `report` reads whatever is there):
-- baselines: popularity and first-order Markov (`fellrec_flwr.baselines`) on the test users;
+- baselines: popularity and first-order Markov (`fellrec_flwr.eval.baselines`) on the test users;
 - model: LoRA sits in the last layers only (--lora-layers), so the frozen layers' states of
   every test user and every catalogue title are computed once (and kept under
   --states-cache for reruns); then the zero-shot adapter (LoRA B = 0, i.e. the base model)
@@ -13,7 +13,7 @@ Phases (each writes its per-user ranks under --out; `report` reads whatever is t
   negatives, training windows drawn with the seed, stopped by --train-minutes), the trained
   adapter each rerun only the top layers; top-K by cosine over the whole catalogue, history
   masked, duplicate titles one group;
-- report: Recall/NDCG@10/20 with 95% paired-bootstrap CIs (`fellrec_flwr.bootstrap`) and each
+- report: Recall/NDCG@10/20 with 95% paired-bootstrap CIs (`fellrec_flwr.eval.bootstrap`) and each
   method's difference to popularity and to Markov; seconds per user; writes
   games_retrieval.csv, games_retrieval.json and games_retrieval.png (with the training loss).
 
@@ -94,8 +94,8 @@ def write_json(path: Path, payload: dict) -> None:
 
 def score_and_write(args, cfg, data, name: str, users, items, seconds: dict, extra: dict) -> None:
     """Rank the catalogue for every test user from their vectors, score, and write <name>.json."""
-    from fellrec_flwr.grounding import TitleGroups
-    from fellrec_flwr.retrieval import evaluate_retrieval
+    from fellrec_flwr.eval.grounding import TitleGroups
+    from fellrec_flwr.model.retrieval import evaluate_retrieval
 
     test = data.split("test")
     t0 = time.time()
@@ -116,7 +116,7 @@ def score_and_write(args, cfg, data, name: str, users, items, seconds: dict, ext
 
 
 def model_and_tokenizer(cfg, data):
-    from fellrec_flwr.model import add_lora, load_base_model
+    from fellrec_flwr.model.loading import add_lora, load_base_model
 
     base, tok = load_base_model(cfg.model, data.titles, data.path)
     return add_lora(base, cfg.lora, seed=cfg.seed), tok
@@ -124,7 +124,7 @@ def model_and_tokenizer(cfg, data):
 
 def training_windows(data, n: int, history_len: int, seed: int):
     """`n` (history, next item) windows drawn uniformly from every training sequence's positions."""
-    from fellrec_flwr.prepared import Example
+    from fellrec_flwr.data.prepared import Example
 
     sequences = data.sequences()
     users = sorted(sequences)
@@ -146,9 +146,9 @@ def phase_model(args, cfg, data) -> None:
     """Zero-shot, then a short training, then the trained adapter; the frozen prefix is computed once."""
     import torch
 
-    from fellrec_flwr.collate import lookup_titles
-    from fellrec_flwr.grounding import TitleGroups
-    from fellrec_flwr.retrieval import (encode_all_states, frozen_prefix_layers, item_token_ids, prefix_states,
+    from fellrec_flwr.data.collate import lookup_titles
+    from fellrec_flwr.eval.grounding import TitleGroups
+    from fellrec_flwr.model.retrieval import (encode_all_states, frozen_prefix_layers, item_token_ids, prefix_states,
                                         train_retrieval, user_token_ids)
 
     model, tok = model_and_tokenizer(cfg, data)
@@ -213,8 +213,8 @@ def phase_model(args, cfg, data) -> None:
 
 
 def phase_baselines(args, cfg, data) -> None:
-    from fellrec_flwr.baselines import FittedBaselines
-    from fellrec_flwr.metrics import ranking_metrics
+    from fellrec_flwr.eval.baselines import FittedBaselines
+    from fellrec_flwr.eval.metrics import ranking_metrics
 
     test = data.split("test")
     fitted = FittedBaselines.fit(data.train_sequences, data.titles)
@@ -228,7 +228,7 @@ def phase_baselines(args, cfg, data) -> None:
 
 
 def per_user_values(ranks: np.ndarray, metric: str) -> np.ndarray:
-    from fellrec_flwr.metrics import ndcg_from_ranks, recall_from_ranks
+    from fellrec_flwr.eval.metrics import ndcg_from_ranks, recall_from_ranks
 
     kind, k = metric.split("@")
     return (recall_from_ranks if kind == "recall" else ndcg_from_ranks)(ranks, int(k))
@@ -237,7 +237,7 @@ def per_user_values(ranks: np.ndarray, metric: str) -> np.ndarray:
 def phase_report(args) -> None:
     import pandas as pd
 
-    from fellrec_flwr.bootstrap import paired_bootstrap
+    from fellrec_flwr.eval.bootstrap import paired_bootstrap
 
     out = Path(args.out)
     found = {m: json.loads((out / f"{m}.json").read_text()) for m in METHODS if (out / f"{m}.json").exists()}

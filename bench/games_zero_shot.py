@@ -12,8 +12,8 @@ order, so a short run is a random sample and a later, longer run extends it (fin
 users are kept in --out and not recomputed).
 
 Phases (each writes under --out; `report` reads whatever is there):
-- baselines: popularity and first-order Markov (`fellrec_flwr.baselines`);
-- constrained: catalogue-constrained beam search (`fellrec_flwr.constrained`): the top 20
+- baselines: popularity and first-order Markov (`fellrec_flwr.eval.baselines`);
+- constrained: catalogue-constrained beam search (`fellrec_flwr.eval.constrained`): the top 20
   titles per user by log-likelihood, history masked (the plain `constrained` list), plus
   up to --pool - 20 further titles the search finished on the way (the re-ranking pool);
 - prior: every pooled title's log-likelihood under the neutral (empty-history) prompt;
@@ -21,7 +21,7 @@ Phases (each writes under --out; `report` reads whatever is there):
 - beam-l2: the paper's path (beam search, then L2 grounding with base-model embeddings)
   on the first --l2-users users;
 - report: Recall/NDCG@10/20 with 95% paired-bootstrap CIs over the users every method
-  has (`fellrec_flwr.bootstrap`), differences to popularity and Markov, CPU seconds per
+  has (`fellrec_flwr.eval.bootstrap`), differences to popularity and Markov, CPU seconds per
   user; writes games_zero_shot.csv/.json/.png under docs/results/.
 
 Single-threaded (torch.set_num_threads(1)). Seconds per user are CPU seconds of this
@@ -116,7 +116,7 @@ def write_json(path: Path, payload) -> None:
 def load_model(cfg, data):
     import torch
 
-    from fellrec_flwr.model import load_base_model
+    from fellrec_flwr.model.loading import load_base_model
 
     model, tok = load_base_model(cfg.model, data.titles, data.path)
     model.eval()
@@ -125,8 +125,8 @@ def load_model(cfg, data):
 
 
 def history_prompt_ids(tok, data, ex) -> list[int]:
-    from fellrec_flwr.collate import prompt_token_ids
-    from fellrec_flwr.prompts import build_prompt
+    from fellrec_flwr.data.collate import prompt_token_ids
+    from fellrec_flwr.data.prompts import build_prompt
 
     return prompt_token_ids(tok, build_prompt([data.titles[i] for i in ex.history]))
 
@@ -135,7 +135,7 @@ def history_prompt_ids(tok, data, ex) -> list[int]:
 
 
 def phase_baselines(args, cfg, data, out: Path) -> None:
-    from fellrec_flwr.baselines import FittedBaselines
+    from fellrec_flwr.eval.baselines import FittedBaselines
 
     users = user_order(data, args.seed)
     fitted = FittedBaselines.fit(data.train_sequences, data.titles)
@@ -150,8 +150,8 @@ def phase_baselines(args, cfg, data, out: Path) -> None:
 
 def phase_constrained(args, cfg, data, out: Path) -> None:
     """The pooled top titles per user, saved chunk by chunk (a rerun resumes)."""
-    from fellrec_flwr.constrained import build_title_trie, constrained_search
-    from fellrec_flwr.grounding import TitleGroups
+    from fellrec_flwr.eval.constrained import build_title_trie, constrained_search
+    from fellrec_flwr.eval.grounding import TitleGroups
 
     path = out / "constrained-pool.json"
     done = read_json(path, {"settings": {"beams": args.beams, "pool": args.pool}, "users": {}})
@@ -184,10 +184,10 @@ def phase_constrained(args, cfg, data, out: Path) -> None:
 
 
 def phase_prior(args, cfg, data, out: Path) -> None:
-    from fellrec_flwr.collate import prompt_token_ids
-    from fellrec_flwr.constrained import TitlePrior, build_title_trie
-    from fellrec_flwr.grounding import TitleGroups, model_fingerprint
-    from fellrec_flwr.prompts import build_prompt
+    from fellrec_flwr.data.collate import prompt_token_ids
+    from fellrec_flwr.eval.constrained import TitlePrior, build_title_trie
+    from fellrec_flwr.eval.grounding import TitleGroups, model_fingerprint
+    from fellrec_flwr.data.prompts import build_prompt
 
     pool = read_json(out / "constrained-pool.json", None)
     if pool is None:
@@ -219,8 +219,8 @@ def phase_prior(args, cfg, data, out: Path) -> None:
 def phase_beam_l2(args, cfg, data, out: Path) -> None:
     from dataclasses import replace
 
-    from fellrec_flwr.evaluate import evaluate_recommender
-    from fellrec_flwr.grounding import Catalogue
+    from fellrec_flwr.eval.evaluate import evaluate_recommender
+    from fellrec_flwr.eval.grounding import Catalogue
 
     path = out / "beam-l2.json"
     done = read_json(path, {"users": {}})
@@ -254,9 +254,9 @@ def phase_beam_l2(args, cfg, data, out: Path) -> None:
 
 def constrained_ranks(data, pool: dict, prior: dict[int, float] | None, weight: float) -> dict[int, tuple[int, list]]:
     """user id -> (target rank in the top 20, top-10 group ids) from the pooled titles."""
-    from fellrec_flwr.constrained import rerank_with_prior
-    from fellrec_flwr.grounding import TitleGroups
-    from fellrec_flwr.metrics import target_ranks
+    from fellrec_flwr.eval.constrained import rerank_with_prior
+    from fellrec_flwr.eval.grounding import TitleGroups
+    from fellrec_flwr.eval.metrics import target_ranks
 
     groups = TitleGroups.from_titles(data.titles)
     targets = {ex.user_id: ex.target for ex in data.split("test")}
@@ -275,8 +275,8 @@ def constrained_ranks(data, pool: dict, prior: dict[int, float] | None, weight: 
 
 
 def phase_report(args, cfg, data, out: Path) -> None:
-    from fellrec_flwr.bootstrap import paired_bootstrap
-    from fellrec_flwr.metrics import ndcg_from_ranks, recall_from_ranks
+    from fellrec_flwr.eval.bootstrap import paired_bootstrap
+    from fellrec_flwr.eval.metrics import ndcg_from_ranks, recall_from_ranks
 
     methods: dict[str, dict[int, int]] = {}
     cost: dict[str, float] = {}

@@ -88,7 +88,7 @@ def run_federated(run_config: dict) -> None:
 
 
 def run_method(method: str, run_config: dict) -> Path:
-    from fellrec_flwr.centralized import run_baseline, run_centralized
+    from fellrec_flwr.train.centralized import run_baseline, run_centralized
     from fellrec_flwr.config import from_run_config
 
     run_dir = Path(run_config["out-dir"]) / run_config["run-name"]
@@ -126,7 +126,7 @@ def resolve_client_layers(run_config: dict) -> dict:
     if run_config.get("lora.layers") != CLIENT_LAYERS:
         return run_config
     from fellrec_flwr.config import from_run_config
-    from fellrec_flwr.split import plan_split
+    from fellrec_flwr.split.plan import plan_split
 
     cfg = from_run_config({k: v for k, v in run_config.items() if k != "lora.layers"})
     if cfg.model.name != "tiny":
@@ -150,7 +150,7 @@ def table(rows: list[dict]) -> pd.DataFrame:
 def main() -> None:
     from flwr.common.config import parse_config_args
 
-    from fellrec_flwr.compare import compare
+    from fellrec_flwr.eval.compare import compare
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")

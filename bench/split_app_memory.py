@@ -88,10 +88,10 @@ def child(kind: str, k: int, url: str) -> None:
         return
     if kind == "prepare":
         from fellrec_flwr.config import from_run_config
-        from fellrec_flwr.model_parts import checkpoint_for
+        from fellrec_flwr.model.parts import checkpoint_for
         from fellrec_flwr.paths import default_secret_file
         from fellrec_flwr.runtime import prepare_data
-        from fellrec_flwr.split_auth import write_secret
+        from fellrec_flwr.split.auth import write_secret
 
         cfg = from_run_config(RUN)
         data = prepare_data(cfg)
@@ -106,9 +106,9 @@ def child(kind: str, k: int, url: str) -> None:
 
     from client_app.app import app
     from fellrec_flwr.config import from_run_config
-    from fellrec_flwr.lora_state import state_to_record
+    from fellrec_flwr.model.lora_state import state_to_record
     from fellrec_flwr.runtime import get_runtime, initial_lora
-    from fellrec_flwr.split_runtime import attach_split
+    from fellrec_flwr.split.runtime import attach_split
 
     run = dict(RUN)
     if kind == "client":
@@ -161,7 +161,7 @@ def _service(checkpoint: str, secret: str, k: int) -> tuple[subprocess.Popen, st
 
 
 def _service_weight_mb(checkpoint: str, k: int) -> float:
-    from fellrec_flwr.split import held_bytes_on_disk, load_config, plan_split
+    from fellrec_flwr.split.plan import held_bytes_on_disk, load_config, plan_split
 
     config = load_config(checkpoint)
     return held_bytes_on_disk(checkpoint, plan_split(config.num_hidden_layers, k, k), "server") / MB

@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:  # `python bench/split_overhead.py` from the repos
     sys.path.insert(0, str(ROOT))
 
 from fellrec_flwr.atomic import atomic_write_text  # noqa: E402
-from fellrec_flwr.split import default_work_dir  # noqa: E402
+from fellrec_flwr.split.plan import default_work_dir  # noqa: E402
 
 SHARED = Path(os.environ.get("FELLREC_SHARED", ROOT.parent / "shared"))
 SMOLLM_DIR = SHARED / "models" / "smollm2-135m-instruct"
@@ -60,14 +60,14 @@ MODES = {"cached": [], "recompute": ["--activation-cache-mb", "0"]}
 def model_folder(name: str, work_dir: Path) -> Path:
     """A safetensors folder for 'tiny' (built with the default ModelConfig and saved once) or
     'smollm' (the GGUF converted once, the same copy model.load_base_model uses)."""
-    from fellrec_flwr.model import resolve_checkpoint
-    from fellrec_flwr.split import save_full_model
+    from fellrec_flwr.model.loading import resolve_checkpoint
+    from fellrec_flwr.split.plan import save_full_model
 
     if name == "tiny":
         out = work_dir / "split-models" / "tiny-bench"
         if not (out / "config.json").exists():
             from fellrec_flwr.config import ModelConfig
-            from fellrec_flwr.tiny import build_tiny_model, train_tokenizer
+            from fellrec_flwr.model.tiny import build_tiny_model, train_tokenizer
 
             titles = [f"Game {i} Deluxe Edition" for i in range(300)] + ["Super Mario Odyssey", "Halo 3"]
             d = ModelConfig()
@@ -85,7 +85,7 @@ def model_folder(name: str, work_dir: Path) -> Path:
 def service_process(folder: Path, front_k: int, back_k: int, threads: int,
                     extra: list[str] | tuple[str, ...] = ()) -> Iterator[str]:
     """`python -m server_app.split_service` on loopback in its own process; yields its URL."""
-    from fellrec_flwr.split_auth import write_secret
+    from fellrec_flwr.split.auth import write_secret
 
     with tempfile.TemporaryDirectory() as tmp:
         secret_file = Path(tmp) / "secret.txt"
@@ -105,8 +105,8 @@ def service_process(folder: Path, front_k: int, back_k: int, threads: int,
 
 
 def service_client(url: str) -> Any:
-    from fellrec_flwr.split_auth import issue_token
-    from fellrec_flwr.split_client import SplitServiceClient
+    from fellrec_flwr.split.auth import issue_token
+    from fellrec_flwr.split.client import SplitServiceClient
 
     return SplitServiceClient(url, KEY, issue_token(SECRET, KEY))
 
@@ -155,8 +155,8 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from transformers import LlamaForCausalLM
 
-    from fellrec_flwr.split import load_client_model, load_config, plan_split
-    from fellrec_flwr.split_client import make_split_model
+    from fellrec_flwr.split.plan import load_client_model, load_config, plan_split
+    from fellrec_flwr.split.client import make_split_model
 
     folder = model_folder(name, Path(args.work_dir))
     config = load_config(folder)

@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from fellrec_flwr.split import default_work_dir  # noqa: E402
+from fellrec_flwr.split.plan import default_work_dir  # noqa: E402
 from split_overhead import (  # noqa: E402
     RESULTS, add_lora, make_batch, model_folder, service_client, service_process, train_step, write_csv,
 )
@@ -62,8 +62,8 @@ def child(kind: str, folder: str, front_k: int, back_k: int, url: str, batch: in
     from transformers import LlamaForCausalLM  # noqa: F401 — part of the import baseline
     import peft  # noqa: F401 — part of the import baseline
 
-    from fellrec_flwr.split import load_client_model, load_config, plan_split
-    from fellrec_flwr.split_client import make_split_model
+    from fellrec_flwr.split.plan import load_client_model, load_config, plan_split
+    from fellrec_flwr.split.client import make_split_model
 
     torch.set_num_threads(2)
     base, base_rss = _peak_kb(), _rss_kb()
@@ -103,7 +103,7 @@ def meta_counts(config: Any, front_k: int, back_k: int) -> dict[str, int]:
     import torch
     from transformers import LlamaForCausalLM
 
-    from fellrec_flwr.split import PassThrough, plan_split
+    from fellrec_flwr.split.plan import PassThrough, plan_split
 
     plan = plan_split(config.num_hidden_layers, front_k, back_k)
     with torch.device("meta"):
@@ -121,7 +121,7 @@ def wire_bytes(config: Any, batch: int, seq: int, elem: int) -> int:
 
 
 def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from fellrec_flwr.split import held_bytes_on_disk, load_config, plan_split
+    from fellrec_flwr.split.plan import held_bytes_on_disk, load_config, plan_split
 
     rows = []
     for name in [m for m in args.models.split(",") if m]:

@@ -31,9 +31,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import server_app.split_service as service_mod  # noqa: E402
-from fellrec_flwr import split_client  # noqa: E402
-from fellrec_flwr.split_auth import issue_token  # noqa: E402
-from fellrec_flwr.tiny import build_tiny_model, train_tokenizer  # noqa: E402
+from fellrec_flwr.split import client as split_client  # noqa: E402
+from fellrec_flwr.split.auth import issue_token  # noqa: E402
+from fellrec_flwr.model.tiny import build_tiny_model, train_tokenizer  # noqa: E402
 
 SECRET = b"bench-secret-not-for-production-0123"
 TITLES = ["Super Mario Odyssey", "The Legend of Zelda", "Halo 3", "Minecraft"] * 3

@@ -5,7 +5,7 @@
 
 The batch is `--batch` sequences of exactly `--tokens` random token ids, every token
 labelled (train_on_inputs=True): the cost of a step depends only on these shapes. The step is
-fellrec_flwr.trainer.optimizer_step, the one train_local runs. A GGUF model is converted
+fellrec_flwr.train.trainer.optimizer_step, the one train_local runs. A GGUF model is converted
 once to safetensors under bench/results/tmp/ (the first run includes that in the load time).
 """
 
@@ -23,8 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from fellrec_flwr.config import LoraSettings, ModelConfig  # noqa: E402
-from fellrec_flwr.model import add_lora, load_base_model  # noqa: E402
-from fellrec_flwr.trainer import model_device, optimizer_step  # noqa: E402
+from fellrec_flwr.model.loading import add_lora, load_base_model  # noqa: E402
+from fellrec_flwr.train.trainer import model_device, optimizer_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,11 +3,11 @@
     python bench/tiny_warmup_curve.py --prompts 4000 --chunks 4 --users 150 [--hidden 64 --layers 4 --lr 0.003]
 
 Builds the random tiny model for the default demo data, trains it (all weights) on
-`--prompts` public warm-up prompts (`fellrec_flwr.tiny.public_prompts`: synthetic public
+`--prompts` public warm-up prompts (`fellrec_flwr.model.tiny.public_prompts`: synthetic public
 users, none of the clients') in `--chunks` passes, and after each pass ranks the catalogue
 for the first `--users` validation users by catalogue-constrained decoding (history
 masked). Prints steps, seconds, loss and Recall@10 / NDCG@10 with popularity and Markov on
-the same users. Single-threaded. Used to choose the warm-up recipe in `fellrec_flwr.tiny`.
+the same users. Single-threaded. Used to choose the warm-up recipe in `fellrec_flwr.model.tiny`.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ def main() -> None:
     import torch
     from flwr.common.config import parse_config_args
 
-    from fellrec_flwr.baselines import FittedBaselines
+    from fellrec_flwr.eval.baselines import FittedBaselines
     from fellrec_flwr.config import EvalSettings, TrainSettings, from_run_config
-    from fellrec_flwr.evaluate import rank_constrained
-    from fellrec_flwr.grounding import TitleGroups
-    from fellrec_flwr.metrics import ranking_metrics, target_ranks
-    from fellrec_flwr.prompts import build_prompt
+    from fellrec_flwr.eval.evaluate import rank_constrained
+    from fellrec_flwr.eval.grounding import TitleGroups
+    from fellrec_flwr.eval.metrics import ranking_metrics, target_ranks
+    from fellrec_flwr.data.prompts import build_prompt
     from fellrec_flwr.runtime import prepare_data
-    from fellrec_flwr.tiny import build_tiny_model, public_prompts, train_tokenizer
-    from fellrec_flwr.model import _tokenizer_texts
-    from fellrec_flwr.trainer import train_local
+    from fellrec_flwr.model.tiny import build_tiny_model, public_prompts, train_tokenizer
+    from fellrec_flwr.model.loading import _tokenizer_texts
+    from fellrec_flwr.train.trainer import train_local
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-config", "-c", action="append", default=[])

@@ -39,13 +39,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from fellrec_flwr.collate import TrainCollator, encode_examples, pad_token_id_of  # noqa: E402
+from fellrec_flwr.data.collate import TrainCollator, encode_examples, pad_token_id_of  # noqa: E402
 from fellrec_flwr.config import LoraSettings, ModelConfig, TrainSettings  # noqa: E402
-from fellrec_flwr.model import add_lora, load_base_model  # noqa: E402
-from fellrec_flwr.prepared import PreparedData  # noqa: E402
-import fellrec_flwr.speed as speed_module  # noqa: E402
-from fellrec_flwr.speed import describe  # noqa: E402
-from fellrec_flwr.trainer import eval_loss, fast_forward, model_device, train_local  # noqa: E402
+from fellrec_flwr.model.loading import add_lora, load_base_model  # noqa: E402
+from fellrec_flwr.data.prepared import PreparedData  # noqa: E402
+import fellrec_flwr.model.speed as speed_module  # noqa: E402
+from fellrec_flwr.model.speed import describe  # noqa: E402
+from fellrec_flwr.train.trainer import eval_loss, fast_forward, model_device, train_local  # noqa: E402
 
 EXACT_EVAL = dict(autocast="off", length_bucketing=False, labelled_logits_only=True, prefix_cache_mb=1024)  # all exact
 PLAIN = dict(autocast="off", length_bucketing=False, labelled_logits_only=False, prefix_cache_mb=0)

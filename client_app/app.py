@@ -16,12 +16,12 @@ from collections.abc import Iterator
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fellrec_flwr.client_state import ClientStateStore, adapter_fingerprint, apply_node_settings, node_settings
+from fellrec_flwr.train.client_state import ClientStateStore, adapter_fingerprint, apply_node_settings, node_settings
 from fellrec_flwr.config import FellRecConfig, from_run_config
-from fellrec_flwr.lora_state import get_lora_state, record_to_state, state_to_record, set_lora_state
-from fellrec_flwr.prepared import with_prepared_settings
+from fellrec_flwr.model.lora_state import get_lora_state, record_to_state, state_to_record, set_lora_state
+from fellrec_flwr.data.prepared import with_prepared_settings
 from fellrec_flwr.runtime import derive_seed, get_runtime
-from fellrec_flwr.split_runtime import attach_split
+from fellrec_flwr.split.runtime import attach_split
 
 app = ClientApp()
 
@@ -59,7 +59,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     import torch
 
-    from fellrec_flwr.trainer import train_local
+    from fellrec_flwr.train.trainer import train_local
 
     cfg = client_config(context)
     key = client_key(context)
@@ -80,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.time()
     train_fn = train_local
     if cfg.model.head == "retrieval":
-        from fellrec_flwr.retrieval import train_retrieval
+        from fellrec_flwr.model.retrieval import train_retrieval
 
         train_fn = functools.partial(train_retrieval, settings=cfg.retrieval)
     with lora_a_frozen(rt.model, bool(config.get("freeze-lora-a", False))):  # FFA-LoRA
@@ -101,8 +101,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from fellrec_flwr.evaluate import evaluate_recommender
-    from fellrec_flwr.trainer import eval_loss
+    from fellrec_flwr.eval.evaluate import evaluate_recommender
+    from fellrec_flwr.train.trainer import eval_loss
 
     cfg = client_config(context)
     key = client_key(context)
@@ -130,7 +130,7 @@ def _retrieval_scores(cfg: FellRecConfig, rt, examples) -> tuple[dict, list[dict
 
     Item vectors are recomputed with the adapter just received, then one matrix product per user batch.
     """
-    from fellrec_flwr.retrieval import evaluate_retrieval
+    from fellrec_flwr.model.retrieval import evaluate_retrieval
 
     return evaluate_retrieval(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.retrieval,
                               cfg.train.max_length, max(1, cfg.eval.batch_size))

@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def summary(data, seconds: float) -> str:
-    from fellrec_flwr.prepared import describe
+    from fellrec_flwr.data.prepared import describe
 
     lines = describe(data).splitlines()
     lines.insert(-1, f"  prep time {data.manifest['prep_seconds']} s when built; this call {seconds:.1f} s")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from data_prep.errors import DataPrepError
     from data_prep.prepare import prepare
-    from fellrec_flwr.prepared import PreparedData, PreparedDataError
+    from fellrec_flwr.data.prepared import PreparedData, PreparedDataError
     from fellrec_flwr.runtime import cache_root
 
     settings = DataSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataSettings)})

@@ -20,7 +20,7 @@ say whether the pipeline learns; real-data results (Amazon Games) are reported s
 
 The catalogue and its popularity come from a fixed seed of their own (DEMO_SEED); users
 from a separate stream, so `generate_users(seed=...)` can draw OTHER users from the same
-world: the tiny model's public warm-up (`fellrec_flwr.tiny`) uses such users, never the
+world: the tiny model's public warm-up (`fellrec_flwr.model.tiny`) uses such users, never the
 clients' (public users have no taste group: every genre equally likely). The data never
 depend on the run's seed.
 """

@@ -38,7 +38,7 @@ from data_prep.errors import DataPrepError
 from data_prep.readers import SourceData, TableColumns
 from fellrec_flwr.atomic import atomic_dir, atomic_to_parquet, atomic_write_json
 from fellrec_flwr.config import DATA_ORDERS, DATASETS, PARTITIONERS, DataSettings
-from fellrec_flwr.prepared import FORMAT_VERSION, MANIFEST, PreparedData, PreparedDataError, sha256_file
+from fellrec_flwr.data.prepared import FORMAT_VERSION, MANIFEST, PreparedData, PreparedDataError, sha256_file
 
 CREATED_BY = f"fellrec-flwr data_prep (format {FORMAT_VERSION})"
 

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fellrec_flwr.atomic import atomic_dir, atomic_to_parquet, atomic_write_text  # noqa: E402
-from fellrec_flwr.prepared import DATA_FILES, MANIFEST, PreparedData, sha256_file  # noqa: E402
+from fellrec_flwr.data.prepared import DATA_FILES, MANIFEST, PreparedData, sha256_file  # noqa: E402
 
 # Besides the data files, what a ClientApp reads from the folder; all derived from item titles.
 # Anything else is left out (named on stderr): it may hold other clients' data.

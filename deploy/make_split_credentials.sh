@@ -9,9 +9,9 @@ umask 077  # before anything is created: the secret, the tokens and their folder
 source "$(dirname "$0")/common.sh"
 n="${1:?usage: make_split_credentials.sh NUM_NODES}"
 mkdir -p "$SPLIT_DIR/tokens"
-[[ -f "$SPLIT_DIR/secret.txt" ]] || "$PYTHON" -m fellrec_flwr.split_auth new-secret "$SPLIT_DIR/secret.txt"
+[[ -f "$SPLIT_DIR/secret.txt" ]] || "$PYTHON" -m fellrec_flwr.split.auth new-secret "$SPLIT_DIR/secret.txt"
 for ((i = 0; i < n; i++)); do
-  "$PYTHON" -m fellrec_flwr.split_auth issue --secret-file "$SPLIT_DIR/secret.txt" --client-key "client-$i" \
+  "$PYTHON" -m fellrec_flwr.split.auth issue --secret-file "$SPLIT_DIR/secret.txt" --client-key "client-$i" \
     > "$SPLIT_DIR/tokens/client-$i.token"
 done
 ls "$SPLIT_DIR/tokens"

@@ -49,7 +49,7 @@ class ModelConfig:
     # Public warm-up of the random tiny model on catalogue-only prompts (0 = stay random).
     tiny_pretrain_prompts: int = 1000
     # "generative" (BIGRec: generate a title, ground it) or "retrieval" (RecFormer-style:
-    # history and title vectors, softmax over the catalogue; fellrec_flwr/retrieval.py).
+    # history and title vectors, softmax over the catalogue; fellrec_flwr/model/retrieval.py).
     head: str = "generative"
 
 
@@ -84,7 +84,7 @@ class TrainSettings:
     # (authors: linear, 20 warm-up steps). See trainer.lr_factor.
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | linear
-    # Speed (fellrec_flwr/speed.py, measured by bench/train_speed.py).
+    # Speed (fellrec_flwr/model/speed.py, measured by bench/train_speed.py).
     autocast: str = "auto"  # auto (bf16 on a CPU with avx512_bf16/amx_bf16) | bf16 | off
     length_bucketing: bool = False  # batch similar lengths (within shuffled chunks): less padding
     labelled_logits_only: bool = True  # LM head only on positions that carry a loss (exact)
@@ -137,7 +137,7 @@ class EvalSettings:
 
 @dataclass
 class RetrievalSettings:
-    """The retrieval head (model.head='retrieval'); see fellrec_flwr/retrieval.py."""
+    """The retrieval head (model.head='retrieval'); see fellrec_flwr/model/retrieval.py."""
 
     temperature: float = 0.05  # softmax temperature over cosine scores (RecFormer)
     negatives: int = 0  # title groups sampled uniformly per batch, besides the in-batch targets

@@ -15,7 +15,7 @@ from typing import Any
 
 from fellrec_flwr.config import FellRecConfig
 from fellrec_flwr.paths import cache_root  # noqa: F401 (re-exported: where prepared data and models live)
-from fellrec_flwr.prepared import PreparedData
+from fellrec_flwr.data.prepared import PreparedData
 
 _CACHE: dict[str, "Runtime"] = {}
 _DATA: dict[str, PreparedData] = {}
@@ -49,7 +49,7 @@ class Runtime:
     def catalogue(self) -> Any:
         """Base-model embeddings of every catalogue title (public; cached on disk)."""
         if self._catalogue is None:
-            from fellrec_flwr.grounding import Catalogue
+            from fellrec_flwr.eval.grounding import Catalogue
 
             self._catalogue = Catalogue.build(
                 self.model, self.tokenizer, self.data.titles, cache_dir=self.data.path / "catalogue",
@@ -61,7 +61,7 @@ class Runtime:
 def _service_identity(model: Any) -> str:
     """For a split model, the service's weight probe: the cache key then covers the middle layers,
     which the client does not hold (its own fingerprint covers only its layers)."""
-    from fellrec_flwr.split_client import RemoteBody
+    from fellrec_flwr.split.client import RemoteBody
 
     body = next((m for m in model.modules() if isinstance(m, RemoteBody)), None)
     if body is None:
@@ -79,7 +79,7 @@ def get_runtime(cfg: FellRecConfig) -> Runtime:
     if key not in _CACHE:
         import torch
 
-        from fellrec_flwr.model import add_lora, load_base_model
+        from fellrec_flwr.model.loading import add_lora, load_base_model
 
         if cfg.model.name == "tiny":
             # Its matrices are too small to gain from threads; on shared cores extra
@@ -88,15 +88,15 @@ def get_runtime(cfg: FellRecConfig) -> Runtime:
 
         data = prepare_data(cfg)
         if cfg.split.enabled:  # flexible storage: only the client's layers, read from the checkpoint
-            from fellrec_flwr.model_parts import load_client_part
+            from fellrec_flwr.model.parts import load_client_part
 
             base, tokenizer = load_client_part(cfg.model, data.titles, data.path, cfg.split.front_k,
                                                cfg.split.back_k)
         else:
             base, tokenizer = load_base_model(cfg.model, data.titles, data.path)
-        from fellrec_flwr.lora_state import get_lora_state
+        from fellrec_flwr.model.lora_state import get_lora_state
 
-        from fellrec_flwr.split_runtime import client_lora_settings
+        from fellrec_flwr.split.runtime import client_lora_settings
 
         model = add_lora(base, client_lora_settings(cfg, base.config.num_hidden_layers), seed=cfg.seed)
         _CACHE[key] = Runtime(cfg=cfg, data=data, model=model, tokenizer=tokenizer,
@@ -109,8 +109,8 @@ def get_runtime(cfg: FellRecConfig) -> Runtime:
 
 def server_lora_settings(cfg: FellRecConfig) -> tuple[Any, Any]:
     """(model config, LoRA settings as the clients apply them), from the config alone."""
-    from fellrec_flwr.model_parts import base_config
-    from fellrec_flwr.split_runtime import client_lora_settings
+    from fellrec_flwr.model.parts import base_config
+    from fellrec_flwr.split.runtime import client_lora_settings
 
     data = prepare_data(cfg)
     config = base_config(cfg.model, data.titles, data.path)
@@ -120,7 +120,7 @@ def server_lora_settings(cfg: FellRecConfig) -> tuple[Any, Any]:
 def initial_lora(cfg: FellRecConfig) -> dict[str, Any]:
     """The LoRA every client starts from, from the model config and the seed alone: equal to
     `get_runtime(cfg).initial_lora` without loading a weight (the ServerApp never loads the model)."""
-    from fellrec_flwr.model_parts import initial_lora_state, lora_dtype
+    from fellrec_flwr.model.parts import initial_lora_state, lora_dtype
 
     config, lora = server_lora_settings(cfg)
     return initial_lora_state(config, lora, cfg.seed, lora_dtype(cfg.model))
@@ -128,8 +128,8 @@ def initial_lora(cfg: FellRecConfig) -> dict[str, Any]:
 
 def save_adapter(cfg: FellRecConfig, state: Any, out_dir: Any) -> None:
     """A client's LoRA as a peft adapter folder, written without the base model."""
-    from fellrec_flwr.lora_state import save_adapter_folder
-    from fellrec_flwr.model import peft_lora_config
+    from fellrec_flwr.model.lora_state import save_adapter_folder
+    from fellrec_flwr.model.loading import peft_lora_config
 
     _, lora = server_lora_settings(cfg)
     save_adapter_folder(state, peft_lora_config(lora), out_dir)

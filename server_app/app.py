@@ -21,12 +21,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fellrec_flwr.balance_report import plot_balance
-from fellrec_flwr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fellrec_flwr.eval.balance_report import plot_balance
+from fellrec_flwr.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fellrec_flwr.config import ConfigError, FellRecConfig, from_run_config
-from fellrec_flwr.lora_state import record_to_state, state_to_record
-from fellrec_flwr.prepared import with_prepared_settings
-from fellrec_flwr.results import (
+from fellrec_flwr.model.lora_state import record_to_state, state_to_record
+from fellrec_flwr.data.prepared import with_prepared_settings
+from fellrec_flwr.eval.results import (
     PER_USER_FILE, atomic_write_json, final_intervals, plot_run, run_per_user_rows, summarise, write_metrics_csv,
     write_per_user_csv,
 )
@@ -142,7 +142,7 @@ def server_side_user_data(cfg: FellRecConfig) -> tuple[list[dict[str, Any]], dic
     the source data. In a deployment whose data live only on the clients the run goes on
     without them: they are a convenience, never a reason to fail a run.
     """
-    from fellrec_flwr.baselines import baseline_rows
+    from fellrec_flwr.eval.baselines import baseline_rows
 
     try:
         data = prepare_data(cfg)

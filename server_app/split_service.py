@@ -3,7 +3,7 @@
     python -m server_app.split_service --model PATH|GGUF|tiny --front-k 1 --back-k 1 \\
         --secret-file secret.txt [--device cuda] [--port 8470] [--tls-cert c.pem --tls-key k.pem]
 
-Endpoints (all POST bodies and tensor replies are safetensors, see `fellrec_flwr.wire`):
+Endpoints (all POST bodies and tensor replies are safetensors, see `fellrec_flwr.split.wire`):
 
     GET  /v1/health          liveness (no credentials needed; never waits for the compute lock)
     GET  /v1/info            hidden size, layer range, dtype, limits, a weight probe (needs a token)
@@ -18,11 +18,11 @@ Endpoints (all POST bodies and tensor replies are safetensors, see `fellrec_flwr
     POST /v1/infer/step      hidden [B,Q,H], position_ids, attention_mask [B,Q] of the NEW tokens
                              (+ beam_idx) with metadata session, past_len (the cache length the
                              client means). The service keeps each session's key padding mask and
-                             builds the attention mask itself (`fellrec_flwr.split.attention_bias`).
+                             builds the attention mask itself (`fellrec_flwr.split.plan.attention_bias`).
                              (session "" creates one; close= lists sessions to drop)
     POST /v1/infer/close     JSON {"sessions": [ids]}
 
-Every request carries X-Client-Key / X-Client-Token (HMAC, see `fellrec_flwr.split_auth`) and is
+Every request carries X-Client-Key / X-Client-Token (HMAC, see `fellrec_flwr.split.auth`) and is
 validated completely before any compute; a bad request gets a JSON error
 ``{"error": {"code": ..., "message": ...}}`` with an HTTP status, and the service keeps serving.
 Compute is serialised with one lock (one model, one device); parsing and validation run in the
@@ -62,9 +62,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from fellrec_flwr.paths import default_secret_file  # noqa: F401 (where a simulation's secret lives; re-exported)
-from fellrec_flwr.split import ServerBody, SplitError, build_server_body, load_server_body, plan_for_model
-from fellrec_flwr.split_auth import KEY_HEADER, TOKEN_HEADER, load_secret, server_ssl_context, verify_token
-from fellrec_flwr.wire import CONTENT_TYPE, WireError, decode, encode, read_header
+from fellrec_flwr.split.plan import ServerBody, SplitError, build_server_body, load_server_body, plan_for_model
+from fellrec_flwr.split.auth import KEY_HEADER, TOKEN_HEADER, load_secret, server_ssl_context, verify_token
+from fellrec_flwr.split.wire import CONTENT_TYPE, WireError, decode, encode, read_header
 
 log = logging.getLogger("fellrec.split_service")
 
@@ -868,7 +868,7 @@ def make_body(model: Any, front_k: int, back_k: int, device: str = "cpu", dtype:
     if isinstance(model, ServerBody):
         body = model
     elif isinstance(model, (str, Path)):
-        from fellrec_flwr.model import resolve_checkpoint
+        from fellrec_flwr.model.loading import resolve_checkpoint
         from fellrec_flwr.paths import cache_root
 
         path = resolve_checkpoint(model, work_dir or cache_root())
@@ -878,7 +878,7 @@ def make_body(model: Any, front_k: int, back_k: int, device: str = "cpu", dtype:
     if (body.plan.front_k, body.plan.back_k) != (front_k, back_k):
         raise SplitError(f"the body was built for front_k={body.plan.front_k}, back_k={body.plan.back_k}, "
                          f"not {front_k}, {back_k}.")
-    from fellrec_flwr.split import _torch_dtype
+    from fellrec_flwr.split.plan import _torch_dtype
 
     return body.to(device=device, dtype=_torch_dtype(dtype)).eval()
 
@@ -911,9 +911,9 @@ def start_service_for_run(cfg: Any, secret_file: str | Path | None = None) -> Se
     `<cache>/split-secret.txt`, created with mode 600 if absent); simulated clients on the same
     machine derive their tokens from it. In a deployment run the service as its own process.
     """
-    from fellrec_flwr.model_parts import load_server_part
+    from fellrec_flwr.model.parts import load_server_part
     from fellrec_flwr.runtime import prepare_data
-    from fellrec_flwr.split_auth import write_secret
+    from fellrec_flwr.split.auth import write_secret
 
     path = Path(secret_file or default_secret_file())
     if not path.exists():
@@ -925,7 +925,7 @@ def start_service_for_run(cfg: Any, secret_file: str | Path | None = None) -> Se
 
 
 def _tiny_model(args: argparse.Namespace) -> Any:
-    from fellrec_flwr.tiny import build_tiny_model, load_tokenizer
+    from fellrec_flwr.model.tiny import build_tiny_model, load_tokenizer
 
     if not args.tokenizer:
         raise SplitError("--model tiny needs --tokenizer DIR (the tiny tokenizer folder the clients use), "
@@ -948,7 +948,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--secret-file", required=True,
-                   help="server secret (create one: python -m fellrec_flwr.split_auth new-secret F)")
+                   help="server secret (create one: python -m fellrec_flwr.split.auth new-secret F)")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--work-dir", default=None, help="where a GGUF file is converted to safetensors once")

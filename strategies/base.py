@@ -4,7 +4,7 @@
 
 - per-client records: one row per (round, client, split, metric, value) from every
   train and evaluate reply, where client = the reply metric ``"client-key"`` (the
-  partition id); the columns of ``fellrec_flwr.results.METRIC_COLUMNS``;
+  partition id); the columns of ``fellrec_flwr.eval.results.METRIC_COLUMNS``;
 - a node_id <-> client-key map refreshed from every valid reply (node ids change when a
   SuperNode restarts or a new simulation starts; the partition id does not);
 - failure identification: the messages built in ``configure_*`` are kept, and an error

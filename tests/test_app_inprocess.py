@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 import server_app.app as server
 from client_app.app import app as client_app
-from fellrec_flwr.checkpoint import load_checkpoint
+from fellrec_flwr.train.checkpoint import load_checkpoint
 from fellrec_flwr.config import ConfigError
 from fellrec_flwr.inprocess_grid import InProcessGrid
 
@@ -88,7 +88,7 @@ def test_run_folder_has_metrics_summary_plots_and_adapters(tmp_path):
 
     from peft import PeftModel
     from fellrec_flwr.config import from_run_config
-    from fellrec_flwr.model import load_base_model
+    from fellrec_flwr.model.loading import load_base_model
     from fellrec_flwr.runtime import prepare_data
 
     cfg = from_run_config(SMALL)
@@ -107,7 +107,7 @@ def test_resume_with_changed_settings_is_refused(tmp_path):
 
 def test_clientapp_called_directly_trains_and_reports_its_key(tmp_path):
     from fellrec_flwr.config import from_run_config
-    from fellrec_flwr.lora_state import get_lora_state, state_to_record
+    from fellrec_flwr.model.lora_state import get_lora_state, state_to_record
     from fellrec_flwr.runtime import get_runtime
 
     rt = get_runtime(from_run_config(SMALL))

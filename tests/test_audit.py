@@ -17,10 +17,10 @@ from fellrec_flwr.audit.identify import TitleMatcher
 from fellrec_flwr.audit.inverter import fit_inverter, window_features
 from fellrec_flwr.audit.observe import observe
 from fellrec_flwr.audit.sequences import encode_sequence, synthetic_histories, title_char_ranges
-from fellrec_flwr.collate import encode_example
+from fellrec_flwr.data.collate import encode_example
 from fellrec_flwr.config import ModelConfig
-from fellrec_flwr.model import load_base_model
-from fellrec_flwr.prompts import build_prompt
+from fellrec_flwr.model.loading import load_base_model
+from fellrec_flwr.data.prompts import build_prompt
 from fellrec_flwr.seeding import derive_seed
 
 # Small but real: the tiny model on the demo catalogue, a few cuts (keeps the file well under a minute).

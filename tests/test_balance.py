@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fellrec_flwr.balance import BalanceInputError, balance_stats
+from fellrec_flwr.eval.balance import BalanceInputError, balance_stats
 
 
 def test_matches_numpy():

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from fellrec_flwr.baselines import (FittedBaselines, baseline_ranks, baseline_rows, evaluate_markov,
+from fellrec_flwr.eval.baselines import (FittedBaselines, baseline_ranks, baseline_rows, evaluate_markov,
                                     transition_counts)
-from fellrec_flwr.grounding import TitleGroups
-from fellrec_flwr.popularity import evaluate_popularity, popularity_scores
+from fellrec_flwr.eval.grounding import TitleGroups
+from fellrec_flwr.eval.popularity import evaluate_popularity, popularity_scores
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fellrec_flwr.bootstrap import interval, mean_ci, paired_bootstrap, paired_difference_ci, resample_indices
+from fellrec_flwr.eval.bootstrap import interval, mean_ci, paired_bootstrap, paired_difference_ci, resample_indices
 
 
 def test_interval_is_the_percentile_of_replicate_means_computed_by_hand():

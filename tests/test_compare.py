@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fellrec_flwr.compare import compare
+from fellrec_flwr.eval.compare import compare
 
 
 def _summary(path, method, values):

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from fellrec_flwr.collate import prompt_token_ids
-from fellrec_flwr.constrained import (ConstrainedError, ConstrainedRanker, TitleTrie, build_title_trie,
+from fellrec_flwr.data.collate import prompt_token_ids
+from fellrec_flwr.eval.constrained import (ConstrainedError, ConstrainedRanker, TitleTrie, build_title_trie,
                                       constrained_search, rerank_with_prior, response_sequences,
                                       sequence_log_likelihoods)
-from fellrec_flwr.grounding import TitleGroups
-from fellrec_flwr.prompts import build_prompt
-from fellrec_flwr.tiny import build_tiny_model, train_tokenizer
+from fellrec_flwr.eval.grounding import TitleGroups
+from fellrec_flwr.data.prompts import build_prompt
+from fellrec_flwr.model.tiny import build_tiny_model, train_tokenizer
 
 WORDS = ["Mario", "Zelda", "Halo", "Doom", "Tetris", "Sonic", "Kirby", "Metroid", "Portal", "Myst"]
 TITLES = {i: f"{w} {i // len(WORDS)}" for i, w in enumerate(WORDS * 3)}
@@ -61,7 +61,7 @@ def test_trie_structure_on_hand_made_sequences():
 
 
 def test_response_sequences_match_training_tokens(tiny):
-    from fellrec_flwr.collate import response_token_ids
+    from fellrec_flwr.data.collate import response_token_ids
 
     _, tok = tiny
     seqs = response_sequences(tok, ["Halo 2", "Doom 1"])

@@ -34,10 +34,10 @@ def test_demo_has_taste_groups_and_series_structure():
 def test_markov_beats_popularity_clearly_on_the_demo():
     """The demo's point: the next item is predictable from the history beyond popularity."""
     from data_prep.splits import build_splits
-    from fellrec_flwr.baselines import FittedBaselines
-    from fellrec_flwr.bootstrap import paired_difference_ci
-    from fellrec_flwr.prepared import Example
-    from fellrec_flwr.results import metric_values
+    from fellrec_flwr.eval.baselines import FittedBaselines
+    from fellrec_flwr.eval.bootstrap import paired_difference_ci
+    from fellrec_flwr.data.prepared import Example
+    from fellrec_flwr.eval.results import metric_values
 
     source = read_demo()
     titles = dict(zip(source.items["item_id"].tolist(), source.items["title"].tolist()))

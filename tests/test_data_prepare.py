@@ -20,7 +20,7 @@ from data_prep.__main__ import main as cli_main
 from data_prep.errors import DataPrepError
 from data_prep.prepare import DATA_FILES, prepare, target_folder
 from fellrec_flwr.config import DataSettings
-from fellrec_flwr.prepared import PreparedData
+from fellrec_flwr.data.prepared import PreparedData
 
 FAST = dict(bpr_epochs=10, bpr_dim=16)
 

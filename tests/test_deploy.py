@@ -65,8 +65,8 @@ def _prepare_data(cluster: Cluster) -> tuple[dict[int, Path], Path]:
 
     from data_prep.prepare import prepare
     from fellrec_flwr.config import from_run_config
-    from fellrec_flwr.model import load_base_model
-    from fellrec_flwr.prepared import PreparedData
+    from fellrec_flwr.model.loading import load_base_model
+    from fellrec_flwr.data.prepared import PreparedData
 
     cfg = from_run_config(parse_config_args([TINY]))
     folder = prepare(cfg.data, cluster.root / "cache", seed=cfg.seed, progress=False)
@@ -112,7 +112,7 @@ def cluster(tmp_path_factory):
 
 
 def test_each_client_machine_holds_only_its_own_partition(cluster):
-    from fellrec_flwr.prepared import PreparedData
+    from fellrec_flwr.data.prepared import PreparedData
 
     for i, path in cluster.data_paths.items():
         data = PreparedData.load(path)
@@ -156,7 +156,7 @@ def _token(cluster: Cluster, i: int) -> str:
 
 
 def test_split_service_refuses_missing_or_tampered_credentials(cluster):
-    from fellrec_flwr.split_auth import auth_headers
+    from fellrec_flwr.split.auth import auth_headers
 
     good = _token(cluster, 0)
     assert _get(cluster, "/v1/health", {})[0] == 200  # open, for load balancers
@@ -181,7 +181,7 @@ def test_split_service_refuses_missing_or_tampered_credentials(cluster):
 
 
 def test_split_service_restart_is_survived_by_retrying_clients(cluster):
-    from fellrec_flwr.split_client import SplitServiceClient
+    from fellrec_flwr.split.client import SplitServiceClient
 
     client = SplitServiceClient(f"https://127.0.0.1:{cluster.split_port}", "client-0", _token(cluster, 0),
                                 ca_file=cluster.deploy_dir / "certs" / "ca.crt", retries=12, backoff=0.5,
@@ -238,7 +238,7 @@ def test_deployed_fellrec_run_completes_with_outputs(cluster, run_a):
 
 
 def test_client_state_is_kept_on_the_client_disk(cluster, run_a):
-    from fellrec_flwr.client_state import ClientStateStore, adapter_digest
+    from fellrec_flwr.train.client_state import ClientStateStore, adapter_digest
 
     for i in range(3):
         state = cluster.client_state(i)
@@ -257,7 +257,7 @@ def test_client_state_is_kept_on_the_client_disk(cluster, run_a):
 
 
 def _checkpoint_round(run_dir: Path) -> int:
-    from fellrec_flwr.checkpoint import CheckpointError, load_checkpoint
+    from fellrec_flwr.train.checkpoint import CheckpointError, load_checkpoint
 
     try:
         return load_checkpoint(run_dir).round
@@ -268,7 +268,7 @@ def _checkpoint_round(run_dir: Path) -> int:
 @pytest.fixture(scope="module")
 def failures(cluster, run_a):
     """Run B (rounds 3..4, resumed from A): a SuperNode crash, then a stop; run C resumes B."""
-    from fellrec_flwr.checkpoint import load_checkpoint
+    from fellrec_flwr.train.checkpoint import load_checkpoint
 
     assert run_a["status"] == "finished:completed", "run A must complete first"
     results = cluster.root / "results"
@@ -342,7 +342,7 @@ def test_next_round_waits_only_node_wait_timeout(cluster, failures):
 
 
 def test_rejoined_supernode_keeps_node_id_history_and_personal_lora(cluster, failures):
-    from fellrec_flwr.client_state import adapter_digest
+    from fellrec_flwr.train.client_state import adapter_digest
 
     b, c = failures["run_b"], failures["run_c"]
     assert failures["node2_id_restarted"] == failures["node2_id"]  # node auth: same key, same node id

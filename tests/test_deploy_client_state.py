@@ -1,4 +1,4 @@
-"""Client state on the client's disk (fellrec_flwr.client_state) and the node config it reads."""
+"""Client state on the client's disk (fellrec_flwr.train.client_state) and the node config it reads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from fellrec_flwr.client_state import (
+from fellrec_flwr.train.client_state import (
     HISTORY_LIMIT,
     ClientRecord,
     ClientStateError,
@@ -187,7 +187,7 @@ def test_clientapp_keeps_its_counters_across_fresh_contexts(tmp_path, private_ca
     """Two train messages with a fresh Context each (a restarted SuperNode): the disk state carries on."""
     from client_app.app import app as client_app
     from fellrec_flwr.config import from_run_config
-    from fellrec_flwr.lora_state import get_lora_state, record_to_state, state_to_record
+    from fellrec_flwr.model.lora_state import get_lora_state, record_to_state, state_to_record
     from fellrec_flwr.runtime import get_runtime
 
     sent = state_to_record(get_lora_state(get_runtime(from_run_config(SMALL)).model))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from fellrec_flwr.config import EvalSettings
-from fellrec_flwr.evaluate import evaluate_recommender
-from fellrec_flwr.grounding import Catalogue
-from fellrec_flwr.tiny import build_tiny_model, train_tokenizer
+from fellrec_flwr.eval.evaluate import evaluate_recommender
+from fellrec_flwr.eval.grounding import Catalogue
+from fellrec_flwr.model.tiny import build_tiny_model, train_tokenizer
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,8 @@ def test_constrained_ranking_equals_the_exact_likelihood_order(tiny):
     """With beams >= titles the list is the catalogue sorted by log-likelihood (brute force)."""
     from dataclasses import replace
 
-    from fellrec_flwr.collate import prompt_token_ids
-    from fellrec_flwr.constrained import response_sequences, sequence_log_likelihoods
+    from fellrec_flwr.data.collate import prompt_token_ids
+    from fellrec_flwr.eval.constrained import response_sequences, sequence_log_likelihoods
 
     model, tok, cat = tiny
     ex = EXAMPLES[0]

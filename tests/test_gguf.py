@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import need_smollm
-from fellrec_flwr import model as model_module
-from fellrec_flwr.collate import encode_example
+from fellrec_flwr.model import loading as model_module
+from fellrec_flwr.data.collate import encode_example
 from fellrec_flwr.config import LoraSettings, ModelConfig
-from fellrec_flwr.model import add_lora, load_base_model
+from fellrec_flwr.model.loading import add_lora, load_base_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fellrec_flwr.grounding import (Catalogue, GroundingError, TitleGroups, embed_texts, rank,
+from fellrec_flwr.eval.grounding import (Catalogue, GroundingError, TitleGroups, embed_texts, rank,
                                     rank_groups)
-from fellrec_flwr.tiny import build_tiny_model, train_tokenizer
+from fellrec_flwr.model.tiny import build_tiny_model, train_tokenizer
 
 # ids 1, 4 share "Halo"; 2, 6 share "Doom". Groups (by smallest id): 0 Tetris, 1 Halo, 2 Doom, 3 Zelda, 4 Mario
 TITLES = {0: "Tetris", 1: "Halo", 2: "Doom", 3: "Zelda", 4: "Halo", 5: "Mario", 6: "Doom"}

@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fellrec_flwr.config import LoraSettings, ModelConfig
-from fellrec_flwr.lora_state import (
+from fellrec_flwr.model.lora_state import (
     LoraStateError,
     flatten_state,
     record_to_state,
@@ -17,7 +17,7 @@ from fellrec_flwr.lora_state import (
     set_lora_state,
     state_to_record,
 )
-from fellrec_flwr.model import add_lora, load_base_model
+from fellrec_flwr.model.loading import add_lora, load_base_model
 
 TITLES = {i: f"Quest {chr(65 + i % 26)}{i} - Deluxe" for i in range(40)}
 

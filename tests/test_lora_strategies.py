@@ -275,8 +275,8 @@ def test_layout_lora_pairs_and_tensor_views():
 
 # --------------------------------------------------------------------------- balance report
 def test_balance_report_reads_back_the_recorded_matrix(tmp_path):
-    from fellrec_flwr.balance_report import HEATMAP_FILE, balance_summary, plot_balance, weight_matrix
-    from fellrec_flwr.results import metrics_frame
+    from fellrec_flwr.eval.balance_report import HEATMAP_FILE, balance_summary, plot_balance, weight_matrix
+    from fellrec_flwr.eval.results import metrics_frame
 
     n = 3
     app, _ = lora_app()
@@ -300,8 +300,8 @@ def test_balance_report_reads_back_the_recorded_matrix(tmp_path):
 def test_compare_report_shows_the_last_rounds_weights(tmp_path):
     import json
 
-    from fellrec_flwr.compare import compare
-    from fellrec_flwr.results import write_metrics_csv
+    from fellrec_flwr.eval.compare import compare
+    from fellrec_flwr.eval.results import write_metrics_csv
 
     for name, self_w in (("fellrec", 0.9), ("fedavg", None)):
         run = tmp_path / name
@@ -329,7 +329,7 @@ def test_real_apps_ffa_lora_keeps_peft_lora_a_and_fellrec_writes_its_heatmap(tmp
 
     import server_app.app as server
     from client_app.app import app as client_app
-    from fellrec_flwr.checkpoint import load_checkpoint
+    from fellrec_flwr.train.checkpoint import load_checkpoint
 
     monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
     small = {"data.num-clients": 2, "min-clients": 2, "data.train-samples": 32, "data.valid-users": 8,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fellrec_flwr.metrics import (MetricsInputError, ndcg_at_k, ranking_metrics, recall_at_k,
+from fellrec_flwr.eval.metrics import (MetricsInputError, ndcg_at_k, ranking_metrics, recall_at_k,
                                   target_ranks)
 
 RANKED = np.array([[5, 3, 9], [1, 2, 4], [7, 8, 6]])

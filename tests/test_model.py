@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fellrec_flwr.config import LoraSettings, ModelConfig
-from fellrec_flwr.model import (
+from fellrec_flwr.model.loading import (
     LoraTargetError,
     ModelLoadError,
     add_lora,
@@ -112,8 +112,8 @@ def test_bad_settings_are_clear_errors(tmp_path, monkeypatch):
 
 def test_tiny_public_warmup_lowers_loss_and_is_cached(tmp_path):
     """The tiny base model is warmed up on catalogue-only prompts once, then loaded from disk."""
-    from fellrec_flwr.tiny import public_prompts
-    from fellrec_flwr.trainer import eval_loss
+    from fellrec_flwr.model.tiny import public_prompts
+    from fellrec_flwr.train.trainer import eval_loss
     from fellrec_flwr.config import TrainSettings
 
     cold, tok = load_base_model(ModelConfig(tiny_pretrain_prompts=0), TITLES, tmp_path)

@@ -26,7 +26,7 @@ from client_app.app import app as client_app
 from conftest import ROOT
 from data_prep.__main__ import main as data_prep_cli
 from fellrec_flwr.inprocess_grid import InProcessGrid
-from fellrec_flwr.prepared import PreparedData
+from fellrec_flwr.data.prepared import PreparedData
 
 # As tests/test_app_inprocess.py: a tiny model and few users, one round.
 FAST = ("num-server-rounds=1 min-clients=2 eval.interval=0 eval.num-beams=2 eval.max-new-tokens=8 "

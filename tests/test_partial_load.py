@@ -18,14 +18,14 @@ import pytest
 import torch
 from torch import nn
 
-from fellrec_flwr import model_parts
+from fellrec_flwr.model import parts as model_parts
 from fellrec_flwr.config import LoraSettings, ModelConfig
-from fellrec_flwr.lora_state import get_lora_state
-from fellrec_flwr.model import ModelLoadError, add_lora, load_base_model, quantized_device_map
-from fellrec_flwr.model_parts import (
+from fellrec_flwr.model.lora_state import get_lora_state
+from fellrec_flwr.model.loading import ModelLoadError, add_lora, load_base_model, quantized_device_map
+from fellrec_flwr.model.parts import (
     base_config, checkpoint_for, compute_dtype_for, initial_lora_state, load_client_part, load_server_part,
 )
-from fellrec_flwr.split import ServerBody, compute_dtype_of, plan_split
+from fellrec_flwr.split.plan import ServerBody, compute_dtype_of, plan_split
 
 TITLES = {i: f"{name} {i}" for i, name in enumerate(["Star Quest", "Dragon Tale", "Kart Rally", "Puzzle Box"] * 6)}
 LAYERS = 4
@@ -74,7 +74,7 @@ def test_service_part_holds_only_the_middle_layers(work_dir, front_k, back_k):
 
 def test_a_client_without_middle_layers_still_checks_the_service_weights(work_dir):
     """The service's probe is compared with the checkpoint (one row read per probed tensor)."""
-    from fellrec_flwr.split import SplitError, check_service_probe, checkpoint_probe
+    from fellrec_flwr.split.plan import SplitError, check_service_probe, checkpoint_probe
 
     folder = checkpoint_for(tiny_cfg(), TITLES, work_dir)
     probe = load_server_part(tiny_cfg(), TITLES, work_dir, 1, 1).probe()
@@ -154,7 +154,7 @@ def fake_quantised_body(compute: torch.dtype) -> ServerBody:
 
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16])
 def test_service_computes_in_the_configured_dtype_not_the_int8_storage(compute):
-    from fellrec_flwr.wire import decode, encode
+    from fellrec_flwr.split.wire import decode, encode
     from server_app.split_service import SplitService
 
     body = fake_quantised_body(compute)
@@ -259,7 +259,7 @@ def test_split_demo_runs_without_ever_constructing_a_full_model(tmp_path, monkey
 
     import server_app.app as server
     from client_app.app import app as client_app
-    from fellrec_flwr import model as model_loading
+    from fellrec_flwr.model import loading as model_loading
     from fellrec_flwr import runtime
     from fellrec_flwr.config import from_run_config
     from fellrec_flwr.inprocess_grid import InProcessGrid

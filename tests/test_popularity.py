@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pandas as pd
 import pytest
 
-from fellrec_flwr.grounding import TitleGroups
-from fellrec_flwr.popularity import evaluate_popularity, popularity_scores, rank_popular
+from fellrec_flwr.eval.grounding import TitleGroups
+from fellrec_flwr.eval.popularity import evaluate_popularity, popularity_scores, rank_popular
 
 
 @dataclass(frozen=True)

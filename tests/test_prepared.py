@@ -10,7 +10,7 @@ import pytest
 
 from data_prep.prepare import prepare
 from fellrec_flwr.config import DataSettings
-from fellrec_flwr.prepared import Example, PreparedData, PreparedDataError
+from fellrec_flwr.data.prepared import Example, PreparedData, PreparedDataError
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_demo_ids_are_their_own_originals(folder):
 
 def test_a_run_takes_the_settings_of_its_prepared_folder(folder, tmp_path):
     from fellrec_flwr.config import FellRecConfig
-    from fellrec_flwr.prepared import with_prepared_settings
+    from fellrec_flwr.data.prepared import with_prepared_settings
 
     cfg = FellRecConfig()
     assert with_prepared_settings(cfg) is cfg  # no folder named: unchanged

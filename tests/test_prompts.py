@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fellrec_flwr import tiny
-from fellrec_flwr.collate import (
+from fellrec_flwr.model import tiny
+from fellrec_flwr.data.collate import (
     IGNORE_INDEX,
     TrainCollator,
     UnknownItemError,
@@ -19,7 +19,7 @@ from fellrec_flwr.collate import (
     prompt_token_ids,
     response_token_ids,
 )
-from fellrec_flwr.prompts import MOVIES, build_prompt, extract_response, format_response, template_texts
+from fellrec_flwr.data.prompts import MOVIES, build_prompt, extract_response, format_response, template_texts
 
 EXPECTED_PROMPT = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
 

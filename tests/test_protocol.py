@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 
 from fellrec_flwr.config import ConfigError, TrainSettings, from_run_config
 from fellrec_flwr.inprocess_grid import InProcessGrid
-from fellrec_flwr.trainer import TrainingError, lr_factor, train_local
+from fellrec_flwr.train.trainer import TrainingError, lr_factor, train_local
 from strategies import make_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -37,7 +37,7 @@ def test_lr_factor_matches_the_formula():
 
 
 def test_train_local_steps_follow_the_schedule(work_dir, monkeypatch):
-    import fellrec_flwr.trainer as trainer
+    import fellrec_flwr.train.trainer as trainer
 
     seen: list[float] = []
 

@@ -120,7 +120,7 @@ def test_every_command_of_the_section_runs(tmp_path, monkeypatch):
             per_user = pd.read_csv(work / "results" / "fellrec-table" / "per_user.csv")
             assert per_user["original_user_id"].str.fullmatch(r"c\d+").all()  # the table's own ids
     assert "ok;" in outputs[0]
-    shown = outputs[-2]  # python -m fellrec_flwr.prepared prepared/mydata
+    shown = outputs[-2]  # python -m fellrec_flwr.data.prepared prepared/mydata
     # the README's own c17 and c23 have too few rows for the 5-core; the 40 generated customers stay
     assert "40 users" in shown and "time: column 'ts'; equal times by item id" in shown
     assert re.search(r"test\s+40\s+\[\d+, \d+\]", shown)

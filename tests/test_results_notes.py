@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from fellrec_flwr.results import plot_run, zero_note
+from fellrec_flwr.eval.results import plot_run, zero_note
 
 
 def test_zero_note_only_when_every_client_is_zero():

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from fellrec_flwr.config import STRATEGIES, ConfigError, LoraSettings, ModelConfig, RetrievalSettings, TrainSettings, from_run_config
-from fellrec_flwr.grounding import TitleGroups
-from fellrec_flwr.lora_state import get_lora_state, set_lora_state
-from fellrec_flwr.model import add_lora, load_base_model
-from fellrec_flwr.prompts import history_input
-from fellrec_flwr.retrieval import (
+from fellrec_flwr.eval.grounding import TitleGroups
+from fellrec_flwr.model.lora_state import get_lora_state, set_lora_state
+from fellrec_flwr.model.loading import add_lora, load_base_model
+from fellrec_flwr.data.prompts import history_input
+from fellrec_flwr.model.retrieval import (
     RetrievalError,
     batch_columns,
     evaluate_retrieval,
@@ -257,7 +257,7 @@ def test_inprocess_federated_run_with_the_retrieval_head(tmp_path, private_cache
 
 
 def test_cached_frozen_prefix_gives_the_same_vectors(work_dir):
-    from fellrec_flwr.retrieval import encode_all_states, frozen_prefix_layers, item_token_ids, prefix_states
+    from fellrec_flwr.model.retrieval import encode_all_states, frozen_prefix_layers, item_token_ids, prefix_states
 
     base, tok = load_base_model(ModelConfig(tiny_pretrain_prompts=0), TITLES, work_dir)
     model = add_lora(base, LoraSettings(layers="3"), seed=2)  # the tiny model has 4 layers

@@ -28,13 +28,13 @@ import torch
 
 from conftest import ROOT
 from fellrec_flwr import atomic
-from fellrec_flwr.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fellrec_flwr.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fellrec_flwr.config import ConfigError, from_run_config
-from fellrec_flwr.split import SplitError
-from fellrec_flwr.split_auth import issue_token, write_secret
-from fellrec_flwr.split_client import SplitServiceClient, SplitServiceError
-from fellrec_flwr.tiny import build_tiny_model, train_tokenizer
-from fellrec_flwr.wire import encode
+from fellrec_flwr.split.plan import SplitError
+from fellrec_flwr.split.auth import issue_token, write_secret
+from fellrec_flwr.split.client import SplitServiceClient, SplitServiceError
+from fellrec_flwr.model.tiny import build_tiny_model, train_tokenizer
+from fellrec_flwr.split.wire import encode
 from server_app import split_service
 from server_app.split_service import ServiceLimits, SplitService, make_body, start_service
 
@@ -133,8 +133,8 @@ FLOOD = textwrap.dedent("""
     import json, os, sys, torch
     sys.path.insert(0, {root!r})
     torch.set_num_threads(1)
-    from fellrec_flwr.tiny import build_tiny_model, train_tokenizer
-    from fellrec_flwr.wire import encode
+    from fellrec_flwr.model.tiny import build_tiny_model, train_tokenizer
+    from fellrec_flwr.split.wire import encode
     from server_app.split_service import ServiceLimits, SplitService, make_body
     def rss():
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -713,7 +713,7 @@ def test_a_client_partition_export_holds_only_that_clients_rows(tmp_path):
     finally:
         sys.path.remove(str(ROOT / "deploy"))
     from data_prep.prepare import prepare
-    from fellrec_flwr.prepared import PreparedData
+    from fellrec_flwr.data.prepared import PreparedData
 
     cfg = from_run_config({"min-clients": 3, "data.num-clients": 3, "data.train-samples": 48,
                            "data.valid-users": 30, "data.test-users": 30, "data.bpr-epochs": 2})

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from fellrec_flwr.collate import IGNORE_INDEX, TrainCollator, bucketed_batches, encode_examples
+from fellrec_flwr.data.collate import IGNORE_INDEX, TrainCollator, bucketed_batches, encode_examples
 from fellrec_flwr.config import TrainSettings
-from fellrec_flwr.lora_state import flatten_state, get_lora_state
-from fellrec_flwr.speed import (
+from fellrec_flwr.model.lora_state import flatten_state, get_lora_state
+from fellrec_flwr.model.speed import (
     AutocastChooser,
     FastForward,
     autocast_dtype,
@@ -24,7 +24,7 @@ from fellrec_flwr.speed import (
     labelled_head_loss,
     pad_hidden,
 )
-from fellrec_flwr.trainer import eval_loss, token_loss_sum, train_local
+from fellrec_flwr.train.trainer import eval_loss, token_loss_sum, train_local
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer import TITLES, TRAIN, fresh, small_lora  # noqa: E402

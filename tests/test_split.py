@@ -12,14 +12,14 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from fellrec_flwr.split import (
+from fellrec_flwr.split.plan import (
     PassThrough, SplitError, build_server_body, count_params, held_bytes_on_disk, load_client_model,
     load_server_body, plan_for_model, plan_split, save_full_model, split_model,
 )
-from fellrec_flwr.split_auth import issue_token
-from fellrec_flwr.split_client import SplitServiceClient, embed_last_token, make_split_model, remote_body
-from fellrec_flwr.tiny import build_tiny_model, train_tokenizer
-from fellrec_flwr.wire import decode, read_header
+from fellrec_flwr.split.auth import issue_token
+from fellrec_flwr.split.client import SplitServiceClient, embed_last_token, make_split_model, remote_body
+from fellrec_flwr.model.tiny import build_tiny_model, train_tokenizer
+from fellrec_flwr.split.wire import decode, read_header
 from server_app.split_service import start_service
 
 SECRET = b"test-secret-0123456789abcdef"
@@ -95,7 +95,7 @@ def test_too_small_model_and_invalid_cut_on_model(full):
 
 
 def test_attention_bias_matches_direct_rule():
-    from fellrec_flwr.split import attention_bias
+    from fellrec_flwr.split.plan import attention_bias
 
     keys = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
     got = attention_bias(keys, 2, 2, 3, torch.float32, "cpu")  # 3 cached tokens + 2 new
@@ -130,7 +130,7 @@ def test_server_body_matches_unsplit_middle_layers(full, tok, impl):
 
 
 def test_cache_keyword_follows_the_layer_signature():
-    from fellrec_flwr.split import cache_kwarg
+    from fellrec_flwr.split.plan import cache_kwarg
 
     class Old(torch.nn.Module):
         def forward(self, hidden_states, attention_mask=None, past_key_values=None):
@@ -144,7 +144,7 @@ def test_cache_keyword_follows_the_layer_signature():
 
 
 def test_new_token_mask_takes_the_last_q_columns():
-    from fellrec_flwr.split_client import new_token_mask
+    from fellrec_flwr.split.client import new_token_mask
 
     full_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     assert torch.equal(new_token_mask(full_mask, 1), torch.tensor([[True], [True]]))
@@ -199,7 +199,7 @@ def test_client_memory_is_proportional(tmp_path):
     script = f"""
 import gc, os
 from transformers import LlamaForCausalLM
-from fellrec_flwr.split import load_client_model
+from fellrec_flwr.split.plan import load_client_model
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 touch = lambda m: sum(float(p.sum()) for p in m.parameters())  # make every page resident
 touch(load_client_model(r"{tmp_path}/m", 1, 1)); gc.collect()  # warm lazy imports/allocators first
@@ -404,7 +404,7 @@ def test_no_token_ids_or_labels_on_the_wire(full, tok, service):
 def test_constrained_search_through_the_service_matches_unsplit(full, tok, service):
     """Catalogue-constrained decoding reorders the KV cache with a varying number of beams per step;
     the service follows (beam_idx may change the row count) and the lists equal the unsplit model's."""
-    from fellrec_flwr.constrained import build_title_trie, constrained_search
+    from fellrec_flwr.eval.constrained import build_title_trie, constrained_search
 
     trie = build_title_trie(tok, TITLES)
     prompts = [tok(t)["input_ids"] for t in TEXTS]

@@ -17,13 +17,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from fellrec_flwr.split import plan_for_model, save_full_model
-from fellrec_flwr.split_auth import issue_token, write_secret
-from fellrec_flwr.split_client import (
+from fellrec_flwr.split.plan import plan_for_model, save_full_model
+from fellrec_flwr.split.auth import issue_token, write_secret
+from fellrec_flwr.split.client import (
     SplitServiceClient, SplitServiceError, SplitServiceUnavailable, make_split_model,
 )
-from fellrec_flwr.tiny import build_tiny_model, train_tokenizer
-from fellrec_flwr.wire import encode
+from fellrec_flwr.model.tiny import build_tiny_model, train_tokenizer
+from fellrec_flwr.split.wire import encode
 from server_app.split_service import ServiceLimits, start_service
 
 SECRET = b"test-secret-0123456789abcdef"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from data_prep.demo import read_demo
-from fellrec_flwr.tiny import demo_public_sequences, franchise_sequences, public_prompts, sequence_windows
+from fellrec_flwr.model.tiny import demo_public_sequences, franchise_sequences, public_prompts, sequence_windows
 
 
 @pytest.fixture(scope="module")

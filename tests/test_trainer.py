@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fellrec_flwr.collate import IGNORE_INDEX, TrainCollator, encode_examples
+from fellrec_flwr.data.collate import IGNORE_INDEX, TrainCollator, encode_examples
 from fellrec_flwr.config import LoraSettings, ModelConfig, TrainSettings
-from fellrec_flwr.lora_state import flatten_state, get_lora_state
-from fellrec_flwr.model import add_lora, load_base_model
-from fellrec_flwr.trainer import TrainingError, eval_loss, proximal_term, token_loss_sum, train_local
+from fellrec_flwr.model.lora_state import flatten_state, get_lora_state
+from fellrec_flwr.model.loading import add_lora, load_base_model
+from fellrec_flwr.train.trainer import TrainingError, eval_loss, proximal_term, token_loss_sum, train_local
 
 TITLES = {i: f"Quest {chr(65 + i % 26)}{i} - Deluxe" for i in range(40)}
 

@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fellrec_flwr.model import load_base_model
+    from fellrec_flwr.model.loading import load_base_model
 
     try:
         directions = tuple(d.strip() for d in args.direction.split(",") if d.strip())

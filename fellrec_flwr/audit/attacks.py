@@ -32,7 +32,7 @@ from fellrec_flwr.audit.identify import TitleMatcher
 from fellrec_flwr.audit.inverter import ALPHAS, fit_inverter, window_features
 from fellrec_flwr.audit.observe import Observations, Observed, observe
 from fellrec_flwr.audit.sequences import AuditError, AuditSequence, encode_sequence, synthetic_histories
-from fellrec_flwr.prompts import format_response
+from fellrec_flwr.data.prompts import format_response
 from fellrec_flwr.seeding import derive_seed
 
 COLUMNS = ["k", "direction", "observed", "hidden_index", "noise_sigma", "token_acc", "target_token_acc",

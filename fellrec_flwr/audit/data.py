@@ -3,7 +3,7 @@
 ``games`` and ``demo`` are read with the data_prep readers (same title cleaning as the
 prepared data); each audited user's prompt is their leave-one-out TEST prompt (last
 ``history_len`` items before the last one, target = the last item), as data_prep builds it.
-``prepared`` reads a prepared folder's test split through ``fellrec_flwr.prepared``.
+``prepared`` reads a prepared folder's test split through ``fellrec_flwr.data.prepared``.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ def load_audit_data(data: str, data_path: str | Path = "", eval_users: int = 100
 
 def _from_prepared(path: Path, eval_users: int, seed: int) -> tuple[dict[int, str], list[Example]]:
     try:
-        from fellrec_flwr.prepared import PreparedData
+        from fellrec_flwr.data.prepared import PreparedData
     except ImportError as err:
-        raise AuditError("--data prepared needs fellrec_flwr.prepared; use --data games or demo.") from err
+        raise AuditError("--data prepared needs fellrec_flwr.data.prepared; use --data games or demo.") from err
     if not (path / "manifest.json").exists():
         raise AuditError(f"{path} is not a prepared folder (no manifest.json); run data_prep first "
                          "or use --data games|demo.")

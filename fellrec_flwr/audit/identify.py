@@ -3,7 +3,7 @@
 A recovered title span (the attacker's tokens at a title's positions, decoded to text)
 identifies item i when, among all catalogue titles, the one whose word set overlaps it best
 (F1 of lower-cased words) is i's title, with F1 >= ``threshold`` (0.8). Items that share one
-title string form one *title group* (as in :mod:`fellrec_flwr.grounding`): finding the
+title string form one *title group* (as in :mod:`fellrec_flwr.eval.grounding`): finding the
 title is finding the item, whichever id it has. Ties at the best F1 count as identified
 when the true group is among them (the attacker learns a tiny candidate set).
 
@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer
 
-from fellrec_flwr.grounding import TitleGroups
+from fellrec_flwr.eval.grounding import TitleGroups
 
 WORD_PATTERN = r"(?u)\b\w+\b"
 F1_THRESHOLD = 0.8

@@ -1,6 +1,6 @@
 """What the client sends, token by token, and where the private parts of it are.
 
-A training sequence is encoded exactly as :mod:`fellrec_flwr.collate` encodes it (BOS +
+A training sequence is encoded exactly as :mod:`fellrec_flwr.data.collate` encodes it (BOS +
 prompt + '"Target"' + EOS, oldest history titles dropped until it fits ``max_length``), so
 the audited tokens are the ones a client really pushes through its first layers. On top
 of the token ids we record, for every history title and for the target title, the token
@@ -21,8 +21,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fellrec_flwr.collate import prompt_token_ids, response_token_ids
-from fellrec_flwr.prompts import GAMES, PromptDomain, build_prompt, format_response, history_input
+from fellrec_flwr.data.collate import prompt_token_ids, response_token_ids
+from fellrec_flwr.data.prompts import GAMES, PromptDomain, build_prompt, format_response, history_input
 
 
 class AuditError(ValueError):

@@ -2,7 +2,7 @@
 
 ``model.name`` selects the source:
 
-- ``"tiny"``: a random LLaMA (fellrec_flwr.tiny) with a BPE tokenizer trained on the
+- ``"tiny"``: a random LLaMA (fellrec_flwr.model.tiny) with a BPE tokenizer trained on the
   catalogue titles and the prompt template. The tokenizer is saved under ``work_dir`` in a
   folder named by a fingerprint of its training texts; base weights come from a fixed seed,
   so every process of a run gets the same model.
@@ -34,9 +34,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fellrec_flwr import tiny
+from fellrec_flwr.model import tiny
 from fellrec_flwr.config import LoraSettings, ModelConfig
-from fellrec_flwr.prompts import template_texts
+from fellrec_flwr.data.prompts import template_texts
 from fellrec_flwr.seeding import seeded_torch
 
 TINY_BASE_SEED = 0  # the tiny model's weights; fixed so that all processes agree

@@ -1,6 +1,6 @@
 """Side-by-side comparison of finished runs (FELLRec vs FedAvg vs FedProx vs local vs centralized).
 
-    python -m fellrec_flwr.compare results/fellrec-demo results/fedavg-demo ... --out results/compare
+    python -m fellrec_flwr.eval.compare results/fellrec-demo results/fedavg-demo ... --out results/compare
 
 Reads each run's summary.json and writes, under --out: comparison.csv (one row per
 method and client), comparison.md (a table per headline metric with the balance
@@ -9,7 +9,7 @@ statistics) and comparison.png (per-client Recall@10 bars, one group per client)
 Where the runs hold per_user.csv (every evaluated user's target rank), it also reports,
 on the users EVERY method evaluated, each method's number of test users and a 95% paired
 bootstrap interval (over users) of Recall/NDCG@10/20 and of its difference to FedAvg,
-popularity and Markov (`fellrec_flwr.bootstrap`); the popularity and Markov baselines come
+popularity and Markov (`fellrec_flwr.eval.bootstrap`); the popularity and Markov baselines come
 with every run folder, so one run alone is compared with them. The same numbers go to
 results.csv: method, profile, seed, metric, value, ci_low, ci_high, n_users, where metric
 is "recall@10" (the method's mean) or "recall@10 - fedavg" (method minus reference).
@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from fellrec_flwr.atomic import atomic_write_bytes
-from fellrec_flwr.results import final_ranks, interval_rows, read_per_user
+from fellrec_flwr.eval.results import final_ranks, interval_rows, read_per_user
 
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 REFERENCES = ("fedavg", "popularity", "markov")
@@ -195,7 +195,7 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path, profile: str = "") 
 
 def balance_markdown(run_dirs: list[str | Path], summaries: list[dict[str, Any]]) -> str:
     """Last round's aggregation weights of each run that records them (FELLRec): does it personalise?"""
-    from fellrec_flwr.balance_report import balance_summary
+    from fellrec_flwr.eval.balance_report import balance_summary
 
     lines = []
     for run_dir, summary in zip(run_dirs, summaries):

@@ -226,12 +226,12 @@ def describe(data: PreparedData) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m fellrec_flwr.prepared FOLDER: check a prepared folder (checksums) and show its counts."""
+    """python -m fellrec_flwr.data.prepared FOLDER: check a prepared folder (checksums) and show its counts."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m fellrec_flwr.prepared FOLDER  (checks a prepared folder and prints its counts)",
+        print("usage: python -m fellrec_flwr.data.prepared FOLDER  (checks a prepared folder and prints its counts)",
               file=sys.stderr)
         return 2
     try:

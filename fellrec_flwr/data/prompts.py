@@ -1,7 +1,7 @@
 """The BIGRec prompt (Alpaca style), exactly as in ../shared/notes/fellrec-method.md §2.
 
 A training sequence is ``build_prompt(history) + format_response(target)`` followed by
-the tokenizer's end-of-sequence token (added in :mod:`fellrec_flwr.collate`). At
+the tokenizer's end-of-sequence token (added in :mod:`fellrec_flwr.data.collate`). At
 inference the model continues ``build_prompt(history)`` and :func:`extract_response`
 reads the generated title back.
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fellrec_flwr.prompts import GAMES, PromptDomain, build_prompt, format_response
+from fellrec_flwr.data.prompts import GAMES, PromptDomain, build_prompt, format_response
 
 IGNORE_INDEX = -100  # label value ignored by the loss
 

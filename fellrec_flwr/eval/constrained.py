@@ -1,7 +1,7 @@
 """Catalogue-constrained decoding: rank catalogue titles by the model's likelihood of writing them.
 
 Instead of generating free text and grounding it (BIGRec's beam search + L2, see
-`fellrec_flwr.evaluate`), the model may only write a catalogue title: a beam search walks a
+`fellrec_flwr.eval.evaluate`), the model may only write a catalogue title: a beam search walks a
 prefix tree (trie) of every title's response tokens -- exactly the tokens a training sequence
 holds after the prompt, ``'"Title"'`` (`prompts.format_response`) plus EOS -- and returns the
 top-K distinct titles with their scores
@@ -144,7 +144,7 @@ def response_sequences(tokenizer: Any, titles: Sequence[str], end_with_eos: bool
     response (`collate.response_token_ids`), so the search scores what training taught.
     """
     if format_fn is None:
-        from fellrec_flwr.prompts import format_response as format_fn
+        from fellrec_flwr.data.prompts import format_response as format_fn
     eos = tokenizer.eos_token_id
     if end_with_eos and eos is None:
         raise ConstrainedError("the tokenizer has no EOS token; set tokenizer.eos_token or use end_with_eos=False.")

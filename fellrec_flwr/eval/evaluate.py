@@ -4,10 +4,10 @@ For each user: build the prompt from the history titles, beam-search a response 
 (LoRA-tuned) model, keep only the newly generated tokens, cut out the response text, embed
 it with the BASE model (adapters off), rank the catalogue's title groups by L2 distance
 with the user's history masked, and score the target's position. Duplicate-title and
-masking semantics: see `fellrec_flwr.grounding`.
+masking semantics: see `fellrec_flwr.eval.grounding`.
 
 `eval.decoding='constrained'` replaces generate -> ground by catalogue-constrained
-decoding (`fellrec_flwr.constrained`): the model may only write catalogue titles and the
+decoding (`fellrec_flwr.eval.constrained`): the model may only write catalogue titles and the
 top-K titles by log-likelihood are the list (history masked the same way).
 
 Every stage is injectable (`prompt_fn`, `generate_fn`, `extract_fn`, `embed_fn`) so that
@@ -26,9 +26,9 @@ from fellrec_flwr.progress import tqdm
 from transformers import GenerationConfig
 
 from fellrec_flwr.config import DECODINGS, EvalSettings
-from fellrec_flwr.constrained import ConstrainedRanker, TitlePrior, TitleTrie, build_title_trie
-from fellrec_flwr.grounding import Catalogue, EmbedFn, GroundingError, TitleGroups, embed_texts, rank
-from fellrec_flwr.metrics import DEFAULT_KS, ranking_metrics, target_ranks
+from fellrec_flwr.eval.constrained import ConstrainedRanker, TitlePrior, TitleTrie, build_title_trie
+from fellrec_flwr.eval.grounding import Catalogue, EmbedFn, GroundingError, TitleGroups, embed_texts, rank
+from fellrec_flwr.eval.metrics import DEFAULT_KS, ranking_metrics, target_ranks
 
 PromptFn = Callable[[Sequence[str]], Any]  # history titles -> prompt str (or (prompt, response))
 GenerateFn = Callable[[Sequence[str]], list[str]]  # prompts -> generated continuations
@@ -40,13 +40,13 @@ _TRIES: "weakref.WeakKeyDictionary[TitleGroups, weakref.WeakKeyDictionary[Any, T
 
 
 def _default_prompt_fn() -> PromptFn:
-    from fellrec_flwr.prompts import build_prompt  # lazy: keeps this module importable on its own
+    from fellrec_flwr.data.prompts import build_prompt  # lazy: keeps this module importable on its own
 
     return build_prompt
 
 
 def _default_extract_fn() -> ExtractFn:
-    from fellrec_flwr.prompts import extract_response
+    from fellrec_flwr.data.prompts import extract_response
 
     return extract_response
 
@@ -105,7 +105,7 @@ def constrained_ranker(model: Any, tokenizer: Any, catalogue: Catalogue, eval_cf
     The neutral prompt of the title prior is the prompt of an empty history. Priors are
     recomputed per call (they depend on the adapters being evaluated); the trie is not.
     """
-    from fellrec_flwr.collate import prompt_token_ids
+    from fellrec_flwr.data.collate import prompt_token_ids
 
     prompt_fn = prompt_fn or _default_prompt_fn()
     tries = _TRIES.setdefault(catalogue.groups, weakref.WeakKeyDictionary())
@@ -126,7 +126,7 @@ def rank_constrained(model: Any, tokenizer: Any, prompts: Sequence[str], histori
                      catalogue: Catalogue, eval_cfg: EvalSettings, k: int, prompt_fn: PromptFn | None = None,
                      progress: bool = True) -> np.ndarray:
     """(users, k) item ids by constrained decoding (history title groups masked), -1 padded."""
-    from fellrec_flwr.collate import prompt_token_ids  # the prompt tokens exactly as in training
+    from fellrec_flwr.data.collate import prompt_token_ids  # the prompt tokens exactly as in training
 
     if not prompts:
         return np.zeros((0, k), dtype=np.int64)

@@ -4,15 +4,15 @@ First-order Markov ("item-to-item transitions"): count, over every user's traini
 sequence, how often title group b directly follows title group a. A user is recommended
 the groups that most often followed the title group of their LAST history item; when
 fewer than K such groups remain (after masking the user's history), the list is filled
-in popularity order (`fellrec_flwr.popularity`). Ties between equal transition counts
+in popularity order (`fellrec_flwr.eval.popularity`). Ties between equal transition counts
 are broken by popularity order, so with no transitions at all Markov *is* popularity.
 
-Title groups, history masking and hit semantics are those of `fellrec_flwr.grounding`
+Title groups, history masking and hit semantics are those of `fellrec_flwr.eval.grounding`
 (items sharing a title are one group; a hit is at the group's position).
 
 `baseline_ranks` gives the per-user 0-based target rank (-1 = not in the top K) that the
 run folder's per_user.csv stores for every method, so baselines and the LLM can be
-compared user by user (paired bootstrap, `fellrec_flwr.bootstrap`).
+compared user by user (paired bootstrap, `fellrec_flwr.eval.bootstrap`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fellrec_flwr.grounding import TitleGroups
-from fellrec_flwr.metrics import DEFAULT_KS, ranking_metrics, target_ranks
-from fellrec_flwr.popularity import _sequences, popularity_order, popularity_scores, rank_popular
-from fellrec_flwr.results import BASELINE_METHODS, per_user_rows
+from fellrec_flwr.eval.grounding import TitleGroups
+from fellrec_flwr.eval.metrics import DEFAULT_KS, ranking_metrics, target_ranks
+from fellrec_flwr.eval.popularity import _sequences, popularity_order, popularity_scores, rank_popular
+from fellrec_flwr.eval.results import BASELINE_METHODS, per_user_rows
 
 BASELINES = BASELINE_METHODS  # one list of names, kept in results (per_user.csv)
 

@@ -15,7 +15,7 @@ plus ``negatives`` title groups drawn uniformly from the catalogue. Evaluation e
 every title group once with the current adapter (item vectors are recomputed per
 evaluation, so they follow the adapter), then one matrix product per user batch.
 
-Duplicate titles and history masking follow `fellrec_flwr.grounding`: title groups are
+Duplicate titles and history masking follow `fellrec_flwr.eval.grounding`: title groups are
 ranked, a top-K holds K distinct titles, the user's history groups are skipped. On unit
 vectors ``||u - v||^2 = 2 - 2 u.v``, so the L2 ranking of `grounding.rank` over a
 catalogue of item vectors is exactly the cosine ranking; it is reused as is.
@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from fellrec_flwr.progress import tqdm
 
-from fellrec_flwr.collate import lookup_titles, pad_token_id_of, prompt_token_ids
+from fellrec_flwr.data.collate import lookup_titles, pad_token_id_of, prompt_token_ids
 from fellrec_flwr.config import RetrievalSettings, TrainSettings
-from fellrec_flwr.grounding import Catalogue, TitleGroups, _decoder
-from fellrec_flwr.metrics import DEFAULT_KS, ranking_metrics, target_ranks
-from fellrec_flwr.prompts import GAMES, PromptDomain, format_response, history_input
+from fellrec_flwr.eval.grounding import Catalogue, TitleGroups, _decoder
+from fellrec_flwr.eval.metrics import DEFAULT_KS, ranking_metrics, target_ranks
+from fellrec_flwr.data.prompts import GAMES, PromptDomain, format_response, history_input
 from fellrec_flwr.seeding import derive_seed, seeded_torch, torch_generator
-from fellrec_flwr.speed import autocast
-from fellrec_flwr.trainer import TrainingError, TrainResult, _check_factors, model_device, proximal_term
+from fellrec_flwr.model.speed import autocast
+from fellrec_flwr.train.trainer import TrainingError, TrainResult, _check_factors, model_device, proximal_term
 
 POOLINGS = ("mean", "last")
 
@@ -202,7 +202,7 @@ def encode_all(model: Any, tokenizer: Any, token_ids: Sequence[Sequence[int]], p
 
 def frozen_prefix_layers(model: Any) -> int:
     """How many leading decoder layers hold nothing trainable (0 when that cannot be told)."""
-    from fellrec_flwr.speed import decoder_parts, first_changing_layer
+    from fellrec_flwr.model.speed import decoder_parts, first_changing_layer
 
     parts = decoder_parts(model)
     if parts is None:
@@ -214,7 +214,7 @@ def frozen_prefix_layers(model: Any) -> int:
 def prefix_states(model: Any, tokenizer: Any, token_ids: Sequence[Sequence[int]], stop: int, batch_size: int = 64,
                   progress: bool = False, desc: str = "frozen prefix") -> list[torch.Tensor]:
     """Per text, the [len, d] hidden states entering decoder layer `stop` (no final norm)."""
-    from fellrec_flwr.speed import layer_range
+    from fellrec_flwr.model.speed import layer_range
 
     decoder = _decoder(model)
     pad_id = pad_token_id_of(tokenizer)
@@ -238,7 +238,7 @@ def prefix_states(model: Any, tokenizer: Any, token_ids: Sequence[Sequence[int]]
 
 def encode_states(model: Any, states: Sequence[torch.Tensor], start: int, pooling: str) -> torch.Tensor:
     """(n, d) unit vectors from `prefix_states(..., stop=start)`: only layers[start:] and the norm run."""
-    from fellrec_flwr.speed import layer_range, pad_hidden
+    from fellrec_flwr.model.speed import layer_range, pad_hidden
 
     decoder = _decoder(model)
     lengths = torch.tensor([len(s) for s in states], dtype=torch.long)
@@ -326,7 +326,7 @@ def train_retrieval(
     One optimiser step per ``train_cfg.batch_size`` examples (its in-batch negatives plus
     ``settings.negatives`` sampled groups); ``train_cfg.grad_accum`` micro-batches are
     accumulated per step, each with its own negatives. AdamW, ``lr * lr_scale`` and the
-    FedProx term are the generative trainer's (`fellrec_flwr.trainer`). `max_seconds`
+    FedProx term are the generative trainer's (`fellrec_flwr.train.trainer`). `max_seconds`
     stops after the step that crosses that wall-clock budget (benchmarks);
     ``on_step(step, loss)`` is called after every step (learning curves). `autocast_to`
     (e.g. torch.bfloat16) runs each forward under autocast; never wrap the whole call in

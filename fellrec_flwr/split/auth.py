@@ -3,7 +3,7 @@
 The server side holds one secret. A client's token is HMAC-SHA256(secret, client key)
 in hex: the service recomputes it for every request and compares in constant time, so
 it stores no per-client table and can issue a token for a new client offline
-(`python -m fellrec_flwr.split_auth issue --secret-file F --client-key node-7`).
+(`python -m fellrec_flwr.split.auth issue --secret-file F --client-key node-7`).
 
 Tokens are bearer credentials: run the service with TLS (or on loopback only) so they
 cannot be sniffed. Hand a client its token out of band (node_config, a file), never in
@@ -61,7 +61,7 @@ def load_secret(path: str | Path) -> bytes:
     data = Path(path).read_bytes().strip()
     if len(data) < MIN_SECRET_BYTES:
         raise AuthError(f"secret in {path} is {len(data)} bytes; use at least {MIN_SECRET_BYTES} "
-                        "(create one with `python -m fellrec_flwr.split_auth new-secret FILE`).")
+                        "(create one with `python -m fellrec_flwr.split.auth new-secret FILE`).")
     return data
 
 

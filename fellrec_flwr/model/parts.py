@@ -17,7 +17,7 @@ Model sources: a Hugging Face id or folder with safetensors weights is read in p
 file is de-quantised once into a safetensors copy (`model.resolve_checkpoint`); the `tiny`
 model is generated once (fixed seed + public warm-up) and saved next to the prepared data.
 Those two one-off conversions build the full model once per machine — a preparation step,
-which `python -m fellrec_flwr.model_parts prepare` runs ahead of time; after it no process
+which `python -m fellrec_flwr.model.parts prepare` runs ahead of time; after it no process
 constructs the full model.
 """
 
@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 from fellrec_flwr.config import LoraSettings, ModelConfig
-from fellrec_flwr.model import (
+from fellrec_flwr.model.loading import (
     TINY_BASE_SEED, ModelLoadError, _ensure_pad_token, _offline, _tokenizer_texts, find_gguf,
     quantization_config, resolve_checkpoint, resolve_device, resolve_dtype,
 )
-from fellrec_flwr.split import ServerBody, load_client_model, load_server_body
+from fellrec_flwr.split.plan import ServerBody, load_client_model, load_server_body
 
 Titles = Mapping[int, str] | Sequence[str]
 Part = Literal["client", "server"]
@@ -50,7 +50,7 @@ Part = Literal["client", "server"]
 def tiny_checkpoint_dir(model_cfg: ModelConfig, titles: Titles, work_dir: str | Path) -> Path:
     """The saved full tiny model: named by everything its weights depend on (tokenizer texts, shape,
     warm-up prompts and recipe, base seed), like `model._load_tiny`'s own caches."""
-    from fellrec_flwr import tiny
+    from fellrec_flwr.model import tiny
 
     texts = _tokenizer_texts(titles)
     fingerprint = hashlib.sha256("\n".join([str(model_cfg.tiny_vocab), *texts]).encode()).hexdigest()[:12]
@@ -79,8 +79,8 @@ def checkpoint_for(model_cfg: ModelConfig, titles: Titles, work_dir: str | Path)
 
 def _save_tiny(model_cfg: ModelConfig, titles: Titles, work_dir: Path, folder: Path) -> None:
     """Generate the tiny model once (the preparation step) and save it as safetensors."""
-    from fellrec_flwr.model import _load_tiny
-    from fellrec_flwr.split import save_full_model
+    from fellrec_flwr.model.loading import _load_tiny
+    from fellrec_flwr.split.plan import save_full_model
 
     model, tokenizer = _load_tiny(model_cfg, titles, work_dir)
     _ensure_pad_token(tokenizer, model)
@@ -115,7 +115,7 @@ def base_config(model_cfg: ModelConfig, titles: Titles, work_dir: str | Path) ->
 
     name = model_cfg.name.strip()
     if name == "tiny":
-        from fellrec_flwr import tiny
+        from fellrec_flwr.model import tiny
 
         folder = tiny_checkpoint_dir(model_cfg, titles, work_dir)
         if (folder / "config.json").exists():
@@ -129,7 +129,7 @@ def base_config(model_cfg: ModelConfig, titles: Titles, work_dir: str | Path) ->
         return config
     gguf = find_gguf(name) if name else None
     if gguf is not None:
-        from fellrec_flwr.model import converted_gguf_dir
+        from fellrec_flwr.model.loading import converted_gguf_dir
 
         converted = converted_gguf_dir(gguf, work_dir)
         if (converted / "config.json").exists():
@@ -141,7 +141,7 @@ def base_config(model_cfg: ModelConfig, titles: Titles, work_dir: str | Path) ->
 def load_tokenizer(model_cfg: ModelConfig, folder: Path) -> Any:
     """The tokenizer saved with the checkpoint: left padding, a pad token (as `load_base_model`)."""
     if model_cfg.name.strip() == "tiny":
-        from fellrec_flwr import tiny
+        from fellrec_flwr.model import tiny
 
         tokenizer = tiny.load_tokenizer(folder)
     else:
@@ -209,7 +209,7 @@ def quantize_decoder_linears(module: nn.Module, quant: Any, device: torch.device
     """
     import bitsandbytes as bnb
 
-    from fellrec_flwr.model import quantized_device_map
+    from fellrec_flwr.model.loading import quantized_device_map
 
     index = quantized_device_map(device)[""]
     target = torch.device("cuda", index)
@@ -259,8 +259,8 @@ def initial_lora_state(config: Any, lora: LoraSettings, seed: int, dtype: torch.
     """
     from transformers import AutoModelForCausalLM
 
-    from fellrec_flwr.lora_state import get_lora_state
-    from fellrec_flwr.model import add_lora
+    from fellrec_flwr.model.lora_state import get_lora_state
+    from fellrec_flwr.model.loading import add_lora
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -287,8 +287,8 @@ def held_parameter_names(module: nn.Module) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m fellrec_flwr.model_parts prepare --run-config "model.name=... data.dataset=..." """
-    p = argparse.ArgumentParser(prog="python -m fellrec_flwr.model_parts",
+    """python -m fellrec_flwr.model.parts prepare --run-config "model.name=... data.dataset=..." """
+    p = argparse.ArgumentParser(prog="python -m fellrec_flwr.model.parts",
                                 description="Prepare, once, the safetensors checkpoint a run's partial loads read "
                                             "(GGUF de-quantised, tiny generated), where the run will look for it.")
     p.add_argument("command", choices=["prepare"])
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     from data_prep.prepare import prepare
     from fellrec_flwr.config import from_run_config
     from fellrec_flwr.paths import cache_root
-    from fellrec_flwr.prepared import PreparedData
+    from fellrec_flwr.data.prepared import PreparedData
 
     cfg = from_run_config(parse_config_args([args.run_config]) if args.run_config else {})
     # as runtime.prepare_data: converted models live in the prepared-data folder, where every process looks

@@ -9,7 +9,7 @@ Learning rate: ``train.lr-schedule`` 'constant' or 'linear' (decay to ~0 at the 
 after ``train.warmup-steps`` of linear warm-up (see :func:`lr_factor`); the schedule restarts
 with every call, i.e. every round, as the authors' per-round HF Trainer does.
 
-Speed options (fellrec_flwr/speed.py; bench/train_speed.py measures them): bf16 autocast
+Speed options (fellrec_flwr/model/speed.py; bench/train_speed.py measures them): bf16 autocast
 (``train.autocast``), length bucketing (``train.length-bucketing``), the LM head only on
 labelled positions (``train.labelled-logits-only``) and the frozen prefix's activations
 cached when LoRA sits in the last layers only (``train.prefix-cache-mb``).
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from fellrec_flwr.progress import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fellrec_flwr.collate import (
+from fellrec_flwr.data.collate import (
     IGNORE_INDEX,
     EncodedExample,
     ExampleLike,
@@ -41,9 +41,9 @@ from fellrec_flwr.collate import (
     pad_token_id_of,
 )
 from fellrec_flwr.config import TrainSettings
-from fellrec_flwr.prompts import GAMES, PromptDomain
+from fellrec_flwr.data.prompts import GAMES, PromptDomain
 from fellrec_flwr.seeding import derive_seed, seeded_torch, torch_generator
-from fellrec_flwr.speed import FastForward, default_chooser, pad_hidden
+from fellrec_flwr.model.speed import FastForward, default_chooser, pad_hidden
 
 LR_SCHEDULES = ("constant", "linear")
 BUCKET_CHUNK_BATCHES = 16  # length bucketing sorts within chunks of this many batches
@@ -129,7 +129,7 @@ def _collate(features: Sequence[EncodedExample], index_batches: Sequence[Sequenc
 
 def fast_forward(model: torch.nn.Module, train_cfg: TrainSettings, device: torch.device,
                  features: Sequence[EncodedExample], collator: TrainCollator, backward: bool) -> FastForward:
-    """The loss forward the speed settings ask for (see fellrec_flwr/speed.py).
+    """The loss forward the speed settings ask for (see fellrec_flwr/model/speed.py).
 
     For ``train.autocast='auto'`` the first batch of `features` is the timing probe (a
     training step without the optimiser when `backward`, a forward pass otherwise).

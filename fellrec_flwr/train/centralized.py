@@ -1,15 +1,15 @@
 """Non-federated reference points, written in the same run-folder format as `flwr run`.
 
-    python -m fellrec_flwr.centralized [--run-config "data.dataset='games' ..."]
-    python -m fellrec_flwr.centralized --popularity [--run-config ...]
-    python -m fellrec_flwr.centralized --markov [--run-config ...]
+    python -m fellrec_flwr.train.centralized [--run-config "data.dataset='games' ..."]
+    python -m fellrec_flwr.train.centralized --popularity [--run-config ...]
+    python -m fellrec_flwr.train.centralized --markov [--run-config ...]
 
 `centralized` trains one LoRA on the union of every client's training prompts, with the
 same budget as a federated run (num-server-rounds x train.local-epochs passes over the
 data), and evaluates it on each client's users. `--popularity` ranks the most popular
 training items not in the user's history, `--markov` the items that most often followed
-the user's last item (`fellrec_flwr.baselines`). All write metrics.csv / summary.json / plots
-under <out-dir>/<run-name>/ so `python -m fellrec_flwr.compare` reads them beside the
+the user's last item (`fellrec_flwr.eval.baselines`). All write metrics.csv / summary.json / plots
+under <out-dir>/<run-name>/ so `python -m fellrec_flwr.eval.compare` reads them beside the
 federated runs.
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 from flwr.common.config import parse_config_args
 
 from fellrec_flwr.config import FellRecConfig, from_run_config
-from fellrec_flwr.lora_state import set_lora_state
-from fellrec_flwr.results import (
+from fellrec_flwr.model.lora_state import set_lora_state
+from fellrec_flwr.eval.results import (
     PER_USER_FILE, atomic_write_json, final_intervals, per_user_rows, plot_run, summarise, write_metrics_csv,
     write_per_user_csv,
 )
@@ -43,8 +43,8 @@ def _client_rows(round_: int, client: int, split: str, metrics: dict[str, float]
 def evaluate_per_client(cfg: FellRecConfig, rt: Any, split: str, round_: int,
                         user_rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """metrics.csv rows of every client's users; per-user ranks are appended to `user_rows`."""
-    from fellrec_flwr.evaluate import evaluate_recommender
-    from fellrec_flwr.trainer import eval_loss
+    from fellrec_flwr.eval.evaluate import evaluate_recommender
+    from fellrec_flwr.train.trainer import eval_loss
 
     rows: list[dict[str, Any]] = []
     for client in range(rt.data.num_clients):
@@ -61,7 +61,7 @@ def evaluate_per_client(cfg: FellRecConfig, rt: Any, split: str, round_: int,
 
 
 def run_centralized(cfg: FellRecConfig) -> Path:
-    from fellrec_flwr.trainer import train_local
+    from fellrec_flwr.train.trainer import train_local
 
     cfg = replace(cfg, strategy="fedavg")  # strategy is irrelevant here; keep the config valid
     run_dir = run_dir_for(cfg, f"centralized-{cfg.data.dataset}")
@@ -85,8 +85,8 @@ def run_centralized(cfg: FellRecConfig) -> Path:
 
 def run_baseline(cfg: FellRecConfig, method: str = "popularity") -> Path:
     """A non-LLM baseline ("popularity" or "markov") in the run-folder format."""
-    from fellrec_flwr.baselines import BASELINES, FittedBaselines
-    from fellrec_flwr.metrics import ranking_metrics
+    from fellrec_flwr.eval.baselines import BASELINES, FittedBaselines
+    from fellrec_flwr.eval.metrics import ranking_metrics
 
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}.")
@@ -114,7 +114,7 @@ def run_markov(cfg: FellRecConfig) -> Path:
 
 
 def _baseline_user_rows(data: Any, cfg: FellRecConfig) -> list[dict[str, Any]]:
-    from fellrec_flwr.baselines import baseline_rows
+    from fellrec_flwr.eval.baselines import baseline_rows
 
     return baseline_rows(data, ["valid", cfg.eval.final_split])
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fellrec_flwr.collate import IGNORE_INDEX
+from fellrec_flwr.data.collate import IGNORE_INDEX
 
 AUTOCAST_CHOICES = ("auto", "bf16", "off")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")

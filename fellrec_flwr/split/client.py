@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fellrec_flwr.split import PassThrough, SplitError, SplitPlan, _causal_lm, server_layer_adapters
-from fellrec_flwr.split_auth import auth_headers, client_ssl_context, issue_token, load_secret
-from fellrec_flwr.wire import CONTENT_TYPE, decode, encode, wire_dtype
+from fellrec_flwr.split.plan import PassThrough, SplitError, SplitPlan, _causal_lm, server_layer_adapters
+from fellrec_flwr.split.auth import auth_headers, client_ssl_context, issue_token, load_secret
+from fellrec_flwr.split.wire import CONTENT_TYPE, decode, encode, wire_dtype
 
 log = logging.getLogger(__name__)
 
@@ -520,6 +520,6 @@ def embed_last_token(model: Any, tokenizer: Any, texts: Sequence[str], batch_siz
     """(n, hidden) float32 grounding embeddings through the split: the base model's final-norm
     hidden state at each text's last token (adapters off) — the same method as
     `grounding.embed_texts`, which this calls, so split and unsplit catalogues agree."""
-    from fellrec_flwr.grounding import embed_texts
+    from fellrec_flwr.eval.grounding import embed_texts
 
     return embed_texts(model, tokenizer, texts, batch_size=batch_size, progress=progress)

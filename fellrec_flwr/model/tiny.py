@@ -155,7 +155,7 @@ def public_prompts(item_ids: list[int], num_prompts: int, history_len: int, seed
     """
     import random
 
-    from fellrec_flwr.prepared import Example
+    from fellrec_flwr.data.prepared import Example
 
     if not titles:
         raise ValueError("public_prompts needs the catalogue titles (item id -> title).")
@@ -176,7 +176,7 @@ def pretrain_on_catalogue(model: LlamaForCausalLM, tokenizer: PreTrainedTokenize
                           num_prompts: int, seed: int = 0, history_len: int = 10) -> float:
     """Full-model warm-up of the random tiny LLaMA on public prompts (`public_prompts`); returns the last loss."""
     from fellrec_flwr.config import TrainSettings
-    from fellrec_flwr.trainer import train_local
+    from fellrec_flwr.train.trainer import train_local
 
     prompts = public_prompts(sorted(titles), num_prompts, history_len, seed, titles)
     settings = TrainSettings(local_epochs=PRETRAIN_EPOCHS, lr=PRETRAIN_LR, batch_size=16, max_length=256,

@@ -8,7 +8,7 @@ Layout of ``<out-dir>/<run-name>/``::
                          the source data), target_rank: every evaluated
                          user's 0-based target rank in the top 20 (-1 = not there), for the
                          run's method and the popularity / Markov baselines on the same users
-                         (paired bootstrap intervals in `python -m fellrec_flwr.compare`)
+                         (paired bootstrap intervals in `python -m fellrec_flwr.eval.compare`)
     summary.json         final per-client and overall metrics + balance statistics
     recall_by_round.png  per-client Recall@10 over rounds
     final_by_client.png  final per-client Recall@10 / NDCG@10 bars
@@ -28,13 +28,13 @@ import numpy as np
 import pandas as pd
 
 from fellrec_flwr.atomic import atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
-from fellrec_flwr.balance import balance_stats
+from fellrec_flwr.eval.balance import balance_stats
 
 METRIC_COLUMNS = ["round", "client", "split", "metric", "value"]
 HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 PER_USER_COLUMNS = ["method", "round", "split", "client", "user_id", "target_rank"]
 PER_USER_FILE = "per_user.csv"
-# The non-LLM baselines written next to every run's own rows (fitted in fellrec_flwr.baselines,
+# The non-LLM baselines written next to every run's own rows (fitted in fellrec_flwr.eval.baselines,
 # which imports this name: the dependency runs one way).
 BASELINE_METHODS = ("popularity", "markov")
 
@@ -104,7 +104,7 @@ def overall_by_round(per_user: pd.DataFrame, split: str, k: int = 10) -> pd.Data
 
 def metric_values(ranks: np.ndarray, metric: str) -> np.ndarray:
     """Per-user values of "recall@K" or "ndcg@K" from 0-based target ranks (-1 = miss)."""
-    from fellrec_flwr.metrics import ndcg_from_ranks, recall_from_ranks
+    from fellrec_flwr.eval.metrics import ndcg_from_ranks, recall_from_ranks
 
     name, _, k = metric.partition("@")
     if name not in ("recall", "ndcg") or not k.isdigit():
@@ -135,7 +135,7 @@ def interval_rows(ranks_by_method: Mapping[str, pd.Series], metrics: Iterable[st
     Rows: method, metric, reference ("" for the method's own mean; else the difference
     method - reference), value, ci_low, ci_high, n_users. Also returns alignment warnings.
     """
-    from fellrec_flwr.bootstrap import paired_bootstrap
+    from fellrec_flwr.eval.bootstrap import paired_bootstrap
 
     aligned, warnings = align_users(ranks_by_method)
     n_users = len(next(iter(aligned.values()))) if aligned else 0

@@ -3,7 +3,7 @@
 With `split.enabled`, the client's model holds only the embedding, the first `front_k` and
 last `back_k` decoder layers, the final norm, the LM head and its LoRA — read from the
 checkpoint by `model_parts.load_client_part`, the middle layers never loaded; a proxy that
-calls the service (`fellrec_flwr.split_client`) takes their place. Training, the validation
+calls the service (`fellrec_flwr.split.client`) takes their place. Training, the validation
 loss, generation and the grounding catalogue then run unchanged through the split.
 
 Credentials: in a deployment each SuperNode has a token file from the server operator
@@ -23,7 +23,7 @@ def client_lora_settings(cfg: FellRecConfig, num_layers: int) -> LoraSettings:
     """LoRA restricted to the client-held layers: the server's middle layers stay frozen and shared."""
     if not cfg.split.enabled:
         return cfg.lora
-    from fellrec_flwr.split import plan_split
+    from fellrec_flwr.split.plan import plan_split
 
     held = plan_split(num_layers, cfg.split.front_k, cfg.split.back_k).client_layers
     wanted = cfg.lora.layer_list()
@@ -40,9 +40,9 @@ def attach_split(rt: Any, cfg: FellRecConfig, node_config: Mapping[str, Any], me
     """Route `rt.model`'s middle layers through the service, as this node's client (no-op without split)."""
     if not cfg.split.enabled:
         return
-    from fellrec_flwr.client_state import node_settings
-    from fellrec_flwr.split import _causal_lm, check_service_probe, plan_for_model
-    from fellrec_flwr.split_client import RemoteBody, make_split_model, service_client
+    from fellrec_flwr.train.client_state import node_settings
+    from fellrec_flwr.split.plan import _causal_lm, check_service_probe, plan_for_model
+    from fellrec_flwr.split.client import RemoteBody, make_split_model, service_client
 
     url = cfg.split.service_url or str(message_config.get("split-url", ""))
     if not url:

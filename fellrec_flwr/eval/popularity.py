@@ -3,7 +3,7 @@
 Counts come from the training interactions only (each user's training sequence, without
 its valid and test targets), over all users or over one client's users. Ranking and
 scoring use the same title groups and metrics as the generative recommender (see
-`fellrec_flwr.grounding`): items sharing a title form one group whose count is the sum of
+`fellrec_flwr.eval.grounding`): items sharing a title form one group whose count is the sum of
 its members' counts; groups are ranked by count (ties: smaller item id first); the user's
 history groups are skipped; the target is hit at its group's position.
 """
@@ -15,8 +15,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from fellrec_flwr.grounding import TitleGroups
-from fellrec_flwr.metrics import DEFAULT_KS, ranking_metrics, target_ranks
+from fellrec_flwr.eval.grounding import TitleGroups
+from fellrec_flwr.eval.metrics import DEFAULT_KS, ranking_metrics, target_ranks
 
 
 def _sequences(train_sequences: Any) -> Iterable[Sequence[int]]:

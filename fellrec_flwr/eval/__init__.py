@@ -1,0 +1,1 @@
+"""Evaluation: generate or rank, ground to the catalogue, metrics, baselines, bootstrap CIs, comparisons."""
