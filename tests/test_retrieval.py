@@ -271,3 +271,46 @@ def test_cached_frozen_prefix_gives_the_same_vectors(work_dir):
     states = prefix_states(model, tok, item_token_ids(tok, groups.titles, 64), start, batch_size=5)
     via_prefix = encode_all_states(model, states, start, "mean", batch_size=3)
     np.testing.assert_allclose(via_prefix, item_vectors(model, tok, groups, SETTINGS, 64), atol=1e-5)
+
+
+def test_training_on_cached_prefix_states_equals_full_model_training(work_dir):
+    """Same seed, same batches: the states trainer's step losses and adapter match the full-model trainer's."""
+    from fellrec_flwr.data.collate import lookup_titles
+    from fellrec_flwr.model.retrieval import (frozen_prefix_layers, item_token_ids, prefix_states,
+                                              train_retrieval_states, user_token_ids)
+
+    base, tok = load_base_model(ModelConfig(tiny_pretrain_prompts=0), TITLES, work_dir)
+    model = add_lora(base, LoraSettings(layers="3"), seed=4)  # the tiny model has 4 layers
+    start = frozen_prefix_layers(model)
+    assert start == 3
+    groups = TitleGroups.from_titles(TITLES)
+    examples = TRAIN[:40]
+    cfg = TrainSettings(lr=3e-3, batch_size=8, local_epochs=2, max_length=128)
+    settings = RetrievalSettings(negatives=4)
+    init = get_lora_state(model)
+    full_curve: list[float] = []
+    full = train_retrieval(model, tok, examples, TITLES, cfg, settings, seed=7, progress=False, groups=groups,
+                           on_step=lambda step, loss: full_curve.append(loss))
+    full_state = get_lora_state(model)
+    set_lora_state(model, init)
+    users = prefix_states(model, tok, [user_token_ids(tok, lookup_titles(ex.history, TITLES), 128)
+                                       for ex in examples], start, batch_size=7)
+    items = prefix_states(model, tok, item_token_ids(tok, groups.titles, 128), start, batch_size=9)
+    cached_curve: list[float] = []
+    cached = train_retrieval_states(
+        model, start, users, groups.group_index([ex.target for ex in examples]).tolist(),
+        [groups.group_index(ex.history).tolist() for ex in examples], items, cfg, settings, seed=7,
+        on_step=lambda step, loss: cached_curve.append(loss))
+    cached_state = get_lora_state(model)
+    set_lora_state(model, init)
+    assert cached.steps == full.steps == 2 * 5
+    # the first step starts from the same weights: the loss on the same batch agrees to float rounding
+    assert abs(cached_curve[0] - full_curve[0]) < 1e-4, (cached_curve[0], full_curve[0])
+    np.testing.assert_allclose(cached_curve, full_curve, rtol=1e-3, atol=1e-3)
+    assert full_curve[-1] != full_curve[0]  # it did train
+    for key in init:
+        np.testing.assert_allclose(cached_state[key], full_state[key], atol=1e-4)
+    with pytest.raises(RetrievalError, match="states, .* targets"):
+        train_retrieval_states(model, start, users, [0], [[]], items, cfg, settings, seed=7)
+    with pytest.raises(RetrievalError, match="stale"):
+        train_retrieval_states(model, start + 1, users[:1], [0], [[]], items, cfg, settings, 7)

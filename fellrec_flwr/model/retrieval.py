@@ -337,20 +337,84 @@ def train_retrieval(
     check_temperature(settings.temperature)
     if not examples:
         raise TrainingError("train_retrieval got no examples; a client needs at least one training example.")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("the model has no trainable parameters; wrap it with model.add_lora first.")
     groups = groups or TitleGroups.from_titles(titles)
     data = _prepare(tokenizer, examples, titles, groups, train_cfg.max_length, domain)
     item_ids = item_token_ids(tokenizer, groups.titles, train_cfg.max_length)
     pad_id = pad_token_id_of(tokenizer)
 
+    def batch_loss(batch: Sequence[int], extra: Sequence[int]) -> torch.Tensor:
+        return _batch_loss(model, data, batch, extra, item_ids, pad_id, settings)
+
+    return _train_loop(model, len(examples), len(groups), batch_loss, train_cfg, settings, seed, proximal_mu,
+                       lr_scale, progress, max_seconds, on_step, autocast_to)
+
+
+def train_retrieval_states(
+    model: Any,
+    start: int,
+    user_states: Sequence[torch.Tensor],
+    target_groups: Sequence[int],
+    history_groups: Sequence[Sequence[int]],
+    item_states: Sequence[torch.Tensor],
+    train_cfg: TrainSettings,
+    settings: RetrievalSettings,
+    seed: int,
+    proximal_mu: float = 0.0,
+    lr_scale: float = 1.0,
+    progress: bool = False,
+    max_seconds: float | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    autocast_to: torch.dtype | None = None,
+) -> TrainResult:
+    """`train_retrieval` on cached frozen-prefix states: only layers[start:] run, forward and backward.
+
+    user_states[i]: the [len, d] states entering layer `start` of example i's history text
+    (`prefix_states`, the same token ids `user_token_ids` gives); target_groups[i] and
+    history_groups[i]: its target title group and history groups; item_states[g]: the
+    states of title group g's text. Valid only while nothing below layer `start` trains
+    (``frozen_prefix_layers(model) >= start``). Batches, negatives, optimiser and FedProx
+    are those of `train_retrieval` with the same seed, so both give the same loss on the
+    same batch (up to float rounding) and the same training, at a fraction of the cost.
+    """
+    _check_factors(proximal_mu, lr_scale)
+    check_temperature(settings.temperature)
+    if not user_states:
+        raise TrainingError("train_retrieval_states got no examples; a client needs at least one training example.")
+    if not (len(user_states) == len(target_groups) == len(history_groups)):
+        raise RetrievalError(f"{len(user_states)} user states, {len(target_groups)} targets and "
+                             f"{len(history_groups)} histories: one of each per example.")
+    if frozen_prefix_layers(model) < start:
+        raise RetrievalError(f"layers below {start} hold trainable weights (first: {frozen_prefix_layers(model)}); "
+                             "cached prefix states would be stale.")
+    data = _Prepared(user_ids=[], targets=[int(g) for g in target_groups],
+                     history_groups=[[int(g) for g in h] for h in history_groups])
+
+    def batch_loss(batch: Sequence[int], extra: Sequence[int]) -> torch.Tensor:
+        columns, labels = batch_columns([data.targets[i] for i in batch], extra)
+        mask = history_column_mask(columns, [data.history_groups[i] for i in batch], labels)
+        users = encode_states(model, [user_states[i] for i in batch], start, settings.pooling)
+        items = encode_states(model, [item_states[g] for g in columns], start, settings.pooling)
+        return retrieval_loss(users, items, torch.tensor(labels), settings.temperature, mask)
+
+    return _train_loop(model, len(user_states), len(item_states), batch_loss, train_cfg, settings, seed,
+                       proximal_mu, lr_scale, progress, max_seconds, on_step, autocast_to)
+
+
+def _train_loop(model: Any, n_examples: int, n_groups: int,
+                batch_loss: Callable[[Sequence[int], Sequence[int]], torch.Tensor], train_cfg: TrainSettings,
+                settings: RetrievalSettings, seed: int, proximal_mu: float, lr_scale: float, progress: bool,
+                max_seconds: float | None, on_step: Callable[[int, float], None] | None,
+                autocast_to: torch.dtype | None) -> TrainResult:
+    """The optimiser loop shared by both trainers: `batch_loss(example indices, sampled groups)`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters; wrap it with model.add_lora first.")
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr * lr_scale, weight_decay=train_cfg.weight_decay)
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     shuffle = torch_generator(derive_seed(seed, "shuffle"))
     sampler = torch_generator(derive_seed(seed, "negatives"))
     size = train_cfg.batch_size
-    steps_per_epoch = math.ceil(math.ceil(len(examples) / size) / train_cfg.grad_accum)
+    steps_per_epoch = math.ceil(math.ceil(n_examples / size) / train_cfg.grad_accum)
 
     was_training = model.training
     model.train()
@@ -361,18 +425,18 @@ def train_retrieval(
     try:
         with seeded_torch(derive_seed(seed, "dropout")):
             for _ in range(train_cfg.local_epochs):
-                order = torch.randperm(len(examples), generator=shuffle).tolist()
+                order = torch.randperm(n_examples, generator=shuffle).tolist()
                 batches = [order[i:i + size] for i in range(0, len(order), size)]
                 for start in range(0, len(batches), train_cfg.grad_accum):
                     group = batches[start:start + train_cfg.grad_accum]
                     optimizer.zero_grad(set_to_none=True)
                     loss = 0.0
                     for batch in group:
-                        extra = torch.randint(len(groups), (settings.negatives,), generator=sampler).tolist()
+                        extra = torch.randint(n_groups, (settings.negatives,), generator=sampler).tolist()
                         with autocast(model_device(model), autocast_to):
-                            batch_loss = _batch_loss(model, data, batch, extra, item_ids, pad_id, settings)
-                        (batch_loss / len(group)).backward()
-                        loss += batch_loss.item() / len(group)
+                            one = batch_loss(batch, extra)
+                        (one / len(group)).backward()
+                        loss += one.item() / len(group)
                     if proximal_mu > 0:
                         proximal_term(params, anchors, proximal_mu).backward()
                     optimizer.step()
@@ -388,7 +452,7 @@ def train_retrieval(
     finally:
         bar.close()
         model.train(was_training)
-    return TrainResult(loss=sum(step_losses) / len(step_losses), steps=len(step_losses), num_examples=len(examples))
+    return TrainResult(loss=sum(step_losses) / len(step_losses), steps=len(step_losses), num_examples=n_examples)
 
 
 def _batch_loss(model: Any, data: _Prepared, batch: Sequence[int], extra: Sequence[int],
