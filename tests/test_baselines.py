@@ -90,3 +90,10 @@ def test_baseline_rows_cover_both_methods_and_every_client():
     assert got == {("popularity", 0, 7): 1, ("popularity", 1, 8): 0, ("popularity", 1, 9): 2,
                    ("markov", 0, 7): 1, ("markov", 1, 8): 0, ("markov", 1, 9): 2}
     assert {r["round"] for r in rows} == {3} and {r["split"] for r in rows} == {"test"}
+
+
+def test_group_counts_sum_a_groups_ids():
+    from fellrec_flwr.eval.baselines import group_counts
+
+    # A=3, B=4 (ids 1 and 4), C=3, D=2, E=1
+    assert group_counts(SEQUENCES, TitleGroups.from_titles(TITLES)).tolist() == [3, 4, 3, 2, 1]

@@ -314,3 +314,37 @@ def test_training_on_cached_prefix_states_equals_full_model_training(work_dir):
         train_retrieval_states(model, start, users, [0], [[]], items, cfg, settings, seed=7)
     with pytest.raises(RetrievalError, match="stale"):
         train_retrieval_states(model, start + 1, users[:1], [0], [[]], items, cfg, settings, 7)
+
+
+def test_popularity_grounded_ranks_interpolate_between_the_head_and_popularity():
+    from fellrec_flwr.eval.baselines import FittedBaselines, group_counts
+    from fellrec_flwr.eval.grounding import Catalogue
+    from fellrec_flwr.eval.metrics import target_ranks
+    from fellrec_flwr.model.retrieval import popularity_grounded_ranks
+
+    groups = TitleGroups.from_titles(TITLES)
+    rng = np.random.default_rng(5)
+    users = rng.normal(size=(30, 8))
+    users /= np.linalg.norm(users, axis=1, keepdims=True)
+    items = rng.normal(size=(len(groups), 8))
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    examples = sequences(30, seed=9)
+    histories = [list(ex.history) for ex in examples]
+    masks = groups.history_mask(histories)
+    targets = groups.group_index([ex.target for ex in examples])
+    counts = group_counts([list(ex.history) for ex in TRAIN], groups)
+    # gamma = 0: exactly the cosine ranking the retrieval head's evaluation uses
+    ranked = Catalogue(groups, items.astype(np.float32)).rank(users.astype(np.float32), histories, 10)
+    expected = target_ranks(ranked, np.array([ex.target for ex in examples]), canonical=groups.canonical)
+    got = popularity_grounded_ranks(users, items, 0.05, 0.0, counts, masks, targets, 10)
+    np.testing.assert_array_equal(got, expected)
+    assert (got >= 0).any() and (got == -1).any()
+    # equal cosines for every item: the popularity term alone decides, ties by group index = the baseline
+    flat = np.tile(items[:1], (len(groups), 1))
+    fitted = FittedBaselines.fit([list(ex.history) for ex in TRAIN], TITLES)
+    popular = fitted.ranks("popularity", examples, 10)
+    np.testing.assert_array_equal(popularity_grounded_ranks(users, flat, 0.05, 1.0, counts, masks, targets, 10),
+                                  popular)
+    assert not np.array_equal(popular, expected)
+    with pytest.raises(RetrievalError, match="gamma"):
+        popularity_grounded_ranks(users, items, 0.05, -1.0, counts, masks, targets, 10)

@@ -95,6 +95,16 @@ class FittedBaselines:
         return target_ranks(self.ranked(method, examples, k), targets, canonical=self.groups.canonical)
 
 
+def group_counts(train_sequences: Any, groups: TitleGroups) -> np.ndarray:
+    """(G,) training interactions per title group (the popularity baseline's counts, summed over a group's ids)."""
+    counts = popularity_scores(train_sequences)
+    out = np.zeros(len(groups), dtype=np.int64)
+    if counts:
+        items = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+        np.add.at(out, groups.group_index(items), np.fromiter(counts.values(), dtype=np.int64, count=len(counts)))
+    return out
+
+
 def baseline_ranks(method: str, examples: Sequence[Any], train_sequences: Any, titles: Mapping[int, str],
                    k: int = max(DEFAULT_KS)) -> np.ndarray:
     """Per-user 0-based rank of the target in the baseline's top-k (-1 = not there)."""

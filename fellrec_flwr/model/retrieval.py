@@ -519,3 +519,29 @@ def evaluate_retrieval(model: Any, tokenizer: Any, examples: Sequence[Any], titl
              "target_rank": int(ranks[r]), "target_masked": bool(masks[r, target_groups[r]])}
             for r, ex in enumerate(examples)]
     return metrics, rows
+
+
+def popularity_grounded_ranks(user_vecs: np.ndarray, item_vecs: np.ndarray, temperature: float, gamma: float,
+                              group_counts: np.ndarray, history_masks: np.ndarray, target_groups: np.ndarray,
+                              k: int) -> np.ndarray:
+    """0-based rank of each user's target group (-1 = not in the top k) under BIGRec-style popularity
+    injection: score = cos(user, item) / temperature + gamma * log(1 + training count of the group).
+
+    gamma = 0 is the retrieval head alone (the cosine ranking of `evaluate_retrieval`); a
+    large gamma approaches the popularity baseline. History groups are masked, never the
+    target's rank counted past them (a target inside the history is a miss, as in grounding).
+    """
+    check_temperature(temperature)
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise RetrievalError(f"gamma={gamma} must be a finite number >= 0.")
+    scores = np.asarray(user_vecs, dtype=np.float64) @ np.asarray(item_vecs, dtype=np.float64).T / temperature
+    if gamma:
+        scores = scores + gamma * np.log1p(np.asarray(group_counts, dtype=np.float64))[None, :]
+    scores[np.asarray(history_masks, dtype=bool)] = -np.inf
+    rows = np.arange(len(scores))
+    target_scores = scores[rows, target_groups]
+    # groups ahead of the target: a higher score, or an equal score and a smaller index (stable order)
+    ahead = (scores > target_scores[:, None]).sum(axis=1)
+    ahead += (scores[:, :] == target_scores[:, None])[:, :].cumsum(axis=1)[rows, target_groups] - 1
+    ranks = np.where(np.isfinite(target_scores) & (ahead < k), ahead, -1)
+    return ranks.astype(np.int64)
