@@ -308,7 +308,7 @@ def test_generation_matches(full, tok, service, beams):
     torch.manual_seed(0)
     got = split.generate(**batch, **kwargs)
     assert torch.equal(want, got)
-    steps = [decode(b)[0] for p, b in seen if p == "/v1/infer/step"]
+    steps = [decode(b)[0] for p, b in seen if p == "InferStep"]
     prompt_len = batch["input_ids"].shape[1]
     assert len(steps) == got.shape[1] - prompt_len and steps[0]["hidden"].shape[1] == prompt_len
     assert all(s["hidden"].shape[1] == 1 for s in steps[1:])  # the server's KV cache is used
@@ -385,11 +385,11 @@ def test_no_token_ids_or_labels_on_the_wire(full, tok, service):
     split.eval()
     generated = split.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                max_new_tokens=4, num_beams=2, do_sample=False)  # an inference
-    assert {p for p, _ in seen} >= {"/v1/forward", "/v1/backward", "/v1/infer/step"}
+    assert {p for p, _ in seen} >= {"Forward", "Backward", "InferStep"}
     allowed = {"hidden", "attention_mask", "position_ids", "grad", "beam_idx"}
     secrets_ = [row for row in generated] + [row for row in batch["labels"]]
     for path, body in seen:
-        if path.startswith("/v1/infer/close"):
+        if path == "InferClose":
             continue
         header, meta = read_header(body)
         assert set(header) <= allowed, (path, set(header))

@@ -4,7 +4,6 @@ limits, concurrent clients, a restart during training, TLS, and the command line
 from __future__ import annotations
 
 import copy
-import http.client
 import json
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+import grpc
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -23,7 +23,7 @@ from fellrec_flwr.split.client import (
     SplitServiceClient, SplitServiceError, SplitServiceUnavailable, make_split_model,
 )
 from fellrec_flwr.model.tiny import build_tiny_model, train_tokenizer
-from fellrec_flwr.split.wire import encode
+from fellrec_flwr.split.wire import ERROR_CODE_KEY, encode, method_path
 from server_app.split_service import ServiceLimits, start_service
 
 SECRET = b"test-secret-0123456789abcdef"
@@ -56,32 +56,19 @@ def _client(url, key="client-0", **kw):
 
 
 def _auth(key="client-0"):
-    return {"X-Client-Key": key, "X-Client-Token": issue_token(SECRET, key)}
+    return (("x-client-key", key), ("x-client-token", issue_token(SECRET, key)))
 
 
-def _raw(url, method, path, body=b"", headers=None, content_length=True):
-    """One request on a fresh connection; returns (status, parsed JSON or raw bytes)."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        conn.putrequest(method, path)
-        for k, v in (headers or {}).items():
-            conn.putheader(k, v)
-        if content_length is True:
-            conn.putheader("Content-Length", str(len(body)))
-        elif content_length is not None:
-            conn.putheader("Content-Length", str(content_length))
-        conn.endheaders()
-        if body and content_length is True:
-            conn.send(body)
-        resp = conn.getresponse()
-        data = resp.read()
-    finally:
-        conn.close()
-    try:
-        return resp.status, json.loads(data)
-    except ValueError:
-        return resp.status, data
+C = grpc.StatusCode
+
+
+def _raw(url, method, body=b"", metadata=None):
+    """One call on a fresh channel, no retries: (C.OK, reply bytes) or (gRPC code, engine code, message)."""
+    with grpc.insecure_channel(urlsplit(url).netloc, options=[("grpc.max_send_message_length", -1)]) as channel:
+        try:
+            return C.OK, channel.unary_unary(method_path(method))(body, metadata=metadata, timeout=30)
+        except grpc.RpcError as err:
+            return err.code(), dict(err.trailing_metadata() or ()).get(ERROR_CODE_KEY), err.details()
 
 
 def _good(b=2, q=5, **override):
@@ -103,25 +90,29 @@ def _assert_serves(url):
 
 
 def test_health_is_open_and_info_needs_credentials(service):
-    assert _raw(service.url, "GET", "/v1/health")[0] == 200
-    status, body = _raw(service.url, "GET", "/v1/info")
-    assert status == 401 and body["error"]["code"] == "missing_credentials"
-    status, body = _raw(service.url, "GET", "/v1/info", headers=_auth())
-    assert status == 200 and body["hidden_size"] == H and body["server_layers"] == [1, 2]
+    code, reply = _raw(service.url, "Health")
+    assert code == C.OK and json.loads(reply) == {"status": "ok"}
+    assert _raw(service.url, "Info")[:2] == (C.UNAUTHENTICATED, "missing_credentials")
+    code, reply = _raw(service.url, "Info", metadata=_auth())
+    info = json.loads(reply)
+    assert code == C.OK and info["hidden_size"] == H and info["server_layers"] == [1, 2]
 
 
-@pytest.mark.parametrize("headers,status,code", [
-    ({}, 401, "missing_credentials"),
-    ({"X-Client-Key": "client-0"}, 401, "missing_credentials"),
-    ({"X-Client-Key": "client-0", "X-Client-Token": "0" * 64}, 403, "bad_credentials"),
-    ({"X-Client-Key": "client-1", "X-Client-Token": issue_token(SECRET, "client-0")}, 403, "bad_credentials"),
-    ({"X-Client-Key": "client-0", "X-Client-Token": issue_token(b"another-secret-0123456", "client-0")}, 403,
+@pytest.mark.parametrize("metadata,status,code", [
+    ((), C.UNAUTHENTICATED, "missing_credentials"),
+    ((("x-client-key", "client-0"),), C.UNAUTHENTICATED, "missing_credentials"),
+    ((("x-client-key", "client-0"), ("x-client-token", "0" * 64)), C.PERMISSION_DENIED, "bad_credentials"),
+    ((("x-client-key", "client-1"), ("x-client-token", issue_token(SECRET, "client-0"))), C.PERMISSION_DENIED,
      "bad_credentials"),
-    ({"X-Client-Key": "bad key with spaces", "X-Client-Token": "x"}, 403, "bad_credentials"),
+    ((("x-client-key", "client-0"), ("x-client-token", issue_token(b"another-secret-0123456", "client-0"))),
+     C.PERMISSION_DENIED, "bad_credentials"),
+    ((("x-client-key", "bad key with spaces"), ("x-client-token", "x")), C.PERMISSION_DENIED, "bad_credentials"),
 ])
-def test_unauthenticated_requests_are_refused(service, headers, status, code):
-    got_status, body = _raw(service.url, "POST", "/v1/forward", encode(_good()), headers)
-    assert (got_status, body["error"]["code"]) == (status, code)
+def test_unauthenticated_requests_are_refused(service, metadata, status, code):
+    computed = service.service.stats["compute_s"]
+    got = _raw(service.url, "Forward", encode(_good()), metadata)
+    assert got[:2] == (status, code)
+    assert service.service.stats["compute_s"] == computed  # refused before any compute
     _assert_serves(service.url)
 
 
@@ -148,82 +139,84 @@ def _infer(sid, past=0, **tensors):
 def _cases(url):
     own = _session_of(url, "client-0")
     other = _session_of(url, "client-9")
-    fwd, bwd = "/v1/forward", "/v1/backward"
+    fwd, bwd, step = "Forward", "Backward", "InferStep"
     g = _good()
     valid = encode(g)
     return [
-        # (name, method, path, body, content_length, status, code)
-        ("unknown endpoint", "POST", "/v1/nothing", valid, True, 404, "not_found"),
-        ("GET on a POST endpoint", "GET", fwd, b"", True, 405, "method_not_allowed"),
-        ("no Content-Length", "POST", fwd, b"", None, 411, "length_required"),
-        ("non-numeric Content-Length", "POST", fwd, b"", "abc", 400, "bad_content_length"),
-        ("oversized body", "POST", fwd, b"", 10 << 20, 413, "body_too_large"),
-        ("garbage body", "POST", fwd, b"\x00\x01garbage-not-safetensors", True, 400, "bad_body"),
-        ("empty body", "POST", fwd, b"", True, 400, "bad_body"),
-        ("truncated bytes", "POST", fwd, valid[: len(valid) - 100], True, 400, "bad_body"),
-        ("truncated header", "POST", fwd, valid[:20], True, 400, "bad_body"),
-        ("header is not JSON", "POST", fwd, (12).to_bytes(8, "little") + b"{not json!!}", True, 400, "bad_body"),
-        ("missing hidden", "POST", fwd, encode({"position_ids": g["position_ids"]}), True, 400, "missing_tensor"),
-        ("unexpected tensor", "POST", fwd, encode({**g, "input_ids": torch.ones(2, 5, dtype=torch.int64)}), True,
-         400, "unexpected_tensor"),
-        ("int64 hidden", "POST", fwd, encode(_good(hidden=torch.ones(2, 5, H, dtype=torch.int64))), True, 400,
+        # (name, method, request, gRPC status, engine code; None: refused by the gRPC library itself)
+        ("unknown method", "Nothing", valid, C.UNIMPLEMENTED, None),
+        ("oversized message", fwd, b"\0" * (2 << 20), C.RESOURCE_EXHAUSTED, None),
+        ("Health with a body", "Health", b"x", C.INVALID_ARGUMENT, "unexpected_body"),
+        ("garbage body", fwd, b"\x00\x01garbage-not-safetensors", C.INVALID_ARGUMENT, "bad_body"),
+        ("empty body", fwd, b"", C.INVALID_ARGUMENT, "bad_body"),
+        ("truncated bytes", fwd, valid[: len(valid) - 100], C.INVALID_ARGUMENT, "bad_body"),
+        ("truncated header", fwd, valid[:20], C.INVALID_ARGUMENT, "bad_body"),
+        ("header is not JSON", fwd, (12).to_bytes(8, "little") + b"{not json!!}", C.INVALID_ARGUMENT, "bad_body"),
+        ("missing hidden", fwd, encode({"position_ids": g["position_ids"]}), C.INVALID_ARGUMENT,
+         "missing_tensor"),
+        ("unexpected tensor", fwd, encode({**g, "input_ids": torch.ones(2, 5, dtype=torch.int64)}),
+         C.INVALID_ARGUMENT, "unexpected_tensor"),
+        ("int64 hidden", fwd, encode(_good(hidden=torch.ones(2, 5, H, dtype=torch.int64))), C.INVALID_ARGUMENT,
          "bad_dtype"),
-        ("float64 hidden", "POST", fwd, encode(_good(hidden=torch.randn(2, 5, H, dtype=torch.float64))), True, 400,
+        ("float64 hidden", fwd, encode(_good(hidden=torch.randn(2, 5, H, dtype=torch.float64))), C.INVALID_ARGUMENT,
          "bad_dtype"),
-        ("float mask", "POST", fwd, encode(_good(attention_mask=torch.ones(2, 5))), True, 400, "bad_dtype"),
-        ("float position ids", "POST", fwd, encode(_good(position_ids=torch.zeros(1, 5))), True, 400, "bad_dtype"),
-        ("rank-2 hidden", "POST", fwd, encode(_good(hidden=torch.randn(5, H))), True, 400, "bad_shape"),
-        ("empty sequence", "POST", fwd, encode(_good(2, 0)), True, 400, "bad_shape"),
-        ("wrong hidden size", "POST", fwd, encode(_good(hidden=torch.randn(2, 5, H + 1))), True, 400,
+        ("float mask", fwd, encode(_good(attention_mask=torch.ones(2, 5))), C.INVALID_ARGUMENT, "bad_dtype"),
+        ("float position ids", fwd, encode(_good(position_ids=torch.zeros(1, 5))), C.INVALID_ARGUMENT,
+         "bad_dtype"),
+        ("rank-2 hidden", fwd, encode(_good(hidden=torch.randn(5, H))), C.INVALID_ARGUMENT, "bad_shape"),
+        ("empty sequence", fwd, encode(_good(2, 0)), C.INVALID_ARGUMENT, "bad_shape"),
+        ("wrong hidden size", fwd, encode(_good(hidden=torch.randn(2, 5, H + 1))), C.INVALID_ARGUMENT,
          "bad_hidden_size"),
-        ("NaN", "POST", fwd, encode(_good(hidden=torch.full((2, 5, H), float("nan")))), True, 400, "non_finite"),
-        ("inf", "POST", fwd, encode(_good(hidden=torch.full((2, 5, H), float("inf")))), True, 400, "non_finite"),
-        ("huge batch", "POST", fwd, encode(_good(9, 2)), True, 413, "batch_too_large"),
-        ("long sequence", "POST", fwd, encode(_good(1, 65)), True, 413, "sequence_too_long"),
-        ("too many tokens", "POST", fwd, encode(_good(8, 40)), True, 413, "too_many_tokens"),
-        ("mask shape", "POST", fwd, encode(_good(attention_mask=torch.ones(2, 6, dtype=torch.bool))), True, 400,
-         "bad_attention_mask"),
-        ("position ids shape", "POST", fwd, encode(_good(position_ids=torch.zeros(3, 5, dtype=torch.int32))), True,
-         400, "bad_position_ids"),
-        ("negative position", "POST", fwd, encode(_good(position_ids=torch.full((1, 5), -1, dtype=torch.int32))),
-         True, 400, "position_out_of_range"),
-        ("huge position", "POST", fwd, encode(_good(position_ids=torch.full((1, 5), 10**6, dtype=torch.int32))),
-         True, 400, "position_out_of_range"),
-        ("bad metadata flag", "POST", fwd, encode(g, {"keep_graph": "yes"}), True, 400, "bad_metadata"),
-        ("unknown metadata", "POST", fwd, encode(g, {"labels": "1 2 3"}), True, 400, "bad_metadata"),
-        ("missing grad", "POST", bwd, valid, True, 400, "missing_tensor"),
-        ("wrong grad shape", "POST", bwd, encode({**g, "grad": torch.randn(2, 4, H)}), True, 400, "bad_grad_shape"),
-        ("wrong grad dtype", "POST", bwd, encode({**g, "grad": torch.randn(2, 5, H).half()}), True, 400,
-         "bad_grad_shape"),
-        ("NaN grad", "POST", bwd, encode({**g, "grad": torch.full((2, 5, H), float("nan"))}), True, 400,
+        ("NaN", fwd, encode(_good(hidden=torch.full((2, 5, H), float("nan")))), C.INVALID_ARGUMENT,
          "non_finite"),
-        ("unknown session", "POST", "/v1/infer/step", _infer("no-such-session"), True, 404, "unknown_session"),
-        ("other client's session", "POST", "/v1/infer/step", _infer(other), True, 404, "unknown_session"),
-        ("session out of sync", "POST", "/v1/infer/step", _infer(own, past=7), True, 409, "session_out_of_sync"),
+        ("inf", fwd, encode(_good(hidden=torch.full((2, 5, H), float("inf")))), C.INVALID_ARGUMENT,
+         "non_finite"),
+        ("huge batch", fwd, encode(_good(9, 2)), C.RESOURCE_EXHAUSTED, "batch_too_large"),
+        ("long sequence", fwd, encode(_good(1, 65)), C.RESOURCE_EXHAUSTED, "sequence_too_long"),
+        ("too many tokens", fwd, encode(_good(8, 40)), C.RESOURCE_EXHAUSTED, "too_many_tokens"),
+        ("mask shape", fwd, encode(_good(attention_mask=torch.ones(2, 6, dtype=torch.bool))), C.INVALID_ARGUMENT,
+         "bad_attention_mask"),
+        ("position ids shape", fwd, encode(_good(position_ids=torch.zeros(3, 5, dtype=torch.int32))),
+         C.INVALID_ARGUMENT, "bad_position_ids"),
+        ("negative position", fwd, encode(_good(position_ids=torch.full((1, 5), -1, dtype=torch.int32))),
+         C.INVALID_ARGUMENT, "position_out_of_range"),
+        ("huge position", fwd, encode(_good(position_ids=torch.full((1, 5), 10**6, dtype=torch.int32))),
+         C.INVALID_ARGUMENT, "position_out_of_range"),
+        ("bad metadata flag", fwd, encode(g, {"keep_graph": "yes"}), C.INVALID_ARGUMENT, "bad_metadata"),
+        ("unknown metadata", fwd, encode(g, {"labels": "1 2 3"}), C.INVALID_ARGUMENT, "bad_metadata"),
+        ("missing grad", bwd, valid, C.INVALID_ARGUMENT, "missing_tensor"),
+        ("wrong grad shape", bwd, encode({**g, "grad": torch.randn(2, 4, H)}), C.INVALID_ARGUMENT,
+         "bad_grad_shape"),
+        ("wrong grad dtype", bwd, encode({**g, "grad": torch.randn(2, 5, H).half()}), C.INVALID_ARGUMENT,
+         "bad_grad_shape"),
+        ("NaN grad", bwd, encode({**g, "grad": torch.full((2, 5, H), float("nan"))}), C.INVALID_ARGUMENT,
+         "non_finite"),
+        ("unknown session", step, _infer("no-such-session"), C.NOT_FOUND, "unknown_session"),
+        ("other client's session", step, _infer(other), C.NOT_FOUND, "unknown_session"),
+        ("session out of sync", step, _infer(own, past=7), C.FAILED_PRECONDITION,
+         "session_out_of_sync"),
         # protocol v2: the mask covers the new tokens only, whatever the session already holds
-        ("session mask length", "POST", "/v1/infer/step", _infer(own, past=3,
-                                                                 attention_mask=torch.ones(1, 6, dtype=torch.bool)),
-         True, 400, "bad_attention_mask"),
-        ("bad past_len", "POST", "/v1/infer/step", encode(_good(1, 3), {"session": own, "past_len": "x"}), True, 400,
+        ("session mask length", step, _infer(own, past=3, attention_mask=torch.ones(1, 6, dtype=torch.bool)),
+         C.INVALID_ARGUMENT, "bad_attention_mask"),
+        ("bad past_len", step, encode(_good(1, 3), {"session": own, "past_len": "x"}), C.INVALID_ARGUMENT,
          "bad_metadata"),
-        ("beam index out of range", "POST", "/v1/infer/step",
+        ("beam index out of range", step,
          encode({**_good(1, 3), "beam_idx": torch.tensor([5], dtype=torch.int32)}, {"session": "", "past_len": "0"}),
-         True, 400, "bad_beam_idx"),
-        ("bad JSON", "POST", "/v1/infer/create", b"{nope", True, 400, "bad_json"),
-        ("bad JSON keys", "POST", "/v1/infer/close", b'{"sessions": "abc"}', True, 400, "bad_json"),
+         C.INVALID_ARGUMENT, "bad_beam_idx"),
+        ("bad JSON", "InferCreate", b"{nope", C.INVALID_ARGUMENT, "bad_json"),
+        ("bad JSON keys", "InferClose", b'{"sessions": "abc"}', C.INVALID_ARGUMENT, "bad_json"),
     ]
 
 
 def test_malformed_requests_get_clear_errors(service):
     cases = _cases(service.url)
     assert len(cases) >= 20
-    for name, method, path, body, length, status, code in cases:
-        got_status, reply = _raw(service.url, method, path, body, _auth(), content_length=length)
-        assert isinstance(reply, dict) and "error" in reply, (name, got_status, reply)
-        assert (got_status, reply["error"]["code"]) == (status, code), name
-        assert reply["error"]["message"], name
+    for name, method, body, status, code in cases:
+        got = _raw(service.url, method, body, _auth())
+        assert got[:2] == (status, code), (name, got)
+        assert got[2] and "Traceback" not in got[2] and "File \"" not in got[2], (name, got)  # a clean message
         _assert_serves(service.url)
-    assert _raw(service.url, "GET", "/v1/health")[0] == 200
+    assert _raw(service.url, "Health")[0] == C.OK
 
 
 def test_other_clients_session_is_untouched(service):

@@ -5,7 +5,8 @@ in hex: the service recomputes it for every request and compares in constant tim
 it stores no per-client table and can issue a token for a new client offline
 (`python -m fellrec_flwr.split.auth issue --secret-file F --client-key node-7`).
 
-Tokens are bearer credentials: run the service with TLS (or on loopback only) so they
+The key and token travel as gRPC call metadata (`x-client-key`, `x-client-token`) on every
+call. Tokens are bearer credentials: run the service with TLS (or on loopback only) so they
 cannot be sniffed. Hand a client its token out of band (node_config, a file), never in
 the Flower run config, which every node sees.
 """
@@ -16,12 +17,11 @@ import argparse
 import hmac
 import re
 import secrets
-import ssl
 from hashlib import sha256
 from pathlib import Path
 
-KEY_HEADER = "X-Client-Key"
-TOKEN_HEADER = "X-Client-Token"
+KEY_METADATA = "x-client-key"  # gRPC metadata keys are lower case
+TOKEN_METADATA = "x-client-token"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MIN_SECRET_BYTES = 16
 
@@ -49,8 +49,9 @@ def verify_token(secret: bytes, client_key: str, token: str) -> bool:
     return hmac.compare_digest(expected.encode(), str(token).encode())
 
 
-def auth_headers(client_key: str, token: str) -> dict[str, str]:
-    return {KEY_HEADER: client_key, TOKEN_HEADER: token}
+def auth_metadata(client_key: str, token: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that authenticates `client_key` (pass as `metadata=` to a gRPC call)."""
+    return ((KEY_METADATA, client_key), (TOKEN_METADATA, token))
 
 
 def new_secret() -> bytes:
@@ -75,18 +76,19 @@ def write_secret(path: str | Path, secret: bytes | None = None) -> bytes:
     return secret
 
 
-def server_ssl_context(cert_file: str | Path, key_file: str | Path) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cert_file), str(key_file))
-    return ctx
+def server_credentials(cert_file: str | Path, key_file: str | Path) -> "grpc.ServerCredentials":
+    """TLS for the gRPC server from a PEM certificate (chain) and its key."""
+    import grpc
+
+    return grpc.ssl_server_credentials([(Path(key_file).read_bytes(), Path(cert_file).read_bytes())])
 
 
-def client_ssl_context(ca_file: str | Path | None = None) -> ssl.SSLContext:
-    """Verifies the service certificate against `ca_file` (or the system store)."""
-    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+def channel_credentials(ca_file: str | Path | None = None) -> "grpc.ChannelCredentials":
+    """TLS for a gRPC channel that verifies the service certificate against `ca_file` (or the
+    system store when None)."""
+    import grpc
+
+    return grpc.ssl_channel_credentials(root_certificates=Path(ca_file).read_bytes() if ca_file else None)
 
 
 def main(argv: list[str] | None = None) -> None:

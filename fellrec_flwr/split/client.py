@@ -10,24 +10,23 @@ What crosses the network: hidden states at the cut, the 2-D padding mask, positi
 gradients w.r.t. the returned hidden states, and (in beam search) beam indices. Token ids,
 labels, the embedding and the LM head never leave the client.
 
-Three ways through the proxy:
-- training (grad enabled, input needs grad): a torch.autograd.Function; forward = POST
-  /v1/forward, backward = POST /v1/backward with the same input + the output's gradient;
-- inference with a KV cache (generate): /v1/infer/step in a server-side session tied to the
+The transport is one gRPC channel per `SplitServiceClient` (HTTP/2: the calls of all threads
+share one connection), raw-bytes unary calls of `fellrec.split.v2.SplitService` with the key and
+token as call metadata. Three ways through the proxy:
+- training (grad enabled, input needs grad): a torch.autograd.Function; forward = Forward,
+  backward = Backward with the same input + the output's gradient;
+- inference with a KV cache (generate): InferStep in a server-side session tied to the
   client's cache object; beam reorders are forwarded; if the session is lost (service
   restart, eviction) it is rebuilt by replaying the hidden states sent so far;
-- anything else (no grad, no cache): a plain /v1/forward.
+- anything else (no grad, no cache): a plain Forward.
 """
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import json
 import logging
 import random
-import socket
-import ssl
 import threading
 import time
 import weakref
@@ -36,28 +35,34 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
+import grpc
 import numpy as np
 import torch
 from torch import nn
 
+from fellrec_flwr.split.auth import auth_metadata, channel_credentials, issue_token, load_secret
 from fellrec_flwr.split.plan import PassThrough, SplitError, SplitPlan, _causal_lm, server_layer_adapters
-from fellrec_flwr.split.auth import auth_headers, client_ssl_context, issue_token, load_secret
-from fellrec_flwr.split.wire import CONTENT_TYPE, decode, encode, wire_dtype
+from fellrec_flwr.split.wire import ERROR_CODE_KEY, ERROR_STATUS_KEY, METHODS, decode, encode, method_path, wire_dtype
 
 log = logging.getLogger(__name__)
 
-BodyObserver = Callable[[str, bytes], None]  # (path, request body) — for audits and tests
-# 500 is not retried: it is a bug or an out-of-memory on this very request, which a retry repeats.
-_RETRY_STATUSES = {502, 503, 504}
+BodyObserver = Callable[[str, bytes], None]  # (method name, request bytes) — for audits and tests
 _SESSION_LOST = {"unknown_session", "session_out_of_sync"}
+# The HTTP-style status class of a gRPC code the library raised itself (no engine code attached).
+_STATUS_OF = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+              grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+              grpc.StatusCode.UNIMPLEMENTED: 404, grpc.StatusCode.FAILED_PRECONDITION: 409,
+              grpc.StatusCode.RESOURCE_EXHAUSTED: 413, grpc.StatusCode.UNAVAILABLE: 503,
+              grpc.StatusCode.DEADLINE_EXCEEDED: 504}
 
 
 class SplitServiceError(ValueError):
-    """The service refused a request (4xx/5xx): `status`, machine-readable `code`, message."""
+    """The service refused a call: `status` (HTTP-style class: 400, 401, 403, 404, 409, 413, 500, 503,
+    504), machine-readable `code`, message, and the gRPC status as `grpc_code`."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, grpc_code: grpc.StatusCode | None = None):
         super().__init__(f"split service: {status} {code}: {message}")
-        self.status, self.code = status, code
+        self.status, self.code, self.message, self.grpc_code = status, code, message, grpc_code
 
 
 class SplitServiceUnavailable(ConnectionError):
@@ -65,7 +70,7 @@ class SplitServiceUnavailable(ConnectionError):
 
 
 # ---------------------------------------------------------------------------
-# HTTP client
+# gRPC client
 # ---------------------------------------------------------------------------
 
 
@@ -79,14 +84,19 @@ def _is_loopback(host: str) -> bool:
 
 
 def check_service_url(url: str, tls_configured: bool, allow_insecure_http: bool = False) -> None:
-    """The token is a bearer credential: it only travels over https, except to this machine.
+    """The token is a bearer credential: it only travels over TLS, except to this machine.
 
-    Plain http is accepted for a loopback host (a local simulation: nothing leaves the machine)
+    The URL's scheme says which: https://host:port is gRPC over TLS, http://host:port plaintext
+    gRPC. Plaintext is accepted for a loopback host (a local simulation: nothing leaves the machine)
     or with the explicit development flag `allow_insecure_http`, never when a CA is configured
     (that says TLS was meant).
     """
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or parts.path.strip("/"):
         raise SplitError(f"split service url {url!r} must look like https://host:port (or http://127.0.0.1:port).")
     if parts.scheme == "https":
         return
@@ -99,132 +109,124 @@ def check_service_url(url: str, tls_configured: bool, allow_insecure_http: bool 
                          "allow_insecure_http=True exists for a trusted development network only.")
 
 
-class _NoDelayHTTPConnection(http.client.HTTPConnection):
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see server_app.split_service._nodelay
-
-
-class _NoDelayHTTPSConnection(http.client.HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _retryable(err: SplitServiceError) -> bool:
+    """Worth another try: the service is down, restarting, full or busy. Never a refusal of this very
+    request (INVALID_ARGUMENT, RESOURCE_EXHAUSTED over a limit, INTERNAL: a retry repeats it)."""
+    if err.grpc_code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    # the library's cap on calls in flight (maximum_concurrent_rpcs) answers RESOURCE_EXHAUSTED too
+    return err.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.code == "service_busy"
 
 
 class SplitServiceClient:
-    """Talks to one split service: keep-alive connection per thread, bounded retries with back-off.
+    """Talks to one split service over one gRPC channel, with per-call timeouts and bounded retries.
 
-    Retries cover connection errors and 502/503/504 answers (a restarting or busy service), with
-    delays backoff, 2*backoff, ... capped at max_backoff; other answers >= 300 raise
-    SplitServiceError at once (a redirect is never followed: the token goes to this URL only).
+    Retries cover UNAVAILABLE (unreachable, restarting, `service_full`, `service_busy`) and the
+    library's concurrency cap, with delays backoff, 2*backoff, ... capped at max_backoff; any other
+    refusal raises SplitServiceError at once. `timeout` is each call's deadline, which the service
+    honours too (a call that waited past it for the compute lock is not computed).
     """
 
     def __init__(self, url: str, client_key: str, token: str, timeout: float = 120.0, retries: int = 6,
                  backoff: float = 0.25, max_backoff: float = 8.0, ca_file: str | Path | None = None,
-                 ssl_context: ssl.SSLContext | None = None, body_observer: BodyObserver | None = None,
-                 allow_insecure_http: bool = False):
-        check_service_url(url, tls_configured=bool(ca_file or ssl_context), allow_insecure_http=allow_insecure_http)
+                 credentials: grpc.ChannelCredentials | None = None, body_observer: BodyObserver | None = None,
+                 allow_insecure_http: bool = False, max_message_bytes: int = 1 << 30):
+        check_service_url(url, tls_configured=bool(ca_file or credentials), allow_insecure_http=allow_insecure_http)
         parts = urlsplit(url)
         self.url = url.rstrip("/")
-        self.host, self.port, self.tls = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), \
-            parts.scheme == "https"
-        self.client_key, self._headers = client_key, auth_headers(client_key, token)
+        self.tls = parts.scheme == "https"
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        self.target = f"{host}:{parts.port or (443 if self.tls else 80)}"
+        self.client_key, self._metadata = client_key, auth_metadata(client_key, token)
         self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
-        self.ssl_context = ssl_context or (client_ssl_context(ca_file) if self.tls else None)
+        self._credentials = (credentials or channel_credentials(ca_file)) if self.tls else None
+        ms = lambda s: max(1, int(s * 1000))  # noqa: E731
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 60_000),  # find a dead connection while idle between rounds
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.enable_retries", 0),  # ours below: bounded, logged, and only for what is worth it
+            # reconnect as fast as we retry (the library's default starts at 1 s)
+            ("grpc.initial_reconnect_backoff_ms", ms(backoff)),
+            ("grpc.min_reconnect_backoff_ms", ms(backoff)),
+            ("grpc.max_reconnect_backoff_ms", ms(max_backoff)),
+        ]
         self.body_observer = body_observer
         self.stats: dict[str, float] = {"requests": 0, "bytes_sent": 0, "bytes_received": 0, "retries": 0,
-                                        "wait_s": 0.0}  # wait_s: time inside requests (network + service)
-        self._local = threading.local()
+                                        "wait_s": 0.0}  # wait_s: time inside calls (network + service)
         self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._calls: dict[str, grpc.UnaryUnaryMultiCallable] = {}
         self._pending_close: list[str] = []
         self._info: dict[str, Any] | None = None
 
     # -- transport --------------------------------------------------------------------------
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn, True
-        if self.tls:
-            conn = _NoDelayHTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.ssl_context)
-        else:
-            conn = _NoDelayHTTPConnection(self.host, self.port, timeout=self.timeout)
-        self._local.conn = conn
-        return conn, False
+    def _call(self, method: str) -> grpc.UnaryUnaryMultiCallable:
+        with self._lock:
+            if self._channel is None:  # opened on first use (and again after close())
+                self._channel = grpc.secure_channel(self.target, self._credentials, self._options) if self.tls \
+                    else grpc.insecure_channel(self.target, self._options)
+                # no (de)serializers: requests and replies are raw bytes
+                self._calls = {name: self._channel.unary_unary(method_path(name)) for name in METHODS}
+            return self._calls[method]
 
-    def _drop_connection(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-        self._local.conn = None
-
-    def request(self, method: str, path: str, body: bytes = b"", content_type: str = CONTENT_TYPE) -> bytes:
-        """One request with retries; returns the reply body or raises."""
+    def request(self, method: str, body: bytes = b"") -> bytes:
+        """One call of `method` (Forward, InferStep, ...) with retries; returns the reply or raises."""
         if self.body_observer is not None and body:
-            self.body_observer(path, body)
-        headers = {**self._headers, "Content-Type": content_type}
-        last: Exception | None = None
+            self.body_observer(method, body)
+        last: SplitServiceError | None = None
         for attempt in range(self.retries + 1):
-            conn, reused = self._connection()
             start = time.perf_counter()
             try:
-                conn.request(method, path, body=body or None, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-            except (OSError, http.client.HTTPException) as err:
-                self._drop_connection()
-                last = err
+                data = self._call(method)(body, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as err:
+                last = _service_error(err)
+                if not _retryable(last):
+                    raise last from None
             else:
-                if resp.will_close:
-                    self._drop_connection()
                 with self._lock:
                     self.stats["wait_s"] += time.perf_counter() - start
                     self.stats["requests"] += 1
                     self.stats["bytes_sent"] += len(body)
                     self.stats["bytes_received"] += len(data)
-                if 200 <= resp.status < 300:
-                    return data
-                if 300 <= resp.status < 400:  # never followed: the token must not reach another URL
-                    raise SplitServiceError(resp.status, "redirect_refused",
-                                            f"the service answered a redirect to "
-                                            f"{str(resp.getheader('Location', '?'))[:200]!r}, which is not "
-                                            "followed; configure the final https URL instead.")
-                if resp.status not in _RETRY_STATUSES:
-                    raise _service_error(resp.status, data)
-                last = _service_error(resp.status, data)
+                return data
             if attempt == self.retries:
                 break
-            # a stale keep-alive connection fails once without the service being down: retry at once
-            delay = 0.0 if (reused and attempt == 0 and not isinstance(last, SplitServiceError)) else \
-                min(self.backoff * 2 ** attempt, self.max_backoff) * (1 + 0.1 * random.random())
+            delay = min(self.backoff * 2 ** attempt, self.max_backoff) * (1 + 0.1 * random.random())
             self.stats["retries"] += 1
-            log.warning("split service %s %s failed (%s); retry %d/%d in %.2fs", method, path, last,
-                        attempt + 1, self.retries, delay)
+            log.warning("split service %s failed (%s); retry %d/%d in %.2fs", method, last, attempt + 1,
+                        self.retries, delay)
             time.sleep(delay)
-        if isinstance(last, SplitServiceError):
-            raise last
-        raise SplitServiceUnavailable(f"split service at {self.url} unreachable after {self.retries + 1} "
-                                      f"attempts: {last}")
+        assert last is not None
+        if last.code == "unavailable":  # never reached the service (no engine code)
+            raise SplitServiceUnavailable(f"split service at {self.url} unreachable after {self.retries + 1} "
+                                          f"attempts: {last.message}")
+        raise last
 
     def close(self) -> None:
         self.flush_closes()
-        self._drop_connection()
+        with self._lock:
+            channel, self._channel, self._calls = self._channel, None, {}
+        if channel is not None:
+            channel.close()
 
     # -- API --------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        return json.loads(self.request("GET", "/v1/health"))
+        return json.loads(self.request("Health"))
 
     def info(self, refresh: bool = False) -> dict[str, Any]:
         if self._info is None or refresh:
-            self._info = json.loads(self.request("GET", "/v1/info"))
+            self._info = json.loads(self.request("Info"))
         return self._info
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
                 keep_graph: bool = False) -> tuple[torch.Tensor, str]:
         """Middle-layer output for `hidden`; with keep_graph, also the id of the kept graph ('' if none)."""
         tensors = _inputs(hidden, attention_mask, position_ids)
-        data = self.request("POST", "/v1/forward", encode(tensors, {"keep_graph": "1" if keep_graph else "0"}))
+        data = self.request("Forward", encode(tensors, {"keep_graph": "1" if keep_graph else "0"}))
         out, meta = decode(data)
         return out["hidden"], meta.get("activation_id", "")
 
@@ -232,7 +234,7 @@ class SplitServiceClient:
                  grad: torch.Tensor, activation_id: str = "") -> torch.Tensor:
         tensors = {**_inputs(hidden, attention_mask, position_ids), "grad": grad}
         meta = {"activation_id": activation_id} if activation_id else {}
-        out, _ = decode(self.request("POST", "/v1/backward", encode(tensors, meta)))
+        out, _ = decode(self.request("Backward", encode(tensors, meta)))
         return out["grad"]
 
     def infer_step(self, session: str, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -248,7 +250,7 @@ class SplitServiceClient:
         if closing:
             meta["close"] = ",".join(closing)
         try:
-            out, reply = decode(self.request("POST", "/v1/infer/step", encode(tensors, meta)))
+            out, reply = decode(self.request("InferStep", encode(tensors, meta)))
         except Exception:
             with self._lock:
                 self._pending_close += closing
@@ -266,8 +268,7 @@ class SplitServiceClient:
             closing, self._pending_close = self._pending_close, []
         if closing:
             try:
-                self.request("POST", "/v1/infer/close", json.dumps({"sessions": closing}).encode(),
-                             "application/json")
+                self.request("InferClose", json.dumps({"sessions": closing}).encode())
             except (SplitServiceError, SplitServiceUnavailable) as err:  # the TTL cleans up anyway
                 log.info("could not close split sessions: %s", err)
 
@@ -280,12 +281,22 @@ def _inputs(hidden: torch.Tensor, attention_mask: torch.Tensor | None,
     return tensors
 
 
-def _service_error(status: int, data: bytes) -> SplitServiceError:
+def _service_error(err: grpc.RpcError) -> SplitServiceError:
+    """The engine's refusal (its code in the trailing metadata), or the library's own (no code)."""
+    grpc_code: grpc.StatusCode = err.code()
+    details = str(err.details() or "")
+    trailing = dict(err.trailing_metadata() or ())
+    code = trailing.get(ERROR_CODE_KEY)
     try:
-        err = json.loads(data)["error"]
-        return SplitServiceError(status, str(err["code"]), str(err["message"]))
-    except (ValueError, KeyError, TypeError):
-        return SplitServiceError(status, "http_error", data[:200].decode("utf-8", "replace"))
+        status = int(trailing.get(ERROR_STATUS_KEY, ""))
+    except ValueError:
+        status = _STATUS_OF.get(grpc_code, 500)
+    if code is None:  # the library refused: too big, busy, unreachable, timed out, no such method
+        if grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            code = "service_busy" if "concurrent rpc limit" in details.lower() else "message_too_large"
+        else:
+            code = grpc_code.name.lower()
+    return SplitServiceError(status, str(code), details[:1000], grpc_code)
 
 
 def service_client(url: str, client_key: str, token: str | None = None, secret_file: str | Path | None = None,

@@ -1,9 +1,11 @@
-"""The tensor wire format between split clients and the split service.
+"""The wire between split clients and the split service: gRPC method names and the tensor format.
 
-A message body is a safetensors buffer: an 8-byte little-endian header length, a JSON
-header naming each tensor's dtype, shape and byte offsets (plus a string->string
-``__metadata__`` map for small parameters such as a session id), then the raw
-little-endian bytes. No pickle, no code: decoding can only ever produce tensors and strings.
+The service is `fellrec.split.v2.SplitService` over gRPC with raw-bytes messages (no protobuf
+schema: each request and reply is the bytes below, or JSON where `fellrec_flwr.split.engine`
+says so). A tensor message is a safetensors buffer: an 8-byte little-endian header length, a
+JSON header naming each tensor's dtype, shape and byte offsets (plus a string->string
+``__metadata__`` map for small parameters such as a session id), then the raw little-endian
+bytes. No pickle, no code: decoding can only ever produce tensors and strings.
 
 Hidden states and gradients may travel in float16/bfloat16 (`SplitSettings.wire_dtype`)
 to halve the bytes; the receiver computes in its own dtype.
@@ -17,7 +19,21 @@ from typing import Mapping
 
 import torch
 
-CONTENT_TYPE = "application/vnd.safetensors"
+SERVICE = "fellrec.split.v2.SplitService"
+METHODS = ("Forward", "Backward", "InferCreate", "InferStep", "InferClose", "Info", "Health")
+
+
+# A refusal's trailing metadata: the engine's machine-readable code and its HTTP-style status class
+# (the gRPC status carries the message). Absent when the gRPC library itself refused a call.
+ERROR_CODE_KEY = "fellrec-error-code"
+ERROR_STATUS_KEY = "fellrec-error-status"
+
+
+def method_path(name: str) -> str:
+    """The gRPC path of a method: /fellrec.split.v2.SplitService/Forward."""
+    return f"/{SERVICE}/{name}"
+
+
 WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
                                        "bfloat16": torch.bfloat16}
 FLOAT_DTYPES = frozenset(WIRE_DTYPES.values())
