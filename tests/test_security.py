@@ -1,6 +1,8 @@
 """Hardening (issue 15): one regression test per finding the attacker / careless-client probes
-found. Each test fails on the code before the fix. The deploy-level findings (1, 15's README, 18)
-are covered in test_deploy.py / test_security's deploy section; see docs/security.md for the map.
+found. Each test fails on the code before the fix. The split service now runs on gRPC; findings
+that were about the former hand-written HTTP layer are re-expressed for it (see the map in
+docs/security.md). The deploy-level findings (1, 15's README, 18) are covered in test_deploy.py /
+test_security's deploy section.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import gc
 import http.client
 import json
+import logging
 import os
 import re
 import socket
@@ -18,10 +21,10 @@ import textwrap
 import threading
 import time
 import weakref
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -30,17 +33,19 @@ from conftest import ROOT
 from fellrec_flwr import atomic
 from fellrec_flwr.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fellrec_flwr.config import ConfigError, from_run_config
+from fellrec_flwr.split import engine
 from fellrec_flwr.split.plan import SplitError
 from fellrec_flwr.split.auth import issue_token, write_secret
 from fellrec_flwr.split.client import SplitServiceClient, SplitServiceError
 from fellrec_flwr.model.tiny import build_tiny_model, train_tokenizer
-from fellrec_flwr.split.wire import encode
+from fellrec_flwr.split.wire import ERROR_CODE_KEY, encode, method_path
 from server_app import split_service
 from server_app.split_service import ServiceLimits, SplitService, make_body, start_service
 
 SECRET = b"test-secret-0123456789abcdef"
 TITLES = ["Super Mario Odyssey", "The Legend of Zelda", "Halo 3", "Minecraft", "Mario Kart 8"]
 H = 64
+C = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
@@ -62,45 +67,21 @@ def _client(url, key="client-0", **kw):
 
 
 def _auth(key="client-0"):
-    return {"X-Client-Key": key, "X-Client-Token": issue_token(SECRET, key)}
+    return (("x-client-key", key), ("x-client-token", issue_token(SECRET, key)))
 
 
 def _tensors(b=2, q=5):
     return {"hidden": torch.randn(b, q, H), "position_ids": torch.arange(q, dtype=torch.int32)[None]}
 
 
-def _raw_bytes(url: str, request: bytes, timeout: float = 10) -> bytes:
-    """Send exactly `request` on a fresh connection; the whole answer (until the server closes)."""
-    parts = urlsplit(url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
-        sock.sendall(request)
-        chunks = []
+def _raw(url, method, body=b"", metadata=None, timeout=30):
+    """One call on a fresh channel, no retries: (C.OK, reply bytes) or (gRPC code, engine code, message)."""
+    with grpc.insecure_channel(urlsplit(url).netloc, options=[("grpc.max_send_message_length", -1)]) as channel:
         try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        except socket.timeout:
-            pass
-    return b"".join(chunks)
+            return C.OK, channel.unary_unary(method_path(method))(body, metadata=metadata, timeout=timeout)
+        except grpc.RpcError as err:
+            return err.code(), dict(err.trailing_metadata() or ()).get(ERROR_CODE_KEY), err.details()
 
-
-def _status(reply: bytes) -> int:
-    return int(reply.split(b" ", 2)[1])
-
-
-def _post(url, path, body, headers=None):
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        conn.request("POST", path, body=body, headers={**_auth(), **(headers or {}),
-                                                      "Content-Length": str(len(body))})
-        resp = conn.getresponse()
-        data = resp.read()
-    finally:
-        conn.close()
-    return resp.status, json.loads(data) if data[:1] == b"{" else data
 
 
 # -- High 2: kept graphs ----------------------------------------------------------------------------
@@ -112,7 +93,7 @@ def test_an_evicted_kept_graph_frees_its_saved_tensors(full, monkeypatch):
     kept graph leaked its activations after eviction."""
     service = SplitService(make_body(full, 1, 1), SECRET, ServiceLimits(activation_cache_bytes=64 << 20))
     packed = []
-    real_pack = split_service._SavedBytes.pack
+    real_pack = engine._SavedBytes.pack
 
     def spy(self, x):
         saved = real_pack(self, x)
@@ -120,7 +101,7 @@ def test_an_evicted_kept_graph_frees_its_saved_tensors(full, monkeypatch):
             packed.append(weakref.ref(saved))
         return saved
 
-    monkeypatch.setattr(split_service._SavedBytes, "pack", spy)
+    monkeypatch.setattr(engine._SavedBytes, "pack", spy)
     service.forward("c", encode(_tensors(2, 8), {"keep_graph": "1"}))
     assert len(service._activations) == 1 and packed
     service._activations.clear()
@@ -135,7 +116,7 @@ FLOOD = textwrap.dedent("""
     torch.set_num_threads(1)
     from fellrec_flwr.model.tiny import build_tiny_model, train_tokenizer
     from fellrec_flwr.split.wire import encode
-    from server_app.split_service import ServiceLimits, SplitService, make_body
+    from fellrec_flwr.split.engine import ServiceLimits, SplitService, make_body
     def rss():
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     tok = train_tokenizer(["Super Mario", "Zelda", "Halo 3", "Minecraft"] * 3, 300, {tok!r})
@@ -177,7 +158,7 @@ def _step(client, sid, b, q, past):
 def test_an_oversized_step_is_refused_and_never_costs_another_client_its_session(full):
     # 2 server layers x K,V x 64 floats = 1 KB per token and row
     limits = ServiceLimits(session_cache_bytes=64 << 10, session_bytes_per_client=16 << 10, max_seq=256,
-                           max_tokens=4096, max_batch=16, session_evict_idle_s=3600)
+                           max_tokens=4096, max_batch=16, session_evict_idle_s=3600, max_body_bytes=64 << 10)
     handle = start_service(full, SECRET, 1, 1, limits=limits)
     try:
         alice, bob = _client(handle.url, "alice", retries=0), _client(handle.url, "bob", retries=0)
@@ -186,6 +167,9 @@ def test_an_oversized_step_is_refused_and_never_costs_another_client_its_session
             _step(bob, "", 4, 8, 0)  # 32 KB > bob's 16 KB quota
         assert err.value.status == 413 and err.value.code == "session_too_large"
         assert "quota" in str(err.value)
+        with pytest.raises(SplitServiceError) as err:
+            _step(bob, "", 2, 150, 0)  # a 77 KB message > the 64 KB limit: refused unread by gRPC
+        assert err.value.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.code == "message_too_large"
         # within his quota, bob fills the service: alice (active) is never evicted for him
         bobs = [_step(bob, "", 1, 12, 0)[1]]
         bobs += [_step(_client(handle.url, f"bob-{i}", retries=0), "", 1, 12, 0)[1] for i in range(3)]
@@ -211,13 +195,38 @@ def test_the_kv_estimate_matches_the_real_cache(full):
 # -- Medium 5: TCP_NODELAY ------------------------------------------------------------------------
 
 
+def _tcp_connections(port: int) -> list[tuple[str, bool]]:
+    """('server' | 'client', TCP_NODELAY) for each of this process's TCP connections on `port`."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:
+            continue
+        with sock:
+            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                peer, local = sock.getpeername(), sock.getsockname()
+            except OSError:  # listening, or not connected
+                continue
+            if port in (peer[1], local[1]):
+                found.append(("server" if local[1] == port else "client",
+                              bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="lists this process's sockets in /proc")
 def test_tcp_nodelay_on_both_ends_and_no_delayed_ack_stall(service):
+    """Before: ~44 ms per keep-alive request (Nagle + delayed ACK). gRPC sets TCP_NODELAY itself;
+    this checks both ends of the live connection and the per-step latency."""
     client = _client(service.url)
     _, sid = _step(client, "", 1, 2, 0)
-    conn = client._local.conn
-    assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-    server_side = list(service._server._connections)
-    assert server_side and all(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for c in server_side)
+    ends = _tcp_connections(service.port)
+    assert {"server", "client"} <= {side for side, _ in ends}, ends
+    assert all(nodelay for _, nodelay in ends), ends
     times = []
     for i in range(2, 22):
         start = time.perf_counter()
@@ -227,7 +236,7 @@ def test_tcp_nodelay_on_both_ends_and_no_delayed_ack_stall(service):
     client.close()
 
 
-# -- Medium 6: the token only over https ----------------------------------------------------------
+# -- Medium 6: the token only over TLS ------------------------------------------------------------
 
 
 def test_token_is_not_sent_over_plain_http_to_another_machine_or_with_a_ca(tmp_path):
@@ -235,70 +244,35 @@ def test_token_is_not_sent_over_plain_http_to_another_machine_or_with_a_ca(tmp_p
         SplitServiceClient("http://10.0.0.5:8470", "client-0", "t")
     with pytest.raises(SplitError, match="CA file is configured"):
         SplitServiceClient("http://127.0.0.1:8470", "client-0", "t", ca_file=tmp_path / "ca.crt")
+    with pytest.raises(SplitError, match="must look like"):
+        SplitServiceClient("https://fl.example.org:8470/v1", "client-0", "t")  # a path means an HTTP URL was kept
     SplitServiceClient("http://10.0.0.5:8470", "client-0", "t", allow_insecure_http=True)  # the dev flag
     SplitServiceClient("http://127.0.0.1:8470", "client-0", "t")  # loopback: nothing leaves the machine
     SplitServiceClient("https://fl.example.org:8470", "client-0", "t")
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    seen: list = []
-    location = ""
-
-    def do_GET(self):
-        type(self).seen.append((self.path, self.headers.get("X-Client-Token")))
-        self.send_response(302 if self.location else 200)
-        if self.location:
-            self.send_header("Location", self.location)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    do_POST = do_GET
-
-    def log_message(self, *args):
-        pass
+# -- Low 7: no internals in an INTERNAL error, no retry; malformed payloads are INVALID_ARGUMENT -----
 
 
-def _serve(handler):
-    server = HTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def test_a_redirect_is_never_followed_with_the_token():
-    target = _serve(type("Target", (_Recorder,), {"seen": [], "location": ""}))
-    bounce = _serve(type("Bounce", (_Recorder,), {"seen": [],
-                                                   "location": f"http://127.0.0.1:{target.server_port}/v1/info"}))
-    try:
-        client = SplitServiceClient(f"http://127.0.0.1:{bounce.server_port}", "client-0", "secret-token", retries=0)
-        with pytest.raises(SplitServiceError) as err:
-            client.info()
-        assert err.value.status == 302 and err.value.code == "redirect_refused"
-        assert target.RequestHandlerClass.seen == []
-    finally:
-        bounce.shutdown()
-        target.shutdown()
-
-
-# -- Low 7: no internals in a 500, no retry; malformed headers are 400 ------------------------------
-
-
-def test_an_internal_error_leaks_nothing_and_is_not_retried(service, monkeypatch):
+def test_an_internal_error_leaks_nothing_and_is_not_retried(service, monkeypatch, caplog):
     calls = []
 
-    def broken(self, client, data):
+    def broken(self, client, data, deadline=None):
         calls.append(1)
         raise RuntimeError("secret internals at /srv/model/weights.bin")
 
-    monkeypatch.setitem(split_service._POST_ROUTES, "/v1/forward", broken)
-    status, body = _post(service.url, "/v1/forward", encode(_tensors()))
-    assert status == 500 and body["error"]["code"] == "internal_error"
-    assert "secret" not in json.dumps(body) and "RuntimeError" not in json.dumps(body)
+    monkeypatch.setitem(split_service._ROUTES, "Forward", broken)
+    caplog.set_level(logging.ERROR, logger="fellrec.split_service")
+    code, err_code, message = _raw(service.url, "Forward", encode(_tensors()), _auth())
+    assert (code, err_code) == (C.INTERNAL, "internal_error") and "incident" in message
+    for leak in ("secret", "RuntimeError", "Traceback", "weights.bin"):
+        assert leak not in message
+    assert "secret internals" in caplog.text  # the operator has it, in the service log
     calls.clear()
     with pytest.raises(SplitServiceError) as err:
-        _client(service.url, backoff=0.01).forward(**{"hidden": torch.randn(2, 5, H), "attention_mask": None,
-                                                      "position_ids": torch.arange(5, dtype=torch.int32)[None]})
-    assert err.value.status == 500 and len(calls) == 1  # not retried
+        _client(service.url, backoff=0.01).forward(torch.randn(2, 5, H), None,
+                                                   torch.arange(5, dtype=torch.int32)[None])
+    assert err.value.status == 500 and err.value.grpc_code == C.INTERNAL and len(calls) == 1  # not retried
 
 
 def _safetensors(header: dict, payload: bytes = b"") -> bytes:
@@ -315,14 +289,15 @@ def _safetensors(header: dict, payload: bytes = b"") -> bytes:
          "position_ids": {"dtype": "I32", "shape": [1, 1], "data_offsets": [8, 12]}}, b"\0" * 12)),
     ("deeply nested header", (lambda raw: len(raw).to_bytes(8, "little") + raw)(b"[" * 100000 + b"]" * 100000)),
 ])
-def test_malformed_headers_get_400_not_500(service, name, body):
-    status, reply = _post(service.url, "/v1/forward", body)
-    assert status == 400 and reply["error"]["code"] == "bad_body", (name, status, reply)
+def test_malformed_payloads_are_invalid_argument_not_internal(service, name, body):
+    code, err_code, message = _raw(service.url, "Forward", body, _auth())
+    assert (code, err_code) == (C.INVALID_ARGUMENT, "bad_body"), (name, code, err_code, message)
+    assert "Traceback" not in message
 
 
-def test_deeply_nested_json_gets_400(service):
-    status, reply = _post(service.url, "/v1/infer/close", b'{"sessions": ' + b"[" * 20000 + b"]" * 20000 + b"}")
-    assert status == 400 and reply["error"]["code"] == "bad_json"
+def test_deeply_nested_json_is_invalid_argument(service):
+    got = _raw(service.url, "InferClose", b'{"sessions": ' + b"[" * 20000 + b"]" * 20000 + b"}", _auth())
+    assert got[:2] == (C.INVALID_ARGUMENT, "bad_json")
 
 
 # -- Low 8 and 15: private files from the first byte -------------------------------------------------
@@ -387,77 +362,155 @@ def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
     assert live.exists() and fresh_dead.exists()
 
 
-# -- Low 9, 10, 11, 13: the HTTP layer ------------------------------------------------------------
+# -- Low 9, 10, 11, 13: the transport (formerly hand-written HTTP, now gRPC) ----------------------
 
 
-def test_folded_headers_are_rejected(service):
-    reply = _raw_bytes(service.url, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Client-Key: client-0\r\n"
-                                    b" injected log line\r\nContent-Length: 0\r\n\r\n")
-    assert _status(reply) == 400 and b"bad_header" in reply
-
-
-def test_get_with_a_body_is_rejected(service):
-    reply = _raw_bytes(service.url, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
-    assert _status(reply) == 400 and b"unexpected_body" in reply
-    reply = _raw_bytes(service.url, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                    b"5\r\nhello\r\n0\r\n\r\n")
-    assert _status(reply) == 400
-
-
-def test_a_slow_drip_request_is_cut_at_the_deadline(full):
-    handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(request_timeout_s=1.0, socket_timeout_s=30))
+def test_metadata_cannot_inject_log_lines(service, caplog):
+    """Before: headers folded across lines reached the log. gRPC refuses CR/LF in metadata values
+    (on both ends); what the service logs of a client key is repr-escaped and capped."""
+    caplog.set_level(logging.INFO, logger="fellrec.split_service")
+    injected = (("x-client-key", "client-0\r\nX-Injected: 1"), ("x-client-token", "t"))
     try:
-        parts = urlsplit(handle.url)
-        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-            head = "".join(f"{k}: {v}\r\n" for k, v in _auth().items())
-            sock.sendall(f"POST /v1/forward HTTP/1.1\r\nHost: x\r\n{head}Content-Length: 1000\r\n\r\n".encode())
+        got = _raw(service.url, "Info", metadata=injected)
+    except ValueError:  # refused by the library before sending
+        got = (None,)
+    assert got[0] != C.OK
+    long_key = "k" * 5000
+    got = _raw(service.url, "Info", metadata=(("x-client-key", long_key), ("x-client-token", "t")))
+    assert got[:2] == (C.PERMISSION_DENIED, "bad_credentials")
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert refused and all("\n" not in m and "X-Injected" not in m and len(m) < 400 for m in refused), refused
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    """One HTTP/2 frame (RFC 9113 §4.1)."""
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _literal(name: str, value: str) -> bytes:
+    """An HPACK literal header field without indexing, no Huffman (RFC 7541 §6.2.2); short strings only."""
+    return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+
+def _answer_frames(sock: socket.socket, buffer: bytearray, kinds: list[int]) -> None:
+    """Read what the server sent, ACK its SETTINGS and PINGs (as a live peer would), note frame types."""
+    while len(buffer) >= 9:
+        size = int.from_bytes(buffer[:3], "big")
+        if len(buffer) < 9 + size:
+            return
+        kind, flags, payload = buffer[3], buffer[4], bytes(buffer[9:9 + size])
+        del buffer[:9 + size]
+        kinds.append(kind)
+        if kind == 4 and not flags & 1:
+            sock.sendall(_frame(4, 1, 0))
+        elif kind == 6 and not flags & 1:
+            sock.sendall(_frame(6, 1, 0, payload))
+
+
+def test_a_sender_that_never_finishes_its_message_is_cut_and_blocks_no_one(full):
+    """Before: a request dripped a byte at a time held a server thread forever. Now a connection
+    lives at most request_timeout_s (GOAWAY), its calls in flight get as long again, then it is
+    closed; meanwhile the other clients are served. The drip is raw HTTP/2, as an attacker's would
+    be: a valid gRPC call whose 1000-byte message never completes, from a peer that answers pings."""
+    handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(request_timeout_s=1.0, max_workers=3))
+    try:
+        headers = b"".join(_literal(k, v) for k, v in (
+            (":method", "POST"), (":scheme", "http"), (":path", method_path("Forward")), (":authority", "x"),
+            ("content-type", "application/grpc"), ("te", "trailers"), *_auth()))
+        kinds: list[int] = []
+        with socket.create_connection(("127.0.0.1", handle.port), timeout=10) as sock:
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0) + _frame(1, 4, 1, headers)
+                         + _frame(0, 0, 1, b"\0" + (1000).to_bytes(4, "big") + b"x" * 10))
             start = time.monotonic()
-            closed = False
-            while time.monotonic() - start < 8:
+            out, _ = _client(handle.url, retries=0).forward(torch.randn(1, 3, H), None,
+                                                            torch.arange(3, dtype=torch.int32)[None])
+            assert out.shape == (1, 3, H)  # another client is served while the drip goes on
+            sock.settimeout(0.2)
+            buffer, closed = bytearray(), False
+            while not closed and time.monotonic() - start < 15:
                 try:
-                    sock.sendall(b"x")
-                    if sock.recv(1, socket.MSG_DONTWAIT) == b"":
-                        closed = True
-                        break
-                except BlockingIOError:
+                    sock.sendall(_frame(0, 0, 1, b"x"))  # one more byte of the message
+                    chunk = sock.recv(65536)
+                    closed = chunk == b""
+                    buffer += chunk
+                    _answer_frames(sock, buffer, kinds)
+                except socket.timeout:
                     pass
                 except OSError:
                     closed = True
-                    break
-                time.sleep(0.2)
             elapsed = time.monotonic() - start
-        assert closed and elapsed < 4, f"the connection was still open after {elapsed:.1f} s"
+        assert closed and 0.8 < elapsed < 8, f"closed={closed} after {elapsed:.1f} s"
+        assert 7 in kinds  # GOAWAY: cut by the connection-age limit, not a protocol error
     finally:
         handle.stop()
 
 
-def test_the_deadline_does_not_cut_a_slow_compute(full, monkeypatch):
-    """The deadline bounds what the client controls (sending, taking the reply), not the compute or
-    the wait for the compute lock behind other clients."""
-    def slow_create(self, client, data):
-        time.sleep(1.5)
-        return b'{"session": "x"}'
+def test_the_deadline_bounds_the_wait_for_compute_not_the_compute(full):
+    """The client's per-call deadline travels with the call: a call that waited past it behind
+    other clients' compute is refused (DEADLINE_EXCEEDED) and nothing is computed for it; a wait
+    within the deadline is served."""
+    handle = start_service(full, SECRET, 1, 1)
+    lock = handle.service._lock
 
-    monkeypatch.setitem(split_service._POST_ROUTES, "/v1/infer/create", slow_create)
-    handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(request_timeout_s=0.5))
+    def hold(seconds: float) -> threading.Thread:
+        acquired = threading.Event()
+
+        def run() -> None:
+            with lock:
+                acquired.set()
+                time.sleep(seconds)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        acquired.wait(5)
+        return thread
+
+    t = _tensors(1, 3)
     try:
-        status, reply = _post(handle.url, "/v1/infer/create", b"{}")
-        assert status == 200 and reply == {"session": "x"}
+        holder = hold(2.0)
+        before = handle.service.stats["compute_s"]
+        with pytest.raises(SplitServiceError) as err:
+            _client(handle.url, timeout=0.5, retries=0).forward(t["hidden"], None, t["position_ids"])
+        assert err.value.grpc_code == C.DEADLINE_EXCEEDED
+        holder.join()
+        time.sleep(0.2)
+        assert handle.service.stats["compute_s"] == before  # the server gave up too: nothing computed
+        holder = hold(1.0)
+        out, _ = _client(handle.url, timeout=10, retries=0).forward(t["hidden"], None, t["position_ids"])
+        holder.join()
+        assert out.shape == (1, 3, H)
     finally:
         handle.stop()
 
 
-def test_listen_backlog_is_configurable_and_not_5(full):
-    assert ServiceLimits().listen_backlog >= 128
-    handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(listen_backlog=321))
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the listening socket's backlog with ss")
+def test_listen_backlog_is_not_5(full):
+    """Before: http.server's listen(5). gRPC listens with the system's maximum (somaxconn)."""
+    handle = start_service(full, SECRET, 1, 1)
     try:
-        assert handle._server.request_queue_size == 321
-        if Path("/proc/net/tcp").exists():
-            ss = subprocess.run(["ss", "-ltnH", f"sport = :{handle.port}"], capture_output=True, text=True)
-            if ss.returncode == 0 and ss.stdout.strip():
-                assert ss.stdout.split()[2] == "321"  # Send-Q of a listening socket = its backlog
+        ss = subprocess.run(["ss", "-ltnH", f"sport = :{handle.port}"], capture_output=True, text=True)
+        if ss.returncode != 0 or not ss.stdout.strip():
+            pytest.skip("ss is not available")
+        assert int(ss.stdout.split()[2]) >= 128  # Send-Q of a listening socket = its backlog
     finally:
         handle.stop()
+
+
+def test_oversized_or_unknown_calls_never_reach_the_engine(service, monkeypatch):
+    """Before: GET bodies and Transfer-Encoding were request-smuggling shapes in our parser. Now the
+    library frames every message; too big a message is RESOURCE_EXHAUSTED before any handler runs
+    (nothing is allocated for it by us), an unknown method UNIMPLEMENTED, Health takes no body."""
+    reached = []
+    monkeypatch.setitem(split_service._ROUTES, "Forward", lambda *a, **k: reached.append(1) or b"")
+    code, err_code, message = _raw(service.url, "Forward", b"\0" * (2 << 20), _auth())
+    assert code == C.RESOURCE_EXHAUSTED and err_code is None and "larger than max" in message
+    assert reached == []
+    assert _raw(service.url, "Backdoor", b"x", _auth())[0] == C.UNIMPLEMENTED
+    assert _raw(service.url, "Health", b"hello")[:2] == (C.INVALID_ARGUMENT, "unexpected_body")
+    with pytest.raises(SplitServiceError) as err:  # the client names it
+        _client(service.url, retries=3).forward(torch.randn(80, 64, H), None,
+                                                torch.arange(64, dtype=torch.int32)[None])
+    assert err.value.status == 413 and err.value.code == "message_too_large"
 
 
 # -- Low 12: limits before allocation -------------------------------------------------------------
@@ -465,39 +518,50 @@ def test_listen_backlog_is_configurable_and_not_5(full):
 
 def test_shapes_and_limits_are_checked_before_decoding(service, monkeypatch):
     decoded = []
-    real = split_service.decode
-    monkeypatch.setattr(split_service, "decode", lambda data: decoded.append(1) or real(data))
-    status, reply = _post(service.url, "/v1/forward", encode(_tensors(9, 2)))  # batch 9 > 8
-    assert status == 413 and reply["error"]["code"] == "batch_too_large"
-    status, reply = _post(service.url, "/v1/forward", encode({"hidden": torch.randn(1, 2, H + 3),
-                                                              "position_ids": torch.zeros(1, 2, dtype=torch.int32)}))
-    assert status == 400 and reply["error"]["code"] == "bad_hidden_size"
+    real = engine.decode
+    monkeypatch.setattr(engine, "decode", lambda data: decoded.append(1) or real(data))
+    got = _raw(service.url, "Forward", encode(_tensors(9, 2)), _auth())  # batch 9 > 8
+    assert got[:2] == (C.RESOURCE_EXHAUSTED, "batch_too_large")
+    got = _raw(service.url, "Forward", encode({"hidden": torch.randn(1, 2, H + 3),
+                                               "position_ids": torch.zeros(1, 2, dtype=torch.int32)}), _auth())
+    assert got[:2] == (C.INVALID_ARGUMENT, "bad_hidden_size")
     assert decoded == []
-    assert _post(service.url, "/v1/forward", encode(_tensors()))[0] == 200 and decoded == [1]
+    assert _raw(service.url, "Forward", encode(_tensors()), _auth())[0] == C.OK and decoded == [1]
 
 
 # -- Low 14: health and info ----------------------------------------------------------------------
 
 
-def test_health_answers_while_compute_runs_and_tells_nothing(service):
-    release = threading.Event()
-    holder = threading.Thread(target=lambda: (service.service._lock.acquire(), release.wait(),
-                                              service.service._lock.release()))
-    holder.start()
+def test_health_answers_while_compute_runs_and_tells_nothing(full):
+    """Health needs no token, never waits for the compute lock and always finds a worker: compute
+    calls may occupy all but two workers (more get UNAVAILABLE service_busy and are retried)."""
+    handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(max_workers=4))
+    service = handle.service
+    t = _tensors(1, 3)
+    waiting: list[tuple] = []
+    service._lock.acquire()
     try:
-        time.sleep(0.1)
-        parts = urlsplit(service.url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=3)
-        conn.request("GET", "/v1/health")
-        resp = conn.getresponse()
-        assert resp.status == 200 and json.loads(resp.read()) == {"status": "ok"}
-        conn.close()
+        threads = [threading.Thread(target=lambda: waiting.append(
+            _client(handle.url, retries=0, timeout=20).forward(t["hidden"], None, t["position_ids"])))
+            for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # both now hold a compute slot and wait for the lock
+        with pytest.raises(SplitServiceError) as err:
+            _client(handle.url, retries=0).forward(t["hidden"], None, t["position_ids"])
+        assert (err.value.grpc_code, err.value.code) == (C.UNAVAILABLE, "service_busy")
+        code, reply = _raw(handle.url, "Health", timeout=3)
+        assert code == C.OK and json.loads(reply) == {"status": "ok"}
+        assert _raw(handle.url, "Info", timeout=3)[:2] == (C.UNAUTHENTICATED, "missing_credentials")
+        assert _raw(handle.url, "Info", metadata=_auth(), timeout=3)[0] == C.OK
     finally:
-        release.set()
-        holder.join()
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=3)
-    conn.request("GET", "/v1/info")
-    assert conn.getresponse().status == 401
+        service._lock.release()
+    for thread in threads:
+        thread.join(20)
+    try:
+        assert len(waiting) == 2  # served once the lock was free
+    finally:
+        handle.stop()
 
 
 # -- Medium 4: checkpoints -------------------------------------------------------------------------
