@@ -1,8 +1,10 @@
 """Server strategies: FELLRec (and its ``fellrec+`` preset) and the FedAvg / FedProx /
 FFA-LoRA / FedSA-LoRA / local-only baselines.
 
-All of them share :class:`strategies.base.StrategyBase` (records, resume, node wait, early
-stop), so the ServerApp drives them the same way:
+All of them are Flower ``FedAvg`` subclasses whose rounds run in Flower's own
+``Strategy.start``; :class:`strategies.base.StrategyBase` adds what Flower lacks (per-node
+messages, per-client records, resume, node wait, early stop), so the ServerApp drives them
+the same way:
 
     strategy = make_strategy(cfg)
     strategy.load_state_dict(ckpt)                     # optional resume

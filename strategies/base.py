@@ -1,27 +1,39 @@
-"""What every strategy of this project shares, as a mixin placed before a Flower strategy.
+"""What this project's strategies add to Flower's FedAvg, and why Flower's own code does not do it.
 
-``class RecordingFedAvg(StrategyBase, FedAvg)`` keeps FedAvg's aggregation and adds:
+``StrategyBase`` is a ``flwr.serverapp.strategy.FedAvg``. From Flower it keeps the round
+loop (``Strategy.start``: configure, send, aggregate, evaluate, the ``Result`` and its
+logs), the constructor's sampling knobs, ``summary()``, the weighted means
+(``aggregate_arrayrecords`` / ``aggregate_metricrecords``) and the reply checks
+(``validate_message_reply_consistency``). What is here, each for a need Flower 1.42 does
+not meet:
 
-- per-client records: one row per (round, client, split, metric, value) from every
-  train and evaluate reply, where client = the reply metric ``"client-key"`` (the
-  partition id); the columns of ``fellrec_flwr.eval.results.METRIC_COLUMNS``;
-- a node_id <-> client-key map refreshed from every valid reply (node ids change when a
-  SuperNode restarts or a new simulation starts; the partition id does not);
-- failure identification: the messages built in ``configure_*`` are kept, and an error
-  reply (whose ``src_node_id`` may be the SuperLink) is traced back through
-  ``reply_to_message_id -> dst_node_id -> client-key``; missing replies count as failures;
-- absolute rounds: ``round_offset`` is the number of rounds already done (resume);
-  :meth:`start` runs rounds ``round_offset+1 ..`` and "server-round" is always absolute;
-- ``state_dict()`` / ``load_state_dict()`` in plain python/numpy for checkpoints;
-- :meth:`start`: Flower 1.41's ``Strategy.start`` loop (same logging) plus an
-  ``on_round_end(server_round, strategy)`` hook, an evaluation interval and early
-  stopping on the client-size-weighted validation loss;
-- a node wait with a timeout instead of Flower's ``sample_nodes``, which blocks forever.
+- ``configure_train`` / ``configure_evaluate`` build one message per node (steps
+  ``arrays_for_node``, ``add_train_config``): FedAvg sends all nodes one shared RecordDict,
+  but personalised strategies send each client its own adapter and FELLRec its own lr-scale.
+- ``_connected_nodes``: a node wait with a timeout; Flower's ``sample_nodes`` waits forever.
+- ``_sample``: a seeded sampler whose state is checkpointed (``sample_nodes`` draws from the
+  global ``random``), so a resumed run samples as an uninterrupted one would.
+- client identity (``client_key_of``, ``_identify_nodes``): state is keyed by the replies'
+  "client-key" (the partition id), because node ids change when a SuperNode restarts.
+- ``_collect``: one row (round, client, split, metric, value) per reply metric, the
+  columns of ``fellrec_flwr.eval.results.METRIC_COLUMNS``, and failures traced to clients:
+  FedAvg keeps only the means, and an error reply's ``src_node_id`` may be the SuperLink,
+  so the sent messages are kept and matched through ``reply_to_message_id``.
+- ``aggregate_arrays``: the one step a strategy overrides to aggregate differently.
+- ``after_evaluate``: each client's best adapter, and early stopping on the
+  client-size-weighted validation loss.
+- ``start``: calls Flower's ``Strategy.start`` for three things its 1.42 loop lacks:
+  absolute rounds (Flower counts every ``start()`` from 1; ``absolute_round`` adds the
+  rounds a resumed run already did), a round-end hook for checkpoints and metric files
+  (``end_round``, passed as ``evaluate_fn``: the only call Flower's loop makes after each
+  round), and early stopping (``should_stop`` comes in 1.43; once stopped, the rounds left
+  in Flower's loop send no messages).
+- ``evaluate_all``: one evaluation outside the loop (the final test split, best or last adapter).
+- ``state_dict()`` / ``load_state_dict()``: checkpoints in plain python/numpy.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import random
 import time
@@ -32,11 +44,10 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import (
     aggregate_arrayrecords,
     aggregate_metricrecords,
-    config_to_str,
     validate_message_reply_consistency,
 )
 
@@ -51,6 +62,7 @@ PER_USER = "per-user"  # optional ConfigRecord of an evaluate reply: user-ids, t
 STATE_VERSION = 1
 
 RoundEndHook = Callable[[int, "StrategyBase"], None]
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
 class NoNodesConnectedError(RuntimeError):
@@ -73,28 +85,18 @@ def aggregate_metrics_without_key(records: list[RecordDict], weighted_by_key: st
     return metrics
 
 
-def _metrics_of(content: RecordDict) -> MetricRecord:
+def metrics_of(content: RecordDict) -> MetricRecord:
+    """The (single) MetricRecord of a reply."""
     return next(iter(content.metric_records.values()))
 
 
-class StrategyBase:
-    """Mixin for Flower's FedAvg family. Put it first: ``class X(StrategyBase, FedAvg)``.
+class StrategyBase(FedAvg):
+    """Flower's FedAvg with per-node messages, per-client records, resume and early stop.
 
-    Personalised subclasses (:class:`strategies.personal.PersonalisedBase`) override
-    :meth:`arrays_for_node`, :meth:`personal_arrays` and the state hooks.
+    Subclasses override steps, as Flower's own strategies do: :meth:`aggregate_arrays`,
+    :meth:`arrays_for_node`, :meth:`add_train_config`, :meth:`personal_arrays` and the
+    state hooks (:class:`strategies.personal.PersonalisedBase` keeps one adapter per client).
     """
-
-    # Set by the Flower strategy this mixin is combined with (FedAvg's constructor).
-    fraction_train: float
-    fraction_evaluate: float
-    min_train_nodes: int
-    min_evaluate_nodes: int
-    min_available_nodes: int
-    weighted_by_key: str
-    arrayrecord_key: str
-    configrecord_key: str
-    train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord]
-    evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord]
 
     # True when each client has its own arrays (nodes must then be identified before sending).
     personalised: bool = False
@@ -122,7 +124,7 @@ class StrategyBase:
         self.node_wait_timeout = node_wait_timeout
         self.node_poll_interval = node_poll_interval
         self.identify_timeout = identify_timeout
-        self.round_offset = 0  # rounds already completed (advanced by start(), set by load_state_dict)
+        self.round_offset = 0  # rounds already completed (advanced by end_round, set by load_state_dict)
         self.records: list[dict[str, Any]] = []
         # Per-user target ranks from evaluate replies (run folder's per_user.csv); not checkpointed.
         self.user_ranks: list[dict[str, Any]] = []
@@ -134,27 +136,30 @@ class StrategyBase:
         self.best_round = 0
         self.evals_since_best = 0
         self.stopped_early = False
+        self.client_best: dict[int, tuple[int, float]] = {}  # key -> (round, valid loss)
+        self._best_arrays: dict[int, ArrayRecord] = {}
         self._rng = random.Random(seed)
+        # Set by start() for the length of Flower's loop.
+        self._loop_offset = 0  # rounds done before this start(): Flower's round r is r + this
         self._final_round = 0
-        self._force_evaluate = False
-        self._eval_split = "valid"
+        self._evaluate_fn: EvaluateFn | None = None
+        self._round_end: RoundEndHook | None = None
+        self._skip_rest = False  # stopped early: Flower's loop runs on, the rounds left send nothing
+        self._round_started = 0.0
+        # Per stage: the messages of the current round (to trace error replies) and the arrays each node got.
         self._inflight: dict[str, list[Message]] = {"train": [], "evaluate": []}
         self._sent_arrays: dict[str, dict[int, ArrayRecord]] = {"train": {}, "evaluate": {}}
+        self._force_evaluate = False
+        self._eval_split = "valid"
+        self._send_best = False  # evaluate_all(adapter="best"): each client gets its best adapter
         self._unidentifiable: set[int] = set()
         self._degraded_to: int | None = None  # node count accepted after a wait timed out
         self._warned_missing_key = False
-        self.client_best: dict[int, tuple[int, float]] = {}  # key -> (round, valid loss)
-        self._best_arrays: dict[int, ArrayRecord] = {}
-        self._send_best = False  # evaluate_all(adapter="best"): each client gets its best adapter
 
     # ------------------------------------------------------------------ identities
-    @property
-    def key_to_node(self) -> dict[int, int]:
-        return {key: node for node, key in self.node_to_key.items()}
-
     def client_key_of(self, content: RecordDict, node_id: int) -> int:
         """The reply's "client-key" metric; falls back to the node id (with one warning)."""
-        metrics = _metrics_of(content)
+        metrics = metrics_of(content)
         if CLIENT_KEY in metrics:
             return int(metrics[CLIENT_KEY])  # type: ignore[arg-type]
         if not self._warned_missing_key:
@@ -198,7 +203,7 @@ class StrategyBase:
         for reply in grid.send_and_receive(queries, timeout=self.identify_timeout):
             if reply.has_error() or not reply.content.metric_records:
                 continue
-            metrics = _metrics_of(reply.content)
+            metrics = metrics_of(reply.content)
             if CLIENT_KEY in metrics:
                 self._remember(reply.metadata.src_node_id, int(metrics[CLIENT_KEY]))  # type: ignore[arg-type]
         missing = [n for n in unknown if n not in self.node_to_key]
@@ -296,36 +301,102 @@ class StrategyBase:
         self._sent_arrays[stage] = sent
         return messages
 
-    # ------------------------------------------------------------------ Flower strategy API
+    # ------------------------------------------------------------------ Flower's steps, per node
+    def absolute_round(self, server_round: int) -> int:
+        """The run's round for Flower's loop round ``server_round`` (outside start(): itself)."""
+        return server_round + self._loop_offset
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.fraction_train == 0.0:
-            return []
-        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, "train")
-        self._identify_nodes(grid, node_ids, server_round)
+        server_round = self.absolute_round(server_round)
+        self._round_started = time.time()  # the round's wall time runs from here to end_round
+        node_ids: list[int] = []
+        if self.fraction_train > 0.0 and not self._skip_rest:
+            node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, "train")
+            self._identify_nodes(grid, node_ids, server_round)
         return self._build_messages("train", server_round, arrays, config, node_ids)
 
     def evaluation_due(self, server_round: int) -> bool:
-        if self._force_evaluate:
-            return True
-        if server_round == self._final_round:
+        """Every eval_interval rounds, in the last round, and in evaluate_all."""
+        if self._force_evaluate or server_round == self._final_round:
             return True
         return self.eval_interval > 0 and server_round % self.eval_interval == 0
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.fraction_evaluate == 0.0 or not self.evaluation_due(server_round):
-            return []
-        self._eval_split = str(config.get("split", "valid"))
-        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate")
-        self._identify_nodes(grid, node_ids, server_round)
+        server_round = self.absolute_round(server_round)
+        node_ids: list[int] = []
+        if self.fraction_evaluate > 0.0 and not self._skip_rest and self.evaluation_due(server_round):
+            self._eval_split = str(config.get("split", "valid"))
+            node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate")
+            self._identify_nodes(grid, node_ids, server_round)
         return self._build_messages("evaluate", server_round, arrays, config, node_ids)
 
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round = self.absolute_round(server_round)
+        collected = self._collect(server_round, replies, "train")
+        if not collected:
+            return None, None
+        # Kept here, not taken from Flower's loop: this round's evaluation may already need it.
+        self.global_arrays = self.aggregate_arrays(server_round, collected)
+        contents = [reply.content for _, _, reply in collected]
+        return self.global_arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def aggregate_arrays(self, server_round: int, collected: list[tuple[int, int, Message]]) -> ArrayRecord:
+        """The new "global" arrays from this round's (client_key, node_id, reply): FedAvg's weighted mean."""
+        return aggregate_arrayrecords([reply.content for _, _, reply in collected], self.weighted_by_key)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round = self.absolute_round(server_round)
+        collected = self._collect(server_round, replies, "evaluate")
+        if not collected:
+            return None
+        self.after_evaluate(server_round, collected)
+        contents = [reply.content for _, _, reply in collected]
+        return self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def after_evaluate(self, server_round: int, collected: list[tuple[int, int, Message]]) -> None:
+        """Track each client's best adapter and early-stop on the size-weighted validation loss.
+
+        Each client keeps the arrays with its own lowest valid loss (the authors' protocol);
+        early stopping looks at the loss weighted by each client's number of examples.
+        """
+        if self._eval_split != "valid" or self._force_evaluate:
+            return
+        total, weight = 0.0, 0.0
+        for key, node_id, reply in collected:
+            metrics = metrics_of(reply.content)
+            if EVAL_LOSS not in metrics:
+                return
+            loss_i = float(metrics[EVAL_LOSS])  # type: ignore[arg-type]
+            if loss_i < self.client_best.get(key, (0, math.inf))[1]:
+                self.client_best[key] = (server_round, loss_i)
+                self._best_arrays[key] = self._sent_arrays["evaluate"][node_id]
+            n = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
+            total += loss_i * n
+            weight += n
+        if weight <= 0:
+            return
+        loss = total / weight
+        if loss < self.best_loss:
+            self.best_loss, self.best_round, self.evals_since_best = loss, server_round, 0
+        else:
+            self.evals_since_best += 1
+        log(INFO, "\t└──> weighted valid loss %.5f (best %.5f at round %d)",
+            loss, self.best_loss, self.best_round)
+        if self.early_stop_patience and self.evals_since_best >= self.early_stop_patience:
+            self.stopped_early = True
+
+    # ------------------------------------------------------------------ replies: rows and failures
     def _collect(self, server_round: int, replies: Iterable[Message], stage: str) -> list[tuple[int, int, Message]]:
         """Valid replies as (client_key, node_id, reply) sorted by key; records rows and failures."""
         replies = list(replies)
+        if not replies and not self._inflight[stage]:
+            return []  # nothing was sent (no evaluation due, or stopped early): nothing to log
         valid = [r for r in replies if not r.has_error()]
         errors = [r for r in replies if r.has_error()]
         log(INFO, "aggregate_%s: Received %s results and %s failures", stage, len(valid), len(errors))
@@ -342,7 +413,7 @@ class StrategyBase:
             key = self.client_key_of(reply.content, node_id)
             self._remember(node_id, key)
             out.append((key, node_id, reply))
-            for metric, value in _metrics_of(reply.content).items():
+            for metric, value in metrics_of(reply.content).items():
                 if metric != CLIENT_KEY and isinstance(value, (int, float)):
                     self.records.append({"round": server_round, "client": key, "split": split,
                                          "metric": metric, "value": float(value)})
@@ -401,57 +472,7 @@ class StrategyBase:
         seen = {int(r["client"]) for r in self.records if int(r["client"]) >= 0}  # -1: server rows
         return sorted(seen | set(self.node_to_key.values()))
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        collected = self._collect(server_round, replies, "train")
-        if not collected:
-            return None, None
-        contents = [reply.content for _, _, reply in collected]
-        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
-        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        collected = self._collect(server_round, replies, "evaluate")
-        if not collected:
-            return None
-        self.after_evaluate(server_round, collected)
-        contents = [reply.content for _, _, reply in collected]
-        return self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key)
-
-    def after_evaluate(self, server_round: int, collected: list[tuple[int, int, Message]]) -> None:
-        """Track each client's best adapter and early-stop on the size-weighted validation loss.
-
-        Each client keeps the arrays with its own lowest valid loss (the authors' protocol);
-        early stopping looks at the loss weighted by each client's number of examples.
-        """
-        if self._eval_split != "valid" or self._force_evaluate:
-            return
-        total, weight = 0.0, 0.0
-        for key, node_id, reply in collected:
-            metrics = _metrics_of(reply.content)
-            if EVAL_LOSS not in metrics:
-                return
-            loss_i = float(metrics[EVAL_LOSS])  # type: ignore[arg-type]
-            if loss_i < self.client_best.get(key, (0, math.inf))[1]:
-                self.client_best[key] = (server_round, loss_i)
-                self._best_arrays[key] = self._sent_arrays["evaluate"][node_id]
-            n = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
-            total += loss_i * n
-            weight += n
-        if weight <= 0:
-            return
-        loss = total / weight
-        if loss < self.best_loss:
-            self.best_loss, self.best_round, self.evals_since_best = loss, server_round, 0
-        else:
-            self.evals_since_best += 1
-        log(INFO, "\t└──> weighted valid loss %.5f (best %.5f at round %d)",
-            loss, self.best_loss, self.best_round)
-        if self.early_stop_patience and self.evals_since_best >= self.early_stop_patience:
-            self.stopped_early = True
-
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the loop: Flower's
     def start(
         self,
         grid: Grid,
@@ -460,98 +481,66 @@ class StrategyBase:
         timeout: float = 3600,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        evaluate_fn: EvaluateFn | None = None,
         on_round_end: RoundEndHook | None = None,
     ) -> Result:
-        """Flower 1.41's Strategy.start, running rounds round_offset+1 .. round_offset+num_rounds.
+        """Flower's ``Strategy.start`` for rounds round_offset+1 .. round_offset+num_rounds.
 
-        Rounds are absolute everywhere (messages, records, Result keys). ``on_round_end``
-        is called after every round (checkpoints, metric files); the loop stops early once
-        ``stopped_early`` is set. ``initial_arrays`` is the starting point of a fresh run, or
-        the checkpoint's global arrays on resume.
+        Rounds are absolute everywhere (messages, records, checkpoints, Result keys); only
+        Flower's "[ROUND r/N]" log line counts from 1. ``on_round_end(round, strategy)``
+        runs after every round (default: the ``on_round_end`` attribute); no round starts
+        after ``stopped_early`` is set. ``initial_arrays``: a fresh run's starting point,
+        or the checkpoint's global arrays on resume.
         """
-        first, last = self.round_offset + 1, self.round_offset + num_rounds
-        self._final_round = last
-        log(INFO, "Starting %s strategy:", self.__class__.__name__)
-        log(INFO, "\t├── Number of rounds: %d (rounds %d..%d)", num_rounds, first, last)
-        log(INFO, "\t├── ArrayRecord (%.2f MB)", sum(len(a.data) for a in initial_arrays.values()) / 1024**2)
-        log(INFO, "\t├── ConfigRecord (train): %s", config_to_str(train_config) if train_config else "(empty!)")
-        log(INFO, "\t├── ConfigRecord (evaluate): %s",
-            config_to_str(evaluate_config) if evaluate_config else "(empty!)")
-        if self.round_offset:
-            log(INFO, "\t├── Resuming after round %d", self.round_offset)
-        self.summary()
-        log(INFO, "")
-
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        offset = self.round_offset
+        if offset:
+            log(INFO, "Resuming after round %d: Flower's round r below is round %d + r.", offset, offset)
         if self.initial_arrays is None:
             self.initial_arrays = initial_arrays
         if self.global_arrays is None:
             self.global_arrays = initial_arrays
-        result = Result()
-        t_start = time.time()
-        if evaluate_fn and self.round_offset == 0:  # a resumed run was evaluated before
-            res = evaluate_fn(0, initial_arrays)
-            log(INFO, "Initial global evaluation results: %s", res)
-            if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
+        self._loop_offset, self._final_round = offset, offset + num_rounds
+        self._evaluate_fn = evaluate_fn
+        self._round_end = on_round_end if on_round_end is not None else self.on_round_end
+        try:
+            result = super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                                   train_config=train_config, evaluate_config=evaluate_config,
+                                   evaluate_fn=self.end_round)
+        finally:
+            self._loop_offset, self._skip_rest, self._evaluate_fn, self._round_end = 0, False, None, None
+        return Result(
+            # Flower's Result starts with an empty ArrayRecord: no aggregate means the arrays we started from.
+            arrays=result.arrays if len(result.arrays) else initial_arrays,
+            train_metrics_clientapp={r + offset: m for r, m in result.train_metrics_clientapp.items()},
+            evaluate_metrics_clientapp={r + offset: m for r, m in result.evaluate_metrics_clientapp.items()},
+            evaluate_metrics_serverapp={r + offset: m for r, m in result.evaluate_metrics_serverapp.items()},
+        )
 
-        arrays = initial_arrays
-        for current_round in range(first, last + 1):
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", current_round, last)
-            t_round = time.time()
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's loop calls this as its evaluate_fn: the caller's evaluate_fn, then the round's end.
 
-            messages = list(self.configure_train(current_round, arrays, train_config, grid))
-            replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
-            agg_arrays, agg_train_metrics = self.aggregate_train(current_round, replies)
-            if agg_arrays is not None:
-                result.arrays = agg_arrays
-                arrays = agg_arrays
-                self.global_arrays = agg_arrays
-            if agg_train_metrics is not None:
-                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
-                result.train_metrics_clientapp[current_round] = agg_train_metrics
-
-            messages = list(self.configure_evaluate(current_round, arrays, evaluate_config, grid))
-            if messages:
-                replies = grid.send_and_receive(messages=messages, timeout=timeout)
-                agg_evaluate_metrics = self.aggregate_evaluate(current_round, replies)
-                if agg_evaluate_metrics is not None:
-                    log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_evaluate_metrics)
-                    result.evaluate_metrics_clientapp[current_round] = agg_evaluate_metrics
-
-            if evaluate_fn:
-                log(INFO, "Global evaluation")
-                res = evaluate_fn(current_round, arrays)
-                log(INFO, "\t└──> MetricRecord: %s", res)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[current_round] = res
-
-            # Wall time of the round (train + evaluation), for rounds-per-hour in benchmarks.
-            self.records.append({"round": current_round, "client": -1, "split": "server",
-                                 "metric": "round-seconds", "value": time.time() - t_round})
-            self.round_offset = current_round
-            hook = on_round_end if on_round_end is not None else self.on_round_end
-            if hook is not None:
-                hook(current_round, self)
-            if self.stopped_early:
-                log(INFO, "Early stop after round %d: no better weighted valid loss for %d evaluations "
-                    "(best %.5f at round %d).", current_round, self.evals_since_best, self.best_loss, self.best_round)
-                break
-
-        if result.arrays is None or len(result.arrays) == 0:
-            result.arrays = arrays
-        log(INFO, "")
-        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
-        log(INFO, "")
-        log(INFO, "Final results:")
-        log(INFO, "")
-        for line in io.StringIO(str(result)):
-            log(INFO, "\t%s", line.strip("\n"))
-        log(INFO, "")
-        return result
+        Round 0 is Flower's evaluation of the initial arrays (skipped on resume: it was done).
+        The round's end: its wall time (train + evaluation, for rounds per hour in
+        benchmarks), the round counter, the on_round_end hook and the early-stop check.
+        The price: Flower logs "Global evaluation ... None" after rounds without an evaluate_fn.
+        """
+        if server_round == 0:
+            return self._evaluate_fn(0, arrays) if self._evaluate_fn and self._loop_offset == 0 else None
+        if self._skip_rest:
+            return None
+        server_round = self.absolute_round(server_round)
+        metrics = self._evaluate_fn(server_round, arrays) if self._evaluate_fn else None
+        self.records.append({"round": server_round, "client": -1, "split": "server",
+                             "metric": "round-seconds", "value": time.time() - self._round_started})
+        self.round_offset = server_round
+        if self._round_end is not None:
+            self._round_end(server_round, self)
+        if self.stopped_early:
+            log(INFO, "Early stop after round %d: no better weighted valid loss for %d evaluations (best %.5f at "
+                "round %d); the rounds left send nothing.", server_round, self.evals_since_best, self.best_loss,
+                self.best_round)
+            self._skip_rest = True
+        return metrics
 
     def evaluate_all(self, grid: Grid, arrays: ArrayRecord | None = None, split: str = "test",
                      server_round: int | None = None, config: ConfigRecord | None = None,

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAvg
-
 from .base import StrategyBase
 
 
-class RecordingFedAvg(StrategyBase, FedAvg):
+class RecordingFedAvg(StrategyBase):
     """Flower's FedAvg aggregation; every client's personal adapter is the global one."""

@@ -13,5 +13,6 @@ class RecordingFedProx(StrategyBase, FedProx):
 
     def add_train_config(self, config: ConfigRecord, node_id: int) -> None:
         super().add_train_config(config, node_id)
-        # StrategyBase builds the messages itself, so FedProx.configure_train's injection is redone here.
+        # FedProx.configure_train would put it into the shared config; StrategyBase.configure_train
+        # builds each node's config itself and does not call it.
         config["proximal-mu"] = float(self.proximal_mu)

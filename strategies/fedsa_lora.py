@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
-from flwr.serverapp.strategy import FedAvg
 
 from .arrays import FlatLayout
 from .personal import PersonalisedBase
@@ -31,7 +30,7 @@ def share_a(shared: ArrayRecord, own: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({key: own[key] if is_personal_key(key) else shared[key] for key in own.keys()})
 
 
-class FedSaLora(PersonalisedBase, FedAvg):
+class FedSaLora(PersonalisedBase):
     """Each client: the size-weighted mean A of this round's uploads with its own last B."""
 
     def arrays_for_node(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:

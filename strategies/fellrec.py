@@ -19,11 +19,10 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common import log
-from flwr.serverapp.strategy import FedAvg
 
 from . import fellrec_math
 from .arrays import FlatLayout
-from .base import TRAIN_LOSS
+from .base import TRAIN_LOSS, metrics_of
 from .personal import PersonalisedBase
 
 
@@ -34,7 +33,7 @@ class MissingTrainLossError(ValueError):
     """A train reply lacks the "train-loss" metric the loss softmax needs."""
 
 
-class FellRec(PersonalisedBase, FedAvg):
+class FellRec(PersonalisedBase):
     """Personalised similarity-weighted aggregation with curriculum heating.
 
     Parameters follow ``FellRecSettings`` in fellrec_flwr/config.py: ``alpha``, ``beta``,
@@ -130,7 +129,7 @@ class FellRec(PersonalisedBase, FedAvg):
     def _losses(self, collected: list[tuple[int, int, Message]]) -> np.ndarray:
         losses = []
         for key, _, reply in collected:
-            metrics = next(iter(reply.content.metric_records.values()))
+            metrics = metrics_of(reply.content)
             if TRAIN_LOSS not in metrics:
                 raise MissingTrainLossError(
                     f"client-key {key} replied without {TRAIN_LOSS!r}; FELLRec's loss softmax needs each "

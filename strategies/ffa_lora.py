@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from .arrays import array_view
 from .base import StrategyBase
@@ -41,24 +40,20 @@ def check_a_unchanged(initial: ArrayRecord, uploads: Iterable[tuple[int, ArrayRe
                 )
 
 
-class FfaLora(StrategyBase, FedAvg):
+class FfaLora(StrategyBase):
     """FedAvg of B with A frozen at the initial arrays; every client's adapter is the global one."""
 
     def add_train_config(self, config: ConfigRecord, node_id: int) -> None:
         super().add_train_config(config, node_id)
         config[FREEZE_LORA_A] = True
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None or self.initial_arrays is None:
-            return arrays, metrics
-        uploads = [(self.client_key_of(r.content, r.metadata.src_node_id), r.content[self.arrayrecord_key])
-                   for r in replies if not r.has_error()]
+    def aggregate_arrays(self, server_round: int, collected: list[tuple[int, int, Message]]) -> ArrayRecord:
+        arrays = super().aggregate_arrays(server_round, collected)
+        if self.initial_arrays is None:
+            return arrays
+        uploads = [(key, reply.content[self.arrayrecord_key]) for key, _, reply in collected]
         check_a_unchanged(self.initial_arrays, uploads)
         # The weighted mean of identical A's can differ in the last bit: keep the initial A exactly.
         for key in lora_a_keys(self.initial_arrays):
             arrays[key] = self.initial_arrays[key]
-        return arrays, metrics
+        return arrays

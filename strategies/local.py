@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
-from flwr.serverapp.strategy import FedAvg
 
 from .arrays import FlatLayout
 from .personal import PersonalisedBase
 
 
-class LocalOnly(PersonalisedBase, FedAvg):
+class LocalOnly(PersonalisedBase):
     """Each client gets back its own last upload; all start from the initial arrays."""
 
     def personalise(

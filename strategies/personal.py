@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message
 
 from .arrays import FlatLayout, from_numpy_dict, to_numpy_dict
-from .base import StrategyBase
+from .base import StrategyBase, metrics_of
 
 
 class PersonalisedBase(StrategyBase):
@@ -27,7 +26,7 @@ class PersonalisedBase(StrategyBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.personal: dict[int, ArrayRecord] = {}
-        # Set by aggregate_train before personalise(): this round's size weights (sum 1), and
+        # Set by aggregate_arrays before personalise(): this round's size weights (sum 1), and
         # the size-weighted mean record if personalise() already built it.
         self.mean_weights: np.ndarray = np.zeros(0)
         self.round_mean: ArrayRecord | None = None
@@ -55,12 +54,8 @@ class PersonalisedBase(StrategyBase):
         """New personal arrays per client key from this round's uploads (one row of stacked each)."""
         raise NotImplementedError
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        collected = self._collect(server_round, replies, "train")
-        if not collected:
-            return None, None
+    def aggregate_arrays(self, server_round: int, collected: list[tuple[int, int, Message]]) -> ArrayRecord:
+        """Each replying client's new adapter (:meth:`personalise`); returns the size-weighted mean."""
         records = [reply.content[self.arrayrecord_key] for _, _, reply in collected]
         layout = FlatLayout.of(records[0])
         # One float32 (N, D) matrix, filled from views on the replies' bytes. It is kept for the
@@ -68,16 +63,15 @@ class PersonalisedBase(StrategyBase):
         stacked = layout.stack(records, names=[f"client-key {key}" for key, _, _ in collected],
                                out=self._stack_buffer)
         self._stack_buffer = stacked
-        contents = [reply.content for _, _, reply in collected]
-        sizes = np.array([float(next(iter(c.metric_records.values()))[self.weighted_by_key])  # type: ignore[arg-type]
-                          for c in contents])
+        sizes = np.array([float(metrics_of(reply.content)[self.weighted_by_key])  # type: ignore[arg-type]
+                          for _, _, reply in collected])
         self.mean_weights = sizes / sizes.sum()
         self.round_mean = None
         self.personal.update(self.personalise(server_round, collected, layout, stacked))
         mean = self.round_mean  # a personalise() that mixes anyway computes it in the same product
         if mean is None:
             mean = layout.mix(self.mean_weights[None, :], stacked)[0]
-        return mean, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return mean
 
     def extra_state(self) -> dict[str, Any]:
         return {"personal": {key: to_numpy_dict(record) for key, record in self.personal.items()}}
