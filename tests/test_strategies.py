@@ -420,3 +420,61 @@ def test_bad_replies_raise_clear_errors(reply_fn, error):
     with pytest.raises(ValueError, match=error):
         initial = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
         build("fellrec", 2).start(InProcessGrid(_app_with(reply_fn), 2), initial, num_rounds=1)
+
+
+# --------------------------------------------------------------------------- what comes from Flower
+def test_strategies_are_flowers_fedavg_and_override_only_what_base_explains():
+    from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+
+    from strategies import FedSaLora, FfaLora, StrategyBase
+
+    for cls in (RecordingFedAvg, RecordingFedProx, FellRec, LocalOnly, FfaLora, FedSaLora):
+        assert issubclass(cls, FedAvg)
+    assert issubclass(RecordingFedProx, FedProx)
+    # Each of these overrides has its reason in strategies/base.py's docstring; a new one (say a
+    # copy of summary() or of FedAvg's reply checks) has to be added here and explained there.
+    flower_names = {name for cls in (FedAvg, Strategy) for name in vars(cls) if callable(getattr(cls, name))}
+    overridden = flower_names & set(vars(StrategyBase))
+    assert overridden == {"__init__", "configure_train", "configure_evaluate", "aggregate_train", "aggregate_evaluate",
+                          "start"}
+
+
+def test_start_runs_no_round_of_its_own(monkeypatch):
+    """Every round is Flower's Strategy.start: with that loop stubbed out, start() sends nothing."""
+    from flwr.serverapp.strategy import Result, Strategy
+
+    calls = []
+    monkeypatch.setattr(Strategy, "start", lambda self, *args, **kwargs: calls.append(kwargs) or Result())
+    strategy = build("fellrec", 2)
+    grid = InProcessGrid(app, 2)
+    result = strategy.start(grid, initial_arrays(), num_rounds=3)
+    assert grid.sent == [] and strategy.round_offset == 0 and strategy.records == []
+    assert len(calls) == 1 and calls[0]["num_rounds"] == 3 and calls[0]["evaluate_fn"] == strategy.end_round
+    assert distance(result.arrays, initial_arrays()) == 0.0  # no aggregate: the arrays it started from
+
+
+def test_resumed_start_keeps_rounds_absolute():
+    n = 2
+    first = build("fedavg", n)
+    first.start(InProcessGrid(app, n), initial_arrays(), num_rounds=2)
+    resumed = build("fedavg", n)
+    resumed.load_state_dict(first.state_dict())
+    evaluated: list[int] = []
+    ended: list[int] = []
+    result = resumed.start(InProcessGrid(app, n, first_node_id=5000), resumed.global_arrays, num_rounds=2,
+                           evaluate_fn=lambda r, arrays: evaluated.append(r) or MetricRecord({"r": r}),
+                           on_round_end=lambda r, s: ended.append(r))
+    assert evaluated == [3, 4] and ended == [3, 4]  # no round-0 evaluation: the first run did it
+    assert sorted(result.train_metrics_clientapp) == [3, 4] and sorted(result.evaluate_metrics_serverapp) == [3, 4]
+    assert {r["round"] for r in resumed.records if r["split"] == "train"} == {1, 2, 3, 4}
+    assert resumed.absolute_round(1) == 1  # outside start() Flower's round is the run's round
+
+
+def test_rounds_left_after_early_stop_send_nothing():
+    strategy = build("fedavg", 3, early_stop_patience=2)
+    grid = InProcessGrid(app, 3, run_config={"eval-best-round": 2})
+    strategy.start(grid, initial_arrays(), num_rounds=10)
+    sent_rounds = {int(m.content["config"]["server-round"]) for m in grid.sent}
+    assert sent_rounds == {1, 2, 3, 4} and strategy.failures == []
+    # The stop lasts only for that start(): the final test evaluation still goes out.
+    assert strategy.evaluate_all(grid, split="test") is not None
