@@ -23,11 +23,9 @@ One cluster serves all tests, in this order (each builds on evidence, not on luc
 
 from __future__ import annotations
 
-import http.client
 import json
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import threading
@@ -140,15 +138,25 @@ def test_unregistered_supernode_key_is_refused(cluster):
 # --------------------------------------------------------------------------- split service
 
 
-def _get(cluster: Cluster, path: str, headers: dict[str, str]) -> tuple[int, dict]:
-    ctx = ssl.create_default_context(cafile=str(cluster.deploy_dir / "certs" / "ca.crt"))
-    conn = http.client.HTTPSConnection("127.0.0.1", cluster.split_port, context=ctx, timeout=30)
-    try:
-        conn.request("GET", path, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read() or b"{}")
-    finally:
-        conn.close()
+def _call(cluster: Cluster, method: str, metadata=(), trust: str = "our-ca"):
+    """One gRPC call of the split service, no retries: (gRPC status, reply JSON or engine error code).
+    trust: "our-ca" (TLS verified against the deployment's CA), "system" (the system store), "plain"."""
+    import grpc
+
+    from fellrec_flwr.split.wire import ERROR_CODE_KEY, method_path
+
+    target = f"127.0.0.1:{cluster.split_port}"
+    if trust == "plain":
+        channel = grpc.insecure_channel(target)
+    else:
+        ca = (cluster.deploy_dir / "certs" / "ca.crt").read_bytes() if trust == "our-ca" else None
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(ca))
+    with channel:
+        try:
+            return grpc.StatusCode.OK, json.loads(channel.unary_unary(method_path(method))(b"", metadata=metadata,
+                                                                                           timeout=30))
+        except grpc.RpcError as err:
+            return err.code(), dict(err.trailing_metadata() or ()).get(ERROR_CODE_KEY)
 
 
 def _token(cluster: Cluster, i: int) -> str:
@@ -156,28 +164,23 @@ def _token(cluster: Cluster, i: int) -> str:
 
 
 def test_split_service_refuses_missing_or_tampered_credentials(cluster):
-    from fellrec_flwr.split.auth import auth_headers
+    import grpc
 
+    from fellrec_flwr.split.auth import auth_metadata
+
+    codes = grpc.StatusCode
     good = _token(cluster, 0)
-    assert _get(cluster, "/v1/health", {})[0] == 200  # open, for load balancers
-    status, body = _get(cluster, "/v1/info", {})
-    assert (status, body["error"]["code"]) == (401, "missing_credentials")
+    assert _call(cluster, "Health") == (codes.OK, {"status": "ok"})  # open, for load balancers
+    assert _call(cluster, "Info") == (codes.UNAUTHENTICATED, "missing_credentials")
     tampered = ("0" if good[0] != "0" else "1") + good[1:]
-    status, body = _get(cluster, "/v1/info", auth_headers("client-0", tampered))
-    assert (status, body["error"]["code"]) == (403, "bad_credentials")
-    status, _ = _get(cluster, "/v1/info", auth_headers("client-0", _token(cluster, 1)))  # another client's token
-    assert status == 403
-    status, info = _get(cluster, "/v1/info", auth_headers("client-0", good))
-    assert status == 200 and info["hidden_size"] > 0
-    # TLS only, and only for clients that trust our CA
-    with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
-        plain = http.client.HTTPConnection("127.0.0.1", cluster.split_port, timeout=10)
-        plain.request("GET", "/v1/health")
-        assert plain.getresponse().status != 200
-    with pytest.raises(ssl.SSLCertVerificationError):
-        conn = http.client.HTTPSConnection("127.0.0.1", cluster.split_port, context=ssl.create_default_context(),
-                                           timeout=10)
-        conn.request("GET", "/v1/health")
+    assert _call(cluster, "Info", auth_metadata("client-0", tampered)) == (codes.PERMISSION_DENIED, "bad_credentials")
+    other = auth_metadata("client-0", _token(cluster, 1))  # another client's token
+    assert _call(cluster, "Info", other)[0] == codes.PERMISSION_DENIED
+    status, info = _call(cluster, "Info", auth_metadata("client-0", good))
+    assert status == codes.OK and info["hidden_size"] > 0
+    # TLS only, and only for clients that trust our CA (the system store does not know it)
+    assert _call(cluster, "Health", trust="plain")[0] == codes.UNAVAILABLE
+    assert _call(cluster, "Health", trust="system")[0] == codes.UNAVAILABLE
 
 
 def test_split_service_restart_is_survived_by_retrying_clients(cluster):
