@@ -98,8 +98,6 @@ class StrategyBase(FedAvg):
     state hooks (:class:`strategies.personal.PersonalisedBase` keeps one adapter per client).
     """
 
-    # True when each client has its own arrays (nodes must then be identified before sending).
-    personalised: bool = False
     # Called as on_round_end(server_round, strategy) after every round, unless start() gets one.
     on_round_end: RoundEndHook | None = None
 
@@ -175,6 +173,7 @@ class StrategyBase(FedAvg):
         self._unidentifiable.discard(node_id)
 
     def has_personal_state(self) -> bool:
+        """True once clients have arrays of their own: nodes must then be identified before sending."""
         return False
 
     def _identify_nodes(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
@@ -185,7 +184,7 @@ class StrategyBase(FedAvg):
         fallback arrays, as new clients do.
         """
         sends_best = self._send_best and bool(self._best_arrays)  # best adapters are per client, too
-        if not sends_best and (not self.personalised or not self.has_personal_state()):
+        if not sends_best and not self.has_personal_state():
             return
         unknown = [n for n in node_ids if n not in self.node_to_key and n not in self._unidentifiable]
         if not unknown:

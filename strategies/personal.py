@@ -21,8 +21,6 @@ class PersonalisedBase(StrategyBase):
     size-weighted mean of this round's uploads, for logging only.
     """
 
-    personalised = True
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.personal: dict[int, ArrayRecord] = {}
