@@ -122,11 +122,12 @@ def model_and_tokenizer(cfg, data):
     return add_lora(base, cfg.lora, seed=cfg.seed), tok
 
 
-def training_windows(data, n: int, history_len: int, seed: int):
-    """`n` (history, next item) windows drawn uniformly from every training sequence's positions."""
+def training_windows(data, n: int, history_len: int, seed: int, client: int | None = None):
+    """`n` (history, next item) windows drawn uniformly from every training sequence's positions
+    (all users', or one client's users' when `client` is given)."""
     from fellrec_flwr.data.prepared import Example
 
-    sequences = data.sequences()
+    sequences = data.sequences(client)
     users = sorted(sequences)
     rng = np.random.default_rng(seed)
     # every position t >= 1 of every sequence is one window; draw positions, not users
