@@ -89,6 +89,9 @@ class TrainSettings:
     length_bucketing: bool = False  # batch similar lengths (within shuffled chunks): less padding
     labelled_logits_only: bool = True  # LM head only on positions that carry a loss (exact)
     prefix_cache_mb: int = 1024  # cache the frozen layers' output when LoRA is in the last layers only; 0 = off
+    # with labelled-logits-only: the loss over at most this many MB of float32 logits at a time
+    # (SmolLM2: 64 positions of its 49k vocabulary); bounds a client's training memory. 0 = all at once
+    loss_chunk_mb: int = 12
 
 
 @dataclass
@@ -219,8 +222,8 @@ class FellRecConfig:
         _choice("train.lr-schedule", self.train.lr_schedule, ("constant", "linear"))
         _choice("train.autocast", self.train.autocast, ("auto", "bf16", "off"))
         _choice("eval.test-adapter", self.eval.test_adapter, ("best", "last"))
-        if self.train.warmup_steps < 0 or self.train.prefix_cache_mb < 0:
-            raise ConfigError("train.warmup-steps and train.prefix-cache-mb must be >= 0.")
+        if self.train.warmup_steps < 0 or self.train.prefix_cache_mb < 0 or self.train.loss_chunk_mb < 0:
+            raise ConfigError("train.warmup-steps, train.prefix-cache-mb and train.loss-chunk-mb must be >= 0.")
         _positive("lora.r", self.lora.r)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train={self.fraction_train} must be in (0, 1].")

@@ -18,6 +18,8 @@ from fellrec_flwr.model.speed import (
     AutocastChooser,
     FastForward,
     autocast_dtype,
+    chunk_rows_for,
+    chunked_head_loss,
     cpu_has_native_bf16,
     decoder_parts,
     first_changing_layer,
@@ -61,6 +63,68 @@ def test_labelled_head_loss_equals_full_logits_loss():
     full, n_full = token_loss_sum(head(hidden), labels)
     assert n_fast == n_full == 7
     assert fast.item() == pytest.approx(full.item(), rel=1e-6)
+
+
+class RowSpy(torch.nn.Linear):
+    """A head that records how many positions each call projects (the logits' first dimension)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows_seen: list[int] = []
+
+    def forward(self, x):
+        self.rows_seen.append(x.shape[0])
+        return super().forward(x)
+
+
+def _rows_and_head(trainable_head: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(37, 6, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=gen)
+    head = RowSpy(6, 50, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 6, generator=gen))
+    head.weight.requires_grad_(trainable_head)
+    return rows, targets, head
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_chunked_loss_equals_the_full_loss_and_gradients_without_whole_logits(trainable_head):
+    rows, targets, head = _rows_and_head(trainable_head)
+    full = torch.nn.functional.cross_entropy(head(rows).float(), targets, reduction="sum")
+    (full / 9).backward()  # the trainer divides by the step's token count
+    want_rows, want_head = rows.grad.clone(), None if head.weight.grad is None else head.weight.grad.clone()
+    rows.grad, head.weight.grad, head.rows_seen = None, None, []
+
+    chunked = chunked_head_loss(rows, targets, head, chunk=8)
+    (chunked / 9).backward()
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    torch.testing.assert_close(rows.grad, want_rows, rtol=1e-5, atol=1e-7)
+    if trainable_head:  # recomputed in backward: the weights still get their gradient
+        torch.testing.assert_close(head.weight.grad, want_head, rtol=1e-5, atol=1e-6)
+    else:
+        assert head.weight.grad is None
+    assert head.rows_seen and max(head.rows_seen) <= 8  # never the 37 x 50 logits at once
+    assert sum(head.rows_seen) == 37 * (2 if trainable_head else 1)  # frozen head: no recomputation
+
+
+def test_chunked_loss_without_grad_and_the_unchunked_path_unchanged():
+    rows, targets, head = _rows_and_head(False)
+    full = torch.nn.functional.cross_entropy(head(rows).float(), targets, reduction="sum")
+    with torch.no_grad():
+        assert chunked_head_loss(rows, targets, head, chunk=5).item() == pytest.approx(full.item(), rel=1e-6)
+    hidden = torch.cat([rows.detach(), torch.zeros(1, 6)]).unsqueeze(0)  # position t predicts labels[t + 1]
+    labels = torch.cat([torch.tensor([IGNORE_INDEX]), targets]).unsqueeze(0)
+    for chunk in (0, 37, 100):  # no chunk, or one as large as the batch: the plain code, bit for bit
+        loss, n = labelled_head_loss(hidden, labels, head, chunk)
+        assert n == 37 and torch.equal(loss, full)
+
+
+def test_chunk_rows_follow_the_megabytes_and_the_vocabulary():
+    assert chunk_rows_for(12, 49152) == 64  # SmolLM2: 64 positions x 49k x float32 = 12 MB
+    assert chunk_rows_for(0, 49152) == 0
+    assert chunk_rows_for(1e-9, 49152) == 1
+    assert chunk_rows_for(12, 800) > 3000  # a small vocabulary is never split in practice
 
 
 def test_pad_hidden_right_pads_with_zeros():
@@ -145,6 +209,29 @@ def test_labelled_logits_only_gives_the_same_loss(work_dir):
         with torch.no_grad():
             (a, na), (b, nb) = plain.loss_sum(batch), fast.loss_sum(batch)
         assert na == nb and a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
+def test_loss_chunks_give_the_same_loss_and_training(work_dir):
+    lora = small_lora(dropout=0.0)
+    model, tok = fresh(work_dir, lora)
+    randomised(model).eval()
+    batch, _ = batch_of(tok, TRAIN[:6])
+    tiny_chunks = 200 * 4 * decoder_parts(model).head.out_features / 2**20  # 200 positions a chunk
+    chunked = FastForward(model, torch.device("cpu"), loss_chunk_mb=tiny_chunks)
+    assert chunked.chunk_rows == 200 and int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) > 200
+    with torch.no_grad():
+        (a, na), (b, nb) = FastForward(model, torch.device("cpu")).loss_sum(batch), chunked.loss_sum(batch)
+    assert na == nb and b.item() == pytest.approx(a.item(), rel=1e-6)
+
+    def trained(**speed):
+        m_, t_ = fresh(work_dir, lora)
+        cfg = TrainSettings(batch_size=8, lr=1e-2, local_epochs=1, **{**PLAIN, "labelled_logits_only": True, **speed})
+        result = train_local(m_, t_, TRAIN[:16], TITLES, cfg, seed=3, progress=False)
+        return flatten_state(get_lora_state(m_)), result.loss
+
+    (x, loss_x), (y, loss_y) = trained(loss_chunk_mb=0), trained(loss_chunk_mb=tiny_chunks)
+    np.testing.assert_allclose(x, y, atol=1e-4)  # Adam normalises tiny gradients: rounding shows a little
+    assert loss_x == pytest.approx(loss_y, rel=1e-5)
 
 
 def test_prefix_cache_only_when_lora_sits_in_the_last_layers(work_dir):

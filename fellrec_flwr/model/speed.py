@@ -10,7 +10,10 @@
   ``<FELLREC_CACHE>/autocast.json``, so a machine measures once.
 - The LM head only where a loss is taken: the vocabulary projection (49k x 576 for SmolLM2)
   and its softmax are computed only for positions whose next token is labelled, instead of
-  for every position of the padded batch. Same loss up to float rounding.
+  for every position of the padded batch. Same loss up to float rounding. With
+  ``train.loss-chunk-mb`` the loss is taken a few positions at a time, so the logits (4 x 128
+  positions x 49k x float32 = 100 MB, and their softmax and gradient as much again each) never
+  exist whole: a memory bound for a client, no extra matrix product when the head is frozen.
 - The frozen prefix's activations cached: when LoRA (and every other trainable or changing
   weight) sits in the last layers only (``lora.layers``), the hidden states entering the
   first adapted layer never change while the adapter trains. They are computed once per
@@ -189,15 +192,81 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 # --------------------------------------------------------------------------- pure pieces
 
 
-def labelled_head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, int]:
+def labelled_head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+                       chunk_rows: int = 0) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropies, projecting only the hidden states that predict a label.
 
-    Equal to ``token_loss_sum(head(hidden), labels)``: position t predicts labels[t+1].
+    Equal to ``token_loss_sum(head(hidden), labels)``: position t predicts labels[t+1]. With
+    `chunk_rows` > 0 and more labelled positions than that, the loss is taken `chunk_rows` positions
+    at a time (:func:`chunked_head_loss`), so the [positions, vocabulary] logits never exist whole.
     """
     targets = labels[:, 1:].to(hidden.device)
     keep = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+    rows, wanted = hidden[:, :-1][keep], targets[keep]
+    if 0 < chunk_rows < rows.shape[0]:
+        return chunked_head_loss(rows, wanted, head, chunk_rows), int(keep.sum())
+    logits = head(rows).float()
+    return F.cross_entropy(logits, wanted, reduction="sum"), int(keep.sum())
+
+
+def chunk_rows_for(loss_chunk_mb: float, vocab_size: int) -> int:
+    """Positions per loss chunk so that one chunk's float32 logits take about `loss_chunk_mb` MB; 0 = no chunks."""
+    if loss_chunk_mb <= 0:
+        return 0
+    return max(1, int(loss_chunk_mb * 2**20) // (4 * vocab_size))
+
+
+def _chunk_loss(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(rows).float(), targets, reduction="sum")
+
+
+class _FrozenHeadLoss(torch.autograd.Function):
+    """Cross-entropy through a frozen head, chunk by chunk, its gradient taken in the forward pass.
+
+    Each chunk's logits, softmax and logit gradient live only while that chunk is processed; what
+    is kept for backward is d loss / d rows ([positions, hidden], small). Autocast applies inside
+    as it would outside. Backward scales that gradient by the incoming one (a scalar).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+        total = rows.new_zeros((), dtype=torch.float32)
+        grads = []
+        for start in range(0, rows.shape[0], chunk):
+            part = rows[start:start + chunk].detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = _chunk_loss(head, part, targets[start:start + chunk])
+                (grad,) = torch.autograd.grad(loss, part)
+            total += loss.detach()
+            grads.append(grad)
+        ctx.save_for_backward(torch.cat(grads))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None
+
+
+def chunked_head_loss(rows: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+    """``cross_entropy(head(rows).float(), targets, reduction='sum')`` without the whole logits matrix.
+
+    Same value and gradients up to float rounding (partial sums). A frozen head (LoRA elsewhere)
+    costs no extra matrix product; a head with trainable weights is recomputed chunk by chunk in
+    the backward pass (activation checkpointing) so its weights get their gradient.
+    """
+    if not torch.is_grad_enabled() or not (rows.requires_grad or any(p.requires_grad for p in head.parameters())):
+        total = rows.new_zeros((), dtype=torch.float32)
+        for start in range(0, rows.shape[0], chunk):
+            total = total + _chunk_loss(head, rows[start:start + chunk], targets[start:start + chunk])
+        return total
+    if not any(p.requires_grad for p in head.parameters()):
+        return _FrozenHeadLoss.apply(rows, targets, head, chunk)
+    from torch.utils.checkpoint import checkpoint
+
+    parts = [checkpoint(_chunk_loss, head, rows[start:start + chunk], targets[start:start + chunk],
+                        use_reentrant=False) for start in range(0, rows.shape[0], chunk)]
+    return torch.stack(parts).sum()
 
 
 def pad_hidden(states: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -299,10 +368,13 @@ class FastForward:
     """Loss sum and label count of a collated batch, by the fastest path the settings allow."""
 
     def __init__(self, model: nn.Module, device: torch.device, labelled_logits_only: bool = True,
-                 prefix_cache_mb: float = 0.0, autocast_to: torch.dtype | None = None) -> None:
+                 prefix_cache_mb: float = 0.0, autocast_to: torch.dtype | None = None,
+                 loss_chunk_mb: float = 0.0) -> None:
         self.model, self.device, self.dtype = model, device, autocast_to
         self.parts = decoder_parts(model) if (labelled_logits_only or prefix_cache_mb > 0) else None
         self.head_only = labelled_logits_only and self.parts is not None
+        # positions per loss chunk (labelled-logits path only): bounds the logits' memory
+        self.chunk_rows = chunk_rows_for(loss_chunk_mb, self.parts.head.out_features) if self.head_only else 0
         self.prefix_start = self._prefix_start(prefix_cache_mb)
         self.cache_bytes = int(prefix_cache_mb * 2**20)
 
@@ -389,7 +461,7 @@ class FastForward:
     def _head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         assert self.parts is not None
         if self.head_only:
-            return labelled_head_loss(hidden, labels, self.parts.head)
+            return labelled_head_loss(hidden, labels, self.parts.head, self.chunk_rows)
         return full_logits_loss(self.parts.head(hidden), labels)
 
 
@@ -414,4 +486,5 @@ def _warn_once(message: str) -> None:
 def describe(forward: FastForward) -> dict[str, Any]:
     """What the forward does, for logs and the benchmark."""
     return {"autocast": str(forward.dtype).replace("torch.", "") if forward.dtype else "off",
-            "labelled_logits_only": forward.head_only, "prefix_layers_cached": forward.prefix_start}
+            "labelled_logits_only": forward.head_only, "prefix_layers_cached": forward.prefix_start,
+            "loss_chunk_rows": forward.chunk_rows}

@@ -11,8 +11,9 @@ with every call, i.e. every round, as the authors' per-round HF Trainer does.
 
 Speed options (fellrec_flwr/model/speed.py; bench/train_speed.py measures them): bf16 autocast
 (``train.autocast``), length bucketing (``train.length-bucketing``), the LM head only on
-labelled positions (``train.labelled-logits-only``) and the frozen prefix's activations
-cached when LoRA sits in the last layers only (``train.prefix-cache-mb``).
+labelled positions (``train.labelled-logits-only``), its loss a chunk of positions at a time
+(``train.loss-chunk-mb``, a memory bound) and the frozen prefix's activations cached when
+LoRA sits in the last layers only (``train.prefix-cache-mb``).
 
 Reproducible: shuffling uses a private generator and dropout runs under a forked,
 seeded torch RNG, both derived from `seed`; on CPU two calls with the same seed and
@@ -135,7 +136,7 @@ def fast_forward(model: torch.nn.Module, train_cfg: TrainSettings, device: torch
     training step without the optimiser when `backward`, a forward pass otherwise).
     """
     forward = FastForward(model, device, labelled_logits_only=train_cfg.labelled_logits_only,
-                          prefix_cache_mb=train_cfg.prefix_cache_mb)
+                          prefix_cache_mb=train_cfg.prefix_cache_mb, loss_chunk_mb=train_cfg.loss_chunk_mb)
     sample = collator(list(features[:train_cfg.batch_size]))
 
     def step(dtype: torch.dtype | None) -> None:
