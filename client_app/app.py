@@ -18,12 +18,25 @@ from flwr.clientapp import ClientApp
 
 from fellrec_flwr.train.client_state import ClientStateStore, adapter_fingerprint, apply_node_settings, node_settings
 from fellrec_flwr.config import FellRecConfig, from_run_config
+from fellrec_flwr.model import memory
 from fellrec_flwr.model.lora_state import get_lora_state, record_to_state, state_to_record, set_lora_state
 from fellrec_flwr.data.prepared import with_prepared_settings
 from fellrec_flwr.runtime import derive_seed, get_runtime
 from fellrec_flwr.split.runtime import attach_split
 
-app = ClientApp()
+
+def return_memory(msg: Message, context: Context, call_next) -> Message:
+    """Every message: freed tensors go back to the system, none stays resident between messages
+    (a client's peak is then what it holds plus one step's temporaries; fellrec_flwr/model/memory.py)."""
+    memory.return_freed_memory()
+    try:
+        return call_next(msg, context)
+    finally:
+        memory.trim()
+
+
+memory.return_freed_memory()  # this process's loading (data, weights) too, not only the messages
+app = ClientApp(mods=[return_memory])
 
 
 def client_key(context: Context) -> int:
