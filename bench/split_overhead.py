@@ -15,7 +15,7 @@ and `recompute` (Petals-style stateless backward: the middle forward runs again)
 Columns of bench/results/split_overhead.csv: model, service (process|thread), threads,
 omp_wait_policy (the OMP_WAIT_POLICY environment variable of both processes), mode, wire, batch, seq, steps, local_s,
 split_s, ratio, bytes_per_step, requests_per_step, service_compute_s, client_wait_s, transport_s
-(= client_wait - service_compute: serialisation + HTTP + copies), client_compute_s
+(= client_wait - service_compute: serialisation + gRPC + copies), client_compute_s
 (= split_s - client_wait_s).
 """
 
