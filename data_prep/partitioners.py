@@ -17,11 +17,13 @@ client i's users, like any flwr-datasets partitioner.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
-from sklearn.cluster import KMeans
-from threadpoolctl import threadpool_limits
+
+if TYPE_CHECKING:  # imported where used: flwr-datasets, datasets and scikit-learn cost ~100 MB to import
+    from datasets import Dataset
+    from flwr_datasets.partitioner import Partitioner
 
 from data_prep.errors import DataPrepError
 
@@ -32,67 +34,14 @@ DIRICHLET_CATEGORIES = 10
 DIRICHLET_MIN_SHARE = 0.1
 
 
-def _column(dataset: Dataset, name: str) -> np.ndarray:
-    """A whole column as one numpy array (``dataset[name]`` would iterate row by row)."""
-    return dataset.with_format("numpy")[:][name]
-
-
 def kmeans_labels(vectors: np.ndarray, k: int, seed: int, n_init: int = KMEANS_N_INIT) -> np.ndarray:
     """Seeded K-means labels. One BLAS/OpenMP thread: on a shared 2-core machine more threads
     made it 4x slower, and a single thread is deterministic."""
+    from sklearn.cluster import KMeans  # imported when used: ~100 MB a data reader does not need
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(1):
         return KMeans(k, n_init=n_init, random_state=seed).fit_predict(np.asarray(vectors, dtype=np.float64))
-
-
-class KMeansPartitioner(Partitioner):
-    """Partition rows by K-means clusters of a vector column (largest cluster = partition 0)."""
-
-    def __init__(self, num_partitions: int, partition_by: str = "embedding", seed: int = 2024,
-                 n_init: int = KMEANS_N_INIT) -> None:
-        super().__init__()
-        if num_partitions < 1:
-            raise DataPrepError(f"num_partitions={num_partitions} must be >= 1.")
-        self._num_partitions = num_partitions
-        self._partition_by = partition_by
-        self._seed = seed
-        self._n_init = n_init
-        self._indices: list[np.ndarray] | None = None
-
-    def _fit(self) -> list[np.ndarray]:
-        if self._indices is None:
-            vectors = _column(self.dataset, self._partition_by)
-            if len(vectors) < self._num_partitions:
-                raise DataPrepError(f"{len(vectors)} users cannot form {self._num_partitions} clients; "
-                                    "lower data.num-clients.")
-            labels = kmeans_labels(vectors, self._num_partitions, self._seed, self._n_init)
-            sizes = np.bincount(labels, minlength=self._num_partitions)
-            order = sorted(range(self._num_partitions), key=lambda c: (-sizes[c], c))
-            self._indices = [np.flatnonzero(labels == c) for c in order]
-        return self._indices
-
-    def load_partition(self, partition_id: int) -> Dataset:
-        return self.dataset.select(self._fit()[partition_id])
-
-    @property
-    def num_partitions(self) -> int:
-        return self._num_partitions
-
-
-class ShuffledIidPartitioner(IidPartitioner):
-    """IidPartitioner over a seeded shuffle of the rows (the original cuts them in file order)."""
-
-    def __init__(self, num_partitions: int, seed: int = 2024) -> None:
-        super().__init__(num_partitions)
-        self._seed = seed
-        self._shuffled: Dataset | None = None
-
-    def load_partition(self, partition_id: int) -> Dataset:
-        if self._shuffled is None:
-            if self.dataset.num_rows < self.num_partitions:
-                raise DataPrepError(f"{self.dataset.num_rows} users cannot form {self.num_partitions} clients; "
-                                    "lower data.num-clients.")
-            self._shuffled = self.dataset.shuffle(seed=self._seed)
-        return self._shuffled.shard(num_shards=self.num_partitions, index=partition_id, contiguous=True)
 
 
 def item_categories(item_embeddings: np.ndarray, seed: int, num_categories: int = DIRICHLET_CATEGORIES) -> np.ndarray:
@@ -109,6 +58,10 @@ def dominant_category(sequences: list[list[int]], categories: np.ndarray) -> np.
 
 def make_partitioner(name: str, num_clients: int, seed: int, dirichlet_alpha: float,
                      num_users: int) -> Partitioner:
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    from data_prep.flower_partitioners import KMeansPartitioner, ShuffledIidPartitioner
+
     if name == "kmeans":
         return KMeansPartitioner(num_clients, partition_by="embedding", seed=seed)
     if name == "iid":
@@ -124,12 +77,16 @@ def make_partitioner(name: str, num_clients: int, seed: int, dirichlet_alpha: fl
 
 
 def user_dataset(user_ids: list[int], embeddings: np.ndarray, categories: np.ndarray) -> Dataset:
+    from datasets import Dataset
+
     return Dataset.from_dict({"user_id": list(user_ids), "embedding": embeddings.astype(np.float32).tolist(),
                               "category": categories.tolist()})
 
 
 def assign_clients(partitioner: Partitioner, users: Dataset) -> dict[int, int]:
     """user_id -> partition id, checking every user lands in exactly one non-empty partition."""
+    from data_prep.flower_partitioners import _column
+
     partitioner.dataset = users
     client_of: dict[int, int] = {}
     for pid in range(partitioner.num_partitions):
@@ -144,3 +101,12 @@ def assign_clients(partitioner: Partitioner, users: Dataset) -> dict[int, int]:
     if len(client_of) != users.num_rows:
         raise DataPrepError(f"The partitioner assigned {len(client_of)} of {users.num_rows} users.")
     return client_of
+
+
+def __getattr__(name: str) -> Any:
+    """The partitioner classes, imported on first use (data_prep/flower_partitioners.py)."""
+    if name in ("KMeansPartitioner", "ShuffledIidPartitioner", "_column"):
+        from data_prep import flower_partitioners
+
+        return getattr(flower_partitioners, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
