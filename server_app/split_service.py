@@ -111,6 +111,7 @@ class _Transport:
             metadata = dict(context.invocation_metadata())
             key = metadata.get(KEY_METADATA)
             client = service.authenticate(key, metadata.get(TOKEN_METADATA))
+            log.debug("call %s from %s (%d bytes)", name, _printable(client), len(request))  # the access log
             if name == "Info":
                 return json.dumps(service.info()).encode()
             if not self._slots.acquire(blocking=False):

@@ -417,3 +417,10 @@ def test_command_line_rejects_a_bad_cut(full, tok, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--model", str(folder), "--front-k", "2", "--back-k", "2", "--secret-file", str(secret_file)])
     assert exit_.value.code == 2 and "leaves no layer for the server" in capsys.readouterr().err
+
+
+def test_calls_are_logged_at_debug_with_the_client_key(service, caplog):
+    """The access log (the deploy test waits for it to see a client at work); keys repr-escaped."""
+    caplog.set_level("DEBUG", logger="fellrec.split_service")
+    _assert_serves(service.url)
+    assert any(r.getMessage().startswith("call Forward from 'client-0'") for r in caplog.records), caplog.text

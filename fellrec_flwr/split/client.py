@@ -141,12 +141,13 @@ class SplitServiceClient:
         self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
         self._credentials = (credentials or channel_credentials(ca_file)) if self.tls else None
         ms = lambda s: max(1, int(s * 1000))  # noqa: E731
+        # No retry policy is configured, so gRPC itself only retries calls that never reached the
+        # service (transparent retries); every other retry is ours (`request`), bounded and logged.
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", 60_000),  # find a dead connection while idle between rounds
             ("grpc.keepalive_timeout_ms", 20_000),
-            ("grpc.enable_retries", 0),  # ours below: bounded, logged, and only for what is worth it
             # reconnect as fast as we retry (the library's default starts at 1 s)
             ("grpc.initial_reconnect_backoff_ms", ms(backoff)),
             ("grpc.min_reconnect_backoff_ms", ms(backoff)),
