@@ -89,8 +89,8 @@ class TrainSettings:
     length_bucketing: bool = False  # batch similar lengths (within shuffled chunks): less padding
     labelled_logits_only: bool = True  # LM head only on positions that carry a loss (exact)
     prefix_cache_mb: int = 1024  # cache the frozen layers' output when LoRA is in the last layers only; 0 = off
-    # with labelled-logits-only: the loss over at most this many MB of float32 logits at a time
-    # (SmolLM2: 64 positions of its 49k vocabulary); bounds a client's training memory. 0 = all at once
+    # with labelled-logits-only: the loss over blocks of the vocabulary of about this many MB of float32
+    # logits (SmolLM2, 4 x 128 positions: 6,144 of 49,152 entries); bounds a client's memory. 0 = all at once
     loss_chunk_mb: int = 12
 
 

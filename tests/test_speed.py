@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from fellrec_flwr.data.collate import IGNORE_INDEX, TrainCollator, bucketed_batches, encode_examples
 from fellrec_flwr.config import TrainSettings
@@ -18,13 +19,13 @@ from fellrec_flwr.model.speed import (
     AutocastChooser,
     FastForward,
     autocast_dtype,
-    chunk_rows_for,
     chunked_head_loss,
     cpu_has_native_bf16,
     decoder_parts,
     first_changing_layer,
     labelled_head_loss,
     pad_hidden,
+    vocab_block,
 )
 from fellrec_flwr.train.trainer import eval_loss, token_loss_sum, train_local
 
@@ -65,66 +66,88 @@ def test_labelled_head_loss_equals_full_logits_loss():
     assert fast.item() == pytest.approx(full.item(), rel=1e-6)
 
 
-class RowSpy(torch.nn.Linear):
-    """A head that records how many positions each call projects (the logits' first dimension)."""
+class Biggest(TorchFunctionMode):
+    """Records the largest tensor any torch call returns while active (forward computations)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.rows_seen: list[int] = []
+    def __init__(self):
+        super().__init__()
+        self.most = 0
 
-    def forward(self, x):
-        self.rows_seen.append(x.shape[0])
-        return super().forward(x)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.numel())
+        return out
+
+
+N_ROWS, VOCAB = 37, 1000
+PIECE = 4 * N_ROWS * 300  # bytes: vocabulary blocks of 300 (frozen head), chunks of 11 positions (trainable)
 
 
 def _rows_and_head(trainable_head: bool, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    rows = torch.randn(37, 6, generator=gen, requires_grad=True)
-    targets = torch.randint(0, 50, (37,), generator=gen)
-    head = RowSpy(6, 50, bias=False)
+    rows = torch.randn(N_ROWS, 6, generator=gen, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (N_ROWS,), generator=gen)
+    targets[:4] = torch.tensor([0, 299, 300, VOCAB - 1])  # block edges
+    head = torch.nn.Linear(6, VOCAB, bias=False)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(50, 6, generator=gen))
+        head.weight.copy_(torch.randn(VOCAB, 6, generator=gen))
     head.weight.requires_grad_(trainable_head)
     return rows, targets, head
+
+
+def _loss_and_grads(fn, rows, head, bf16=False):
+    rows.grad, head.weight.grad = None, None
+    with Biggest() as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = fn()
+    (loss / 9).backward()  # the trainer divides by the step's token count
+    return loss.detach(), rows.grad.clone(), None if head.weight.grad is None else head.weight.grad.clone(), seen.most
 
 
 @pytest.mark.parametrize("trainable_head", [False, True])
 def test_chunked_loss_equals_the_full_loss_and_gradients_without_whole_logits(trainable_head):
     rows, targets, head = _rows_and_head(trainable_head)
-    full = torch.nn.functional.cross_entropy(head(rows).float(), targets, reduction="sum")
-    (full / 9).backward()  # the trainer divides by the step's token count
-    want_rows, want_head = rows.grad.clone(), None if head.weight.grad is None else head.weight.grad.clone()
-    rows.grad, head.weight.grad, head.rows_seen = None, None, []
-
-    chunked = chunked_head_loss(rows, targets, head, chunk=8)
-    (chunked / 9).backward()
-    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
-    torch.testing.assert_close(rows.grad, want_rows, rtol=1e-5, atol=1e-7)
+    full = lambda: torch.nn.functional.cross_entropy(head(rows).float(), targets, reduction="sum")  # noqa: E731
+    want, want_rows, want_head, biggest_full = _loss_and_grads(full, rows, head)
+    got, got_rows, got_head, biggest = _loss_and_grads(lambda: chunked_head_loss(rows, targets, head, PIECE), rows,
+                                                       head)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    torch.testing.assert_close(got_rows, want_rows, rtol=1e-5, atol=1e-6)
     if trainable_head:  # recomputed in backward: the weights still get their gradient
-        torch.testing.assert_close(head.weight.grad, want_head, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_head, want_head, rtol=1e-5, atol=1e-6)
     else:
-        assert head.weight.grad is None
-    assert head.rows_seen and max(head.rows_seen) <= 8  # never the 37 x 50 logits at once
-    assert sum(head.rows_seen) == 37 * (2 if trainable_head else 1)  # frozen head: no recomputation
+        assert got_head is None
+    assert biggest_full >= N_ROWS * VOCAB and biggest <= N_ROWS * 300  # never the whole logits
+
+
+def test_chunked_loss_under_bf16_autocast_stays_within_bf16_rounding():
+    rows, targets, head = _rows_and_head(False)
+    full = lambda: torch.nn.functional.cross_entropy(head(rows).float(), targets, reduction="sum")  # noqa: E731
+    want, want_rows, _, _ = _loss_and_grads(full, rows, head, bf16=True)
+    got, got_rows, _, biggest = _loss_and_grads(lambda: chunked_head_loss(rows, targets, head, PIECE), rows, head,
+                                                bf16=True)
+    assert got.item() == pytest.approx(want.item(), rel=1e-3)
+    torch.testing.assert_close(got_rows, want_rows, rtol=2e-2, atol=2e-3)
+    assert biggest <= N_ROWS * 300  # one vocabulary block of logits at a time
 
 
 def test_chunked_loss_without_grad_and_the_unchunked_path_unchanged():
     rows, targets, head = _rows_and_head(False)
     full = torch.nn.functional.cross_entropy(head(rows).float(), targets, reduction="sum")
     with torch.no_grad():
-        assert chunked_head_loss(rows, targets, head, chunk=5).item() == pytest.approx(full.item(), rel=1e-6)
+        assert chunked_head_loss(rows, targets, head, PIECE).item() == pytest.approx(full.item(), rel=1e-6)
     hidden = torch.cat([rows.detach(), torch.zeros(1, 6)]).unsqueeze(0)  # position t predicts labels[t + 1]
     labels = torch.cat([torch.tensor([IGNORE_INDEX]), targets]).unsqueeze(0)
-    for chunk in (0, 37, 100):  # no chunk, or one as large as the batch: the plain code, bit for bit
-        loss, n = labelled_head_loss(hidden, labels, head, chunk)
-        assert n == 37 and torch.equal(loss, full)
+    for chunk_bytes in (0, 4 * N_ROWS * VOCAB):  # no chunks, or the whole logits fit: the plain code, bit for bit
+        loss, n = labelled_head_loss(hidden, labels, head, chunk_bytes)
+        assert n == N_ROWS and torch.equal(loss, full)
 
 
-def test_chunk_rows_follow_the_megabytes_and_the_vocabulary():
-    assert chunk_rows_for(12, 49152) == 64  # SmolLM2: 64 positions x 49k x float32 = 12 MB
-    assert chunk_rows_for(0, 49152) == 0
-    assert chunk_rows_for(1e-9, 49152) == 1
-    assert chunk_rows_for(12, 800) > 3000  # a small vocabulary is never split in practice
+def test_vocabulary_blocks_follow_the_megabytes():
+    assert vocab_block(4 * 128, 12 * 2**20, 49152) == 6144  # SmolLM2, 4 x 128 positions, 12 MB
+    assert vocab_block(10**6, 12 * 2**20, 49152) == 256  # never narrower
+    assert vocab_block(4, 12 * 2**20, 800) == 800
 
 
 def test_pad_hidden_right_pads_with_zeros():
@@ -216,9 +239,10 @@ def test_loss_chunks_give_the_same_loss_and_training(work_dir):
     model, tok = fresh(work_dir, lora)
     randomised(model).eval()
     batch, _ = batch_of(tok, TRAIN[:6])
-    tiny_chunks = 200 * 4 * decoder_parts(model).head.out_features / 2**20  # 200 positions a chunk
+    vocab = decoder_parts(model).head.out_features
+    assert vocab > 256  # two or more vocabulary blocks of the narrowest width
+    tiny_chunks = 1e-3  # MB: blocks of 256 entries
     chunked = FastForward(model, torch.device("cpu"), loss_chunk_mb=tiny_chunks)
-    assert chunked.chunk_rows == 200 and int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) > 200
     with torch.no_grad():
         (a, na), (b, nb) = FastForward(model, torch.device("cpu")).loss_sum(batch), chunked.loss_sum(batch)
     assert na == nb and b.item() == pytest.approx(a.item(), rel=1e-6)
@@ -230,6 +254,7 @@ def test_loss_chunks_give_the_same_loss_and_training(work_dir):
         return flatten_state(get_lora_state(m_)), result.loss
 
     (x, loss_x), (y, loss_y) = trained(loss_chunk_mb=0), trained(loss_chunk_mb=tiny_chunks)
+    assert not np.allclose(x, flatten_state(get_lora_state(fresh(work_dir, lora)[0])))  # it trained
     np.testing.assert_allclose(x, y, atol=1e-4)  # Adam normalises tiny gradients: rounding shows a little
     assert loss_x == pytest.approx(loss_y, rel=1e-5)
 

@@ -11,9 +11,10 @@
 - The LM head only where a loss is taken: the vocabulary projection (49k x 576 for SmolLM2)
   and its softmax are computed only for positions whose next token is labelled, instead of
   for every position of the padded batch. Same loss up to float rounding. With
-  ``train.loss-chunk-mb`` the loss is taken a few positions at a time, so the logits (4 x 128
-  positions x 49k x float32 = 100 MB, and their softmax and gradient as much again each) never
-  exist whole: a memory bound for a client, no extra matrix product when the head is frozen.
+  ``train.loss-chunk-mb`` the loss is taken over blocks of the vocabulary with a running
+  log-sum-exp, so the logits (4 x 128 positions x 49k x float32 = 100 MB, and their softmax and
+  gradient as much again each) and a bf16 copy of the head never exist whole: a memory bound for
+  a client, with no extra matrix product when the head is frozen.
 - The frozen prefix's activations cached: when LoRA (and every other trainable or changing
   weight) sits in the last layers only (``lora.layers``), the hidden states entering the
   first adapted layer never change while the adapter trains. They are computed once per
@@ -193,54 +194,85 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 def labelled_head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
-                       chunk_rows: int = 0) -> tuple[torch.Tensor, int]:
+                       chunk_bytes: int = 0) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropies, projecting only the hidden states that predict a label.
 
     Equal to ``token_loss_sum(head(hidden), labels)``: position t predicts labels[t+1]. With
-    `chunk_rows` > 0 and more labelled positions than that, the loss is taken `chunk_rows` positions
-    at a time (:func:`chunked_head_loss`), so the [positions, vocabulary] logits never exist whole.
+    `chunk_bytes` > 0 and float32 logits larger than that, the loss is taken in pieces of about
+    `chunk_bytes` (:func:`chunked_head_loss`): the [positions, vocabulary] logits never exist whole.
     """
     targets = labels[:, 1:].to(hidden.device)
     keep = targets != IGNORE_INDEX
     rows, wanted = hidden[:, :-1][keep], targets[keep]
-    if 0 < chunk_rows < rows.shape[0]:
-        return chunked_head_loss(rows, wanted, head, chunk_rows), int(keep.sum())
+    if 0 < chunk_bytes < 4 * rows.shape[0] * head.out_features:
+        return chunked_head_loss(rows, wanted, head, chunk_bytes), int(keep.sum())
     logits = head(rows).float()
     return F.cross_entropy(logits, wanted, reduction="sum"), int(keep.sum())
 
 
-def chunk_rows_for(loss_chunk_mb: float, vocab_size: int) -> int:
-    """Positions per loss chunk so that one chunk's float32 logits take about `loss_chunk_mb` MB; 0 = no chunks."""
-    if loss_chunk_mb <= 0:
-        return 0
-    return max(1, int(loss_chunk_mb * 2**20) // (4 * vocab_size))
+MIN_VOCAB_BLOCK = 256  # narrower blocks would make the head's matrix products inefficient
 
 
-def _chunk_loss(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(rows).float(), targets, reduction="sum")
+def vocab_block(rows: int, chunk_bytes: int, vocab: int) -> int:
+    """Vocabulary entries per block so that a block's float32 logits for `rows` positions take
+    about `chunk_bytes` (SmolLM2, 4 x 128 positions, 12 MB: 6,144 of its 49,152 entries)."""
+    return min(vocab, max(MIN_VOCAB_BLOCK, chunk_bytes // (4 * max(1, rows))))
+
+
+def _matmul_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast gives a linear layer here, or None outside autocast."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _blocked_head_loss(rows: torch.Tensor, targets: torch.Tensor, head: nn.Linear, block: int,
+                       with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-entropy sum over vocabulary blocks with a running log-sum-exp (no autograd), and, if
+    asked, its gradient w.r.t. `rows`: sum_v softmax_v W_v - W_target, accumulated block by block.
+
+    Each block is computed as the head computes it (autocast included: the block of the weight is
+    cast, never the whole matrix); the gradient's products run in the same dtype as autograd's.
+    """
+    weight, bias = head.weight, head.bias
+    n = rows.shape[0]
+    running_max = rows.new_full((n,), float("-inf"), dtype=torch.float32)
+    sum_exp = rows.new_zeros((n,), dtype=torch.float32)
+    target_logit = rows.new_zeros((n,), dtype=torch.float32)
+    grad = rows.new_zeros(rows.shape, dtype=torch.float32) if with_grad else None
+    low = _matmul_dtype(rows.device)
+    for start in range(0, weight.shape[0], block):
+        w = weight[start:start + block]
+        logits = F.linear(rows, w, None if bias is None else bias[start:start + block]).float()
+        inside = (targets >= start) & (targets < start + w.shape[0])
+        target_logit[inside] = logits[inside, targets[inside] - start]
+        new_max = torch.maximum(running_max, logits.max(dim=1).values)
+        rescale = torch.exp(running_max - new_max)
+        probs = torch.exp(logits - new_max[:, None])
+        del logits
+        sum_exp = sum_exp * rescale + probs.sum(dim=1)
+        if grad is not None:
+            product = probs.to(low) @ w.to(low) if low is not None else probs @ w.to(probs.dtype)
+            grad = grad * rescale[:, None] + product.float()
+        running_max = new_max
+    loss = (running_max + torch.log(sum_exp) - target_logit).sum()
+    if grad is None:
+        return loss, None
+    picked = weight[targets]
+    picked = picked.to(low).float() if low is not None else picked.float()
+    return loss, (grad / sum_exp[:, None] - picked).to(rows.dtype)
 
 
 class _FrozenHeadLoss(torch.autograd.Function):
-    """Cross-entropy through a frozen head, chunk by chunk, its gradient taken in the forward pass.
-
-    Each chunk's logits, softmax and logit gradient live only while that chunk is processed; what
-    is kept for backward is d loss / d rows ([positions, hidden], small). Autocast applies inside
-    as it would outside. Backward scales that gradient by the incoming one (a scalar).
-    """
+    """Cross-entropy through a frozen linear head, its gradient w.r.t. the rows taken in the forward
+    pass block by block (:func:`_blocked_head_loss`); what is kept for backward is that gradient
+    ([positions, hidden], small). Backward scales it by the incoming (scalar) gradient."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
-        total = rows.new_zeros((), dtype=torch.float32)
-        grads = []
-        for start in range(0, rows.shape[0], chunk):
-            part = rows[start:start + chunk].detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss = _chunk_loss(head, part, targets[start:start + chunk])
-                (grad,) = torch.autograd.grad(loss, part)
-            total += loss.detach()
-            grads.append(grad)
-        ctx.save_for_backward(torch.cat(grads))
-        return total
+    def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, head: nn.Linear, block: int) -> torch.Tensor:
+        loss, grad = _blocked_head_loss(rows.detach(), targets, head, block, with_grad=True)
+        ctx.save_for_backward(grad)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -248,23 +280,30 @@ class _FrozenHeadLoss(torch.autograd.Function):
         return grad * grad_out.to(grad.dtype), None, None, None
 
 
-def chunked_head_loss(rows: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
-    """``cross_entropy(head(rows).float(), targets, reduction='sum')`` without the whole logits matrix.
+def _rows_loss(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(rows).float(), targets, reduction="sum")
 
-    Same value and gradients up to float rounding (partial sums). A frozen head (LoRA elsewhere)
-    costs no extra matrix product; a head with trainable weights is recomputed chunk by chunk in
-    the backward pass (activation checkpointing) so its weights get their gradient.
+
+def chunked_head_loss(rows: torch.Tensor, targets: torch.Tensor, head: nn.Linear, chunk_bytes: int) -> torch.Tensor:
+    """``cross_entropy(head(rows).float(), targets, reduction='sum')`` in pieces of about `chunk_bytes`.
+
+    Same value and gradients up to float rounding. A frozen head (LoRA elsewhere) is taken over
+    vocabulary blocks with a running log-sum-exp: neither the whole logits nor a whole cast copy
+    of the weight (under autocast) ever exists, and no matrix product is added. A head with
+    trainable weights is taken over chunks of positions, each recomputed in the backward pass
+    (activation checkpointing) so the weights get their gradient.
     """
-    if not torch.is_grad_enabled() or not (rows.requires_grad or any(p.requires_grad for p in head.parameters())):
-        total = rows.new_zeros((), dtype=torch.float32)
-        for start in range(0, rows.shape[0], chunk):
-            total = total + _chunk_loss(head, rows[start:start + chunk], targets[start:start + chunk])
-        return total
-    if not any(p.requires_grad for p in head.parameters()):
-        return _FrozenHeadLoss.apply(rows, targets, head, chunk)
+    trainable_head = any(p.requires_grad for p in head.parameters())
+    needs_grad = torch.is_grad_enabled() and (rows.requires_grad or trainable_head)
+    if not trainable_head:
+        block = vocab_block(rows.shape[0], chunk_bytes, head.out_features)
+        if not needs_grad:
+            return _blocked_head_loss(rows, targets, head, block, with_grad=False)[0]
+        return _FrozenHeadLoss.apply(rows, targets, head, block)
     from torch.utils.checkpoint import checkpoint
 
-    parts = [checkpoint(_chunk_loss, head, rows[start:start + chunk], targets[start:start + chunk],
+    chunk = max(1, chunk_bytes // (4 * head.out_features))
+    parts = [checkpoint(_rows_loss, head, rows[start:start + chunk], targets[start:start + chunk],
                         use_reentrant=False) for start in range(0, rows.shape[0], chunk)]
     return torch.stack(parts).sum()
 
@@ -373,8 +412,8 @@ class FastForward:
         self.model, self.device, self.dtype = model, device, autocast_to
         self.parts = decoder_parts(model) if (labelled_logits_only or prefix_cache_mb > 0) else None
         self.head_only = labelled_logits_only and self.parts is not None
-        # positions per loss chunk (labelled-logits path only): bounds the logits' memory
-        self.chunk_rows = chunk_rows_for(loss_chunk_mb, self.parts.head.out_features) if self.head_only else 0
+        # bytes of float32 logits at a time (labelled-logits path only): bounds the loss's memory
+        self.chunk_bytes = int(loss_chunk_mb * 2**20) if self.head_only else 0
         self.prefix_start = self._prefix_start(prefix_cache_mb)
         self.cache_bytes = int(prefix_cache_mb * 2**20)
 
@@ -461,7 +500,7 @@ class FastForward:
     def _head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         assert self.parts is not None
         if self.head_only:
-            return labelled_head_loss(hidden, labels, self.parts.head, self.chunk_rows)
+            return labelled_head_loss(hidden, labels, self.parts.head, self.chunk_bytes)
         return full_logits_loss(self.parts.head(hidden), labels)
 
 
@@ -487,4 +526,4 @@ def describe(forward: FastForward) -> dict[str, Any]:
     """What the forward does, for logs and the benchmark."""
     return {"autocast": str(forward.dtype).replace("torch.", "") if forward.dtype else "off",
             "labelled_logits_only": forward.head_only, "prefix_layers_cached": forward.prefix_start,
-            "loss_chunk_rows": forward.chunk_rows}
+            "loss_chunk_mb": forward.chunk_bytes / 2**20}
