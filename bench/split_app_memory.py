@@ -1,31 +1,36 @@
 """Peak memory of the app's own processes with flexible storage, for SmolLM2-135M.
 
-    nice -n 10 python bench/split_app_memory.py                # k = 1, 2, 4; writes the CSV
-    python bench/split_app_memory.py --ks 1 --out /tmp/m.csv
+    nice -n 10 python bench/split_app_memory.py                # k = 1, 2, 4; writes the CSV and JSON
+    python bench/split_app_memory.py --ks 1 --no-full --out /tmp/m.csv --set train.loss-chunk-mb=0
 
-Every figure is the peak resident set (VmHWM / ru_maxrss) of a fresh process:
+Every figure is a peak resident set (VmHWM) of a fresh process:
 
 - bare:      `python -c "import torch"`;
-- imports:   a process that imports the ClientApp (torch, transformers, peft, flwr): the floor
-             of any client process, before it loads a weight;
-- full:      the real ClientApp (`client_app.app`) handling one TRAIN message without split:
-             the whole model, LoRA, one local round (2 steps of 4 prompts);
-- client k:  the same ClientApp message with `split.enabled` (front_k = back_k = k): it loads
-             only its part from the checkpoint (`model_parts.load_client_part`) and trains
+- imports:   a process that imports the ClientApp (torch, transformers, peft, pandas, flwr): the
+             floor of any client process, before it loads a weight;
+- full:      the real ClientApp (`client_app.app`) handling one TRAIN message without split (the
+             whole model, LoRA, one local round: 2 steps of 4 prompts), then one EVALUATE message
+             (validation loss, catalogue, constrained ranking of its validation users);
+- client k:  the same two messages with `split.enabled` (front_k = back_k = k): it loads only its
+             part from the checkpoint (`fellrec_flwr.model.parts.load_client_part`) and runs
              through a real service process;
-- service k: `python -m server_app.split_service --model <checkpoint>` (only the middle layers,
-             `split.load_server_body`), peak after serving that client.
+- service k: `python -m server_app.split_service --model <checkpoint>` (only the middle layers),
+             peak after serving that client.
 
-`loaded_mb` is the peak once the process has loaded (client: data, its model part, LoRA, the
-service connection; service: listening), `peak_mb` the peak after the training round, which
-adds the activations (client: logits over SmolLM2's 49k vocabulary for 4 x 128 tokens; service:
-the middle layers' autograd graph).
+The client processes report a peak per phase (the JSON next to the CSV): VmHWM is reset to the
+current RSS between phases (/proc/self/clear_refs), so each phase's peak is what it reached with
+everything held before it; `rss_after_mb` (anon / file-backed) is what stayed. Phases: the
+imports one library at a time, the prepared data, weights + tokenizer + LoRA, the service
+connection, then inside the messages tokenising, the autocast choice, each optimiser step, the
+validation loss, the catalogue and the ranking. The received LoRA is computed by this (parent)
+process, as a real client receives it. `loaded_mb` is the peak up to the service connection,
+`train_peak_mb` / `eval_peak_mb` those of the two messages, `peak_mb` the process's peak.
 
 `weights_mb` is what the process holds in parameters (unique tensors with storage; LoRA
-excluded) — for the service, the middle layers' bytes in the checkpoint. The goal of issue #12
-is client peak <= 1.3 x weights_mb + the bare process; the CSV states both floors so the
-comparison can be made against either. The GGUF is de-quantised once to float32 safetensors
-(the preparation step, in its own process).
+excluded); for the service, the middle layers' bytes in the checkpoint. The goal of issue #12 is
+client peak <= 1.3 x weights_mb + the bare process (`goal_vs_bare_mb`, `goal_met`); against the
+import floor (`goal_vs_imports_mb`) for comparison. The GGUF is de-quantised once to float32
+safetensors (the preparation step, in its own process).
 """
 
 from __future__ import annotations
