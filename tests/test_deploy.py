@@ -316,8 +316,8 @@ def failures(cluster, run_a):
     wait_for(lambda: cluster.entry(0, c, 4, status="started"), 300, "client 0 to start round 4 of run C",
              interval=0.2, context=cluster.tails)
     seen = len(cluster.procs["split"].text())
-    wait_for(lambda: "POST /v1/" in cluster.procs["split"].text()[seen:], 120, "a client to call the split service",
-             interval=0.1, context=cluster.tails)
+    wait_for(lambda: "call Forward from" in cluster.procs["split"].text()[seen:], 120,
+             "a client to call the split service", interval=0.1, context=cluster.tails)
     cluster.stop("split", signal.SIGKILL)
     t_split = time.monotonic()
     start_split_service(cluster)
