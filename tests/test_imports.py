@@ -115,7 +115,7 @@ def test_the_walker_finds_what_it_should():
         names = imported_names(fake)
     finally:
         fake.unlink()
-    assert "server_app.split_service" in names and "fellrec_flwr.split.plan" in names
+    assert "server_app.split_service" in names and "fellrec_flwr.split" in names
 
 
 @pytest.mark.parametrize("package", APP_PACKAGES)
