@@ -72,7 +72,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     import torch
 
-    from fellrec_flwr.train.trainer import train_local
+    from fellrec_flwr.train.trainer import checkpoint_layers_wanted, checkpointed_layers, train_local
 
     cfg = client_config(context)
     key = client_key(context)
@@ -96,7 +96,9 @@ def train(msg: Message, context: Context) -> Message:
         from fellrec_flwr.model.retrieval import train_retrieval
 
         train_fn = functools.partial(train_retrieval, settings=cfg.retrieval)
-    with lora_a_frozen(rt.model, bool(config.get("freeze-lora-a", False))):  # FFA-LoRA
+    checkpointed = checkpoint_layers_wanted(cfg.train.checkpoint_layers, cfg.split.enabled)
+    with lora_a_frozen(rt.model, bool(config.get("freeze-lora-a", False))), \
+            checkpointed_layers(rt.model, checkpointed):  # FFA-LoRA; a split client's memory bound
         result = train_fn(
             rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train,
             seed=derive_seed(cfg.seed, server_round, key),

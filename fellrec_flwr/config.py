@@ -92,6 +92,8 @@ class TrainSettings:
     # with labelled-logits-only: the loss over blocks of the vocabulary of about this many MB of float32
     # logits (SmolLM2, 4 x 128 positions: 6,144 of 49,152 entries); bounds a client's memory. 0 = all at once
     loss_chunk_mb: int = 12
+    # activation checkpointing of the decoder layers: split (only a split client) | on | off
+    checkpoint_layers: str = "split"
 
 
 @dataclass
@@ -221,6 +223,7 @@ class FellRecConfig:
         _positive("train.grad-accum", self.train.grad_accum)
         _choice("train.lr-schedule", self.train.lr_schedule, ("constant", "linear"))
         _choice("train.autocast", self.train.autocast, ("auto", "bf16", "off"))
+        _choice("train.checkpoint-layers", self.train.checkpoint_layers, ("split", "on", "off"))
         _choice("eval.test-adapter", self.eval.test_adapter, ("best", "last"))
         if self.train.warmup_steps < 0 or self.train.prefix_cache_mb < 0 or self.train.loss_chunk_mb < 0:
             raise ConfigError("train.warmup-steps, train.prefix-cache-mb and train.loss-chunk-mb must be >= 0.")

@@ -154,3 +154,40 @@ def test_lr_scale_zero_leaves_lora_unchanged_and_bad_inputs_raise(work_dir):
     base.requires_grad_(False)
     with pytest.raises(TrainingError, match="add_lora"):
         train_local(base, tok, TRAIN[:8], TITLES, cfg, seed=1)
+
+
+# ---------------------------------------------------------------- activation checkpointing
+
+
+def test_checkpointed_layers_train_exactly_the_same_and_are_restored(work_dir):
+    from fellrec_flwr.train.trainer import checkpointed_layers
+
+    cfg = TrainSettings(batch_size=4, lr=1e-2, local_epochs=1, autocast="off")
+
+    def run(checkpointed):
+        model, tok = fresh(work_dir)  # dropout 0.05 on: the recomputation must replay the same RNG
+        # the layer's first module: the recomputation in backward stops once it has what backward needs
+        norm = model.get_base_model().model.layers[0].input_layernorm
+        calls = []
+        hook = norm.register_forward_hook(lambda *a: calls.append(1))
+        with checkpointed_layers(model, checkpointed):
+            result = train_local(model, tok, TRAIN[:12], TITLES, cfg, seed=5, progress=False)
+        hook.remove()
+        base = model.get_base_model()
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in base.modules())  # restored
+        assert not hasattr(base, "_require_grads_hook")
+        return flatten_state(get_lora_state(model)), result, len(calls)
+
+    (plain, r_plain, calls_plain), (ckpt, r_ckpt, calls_ckpt) = run(False), run(True)
+    np.testing.assert_array_equal(plain, ckpt)
+    assert r_plain == r_ckpt and r_plain.steps == 3
+    assert calls_plain == 3 and calls_ckpt == 6  # each layer recomputed once per step in backward
+
+
+def test_checkpoint_layers_setting():
+    from fellrec_flwr.train.trainer import checkpoint_layers_wanted
+
+    assert checkpoint_layers_wanted("split", split=True) and not checkpoint_layers_wanted("split", split=False)
+    assert checkpoint_layers_wanted("on", split=False) and not checkpoint_layers_wanted("off", split=True)
+    with pytest.raises(TrainingError, match="checkpoint-layers"):
+        checkpoint_layers_wanted("sometimes", split=True)
