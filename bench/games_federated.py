@@ -66,7 +66,7 @@ GAMMAS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=("all", "states", "train", "eval", "baselines", "report"), default="all")
+    ap.add_argument("--phase", choices=("all", "states", "train", "eval", "baselines", "report", "speed"), default="all")
     ap.add_argument("--games", default=str(SHARED / "data" / "amazon-games"))
     ap.add_argument("--model", default=str(SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "games_federated"))
@@ -546,6 +546,50 @@ def phase_eval(setup: Setup, methods: list[str]) -> None:
                   f"{payload['test']['metrics_popularity_grounded']}; {seconds}", flush=True)
 
 
+# --------------------------------------------------------------------------- phase: speed
+
+
+def phase_speed(setup: Setup, n: int = 64) -> None:
+    """CPU-s per example of the full-model trainer and of the cached-prefix trainer on the SAME
+    n new windows with the same seed (identical batches, so equal loss by construction, up to
+    float rounding: both step-loss curves are recorded), plus the prefix's CPU-s for them."""
+    from fellrec_flwr.model.lora_state import set_lora_state
+    from fellrec_flwr.model.retrieval import prefix_states, train_retrieval, train_retrieval_states
+
+    args = setup.args
+    windows, _ = client_windows(setup.data, 0, args.windows_per_client, setup.cfg.data.history_len, args.seed)
+    windows = windows[:n]
+    item_states, _ = load_states(part_path(setup, "catalogue", _item_ids(setup)))
+    out: dict = {"examples": n, "batch_size": setup.cfg.train.batch_size}
+    set_lora_state(setup.model, setup.init_state)
+    curve: list[float] = []
+    c0 = time.process_time()
+    train_retrieval(setup.model, setup.tok, windows, setup.data.titles, setup.cfg.train, setup.cfg.retrieval,
+                    seed=args.seed, progress=False, groups=setup.groups, autocast_to=setup.dtype,
+                    on_step=lambda step, loss: curve.append(loss))
+    out["full_model"] = {"cpu": time.process_time() - c0, "curve": curve}
+    set_lora_state(setup.model, setup.init_state)
+    c0 = time.process_time()
+    with setup.cast():
+        states = prefix_states(setup.model, setup.tok, token_ids_of(setup, windows), setup.start, 16)
+    out["prefix_cpu"] = time.process_time() - c0
+    curve = []
+    c0 = time.process_time()
+    train_retrieval_states(setup.model, setup.start, states,
+                           setup.groups.group_index([ex.target for ex in windows]).tolist(),
+                           [setup.groups.group_index(ex.history).tolist() for ex in windows], item_states,
+                           setup.cfg.train, setup.cfg.retrieval, seed=args.seed, autocast_to=setup.dtype,
+                           on_step=lambda step, loss: curve.append(loss))
+    out["cached_prefix"] = {"cpu": time.process_time() - c0, "curve": curve}
+    full, cached = out["full_model"]["cpu"] / n, (out["cached_prefix"]["cpu"] + out["prefix_cpu"]) / n
+    out.update({"full_cpu_per_example": full, "cached_cpu_per_new_example": cached,
+                "cached_cpu_per_seen_example": out["cached_prefix"]["cpu"] / n, "speedup_new": full / cached,
+                "speedup_seen": full / (out["cached_prefix"]["cpu"] / n),
+                "max_step_loss_difference": float(np.max(np.abs(np.subtract(out["full_model"]["curve"], curve))))})
+    write_json(Path(args.out) / "speed.json", out)
+    print({k: v for k, v in out.items() if k not in ("full_model", "cached_prefix")}, flush=True)
+
+
 # --------------------------------------------------------------------------- phase: baselines
 
 
@@ -657,15 +701,73 @@ def phase_report(args) -> None:
     seconds = {}
     for f in sorted(out.glob("seconds-*.json")):
         seconds[f.stem] = json.loads(f.read_text())
+    budget = extrapolate_budget(frame, curves, train, seconds, args)
     summary = {"n_users": len(users), "seed": args.seed, "per_client_recall@10": per_client, "curves": curves,
-               "train": train, "seconds": seconds,
+               "train": train, "seconds": seconds, "budget_extrapolation": budget,
                "methods": {m: {k: v for k, v in r.items() if k not in ("test", "valid")} | {
                    "test_metrics": r["test"]["metrics"]} for m, r in final.items()}}
     write_json(out / "games_federated.json", summary)
     plot(frame, out / "games_federated.png", len(users), curves, per_client, train)
+    (out / "games_federated.md").write_text(markdown_table(frame, len(users), per_client))
     pd.set_option("display.width", 220)
     print(frame[frame["metric"].isin(["recall@10", "ndcg@10"])].to_string(index=False,
                                                                           float_format=lambda v: f"{v:.4f}"))
+
+
+def markdown_table(frame, n_users: int, per_client: dict) -> str:
+    """The verdict table (Recall@10, NDCG@10, differences to popularity / FedAvg / Markov) as markdown."""
+    def cell(method: str, metric: str, versus: str = "", digits: int = 3) -> str:
+        row = frame[(frame["method"] == method) & (frame["metric"] == metric) & (frame["versus"] == versus)]
+        if row.empty:
+            return "–"
+        r = row.iloc[0]
+        sign = "+" if versus else ""
+        f = f"{{:{sign}.{digits}f}}"
+        return f"{f.format(r['value'])} [{f.format(r['ci_low'])}, {f.format(r['ci_high'])}]"
+
+    lines = [f"| method ({n_users} test users) | Recall@10 | NDCG@10 | Recall@20 | − popularity (R@10) | "
+             "− FedAvg (R@10) | − Markov (R@10) | per-client R@10 (min–max) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(frame["method"]):
+        pc = per_client.get(method, {})
+        spread = f"{min(pc.values()):.3f}–{max(pc.values()):.3f}" if pc else "–"
+        lines.append(f"| {method} | {cell(method, 'recall@10')} | {cell(method, 'ndcg@10', digits=4)} | "
+                     f"{cell(method, 'recall@20')} | {cell(method, 'recall@10', 'popularity')} | "
+                     f"{cell(method, 'recall@10', 'FedAvg')} | {cell(method, 'recall@10', 'Markov')} | {spread} |")
+    return "\n".join(lines) + "\n"
+
+
+def extrapolate_budget(frame, curves: dict, train: dict, seconds: dict, args) -> dict:
+    """An EXTRAPOLATION, stated as such: centralized test Recall@10 against examples seen (log-linear
+    fit through the measured rounds), and the examples / CPU-hours at which it would clear
+    popularity by the half-width of the measured CI of the difference (what significance needs)."""
+    points = [(p["round"] * args.windows_per_client * args.num_clients, p["recall@10"])
+              for p in curves.get("centralized", []) if p["round"] > 0]
+    means = frame[(frame["versus"] == "") & (frame["metric"] == "recall@10")].set_index("method")["value"]
+    diff = frame[(frame["method"] == "centralized") & (frame["versus"] == "popularity")
+                 & (frame["metric"] == "recall@10")]
+    if len(points) < 2 or "popularity" not in means.index or diff.empty:
+        return {"note": "needs centralized rounds >= 2 and popularity"}
+    x = np.log10([p[0] for p in points])
+    y = np.array([p[1] for p in points])
+    slope, intercept = np.polyfit(x, y, 1)
+    half_width = float((diff["ci_high"].iloc[0] - diff["ci_low"].iloc[0]) / 2)
+    goal = float(means["popularity"]) + half_width
+    out = {"points": points, "fit": {"intercept": float(intercept), "slope_per_decade": float(slope)},
+           "popularity": float(means["popularity"]), "ci_half_width": half_width, "goal_recall@10": goal,
+           "markov": float(means.get("Markov", float("nan")))}
+    cpu = [e["cpu"] / e["examples"] for e in train.get("centralized", [])]
+    states = seconds.get("seconds-states", {})
+    prefix = [v["cpu"] / v["texts"] for k, v in states.items() if k.startswith("windows") and "cpu" in v]
+    cost = (float(np.mean(cpu)) if cpu else float("nan")) + (float(np.mean(prefix)) if prefix else 0.0)
+    out["cpu_seconds_per_new_example"] = cost
+    if slope > 0:
+        for name, target in (("popularity_significantly", goal), ("markov", out["markov"])):
+            need = 10 ** ((target - intercept) / slope)
+            out[name] = {"examples": float(need), "cpu_hours": float(need * cost / 3600)}
+    else:
+        out["note"] = "no upward trend between the measured rounds: no extrapolation"
+    return out
 
 
 def plot(frame, path: Path, n_users: int, curves: dict, per_client: dict, train: dict) -> None:
@@ -731,6 +833,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase == "baselines":
         return phase_baselines(DataOnly(args))
     setup = Setup(args)
+    if args.phase == "speed":
+        return phase_speed(setup)
     phases = ("states", "baselines", "train", "eval") if args.phase == "all" else (args.phase,)
     for phase in phases:
         t0, c0 = time.time(), time.process_time()
