@@ -210,3 +210,87 @@ def test_extra_titles_come_after_the_unchanged_top_k(tiny):
         got = wide[row][wide[row] >= 0]
         assert len(got) == len(set(got.tolist())) > 5
         assert np.all(np.diff(wide_s[row][: len(got)]) <= 0)
+
+
+# --- the fast path against the plain one -----------------------------------
+
+
+def test_child_csr_lists_each_nodes_children_in_dict_order(tiny):
+    _, tok = tiny
+    trie = build_title_trie(tok, GROUPS.titles)
+    start, token, child, n_terminal = trie.child_csr()
+    for node in range(len(trie)):
+        kids = trie.children[node]
+        assert token[start[node]:start[node + 1]].tolist() == list(kids)
+        assert child[start[node]:start[node + 1]].tolist() == list(kids.values())
+        assert n_terminal[node] == len(trie.terminal[node])
+
+
+@pytest.fixture(scope="module")
+def tied(tiny):
+    """The tiny model with tokens A and B made indistinguishable (same embedding, same output row), and
+    a catalogue where titles differ only by A <-> B or are the same sequence twice: exact score ties
+    between different trie nodes and between groups, which only the tie rules order."""
+    import copy
+
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    a, b = 40, 41
+    with torch.no_grad():
+        model.get_input_embeddings().weight[b] = model.get_input_embeddings().weight[a]
+        model.lm_head.weight[b] = model.lm_head.weight[a]
+    eos = tok.eos_token_id
+    rng = np.random.default_rng(0)
+    seqs = []
+    for _ in range(14):
+        body = rng.choice([a, 50, 60, 70, 80], size=int(rng.integers(1, 5))).tolist()
+        seqs.append(body + [eos])
+        if a in body:  # its twin: the first A written as B
+            twin = list(body)
+            twin[twin.index(a)] = b
+            seqs.append(twin + [eos])
+    seqs.append(list(seqs[0]))  # the same sequence as group 0: a tie between groups at one node
+    seqs = [list(s) for s in dict.fromkeys(map(tuple, seqs[:-1]))] + [seqs[-1]]  # distinct, then the duplicate
+    return model, tok, seqs
+
+
+def test_search_orders_exact_ties_like_brute_force(tied):
+    model, tok, seqs = tied
+    trie = TitleTrie.from_sequences(seqs)
+    prompts = _prompts(tok, HISTORIES[:3])
+    masked = [[1], [], [2, 3]]
+    k = len(seqs)  # the whole catalogue: every tie is inside the list
+    groups, _ = constrained_search(model, prompts, trie, k, beams=len(seqs), masked_groups=masked,
+                                   batch_users=2, pad_token_id=tok.pad_token_id)
+    twins = 0
+    for row, prompt in enumerate(prompts):
+        brute = sequence_log_likelihoods(model, prompt, seqs, pad_token_id=tok.pad_token_id)
+        order = [g for g in np.lexsort((np.arange(len(seqs)), -brute)) if g not in masked[row]]
+        gaps = np.abs(np.diff(brute[order]))
+        twins += int((gaps == 0).sum())
+        assert np.all((gaps == 0) | (gaps > 1e-4))  # exact ties or clear gaps: the order is well defined
+        assert groups[row][: len(order)].tolist() == order  # ties: the smaller group first
+    assert twins >= 3  # the catalogue does hold exact ties
+
+
+@pytest.mark.parametrize("beams,batch_users", [(2, 1), (3, 3), (5, 2)])
+def test_shared_prompt_cache_gives_bit_identical_results(tied, monkeypatch, beams, batch_users):
+    """The search with each prompt's KV cache shared by its beams equals, bit for bit, the search
+    with a plain per-beam cache (the implementation before), also with narrow beams where
+    pruning among tied beams decides which titles are found."""
+    import fellrec_flwr.eval.constrained as constrained
+
+    model, tok, seqs = tied
+    trie = TitleTrie.from_sequences(seqs)
+    prompts = _prompts(tok, HISTORIES)
+    masked = [[1], [], [2, 3], [0]]
+    new = constrained_search(model, prompts, trie, 6, beams, masked, batch_users=batch_users,
+                             pad_token_id=tok.pad_token_id, extra=3)
+    shared = []
+    monkeypatch.setattr(constrained, "_share_prompt", lambda cache: shared.append(cache) or False)
+    old = constrained_search(model, prompts, trie, 6, beams, masked, batch_users=batch_users,
+                             pad_token_id=tok.pad_token_id, extra=3)
+    assert shared  # the plain path did run
+    np.testing.assert_array_equal(new[0], old[0])
+    np.testing.assert_array_equal(new[1], old[1])  # scores equal exactly, not approximately
+    assert (new[0][:, :3] >= 0).all()

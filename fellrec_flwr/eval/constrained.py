@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -69,6 +70,7 @@ class TitleTrie:
     end_node: np.ndarray  # sequence -> its last node
     sequences: list[list[int]] = field(repr=False)
     _child_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    _csr: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @classmethod
     def from_sequences(cls, sequences: Sequence[Sequence[int]]) -> "TitleTrie":
@@ -124,6 +126,22 @@ class TitleTrie:
                    np.fromiter(kids.values(), dtype=np.int64, count=len(kids)))
             self._child_arrays[node] = out
         return out
+
+    def child_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(start, token, child, n_terminal): node v's children are child[start[v]:start[v+1]] with
+        edge tokens token[...] (in `children[v]`'s order); n_terminal[v] = sequences ending at v.
+
+        Flat arrays, so a step expands every beam's children with a few numpy ops (built once).
+        """
+        if self._csr is None:
+            kids = np.arange(1, len(self), dtype=np.int64)
+            # Stable by parent: a node's children in creation order, which is its dict's order.
+            kids = kids[np.argsort(self.parent[1:], kind="stable")]
+            start = np.zeros(len(self) + 1, dtype=np.int64)
+            np.cumsum(np.bincount(self.parent[1:], minlength=len(self)), out=start[1:])
+            n_terminal = np.fromiter((len(t) for t in self.terminal), dtype=np.int64, count=len(self))
+            self._csr = (start, self.token[kids], kids, n_terminal)
+        return self._csr
 
     def masked_counts(self, groups: Sequence[int]) -> dict[int, int]:
         """node -> how many of `groups` end at or below it (for one user's history mask)."""
@@ -211,6 +229,80 @@ def _pad_id(tokenizer_or_id: Any) -> int:
     return 0
 
 
+def _share_prompt(cache: Any) -> bool:
+    """Turn a prompt-only DynamicCache (one row per prompt) into `_SharedPromptLayer`s, in place.
+
+    The object stays the same (a split model keys its server session on it and wraps its
+    `reorder_cache`); False, and nothing changed, for a cache of another kind.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return False
+    shared = _shared_prompt_layer_class()
+    cache.layers[:] = [shared(layer) for layer in layers]
+    return True
+
+
+@functools.cache
+def _shared_prompt_layer_class() -> type:
+    # Defined on first use: transformers is imported only when a search runs.
+    from transformers.cache_utils import DynamicLayer
+
+    class SharedPromptLayer(DynamicLayer):
+        """One layer's KV cache with each prompt's keys/values held ONCE, not once per beam.
+
+        Before, every beam's cache row held a copy of its prompt (~231 tokens on Games) and
+        every step copied all rows twice (the cache's append and the beam reorder): most of
+        the search's memory and a third of its time. Here a row holds only its title tokens
+        (`keys`/`values`) and `row_prompt` says whose prompt precedes them; `update` assembles
+        the full [rows, heads, prompt + title, dim] keys for this layer's attention only (one
+        copy; freed before the next layer), bit for bit the tensor the plain cache held.
+        """
+
+        def __init__(self, layer: Any):
+            super().__init__()
+            self.prompt_keys, self.prompt_values = layer.keys, layer.values
+            self.keys, self.values = layer.keys[:, :, :0].contiguous(), layer.values[:, :, :0].contiguous()
+            self.device, self.is_initialized = layer.keys.device, True
+            self.row_prompt = np.arange(len(layer.keys))
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            return self._full(self.prompt_keys, self.keys), self._full(self.prompt_values, self.values)
+
+        def _full(self, prompt: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+            p = prompt.shape[-2]
+            out = own.new_empty((own.shape[0], own.shape[1], p + own.shape[-2], own.shape[-1]))
+            # Rows are grouped by prompt: one broadcast copy per run of rows sharing a prompt.
+            rp = self.row_prompt
+            cuts = np.flatnonzero(np.diff(rp)) + 1
+            for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rp)]):
+                out[lo:hi, :, :p].copy_(prompt[rp[lo]:rp[lo] + 1].expand(hi - lo, -1, -1, -1))
+            out[:, :, p:].copy_(own)
+            return out
+
+        def get_seq_length(self) -> int:
+            return self.prompt_keys.shape[-2] + self.keys.shape[-2]
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
+            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
+            self.row_prompt = self.row_prompt[beam_idx.cpu().numpy()]
+
+        def _unsupported(self, *args: Any, **kwargs: Any) -> None:
+            raise NotImplementedError("the constrained search's cache supports update and reorder_cache only.")
+
+        crop = batch_repeat_interleave = batch_select_indices = offload = _unsupported
+
+    return SharedPromptLayer
+
+
+
+
 # ---------------------------------------------------------------------------
 # The search
 # ---------------------------------------------------------------------------
@@ -221,6 +313,20 @@ class _UserState:
     masked: dict[int, int]  # trie node -> masked groups at or below it
     masked_groups: frozenset[int]
     finished: list[tuple[float, int]] = field(default_factory=list)  # (score, group), best first
+    _masked_nodes: np.ndarray | None = None
+    _masked_counts: np.ndarray | None = None
+
+    def masked_below(self, nodes: np.ndarray) -> np.ndarray:
+        """How many masked groups end at or below each node (sorted look-up, no per-node Python)."""
+        if not self.masked:
+            return np.zeros(len(nodes), dtype=np.int64)
+        if self._masked_nodes is None:
+            keys = np.fromiter(self.masked.keys(), dtype=np.int64, count=len(self.masked))
+            order = np.argsort(keys)
+            vals = np.fromiter(self.masked.values(), dtype=np.int64, count=len(self.masked))
+            self._masked_nodes, self._masked_counts = keys[order], vals[order]
+        at = np.minimum(np.searchsorted(self._masked_nodes, nodes), len(self._masked_nodes) - 1)
+        return np.where(self._masked_nodes[at] == nodes, self._masked_counts[at], 0)
 
     def kth(self, k: int) -> float:
         return self.finished[k - 1][0] if len(self.finished) >= k else -np.inf
@@ -308,57 +414,58 @@ def _search_batch(model: Any, prompts: list[Sequence[int]], trie: TitleTrie, k: 
                   masked_groups: list[Sequence[int]], length_norm: float, pad_id: int,
                   extra: int = 0) -> list[list[tuple[float, int]]]:
     device = _device(model)
+    start, child_tok, child_node, n_terminal = trie.child_csr()
     users = [_UserState(trie.masked_counts(m), frozenset(int(g) for g in m)) for m in masked_groups]
     ids, mask, positions = _left_pad(prompts, pad_id, device)
     logp, cache = _forward(model, ids, mask, positions, None, last_only=True)
+    _share_prompt(cache)  # the prompt's KV once per user, not once per beam (exactly the same attention)
     prompt_len = torch.as_tensor([len(p) for p in prompts], dtype=torch.long, device=device)
-    # Live beams, one entry per cache row: owning user, trie node, score.
+    # Live beams, one entry per cache row, grouped by user in user order: owning user, trie node, score.
     beam_user = np.arange(len(prompts))
     beam_node = np.zeros(len(prompts), dtype=np.int64)
     beam_score = np.zeros(len(prompts), dtype=np.float64)
     while len(beam_user):
-        rows, toks, kids = [], [], []
-        for row, node in enumerate(beam_node):
-            t, c = trie.child_arrays(int(node))
-            rows.append(np.full(len(t), row))
-            toks.append(t)
-            kids.append(c)
-        cand_row, cand_tok, cand_node = np.concatenate(rows), np.concatenate(toks), np.concatenate(kids)
+        # Every beam's trie children at once (flat child arrays): candidate -> (cache row, token, node).
+        counts = start[beam_node + 1] - start[beam_node]
+        cand_row = np.repeat(np.arange(len(beam_node)), counts)
+        flat = np.repeat(start[beam_node] - (np.cumsum(counts) - counts), counts) + np.arange(cand_row.size)
+        cand_tok, cand_node = child_tok[flat], child_node[flat]
         step = logp[:, -1, :][torch.as_tensor(cand_row, device=logp.device),
                               torch.as_tensor(cand_tok, device=logp.device)]
         cand_score = beam_score[cand_row] + step.double().cpu().numpy()
-        cand_user = beam_user[cand_row]
-        keep_rows, keep_nodes, keep_scores, keep_users = [], [], [], []
-        for u in np.unique(cand_user):
-            sel = np.flatnonzero(cand_user == u)
-            picked = _expand_user(users[u], trie, cand_node[sel], cand_score[sel], k, beams, length_norm, extra)
-            keep_rows.append(cand_row[sel[picked]])
-            keep_nodes.append(cand_node[sel[picked]])
-            keep_scores.append(cand_score[sel[picked]])
-            keep_users.append(np.full(len(picked), u))
-        if not keep_rows or sum(len(r) for r in keep_rows) == 0:
+        cand_user = beam_user[cand_row]  # non-decreasing: beams are grouped by user
+        edges = np.searchsorted(cand_user, np.arange(len(users) + 1))
+        keep = []
+        for u in np.flatnonzero(edges[1:] > edges[:-1]):
+            lo = edges[u]
+            keep.append(lo + _expand_user(users[u], trie, cand_node[lo:edges[u + 1]], cand_score[lo:edges[u + 1]],
+                                          k, beams, length_norm, extra, n_terminal))
+        picked = np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
+        if not len(picked):
             break
-        parent_rows = np.concatenate(keep_rows)
-        beam_node, beam_score, beam_user = np.concatenate(keep_nodes), np.concatenate(keep_scores), np.concatenate(keep_users)
+        parent_rows = cand_row[picked]
+        beam_node, beam_score, beam_user = cand_node[picked], cand_score[picked], cand_user[picked]
         index = torch.as_tensor(parent_rows, dtype=torch.long, device=device)
         cache.reorder_cache(index)  # row i of the cache now holds the prefix of new beam i
         mask = torch.cat([mask.index_select(0, index), torch.ones((len(index), 1), dtype=mask.dtype, device=device)], 1)
         depth = torch.as_tensor(trie.depth[beam_node], dtype=torch.long, device=device)
         pos = (prompt_len[torch.as_tensor(beam_user, device=device)] + depth - 1).unsqueeze(1)
         tok = torch.as_tensor(trie.token[beam_node], dtype=torch.long, device=device).unsqueeze(1)
+        del logp  # the last step's log-probs are read; free them before the next forward
         logp, cache = _forward(model, tok, mask, pos, cache, last_only=True)
     return [u.finished for u in users]
 
 
 def _expand_user(user: _UserState, trie: TitleTrie, nodes: np.ndarray, scores: np.ndarray, k: int, beams: int,
-                 length_norm: float, extra: int = 0) -> np.ndarray:
+                 length_norm: float, extra: int = 0, n_terminal: np.ndarray | None = None) -> np.ndarray:
     """Record the user's finished titles among the candidate nodes; return the candidates kept as beams."""
-    masked = np.fromiter((user.masked.get(int(n), 0) for n in nodes), dtype=np.int64, count=len(nodes)) \
-        if user.masked else np.zeros(len(nodes), dtype=np.int64)
-    alive = trie.subtree[nodes] - masked  # unmasked titles at or below each candidate
+    if n_terminal is None:
+        n_terminal = trie.child_csr()[3]
+    alive = trie.subtree[nodes] - user.masked_below(nodes)  # unmasked titles at or below each candidate
     done: list[tuple[float, int]] = []
     ends_here = np.zeros(len(nodes), dtype=np.int64)
-    for i in np.flatnonzero(alive > 0):
+    # Only candidates where a title ends (a few per step) need the per-title look-ups.
+    for i in np.flatnonzero((alive > 0) & (n_terminal[nodes] > 0)):
         ends = [g for g in trie.terminal[int(nodes[i])] if g not in user.masked_groups]
         if ends:
             ends_here[i] = len(ends)
