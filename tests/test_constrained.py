@@ -294,3 +294,15 @@ def test_shared_prompt_cache_gives_bit_identical_results(tied, monkeypatch, beam
     np.testing.assert_array_equal(new[0], old[0])
     np.testing.assert_array_equal(new[1], old[1])  # scores equal exactly, not approximately
     assert (new[0][:, :3] >= 0).all()
+
+
+def test_teacher_forced_scores_are_bit_identical_with_the_shared_prompt_cache(tiny, monkeypatch):
+    import fellrec_flwr.eval.constrained as constrained
+
+    model, tok = tiny
+    prompt = _prompts(tok, [[0, 1]])[0]
+    seqs = response_sequences(tok, GROUPS.titles)
+    new = sequence_log_likelihoods(model, prompt, seqs, batch_size=7, pad_token_id=tok.pad_token_id)
+    monkeypatch.setattr(constrained, "_share_prompt", lambda cache: False)
+    old = sequence_log_likelihoods(model, prompt, seqs, batch_size=7, pad_token_id=tok.pad_token_id)
+    np.testing.assert_array_equal(new, old)

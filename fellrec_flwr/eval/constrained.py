@@ -13,10 +13,11 @@ unit, as everywhere in evaluation: each group ends at one trie node; a user's hi
 are masked (never returned, and subtrees holding only masked titles are never expanded).
 
 Speed (the reason this is not `generate(prefix_allowed_tokens_fn=...)`): each prompt is
-encoded once; its KV cache is copied to the user's live beams; users are batched; a beam is
-a trie node, so the children to score are a dictionary lookup; a beam is dropped as soon as
-it cannot beat the K-th finished title (log-probs are <= 0, so a prefix's score bounds every
-completion's), and a user is done when no beam is left.
+encoded once and its KV cache held once, shared by the user's live beams (a beam's cache row
+holds only its title tokens; `_share_prompt`); users are batched; a beam is a trie node, and
+every beam's children come from flat child arrays in a few numpy operations; a beam is
+dropped as soon as it cannot beat the K-th finished title (log-probs are <= 0, so a prefix's
+score bounds every completion's), and a user is done when no beam is left.
 
 Title prior (optional): a few famous titles are likely under any prompt. `TitlePrior` scores
 titles under a neutral prompt (the prompt of an empty history) and `rerank_with_prior`
@@ -522,6 +523,7 @@ def sequence_log_likelihoods(model: Any, prompt: Sequence[int], sequences: Seque
                 real[row, :len(s)] = 1
             tok, real = tok.to(device), real.to(device)
             cache = copy.deepcopy(prompt_cache)
+            _share_prompt(cache)  # the prompt's KV once for the batch, not once per sequence
             cache.reorder_cache(torch.zeros(len(seqs), dtype=torch.long, device=device))
             mask = torch.cat([torch.ones((len(seqs), p), dtype=torch.long, device=device), real], 1)
             pos = (p + torch.arange(width, device=device)).expand(len(seqs), width)
