@@ -239,11 +239,12 @@ def _share_prompt(cache: Any) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
         return False
     shared = _shared_prompt_layer_class()
-    cache.layers[:] = [shared(layer) for layer in layers]
-    return True
+    # Layers the prompt did not fill (a split model's server-side layers) stay as they are.
+    cache.layers[:] = [shared(layer) if layer.is_initialized else layer for layer in layers]
+    return any(layer.is_initialized for layer in layers)
 
 
 @functools.cache
