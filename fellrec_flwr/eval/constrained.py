@@ -268,7 +268,14 @@ def _shared_prompt_layer_class() -> type:
             self.prompt_keys, self.prompt_values = layer.keys, layer.values
             self.keys, self.values = layer.keys[:, :, :0].contiguous(), layer.values[:, :, :0].contiguous()
             self.device, self.is_initialized = layer.keys.device, True
-            self.row_prompt = np.arange(len(layer.keys))
+            self._set_rows(np.arange(len(layer.keys)))
+
+        def _set_rows(self, row_prompt: np.ndarray) -> None:
+            self.row_prompt = row_prompt
+            # Rows are grouped by prompt: (prompt, first row, end row) per run, copied with one broadcast each.
+            cuts = np.flatnonzero(np.diff(row_prompt)) + 1
+            self.runs = [(int(row_prompt[lo]), int(lo), int(hi))
+                         for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(row_prompt)])]
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,11 +286,8 @@ def _shared_prompt_layer_class() -> type:
         def _full(self, prompt: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
             p = prompt.shape[-2]
             out = own.new_empty((own.shape[0], own.shape[1], p + own.shape[-2], own.shape[-1]))
-            # Rows are grouped by prompt: one broadcast copy per run of rows sharing a prompt.
-            rp = self.row_prompt
-            cuts = np.flatnonzero(np.diff(rp)) + 1
-            for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rp)]):
-                out[lo:hi, :, :p].copy_(prompt[rp[lo]:rp[lo] + 1].expand(hi - lo, -1, -1, -1))
+            for u, lo, hi in self.runs:
+                out[lo:hi, :, :p].copy_(prompt[u:u + 1].expand(hi - lo, -1, -1, -1))
             out[:, :, p:].copy_(own)
             return out
 
@@ -293,7 +297,7 @@ def _shared_prompt_layer_class() -> type:
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
             self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
             self.values = self.values.index_select(0, beam_idx.to(self.values.device))
-            self.row_prompt = self.row_prompt[beam_idx.cpu().numpy()]
+            self._set_rows(self.row_prompt[beam_idx.cpu().numpy()])
 
         def _unsupported(self, *args: Any, **kwargs: Any) -> None:
             raise NotImplementedError("the constrained search's cache supports update and reorder_cache only.")
