@@ -170,7 +170,7 @@ def phase_model(args, cfg, data) -> None:
     key = hashlib.sha256(json.dumps([args.model, start, args.autocast, user_ids, item_ids]).encode()).hexdigest()[:16]
     cache_file = Path(args.states_cache) / f"prefix-{key}.pt"
     if cache_file.exists():
-        cached = torch.load(cache_file)
+        cached = torch.load(cache_file, weights_only=True)  # tensors and floats only: never unpickle code
         user_states, item_states, prefix_seconds = cached["users"], cached["items"], cached["seconds"]
         print(f"frozen prefix states read from {cache_file} (computed in {prefix_seconds})", flush=True)
     else:
