@@ -767,6 +767,27 @@ def extrapolate_budget(frame, curves: dict, train: dict, seconds: dict, args) ->
             out[name] = {"examples": float(need), "cpu_hours": float(need * cost / 3600)}
     else:
         out["note"] = "no upward trend between the measured rounds: no extrapolation"
+    # FedAvg: its held-out loss against examples seen (log-linear through its rounds), extrapolated to
+    # the test loss at which centralized was measured significantly above popularity (its last round)
+    fed = [(p["round"] * args.windows_per_client * args.num_clients, p["recall@10"], p["test_loss"])
+           for p in curves.get("fedavg", []) if p["round"] > 0]
+    central = [p for p in curves.get("centralized", []) if p["round"] > 0]
+    if len(fed) >= 2 and central:
+        lx = np.log10([f[0] for f in fed])
+        loss_slope, loss_intercept = np.polyfit(lx, [f[2] for f in fed], 1)
+        rec_slope, rec_intercept = np.polyfit(lx, [f[1] for f in fed], 1)
+        target_loss = central[-1]["test_loss"]
+        block = {"points": fed, "loss_fit": {"intercept": float(loss_intercept), "slope_per_decade": float(loss_slope)},
+                 "recall_fit": {"intercept": float(rec_intercept), "slope_per_decade": float(rec_slope)},
+                 "target_test_loss (centralized, last round)": target_loss}
+        if loss_slope < 0:
+            need = 10 ** ((target_loss - loss_intercept) / loss_slope)
+            block["examples_to_reach_target_loss"] = float(need)
+            block["rounds_to_reach_target_loss"] = float(need / (args.windows_per_client * args.num_clients))
+            block["cpu_hours"] = float(need * cost / 3600)
+        if rec_slope > 0:
+            block["examples_for_recall_goal (recall fit)"] = float(10 ** ((goal - rec_intercept) / rec_slope))
+        out["fedavg"] = block
     return out
 
 

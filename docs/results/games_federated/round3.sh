@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# After the 2-round verdict: a third round for FedAvg and centralized (lanes side by side), to test
+# the budget extrapolation with a measured point. Report with --rounds 2 stays the verdict table.
+set -euo pipefail
+B="nice -n 5 python bench/games_federated.py --rounds 3"
+case "$1" in
+  a) $B --phase train --methods fedavg && $B --phase eval --methods fedavg --rounds-to-eval 3 ;;
+  b) $B --phase train --methods centralized && $B --phase eval --methods centralized --rounds-to-eval 3 ;;
+esac
