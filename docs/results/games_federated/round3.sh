@@ -7,3 +7,6 @@ case "$1" in
   a) $B --phase train --methods fedavg && $B --phase eval --methods fedavg --rounds-to-eval 3 ;;
   b) $B --phase train --methods centralized && $B --phase eval --methods centralized --rounds-to-eval 3 ;;
 esac
+# then (23:45) the same for FELLRec+ and local, side by side:
+#   nice -n 5 python bench/games_federated.py --rounds 3 --phase train --methods fellrec+ && ... --phase eval --methods fellrec+ --rounds-to-eval 3
+#   nice -n 5 python bench/games_federated.py --rounds 3 --phase train --methods local && ... --phase eval --methods local --rounds-to-eval 3
