@@ -10,3 +10,6 @@ esac
 # then (23:45) the same for FELLRec+ and local, side by side:
 #   nice -n 5 python bench/games_federated.py --rounds 3 --phase train --methods fellrec+ && ... --phase eval --methods fellrec+ --rounds-to-eval 3
 #   nice -n 5 python bench/games_federated.py --rounds 3 --phase train --methods local && ... --phase eval --methods local --rounds-to-eval 3
+# then (00:10) FELLRec alone:
+#   python bench/games_federated.py --rounds 3 --phase train --methods fellrec && ... --phase eval --methods fellrec --rounds-to-eval 3
+#   python bench/games_federated.py --rounds 3 --phase report --report-name games_federated_round3
