@@ -343,7 +343,11 @@ def train_retrieval(
     pad_id = pad_token_id_of(tokenizer)
 
     def batch_loss(batch: Sequence[int], extra: Sequence[int]) -> torch.Tensor:
-        return _batch_loss(model, data, batch, extra, item_ids, pad_id, settings)
+        return _batch_loss(
+            data, batch, extra, settings,
+            encode_users=lambda rows: encode_token_ids(model, [data.user_ids[i] for i in rows], pad_id,
+                                                       settings.pooling),
+            encode_items=lambda cols: encode_token_ids(model, [item_ids[g] for g in cols], pad_id, settings.pooling))
 
     return _train_loop(model, len(examples), len(groups), batch_loss, train_cfg, settings, seed, proximal_mu,
                        lr_scale, progress, max_seconds, on_step, autocast_to)
@@ -390,11 +394,10 @@ def train_retrieval_states(
                      history_groups=[[int(g) for g in h] for h in history_groups])
 
     def batch_loss(batch: Sequence[int], extra: Sequence[int]) -> torch.Tensor:
-        columns, labels = batch_columns([data.targets[i] for i in batch], extra)
-        mask = history_column_mask(columns, [data.history_groups[i] for i in batch], labels)
-        users = encode_states(model, [user_states[i] for i in batch], start, settings.pooling)
-        items = encode_states(model, [item_states[g] for g in columns], start, settings.pooling)
-        return retrieval_loss(users, items, torch.tensor(labels), settings.temperature, mask)
+        return _batch_loss(
+            data, batch, extra, settings,
+            encode_users=lambda rows: encode_states(model, [user_states[i] for i in rows], start, settings.pooling),
+            encode_items=lambda cols: encode_states(model, [item_states[g] for g in cols], start, settings.pooling))
 
     return _train_loop(model, len(user_states), len(item_states), batch_loss, train_cfg, settings, seed,
                        proximal_mu, lr_scale, progress, max_seconds, on_step, autocast_to)
@@ -455,12 +458,13 @@ def _train_loop(model: Any, n_examples: int, n_groups: int,
     return TrainResult(loss=sum(step_losses) / len(step_losses), steps=len(step_losses), num_examples=n_examples)
 
 
-def _batch_loss(model: Any, data: _Prepared, batch: Sequence[int], extra: Sequence[int],
-                item_ids: Sequence[Sequence[int]], pad_id: int, settings: RetrievalSettings) -> torch.Tensor:
+def _batch_loss(data: _Prepared, batch: Sequence[int], extra: Sequence[int], settings: RetrievalSettings,
+                encode_users: Callable[[Sequence[int]], torch.Tensor],
+                encode_items: Callable[[Sequence[int]], torch.Tensor]) -> torch.Tensor:
+    """One batch's retrieval loss; the two trainers differ only in how rows and title groups are encoded."""
     columns, labels = batch_columns([data.targets[i] for i in batch], extra)
     mask = history_column_mask(columns, [data.history_groups[i] for i in batch], labels)
-    users = encode_token_ids(model, [data.user_ids[i] for i in batch], pad_id, settings.pooling)
-    items = encode_token_ids(model, [item_ids[g] for g in columns], pad_id, settings.pooling)
+    users, items = encode_users(batch), encode_items(columns)
     return retrieval_loss(users, items, torch.tensor(labels), settings.temperature, mask)
 
 
