@@ -59,6 +59,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 SHARED = Path(os.environ.get("FELLREC_SHARED", ROOT.parent / "shared"))
 KS = (10, 20)
+from games_retrieval import add_model_args  # noqa: E402 (bench/ is on the path above)
+
 METHODS = ("centralized", "local", "fedavg", "fellrec", "fellrec+")
 FEDERATED = ("local", "fedavg", "fellrec", "fellrec+")
 GAMMAS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -82,15 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--report-name", default="games_federated",
                     help="report phase: base name of its CSV/JSON/PNG/MD (e.g. a later round's report beside the verdict)")
     ap.add_argument("--clients", default="", help="states phase: the clients whose windows to compute (default all)")
-    ap.add_argument("--lora-layers", default="26,27,28,29")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--negatives", type=int, default=16)
-    ap.add_argument("--pooling", default="mean")
-    ap.add_argument("--temperature", type=float, default=0.05)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--states-cache", default=os.path.join(os.environ.get("FELLREC_CACHE", ROOT / ".cache" / "fellrec"),
-                                                           "games-federated"))
+    add_model_args(ap, "games-federated")
     ap.add_argument("--old-cache", default=os.path.join(os.environ.get("FELLREC_CACHE", ROOT / ".cache" / "fellrec"),
                                                         "games-retrieval"),
                     help="bench/games_retrieval.py's prefix cache: reused for catalogue and test users when its key matches")

@@ -40,6 +40,21 @@ KS = (10, 20)
 METHODS = ("retrieval-zero-shot", "retrieval-trained", "popularity", "markov")
 
 
+def add_model_args(ap: argparse.ArgumentParser, cache_name: str) -> None:
+    """The retrieval head's settings and the prefix-state cache, shared with bench/games_federated.py."""
+    ap.add_argument("--lora-layers", default="26,27,28,29",
+                    help="LoRA on the last layers only: the frozen prefix is computed once (SmolLM2 has 30 layers)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--negatives", type=int, default=16)
+    ap.add_argument("--pooling", default="mean")
+    ap.add_argument("--temperature", type=float, default=0.05)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--states-cache", default=os.path.join(os.environ.get("FELLREC_CACHE", ROOT / ".cache" / "fellrec"),
+                                                           cache_name),
+                    help="where the frozen prefix's states are kept between runs (0.9–1.4 GB for Games)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase", choices=("all", "baselines", "model", "report"), default="all")
@@ -50,17 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--train-minutes", type=float, default=40.0, help="wall-clock budget of the training phase")
     ap.add_argument("--train-windows", type=int, default=20000, help="training windows sampled (the budget stops first)")
-    ap.add_argument("--lora-layers", default="26,27,28,29",
-                    help="LoRA on the last layers only: the frozen prefix is computed once (SmolLM2 has 30 layers)")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--negatives", type=int, default=16)
-    ap.add_argument("--pooling", default="mean")
-    ap.add_argument("--temperature", type=float, default=0.05)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--states-cache", default=os.path.join(os.environ.get("FELLREC_CACHE", ROOT / ".cache" / "fellrec"),
-                                                           "games-retrieval"),
-                    help="where the frozen prefix's states are kept between runs (about 0.9 GB for Games)")
+    add_model_args(ap, "games-retrieval")
     ap.add_argument("--autocast", choices=("bf16", "off"), default="bf16",
                     help="bf16 autocast: 2-3x faster on a CPU with AMX/avx512_bf16 (measured: item vectors agree to "
                          "cosine 0.99996); 'off' for float32 throughout")
