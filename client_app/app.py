@@ -9,7 +9,6 @@ Interaction data never leaves this function: only LoRA weights and scalar metric
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections.abc import Iterator
 
@@ -72,7 +71,8 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     import torch
 
-    from fellrec_flwr.train.trainer import checkpoint_layers_wanted, checkpointed_layers, train_local
+    from fellrec_flwr.heads import train_head
+    from fellrec_flwr.train.trainer import checkpoint_layers_wanted, checkpointed_layers
 
     cfg = client_config(context)
     key = client_key(context)
@@ -85,26 +85,17 @@ def train(msg: Message, context: Context) -> Message:
     rt = get_runtime(cfg)
     attach_split(rt, cfg, context.node_config, config)
     set_lora_state(rt.model, received)
-    examples = rt.data.split("train", client=key)
     device = next(rt.model.parameters()).device
     on_gpu = device.type == "cuda"
     if on_gpu:  # per-client peak GPU memory, for sharing one GPU between simulated clients
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
-    train_fn = train_local
-    if cfg.model.head == "retrieval":
-        from fellrec_flwr.model.retrieval import train_retrieval
-
-        train_fn = functools.partial(train_retrieval, settings=cfg.retrieval)
     checkpointed = checkpoint_layers_wanted(cfg.train.checkpoint_layers, cfg.split.enabled)
     with lora_a_frozen(rt.model, bool(config.get("freeze-lora-a", False))), \
             checkpointed_layers(rt.model, checkpointed):  # FFA-LoRA; a split client's memory bound
-        result = train_fn(
-            rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train,
-            seed=derive_seed(cfg.seed, server_round, key),
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            lr_scale=float(config.get("lr-scale", 1.0)),
-        )
+        result = train_head(cfg, rt, key, seed=derive_seed(cfg.seed, server_round, key),
+                            proximal_mu=float(config.get("proximal-mu", 0.0)),
+                            lr_scale=float(config.get("lr-scale", 1.0)))
     trained = get_lora_state(rt.model)
     store.finish_training(trained, float(result.loss), adapter_fingerprint(cfg))
     metrics = MetricRecord({"train-loss": float(result.loss), "num-examples": int(result.num_examples), "client-key": key,
@@ -116,8 +107,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from fellrec_flwr.eval.evaluate import evaluate_recommender
-    from fellrec_flwr.train.trainer import eval_loss
+    from fellrec_flwr.heads import evaluate_head
 
     cfg = client_config(context)
     key = client_key(context)
@@ -126,12 +116,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     split = str(msg.content["config"].get("split", "valid"))
     set_lora_state(rt.model, record_to_state(msg.content["arrays"]))
     examples = rt.data.split(split, client=key)
-    if cfg.model.head == "retrieval":
-        scores, rows = _retrieval_scores(cfg, rt, examples)
-        loss = scores["eval-loss"]
-    else:
-        loss = eval_loss(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train)
-        scores, rows = evaluate_recommender(rt.model, rt.tokenizer, examples, rt.data.titles, rt.catalogue, cfg.eval)
+    loss, scores, rows = evaluate_head(cfg, rt, examples)
     metrics = {"eval-loss": float(loss), "num-examples": len(examples), "client-key": key}
     metrics.update({k: float(v) for k, v in scores.items() if k.startswith(("recall@", "ndcg@", "valid-title"))})
     # Each evaluated user's target rank (-1 = not in the top 20), for paired bootstrap intervals on the server.
@@ -139,13 +124,3 @@ def evaluate(msg: Message, context: Context) -> Message:
                              "target-ranks": [int(r["target_rank"]) for r in rows]})
     return Message(RecordDict({"metrics": MetricRecord(metrics), "per-user": per_user}), reply_to=msg)
 
-
-def _retrieval_scores(cfg: FellRecConfig, rt, examples) -> tuple[dict, list[dict]]:
-    """The retrieval head's scores (eval-loss: full-catalogue cross-entropy) and per-user rows.
-
-    Item vectors are recomputed with the adapter just received, then one matrix product per user batch.
-    """
-    from fellrec_flwr.model.retrieval import evaluate_retrieval
-
-    return evaluate_retrieval(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.retrieval,
-                              cfg.train.max_length, max(1, cfg.eval.batch_size))

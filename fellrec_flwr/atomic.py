@@ -191,3 +191,19 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive POSIX lock on `path` (created 0600): processes that compute the same cached file
+    wait here, then find it written by the first one."""
+    import fcntl
+
+    path = Path(path)
+    private_mkdir(path.parent)
+    with open(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

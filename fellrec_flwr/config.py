@@ -26,7 +26,7 @@ SIMILARITY_KERNELS = ("linear", "softmax")
 HEATING_LOSSES = ("raw", "normalised")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DECODINGS = ("beam-l2", "constrained")
-HEADS = ("generative", "retrieval")
+HEADS = ("generative", "retrieval", "item")
 RETRIEVAL_POOLINGS = ("mean", "last")
 
 
@@ -48,8 +48,10 @@ class ModelConfig:
     tiny_vocab: int = 4000
     # Public warm-up of the random tiny model on catalogue-only prompts (0 = stay random).
     tiny_pretrain_prompts: int = 1000
-    # "generative" (BIGRec: generate a title, ground it) or "retrieval" (RecFormer-style:
-    # history and title vectors, softmax over the catalogue; fellrec_flwr/model/retrieval.py).
+    # "generative" (BIGRec: generate a title, ground it), "retrieval" (RecFormer-style:
+    # history and title vectors, softmax over the catalogue; fellrec_flwr/model/retrieval.py) or
+    # "item" (one vector per history item through the top layers, full-catalogue softmax, every
+    # window; fellrec_flwr/model/item_head.py).
     head: str = "generative"
 
 
@@ -150,6 +152,16 @@ class RetrievalSettings:
 
 
 @dataclass
+class ItemHeadSettings:
+    """The item-token head (model.head='item'); see fellrec_flwr/model/item_head.py."""
+
+    layers: int = 2  # top decoder layers that model the item sequence (LoRA on them); the rest encode titles
+    id_dim: int = 64  # width of the learned item-id embedding (projected to the hidden size)
+    window: int = 10  # most history items per training window (as data.history-len at evaluation)
+    title_tokens: int = 32  # title tokens encoded into an item vector
+
+
+@dataclass
 class FellRecSettings:
     alpha: float = 0.7
     beta: float = 1.0
@@ -192,6 +204,7 @@ class FellRecConfig:
     fellrec: FellRecSettings = field(default_factory=FellRecSettings)
     split: SplitSettings = field(default_factory=SplitSettings)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+    item_head: ItemHeadSettings = field(default_factory=ItemHeadSettings)
 
     def validate(self) -> "FellRecConfig":
         _choice("strategy", self.strategy, STRATEGIES)
@@ -216,6 +229,14 @@ class FellRecConfig:
         if self.model.head == "retrieval" and self.split.enabled:
             raise ConfigError("model.head='retrieval' does not run through the split service yet; "
                               "set split.enabled=false or model.head='generative'.")
+        for key in ("layers", "id-dim", "window", "title-tokens"):
+            _positive(f"item-head.{key}", getattr(self.item_head, key.replace("-", "_")))
+        if self.model.head == "item" and self.split.enabled:
+            raise ConfigError("model.head='item' needs no split service (a client holds only the "
+                              "item-head.layers top layers); set split.enabled=false.")
+        if self.model.head == "item" and self.lora.layers.strip():
+            raise ConfigError("lora.layers does not apply to model.head='item' (LoRA sits on the item-head.layers "
+                              "top layers); leave lora.layers empty.")
         _choice("split.wire-dtype", self.split.wire_dtype, ("float32", "float16", "bfloat16"))
         _positive("num-server-rounds", self.num_server_rounds)
         _positive("data.num-clients", self.data.num_clients)

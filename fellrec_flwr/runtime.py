@@ -44,6 +44,16 @@ class Runtime:
     tokenizer: Any
     initial_lora: dict[str, Any]  # the seeded LoRA init, before any training touched `model`
     _catalogue: Any = field(default=None, repr=False)
+    _groups: Any = field(default=None, repr=False)
+
+    @property
+    def groups(self) -> Any:
+        """The catalogue's title groups (`fellrec_flwr.eval.grounding.TitleGroups`)."""
+        if self._groups is None:
+            from fellrec_flwr.eval.grounding import TitleGroups
+
+            self._groups = TitleGroups.from_titles(self.data.titles)
+        return self._groups
 
     @property
     def catalogue(self) -> Any:
@@ -87,6 +97,11 @@ def get_runtime(cfg: FellRecConfig) -> Runtime:
             torch.set_num_threads(1)
 
         data = prepare_data(cfg)
+        if cfg.model.head == "item":  # the top layers only, over cached item vectors
+            model = _item_head_model(cfg, data)
+            _CACHE[key] = Runtime(cfg=cfg, data=data, model=model, tokenizer=None,
+                                  initial_lora=_lora_state(model))
+            return _CACHE[key]
         if cfg.split.enabled:  # flexible storage: only the client's layers, read from the checkpoint
             from fellrec_flwr.model.parts import load_client_part
 
@@ -102,6 +117,42 @@ def get_runtime(cfg: FellRecConfig) -> Runtime:
         _CACHE[key] = Runtime(cfg=cfg, data=data, model=model, tokenizer=tokenizer,
                               initial_lora=get_lora_state(model))
     return _CACHE[key]
+
+
+def _lora_state(model: Any) -> dict[str, Any]:
+    from fellrec_flwr.model.lora_state import get_lora_state
+
+    return get_lora_state(model)
+
+
+def _item_head_model(cfg: FellRecConfig, data: PreparedData) -> Any:
+    """The item-token head: the checkpoint's top `item-head.layers` layers and norm, over the
+    catalogue's item vectors (computed once with the full model, then read from the cache)."""
+    import torch
+
+    from fellrec_flwr.eval.grounding import TitleGroups
+    from fellrec_flwr.model.item_head import build_item_model, catalogue_vectors, load_top_layers
+    from fellrec_flwr.model.loading import resolve_device
+    from fellrec_flwr.model.parts import checkpoint_for
+
+    if cfg.model.quantization != "none":
+        raise ValueError("model.head='item' runs its few top layers unquantised; set model.quantization='none'.")
+    folder = checkpoint_for(cfg.model, data.titles, data.path)
+    groups = TitleGroups.from_titles(data.titles)
+    device = resolve_device(cfg.model.device)
+
+    def full_model() -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM
+
+        from fellrec_flwr.model.parts import load_tokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
+        return model, load_tokenizer(cfg.model, folder)
+
+    vectors = catalogue_vectors(folder, groups, cfg.item_head, data.path / "item-vectors", full_model)
+    config, layers, norm = load_top_layers(folder, cfg.item_head.layers)
+    model = build_item_model(config, layers, norm, torch.from_numpy(vectors), cfg.item_head, cfg.lora, cfg.seed)
+    return model.to(device)
 
 
 # --------------------------------------------------------------------------- the server's side (no weights)
@@ -122,8 +173,26 @@ def initial_lora(cfg: FellRecConfig) -> dict[str, Any]:
     `get_runtime(cfg).initial_lora` without loading a weight (the ServerApp never loads the model)."""
     from fellrec_flwr.model.parts import initial_lora_state, lora_dtype
 
+    if cfg.model.head == "item":
+        return initial_item_state(cfg)
     config, lora = server_lora_settings(cfg)
     return initial_lora_state(config, lora, cfg.seed, lora_dtype(cfg.model))
+
+
+def initial_item_state(cfg: FellRecConfig) -> dict[str, Any]:
+    """The item head's trainable start (LoRA, item projections, id table) from the config, the
+    catalogue's size and the seed: the frozen layers are zeros, which the start does not depend on."""
+    import torch
+
+    from fellrec_flwr.eval.grounding import TitleGroups
+    from fellrec_flwr.model.item_head import build_item_model, check_layers
+    from fellrec_flwr.model.parts import base_config
+
+    data = prepare_data(cfg)
+    config = base_config(cfg.model, data.titles, data.path)
+    check_layers(cfg.item_head, config.num_hidden_layers)
+    vectors = torch.zeros(len(TitleGroups.from_titles(data.titles)), config.hidden_size)
+    return _lora_state(build_item_model(config, None, None, vectors, cfg.item_head, cfg.lora, cfg.seed))
 
 
 def save_adapter(cfg: FellRecConfig, state: Any, out_dir: Any) -> None:
@@ -131,5 +200,10 @@ def save_adapter(cfg: FellRecConfig, state: Any, out_dir: Any) -> None:
     from fellrec_flwr.model.lora_state import save_adapter_folder
     from fellrec_flwr.model.loading import peft_lora_config
 
+    if cfg.model.head == "item":
+        from fellrec_flwr.model.item_head import peft_item_config
+
+        save_adapter_folder(state, peft_item_config(cfg.lora), out_dir)
+        return
     _, lora = server_lora_settings(cfg)
     save_adapter_folder(state, peft_lora_config(lora), out_dir)

@@ -67,6 +67,27 @@ def target_ranks(ranked_item_ids: np.ndarray, target_ids: np.ndarray,
     return np.where(found, first, -1)
 
 
+def target_ranks_from_scores(scores: np.ndarray, masks: np.ndarray, target_cols: np.ndarray, k: int) -> np.ndarray:
+    """0-based rank of each row's target column among the unmasked columns (-1 = not in the top k).
+
+    Columns ahead of the target: a higher score, or an equal score and a smaller index (the
+    order a stable sort gives). A masked target (e.g. a title the user already had) is a miss.
+    """
+    _check_k(k)
+    scores = np.asarray(scores, dtype=np.float64)
+    masks = np.asarray(masks, dtype=bool)
+    target_cols = np.asarray(target_cols, dtype=np.int64)
+    if scores.ndim != 2 or masks.shape != scores.shape or target_cols.shape != (len(scores),):
+        raise MetricsInputError(f"expected scores and masks of one shape (users, columns) and one target per row; "
+                                f"got {scores.shape}, {masks.shape} and {target_cols.shape}.")
+    scores = np.where(masks, -np.inf, scores)
+    rows = np.arange(len(scores))
+    target = scores[rows, target_cols]
+    ahead = (scores > target[:, None]).sum(axis=1)
+    ahead += (scores == target[:, None]).cumsum(axis=1)[rows, target_cols] - 1
+    return np.where(np.isfinite(target) & (ahead < k), ahead, -1).astype(np.int64)
+
+
 def _check_k(k: int) -> None:
     if k < 1:
         raise MetricsInputError(f"k={k} must be >= 1.")

@@ -38,7 +38,7 @@ from fellrec_flwr.progress import tqdm
 from fellrec_flwr.data.collate import lookup_titles, pad_token_id_of, prompt_token_ids
 from fellrec_flwr.config import RetrievalSettings, TrainSettings
 from fellrec_flwr.eval.grounding import Catalogue, TitleGroups, _decoder
-from fellrec_flwr.eval.metrics import DEFAULT_KS, ranking_metrics, target_ranks
+from fellrec_flwr.eval.metrics import DEFAULT_KS, ranking_metrics, target_ranks, target_ranks_from_scores
 from fellrec_flwr.data.prompts import GAMES, PromptDomain, format_response, history_input
 from fellrec_flwr.seeding import derive_seed, seeded_torch, torch_generator
 from fellrec_flwr.model.speed import autocast
@@ -541,11 +541,4 @@ def popularity_grounded_ranks(user_vecs: np.ndarray, item_vecs: np.ndarray, temp
     scores = np.asarray(user_vecs, dtype=np.float64) @ np.asarray(item_vecs, dtype=np.float64).T / temperature
     if gamma:
         scores = scores + gamma * np.log1p(np.asarray(group_counts, dtype=np.float64))[None, :]
-    scores[np.asarray(history_masks, dtype=bool)] = -np.inf
-    rows = np.arange(len(scores))
-    target_scores = scores[rows, target_groups]
-    # groups ahead of the target: a higher score, or an equal score and a smaller index (stable order)
-    ahead = (scores > target_scores[:, None]).sum(axis=1)
-    ahead += (scores[:, :] == target_scores[:, None])[:, :].cumsum(axis=1)[rows, target_groups] - 1
-    ranks = np.where(np.isfinite(target_scores) & (ahead < k), ahead, -1)
-    return ranks.astype(np.int64)
+    return target_ranks_from_scores(scores, history_masks, target_groups, k)

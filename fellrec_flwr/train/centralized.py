@@ -43,14 +43,12 @@ def _client_rows(round_: int, client: int, split: str, metrics: dict[str, float]
 def evaluate_per_client(cfg: FellRecConfig, rt: Any, split: str, round_: int,
                         user_rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """metrics.csv rows of every client's users; per-user ranks are appended to `user_rows`."""
-    from fellrec_flwr.eval.evaluate import evaluate_recommender
-    from fellrec_flwr.train.trainer import eval_loss
+    from fellrec_flwr.heads import evaluate_head
 
     rows: list[dict[str, Any]] = []
     for client in range(rt.data.num_clients):
         examples = rt.data.split(split, client=client)
-        loss = eval_loss(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train)
-        scores, ranked = evaluate_recommender(rt.model, rt.tokenizer, examples, rt.data.titles, rt.catalogue, cfg.eval)
+        loss, scores, ranked = evaluate_head(cfg, rt, examples)
         if user_rows is not None:
             user_rows += per_user_rows("centralized", round_, split, client, [r["user_id"] for r in ranked],
                                        [r["target_rank"] for r in ranked])
@@ -61,26 +59,51 @@ def evaluate_per_client(cfg: FellRecConfig, rt: Any, split: str, round_: int,
 
 
 def run_centralized(cfg: FellRecConfig) -> Path:
-    from fellrec_flwr.train.trainer import train_local
+    """One adapter trained on every client's data (any model.head), evaluated on each client's users.
+
+    With eval.test-adapter='best' the adapter of the round with the lowest validation loss
+    (over all validation users) is tested, as the federated runs test each client's best."""
+    from fellrec_flwr.heads import train_head
+    from fellrec_flwr.model.lora_state import get_lora_state
 
     cfg = replace(cfg, strategy="fedavg")  # strategy is irrelevant here; keep the config valid
     run_dir = run_dir_for(cfg, f"centralized-{cfg.data.dataset}")
     rt = get_runtime(cfg)
     set_lora_state(rt.model, rt.initial_lora)  # the same seeded start as every federated client
-    examples = rt.data.split("train")
     rows: list[dict[str, Any]] = []
     user_rows: list[dict[str, Any]] = []
+    best: tuple[float, int, Any] | None = None  # (valid loss, round, adapter)
     for round_ in range(1, cfg.num_server_rounds + 1):
-        t0 = time.time()
-        result = train_local(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train, seed=derive_seed(cfg.seed, round_, "central"))
+        t0, c0 = time.time(), time.process_time()
+        result = train_head(cfg, rt, None, seed=derive_seed(cfg.seed, round_, "central"))
         rows.append({"round": round_, "client": -1, "split": "train", "metric": "train-loss", "value": float(result.loss)})
-        print(f"[centralized] round {round_}/{cfg.num_server_rounds}: train-loss {result.loss:.4f} ({time.time() - t0:.1f}s)")
+        rows.append({"round": round_, "client": -1, "split": "train", "metric": "train-cpu-seconds",
+                     "value": time.process_time() - c0})
+        rows.append({"round": round_, "client": -1, "split": "train", "metric": "num-examples",
+                     "value": float(result.num_examples)})
+        print(f"[centralized] round {round_}/{cfg.num_server_rounds}: train-loss {result.loss:.4f} on "
+              f"{result.num_examples} examples ({time.time() - t0:.1f}s)", flush=True)
         if cfg.eval.interval and round_ % cfg.eval.interval == 0:
-            rows += evaluate_per_client(cfg, rt, "valid", round_, user_rows)
+            valid_rows = evaluate_per_client(cfg, rt, "valid", round_, user_rows)
+            rows += valid_rows
             write_metrics_csv(run_dir / "metrics.csv", rows)
+            loss = _mean_valid_loss(valid_rows)
+            if best is None or loss < best[0]:
+                best = (loss, round_, get_lora_state(rt.model))
+    if cfg.eval.test_adapter == "best" and best is not None:
+        set_lora_state(rt.model, best[2])
+        print(f"[centralized] testing the adapter of round {best[1]} (lowest valid loss {best[0]:.4f})", flush=True)
     rows += evaluate_per_client(cfg, rt, cfg.eval.final_split, cfg.num_server_rounds, user_rows)
     user_rows += _baseline_user_rows(rt.data, cfg)
     return _finish(cfg, run_dir, rows, "centralized", user_rows)
+
+
+def _mean_valid_loss(rows: list[dict[str, Any]]) -> float:
+    """The validation loss over all users: clients' losses weighted by their users."""
+    loss = {r["client"]: r["value"] for r in rows if r["metric"] == "eval-loss"}
+    users = {r["client"]: r["value"] for r in rows if r["metric"] == "num-examples"}
+    total = sum(users.values())
+    return sum(loss[c] * users[c] for c in loss) / total if total else float("inf")
 
 
 def run_baseline(cfg: FellRecConfig, method: str = "popularity") -> Path:

@@ -1,0 +1,60 @@
+"""What each model head (``model.head``) trains on and how it is evaluated, in one place.
+
+The ClientApp (one client's data) and the centralized command (every client's data) call these,
+so a head means the same thing in both:
+
+- ``generative`` (BIGRec): the `train` split's prompts; title generation grounded to the catalogue;
+- ``retrieval`` (RecFormer-style): the same prompts; history and title vectors, cosine softmax;
+- ``item`` (item tokens): every window of the users' training sequences; full-catalogue softmax.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from fellrec_flwr.config import FellRecConfig
+
+
+def train_head(cfg: FellRecConfig, rt: Any, client: int | None, seed: int, proximal_mu: float = 0.0,
+               lr_scale: float = 1.0) -> Any:
+    """One local training call (`train.local-epochs` passes) on `client`'s data (None = everyone's).
+
+    Returns the trainer's `TrainResult` (loss, steps, num_examples)."""
+    if cfg.model.head == "item":
+        from fellrec_flwr.model.item_head import group_sequences, train_item_head
+
+        sequences = group_sequences(rt.data.sequences(client), rt.groups)
+        return train_item_head(rt.model, sequences, cfg.train, cfg.item_head, seed=seed, proximal_mu=proximal_mu,
+                               lr_scale=lr_scale)
+    examples = rt.data.split("train", client=client)
+    if cfg.model.head == "retrieval":
+        from fellrec_flwr.model.retrieval import train_retrieval
+
+        return train_retrieval(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train, cfg.retrieval, seed=seed,
+                               proximal_mu=proximal_mu, lr_scale=lr_scale)
+    from fellrec_flwr.train.trainer import train_local
+
+    return train_local(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train, seed=seed,
+                       proximal_mu=proximal_mu, lr_scale=lr_scale)
+
+
+def evaluate_head(cfg: FellRecConfig, rt: Any, examples: Sequence[Any]) -> tuple[float, dict[str, float],
+                                                                                   list[dict[str, Any]]]:
+    """(eval-loss, metrics, per-user rows) of the current adapter on `examples`."""
+    if cfg.model.head == "item":
+        from fellrec_flwr.model.item_head import evaluate_item_head
+
+        scores, rows = evaluate_item_head(rt.model, examples, rt.groups, batch_size=max(1, cfg.eval.batch_size) * 16)
+        return scores["eval-loss"], scores, rows
+    if cfg.model.head == "retrieval":
+        from fellrec_flwr.model.retrieval import evaluate_retrieval
+
+        scores, rows = evaluate_retrieval(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.retrieval,
+                                          cfg.train.max_length, max(1, cfg.eval.batch_size))
+        return scores["eval-loss"], scores, rows
+    from fellrec_flwr.eval.evaluate import evaluate_recommender
+    from fellrec_flwr.train.trainer import eval_loss
+
+    loss = eval_loss(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train)
+    scores, rows = evaluate_recommender(rt.model, rt.tokenizer, examples, rt.data.titles, rt.catalogue, cfg.eval)
+    return loss, scores, rows
