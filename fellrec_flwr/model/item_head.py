@@ -283,11 +283,12 @@ def model_device(model: nn.Module) -> torch.device:
 def train_item_head(model: Any, sequences: Sequence[Sequence[int]], train_cfg: TrainSettings,
                     settings: ItemHeadSettings, seed: int, proximal_mu: float = 0.0, lr_scale: float = 1.0,
                     progress: bool = True, max_seconds: float | None = None,
-                    on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+                    on_step: Callable[[int, float, int], None] | None = None) -> TrainResult:
     """`train.local-epochs` passes over every window of `sequences` (title-group sequences).
 
     One optimiser step per `train.batch-size` chunks; the loss is the mean cross-entropy over the
     step's windows. ``num_examples`` is the number of windows (the FedAvg weight).
+    `on_step(step, loss, windows seen so far)` is called after every step (learning curves).
     """
     _check_factors(proximal_mu, lr_scale)
     chunks = [c for seq in sequences for c in sequence_chunks(seq, settings.window)]
@@ -305,6 +306,7 @@ def train_item_head(model: Any, sequences: Sequence[Sequence[int]], train_cfg: T
     was_training = model.training
     model.train()
     losses: list[float] = []
+    seen = 0
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     bar = tqdm(total=total, desc="item-head training", disable=not progress, leave=False)
     try:
@@ -325,9 +327,10 @@ def train_item_head(model: Any, sequences: Sequence[Sequence[int]], train_cfg: T
                         loss.backward()
                     optimizer.step()
                     losses.append(float(loss.detach()))
+                    seen += count
                     bar.update(1)
                     if on_step is not None:
-                        on_step(len(losses), losses[-1])
+                        on_step(len(losses), losses[-1], seen)
                     if deadline is not None and time.monotonic() > deadline:
                         break
                 if deadline is not None and time.monotonic() > deadline:
