@@ -238,15 +238,15 @@ def prefix_states(model: Any, tokenizer: Any, token_ids: Sequence[Sequence[int]]
 
 def encode_states(model: Any, states: Sequence[torch.Tensor], start: int, pooling: str) -> torch.Tensor:
     """(n, d) unit vectors from `prefix_states(..., stop=start)`: only layers[start:] and the norm run."""
-    from fellrec_flwr.model.speed import layer_range, pad_hidden
+    from fellrec_flwr.model.speed import hidden_dtype, layer_range, pad_hidden
 
     decoder = _decoder(model)
     lengths = torch.tensor([len(s) for s in states], dtype=torch.long)
     attention = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
     device = model_device(model)
+    inputs = pad_hidden(states).to(device, dtype=hidden_dtype(decoder))  # bf16/fp16 layers take bf16/fp16
     with layer_range(decoder, start, len(decoder.layers)):
-        hidden = decoder(inputs_embeds=pad_hidden(states).to(device), attention_mask=attention.to(device),
-                         use_cache=False).last_hidden_state
+        hidden = decoder(inputs_embeds=inputs, attention_mask=attention.to(device), use_cache=False).last_hidden_state
     return pool(hidden, lengths, pooling)
 
 

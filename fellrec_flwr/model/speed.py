@@ -394,6 +394,17 @@ class PrefixCache:
 _CACHES: "weakref.WeakKeyDictionary[nn.Module, dict[str, PrefixCache]]" = weakref.WeakKeyDictionary()
 
 
+def hidden_dtype(decoder: nn.Module) -> torch.dtype:
+    """The dtype of the hidden states between the decoder's layers: that of its token embeddings
+    (float32 weights under autocast keep a float32 residual stream; bf16/fp16 weights, bf16/fp16).
+    Cached states fed back as ``inputs_embeds`` must have it, or a bf16 layer meets float32 input."""
+    return decoder.embed_tokens.weight.dtype
+
+
+def _state_bytes(decoder: nn.Module) -> int:
+    return torch.empty((), dtype=hidden_dtype(decoder)).element_size()
+
+
 def _prefix_key(parts: DecoderParts, start: int, dtype: torch.dtype | None) -> tuple:
     prefix = [parts.decoder.embed_tokens] + list(parts.decoder.layers)[:start]
     versions = tuple(p._version for m in prefix for p in m.parameters())
@@ -443,7 +454,7 @@ class FastForward:
         if cache.key != key:
             cache.reset(key)
         missing = list(dict.fromkeys(tuple(s) for s in sequences if tuple(s) not in cache.items))
-        need = sum(len(s) for s in missing) * parts.head.in_features * 4  # float32 states
+        need = sum(len(s) for s in missing) * parts.head.in_features * _state_bytes(parts.decoder)
         if need > self.cache_bytes:
             _warn_once(f"prefix cache: {need / 2**20:.0f} MB needed > train.prefix-cache-mb="
                        f"{self.cache_bytes / 2**20:.0f}; training runs the whole model instead.")
@@ -468,10 +479,13 @@ class FastForward:
                     ids = torch.tensor([list(s) + [0] * (width - len(s)) for s in chunk], device=self.device)
                     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=self.device)
                     hidden = parts.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    # kept in the dtype the layers take (bf16/fp16 weights take bf16/fp16 inputs), in host
+                    # memory; one copy per batch, not one host sync per example
+                    hidden = hidden.to(device="cpu", dtype=hidden_dtype(parts.decoder))
                     for s, h in zip(chunk, hidden):  # right padding: real positions never saw a pad
-                        state = h[: len(s)].float().cpu() if self.device.type == "cuda" else h[: len(s)].float()
-                        cache.items[s] = state.contiguous()
-                        cache.bytes += state.numel() * 4
+                        state = h[: len(s)].clone()
+                        cache.items[s] = state
+                        cache.bytes += state.numel() * state.element_size()
         finally:
             parts.decoder.train(was_training)
 
@@ -485,8 +499,8 @@ class FastForward:
                 parts = self.parts
                 assert parts is not None
                 with layer_range(parts.decoder, self.prefix_start, len(parts.decoder.layers)):
-                    hidden = parts.decoder(inputs_embeds=batch["prefix_hidden"].to(self.device),
-                                           attention_mask=mask, use_cache=False).last_hidden_state
+                    states = batch["prefix_hidden"].to(self.device, dtype=hidden_dtype(parts.decoder))
+                    hidden = parts.decoder(inputs_embeds=states, attention_mask=mask, use_cache=False).last_hidden_state
                 return self._head_loss(hidden, labels)
             if self.head_only:
                 assert self.parts is not None

@@ -1,0 +1,77 @@
+"""bf16/fp16 weights as a GPU runs them, reproduced on the CPU (issue 22).
+
+On CUDA ``train.autocast='auto'`` turns autocast off and the precision is ``model.dtype``'s;
+these tests run exactly that configuration on the CPU: ``model.dtype=bfloat16|float16``,
+``train.autocast=off``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fellrec_flwr.config import LoraSettings, ModelConfig, TrainSettings
+from fellrec_flwr.model.loading import add_lora, load_base_model
+from fellrec_flwr.model.speed import FastForward
+from fellrec_flwr.train.trainer import eval_loss, train_local
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_trainer import TITLES, TRAIN, small_lora  # noqa: E402
+
+HALF = ["bfloat16", "float16"]
+LAST_LAYER = "3"  # the tiny model has 4 layers: LoRA on the last one only -> a 3-layer frozen prefix
+
+
+def half_model(work_dir, dtype: str, lora: LoraSettings):
+    model, tok = load_base_model(ModelConfig(tiny_pretrain_prompts=0, dtype=dtype, device="cpu"), TITLES, work_dir)
+    return add_lora(model, lora, seed=1), tok
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_weights_with_lora_on_the_last_layer_train_and_evaluate(work_dir, dtype):
+    """The prefix cache fed float32 states to bf16/fp16 layers: 'expected m1 and m2 to have the same dtype'."""
+    lora = small_lora(layers=LAST_LAYER, dropout=0.0)
+    model, tok = half_model(work_dir, dtype, lora)
+    forward = FastForward(model, torch.device("cpu"), prefix_cache_mb=64)
+    assert forward.prefix_start == 3  # the cached path is the one under test
+    cfg = TrainSettings(batch_size=4, lr=1e-2, local_epochs=1, autocast="off")
+    result = train_local(model, tok, TRAIN[:8], TITLES, cfg, seed=3, progress=False)
+    assert np.isfinite(result.loss) and result.steps == 2
+    cached = eval_loss(model, tok, TRAIN[8:16], TITLES, cfg)
+    whole = eval_loss(model, tok, TRAIN[8:16], TITLES, TrainSettings(batch_size=4, autocast="off", prefix_cache_mb=0))
+    # same weights, same precision: the cached prefix changes nothing but the speed
+    assert np.isfinite(cached) and cached == pytest.approx(whole, rel=2e-3)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_cached_prefix_states_keep_the_layers_dtype(work_dir, dtype):
+    model, tok = half_model(work_dir, dtype, small_lora(layers=LAST_LAYER, dropout=0.0))
+    forward = FastForward(model, torch.device("cpu"), prefix_cache_mb=64)
+    states = forward.prefix_states([[1, 5, 7, 9], [1, 4]], batch_size=2)
+    assert states is not None and {s.dtype for s in states} == {getattr(torch, dtype)}
+    assert [s.shape[0] for s in states] == [4, 2]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_retrieval_head_on_cached_states_with_half_weights(work_dir, dtype):
+    """encode_states had the same float32-into-bf16 pattern as the generative prefix cache."""
+    from fellrec_flwr.config import RetrievalSettings
+    from fellrec_flwr.eval.grounding import TitleGroups
+    from fellrec_flwr.model.retrieval import (encode_all_states, frozen_prefix_layers, item_token_ids,
+                                              prefix_states, train_retrieval_states)
+
+    model, tok = half_model(work_dir, dtype, LoraSettings(layers=LAST_LAYER))
+    start = frozen_prefix_layers(model)
+    groups = TitleGroups.from_titles(TITLES)
+    items = prefix_states(model, tok, item_token_ids(tok, groups.titles, 64), start, batch_size=8)
+    vectors = encode_all_states(model, items, start, "mean", batch_size=8)
+    assert vectors.shape[0] == len(groups) and np.isfinite(vectors).all()
+    users = items[:8]  # any states of the right kind: the point is that a step runs
+    result = train_retrieval_states(model, start, users, list(range(8)), [[] for _ in range(8)], items,
+                                    TrainSettings(batch_size=4, local_epochs=1, autocast="off"), RetrievalSettings(),
+                                    seed=1)
+    assert result.steps == 2 and np.isfinite(result.loss)
