@@ -245,6 +245,9 @@ class ServerBody(nn.Module):
             raise SplitError(f"server body got {len(self.layers)} layers; the plan needs {len(plan.server_layers)}.")
         self._cache_kwarg = cache_kwarg(self.layers[0])
         self._compute_dtype = compute_dtype  # None: follow the weights (see compute_dtype_of)
+        # the probe as loaded: after 8/4-bit quantisation the weights are int8/packed uint8, which a
+        # client's float checkpoint can never match (issue 22)
+        self._loaded_probe = self._read_probe()
         self.requires_grad_(False)
         self.eval()
 
@@ -279,15 +282,32 @@ class ServerBody(nn.Module):
         return hidden
 
     def probe(self) -> dict[str, list[float]]:
-        """A few weight values a client can compare with its own copy to detect a different model."""
+        """A few weight values a client can compare with its own copy to detect a different model.
+
+        Read from the weights while they are floating point; a quantised weight (int8, packed uint8)
+        answers with the values it was loaded with, before quantisation."""
+        return {**self._loaded_probe, **self._read_probe()}
+
+    def _read_probe(self) -> dict[str, list[float]]:
+        """The first 8 values of the probed weights that are floating point and materialised."""
         out = {}
         for i in (0, len(self.layers) - 1):
             layer = self.layers[i]
-            for name, w in (("self_attn.q_proj.weight", layer.self_attn.q_proj.weight),
-                            ("mlp.down_proj.weight", layer.mlp.down_proj.weight)):
+            for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
+                w = layer.get_parameter(name) if _has_parameter(layer, name) else None
+                if w is None or not w.dtype.is_floating_point or w.device.type == "meta":
+                    continue
                 key = f"model.layers.{self.plan.server_layers[i]}.{name}"
                 out[key] = [float(x) for x in w.detach().flatten()[:8].float().cpu()]
         return out
+
+
+def _has_parameter(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def build_server_body(model: Any, plan: SplitPlan) -> ServerBody:
