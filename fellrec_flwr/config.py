@@ -94,6 +94,7 @@ class TrainSettings:
     loss_chunk_mb: int = 12
     # activation checkpointing of the decoder layers: split (only a split client) | on | off
     checkpoint_layers: str = "split"
+    tf32: bool = True  # CUDA: float32 matmuls in TF32 where the GPU has it (Ampere and later); no effect on CPU
 
 
 @dataclass
@@ -170,6 +171,9 @@ class SplitSettings:
     back_k: int = 1
     service_url: str = ""  # "" = the ServerApp starts a service on loopback
     wire_dtype: str = "float32"  # float32 | float16 | bfloat16 on the wire
+    # where the ServerApp's loopback service runs the middle layers, apart from model.device (the clients'):
+    # auto | cpu | cuda | cuda:N. Ray does not count this memory: keep it off the clients' GPUs (docs/gpu.md)
+    service_device: str = "auto"
 
 
 @dataclass

@@ -75,3 +75,89 @@ def test_retrieval_head_on_cached_states_with_half_weights(work_dir, dtype):
                                     TrainSettings(batch_size=4, local_epochs=1, autocast="off"), RetrievalSettings(),
                                     seed=1)
     assert result.steps == 2 and np.isfinite(result.loss)
+
+
+# ---------------------------------------------------------------- rotary frequencies
+
+
+def _inv_freqs(module):
+    return {name: buf for name, buf in module.named_buffers() if name.endswith("inv_freq")}
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_rotary_frequencies_stay_float32_when_the_weights_are_cast(work_dir, dtype):
+    """model.to(bf16) rounded inv_freq (up to 0.4 % relative error in each token's rotation angle)."""
+    from fellrec_flwr.model.parts import load_client_part, load_server_part
+
+    cfg = ModelConfig(tiny_pretrain_prompts=0, dtype=dtype, device="cpu")
+    reference = _inv_freqs(load_base_model(ModelConfig(tiny_pretrain_prompts=0), TITLES, work_dir)[0])
+    whole = load_base_model(cfg, TITLES, work_dir)[0]
+    assert next(whole.parameters()).dtype == getattr(torch, dtype)  # the weights were cast
+    client, _ = load_client_part(cfg, TITLES, work_dir, 1, 1)
+    body = load_server_part(cfg, TITLES, work_dir, 1, 1)
+    for model in (whole, client, body):
+        found = _inv_freqs(model)
+        assert found
+        for name, buf in found.items():
+            assert buf.dtype == torch.float32, name
+            torch.testing.assert_close(buf, next(iter(reference.values())), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- float16 training
+
+
+class SpyScaler(torch.amp.GradScaler):
+    made: list["SpyScaler"] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scaled = 0
+        SpyScaler.made.append(self)
+
+    def scale(self, outputs):
+        self.scaled += 1
+        return super().scale(outputs)
+
+
+@pytest.mark.parametrize("dtype,scaled", [("float16", True), ("bfloat16", False), ("float32", False)])
+def test_float16_training_uses_loss_scaling(work_dir, monkeypatch, dtype, scaled):
+    monkeypatch.setattr(torch.amp, "GradScaler", SpyScaler)
+    SpyScaler.made = []
+    model, tok = half_model(work_dir, dtype, small_lora(dropout=0.0))
+    cfg = TrainSettings(batch_size=4, lr=1e-2, local_epochs=1, autocast="off", grad_accum=2)
+    result = train_local(model, tok, TRAIN[:16], TITLES, cfg, seed=3, proximal_mu=0.1, progress=False)
+    assert np.isfinite(result.loss) and result.steps == 2
+    scaler = SpyScaler.made[-1]
+    assert scaler.is_enabled() == scaled
+    assert scaler.scaled == 2 * (2 + 1)  # every micro-batch's loss and the proximal term, in both steps
+    if scaled:
+        assert scaler.get_scale() > 1  # the loss really was multiplied
+
+
+def test_float16_trainable_weights_are_refused_naming_bfloat16(work_dir):
+    from fellrec_flwr.train.trainer import TrainingError
+
+    model, tok = half_model(work_dir, "float16", small_lora(dropout=0.0))
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.half()
+    with pytest.raises(TrainingError, match="bfloat16"):
+        train_local(model, tok, TRAIN[:4], TITLES, TrainSettings(batch_size=4, autocast="off"), seed=3,
+                    progress=False)
+
+
+def test_quantised_compute_dtype_is_the_same_whole_and_split(monkeypatch):
+    """4-bit with float32 weights computed in float32 loaded whole (bnb_4bit_compute_dtype) and in
+    float16 loaded in parts; both now take compute_dtype_for."""
+    import importlib.util
+
+    import fellrec_flwr.model.loading as loading
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "bitsandbytes" else real_find_spec(name, *a))
+    for dtype, expected in (("float32", torch.float16), ("bfloat16", torch.bfloat16)):
+        cfg = ModelConfig(quantization="4bit", dtype=dtype)
+        quant = loading.quantization_config(cfg, torch.device("cuda"))
+        assert quant.bnb_4bit_compute_dtype == loading.compute_dtype_for(cfg) == expected

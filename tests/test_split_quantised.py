@@ -73,3 +73,53 @@ def test_a_client_attaches_to_a_quantised_service(work_dir, quantised_body, monk
     rt = types.SimpleNamespace(model=add_lora(client, client_lora_settings(cfg, 4), seed=1))
     attach_split(rt, cfg, {"partition-id": 0, "num-partitions": 1}, {})
     assert any(isinstance(m, RemoteBody) for m in rt.model.modules())
+
+
+# ---------------------------------------------------------------- the service's graph cap (issue 22, item 4)
+
+
+@pytest.fixture
+def tiny_service(work_dir):
+    from fellrec_flwr.split.engine import ServiceLimits
+    from server_app.split_service import SplitService
+
+    body = load_server_part(tiny_cfg(), TITLES, work_dir, 1, 1)
+    grad_modes = []
+    body.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
+    return SplitService(body, b"s" * 32, ServiceLimits()), grad_modes
+
+
+def _forward(service, batch, tokens=4):
+    from fellrec_flwr.split.wire import decode, encode
+
+    hidden = torch.randn(batch, tokens, service.hidden_size)
+    request = encode({"hidden": hidden, "position_ids": torch.arange(tokens)[None].int().expand(batch, -1)},
+                     {"keep_graph": "1"})
+    out, meta = decode(service.forward("client-0", request))
+    assert out["hidden"].shape == hidden.shape
+    return meta
+
+
+def test_a_graph_over_the_cap_is_never_built(tiny_service):
+    """It was built, measured, then dropped: a large Forward could run out of GPU memory on the way."""
+    service, grad_modes = tiny_service
+    assert "activation_id" in _forward(service, 1)  # one example: its graph is measured and kept
+    one = next(iter(service._activations.values())).nbytes
+    service.limits.activation_cache_bytes = int(1.5 * one)
+    grad_modes.clear()
+    assert "activation_id" not in _forward(service, 8)  # ~8x the graph: over the cap
+    assert grad_modes == [False]  # run without autograd: no graph at all
+
+
+def test_out_of_memory_while_building_a_graph_answers_without_it(tiny_service, monkeypatch):
+    service, _ = tiny_service
+    forward = service.body.forward
+
+    def short_of_memory(*args, **kwargs):
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(service.body, "forward", short_of_memory)
+    assert "activation_id" not in _forward(service, 2)  # answered (a 500 before), the backward will recompute
+    assert "activation_id" not in _forward(service, 2)  # and the size is not tried again

@@ -27,6 +27,8 @@ from typing import Any, Iterable, Iterator, Literal
 import torch
 from torch import nn
 
+from fellrec_flwr.model.precision import cast_model
+
 Part = Literal["client", "server"]
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
@@ -487,7 +489,7 @@ def load_client_model(path: str | Path, front_k: int, back_k: int, dtype: str | 
         model.generation_config = GenerationConfig.from_pretrained(str(_config_dir(path)))
     model.split_plan = plan  # a plain attribute: lets make_split_model check the plan matches
     model.split_checkpoint = str(path)  # where the middle layers' weights can be checked against the service
-    return model.to(device=device, dtype=_torch_dtype(dtype)).eval()
+    return cast_model(model, device, _torch_dtype(dtype)).eval()  # rotary frequencies stay float32
 
 
 def load_server_body(path: str | Path, front_k: int, back_k: int, dtype: str | torch.dtype | None = None,
@@ -512,7 +514,7 @@ def load_server_body(path: str | Path, front_k: int, back_k: int, dtype: str | t
             raise SplitError(f"{path}: layer {i} does not match the config: {err}") from err
     body = ServerBody(config, plan, [layers[i] for i in plan.server_layers], LlamaRotaryEmbedding(config=config))
     _check_materialised(body, f"server part of {path}")
-    return body.to(device=device, dtype=_torch_dtype(dtype)).eval()
+    return cast_model(body, device, _torch_dtype(dtype)).eval()  # rotary frequencies stay float32
 
 
 # ---------------------------------------------------------------------------
