@@ -231,3 +231,24 @@ def test_constrained_search_copies_the_beam_index_to_the_host_once_per_step(monk
     assert len(copies) == 2  # one per step, not one per layer and step (12)
     # prompts [0,1,2] -> rows [2,0,0,1] -> rows [3,1] of those: prompts 1 and 0, in every layer
     assert all(layer.row_prompt.tolist() == [1, 0] for layer in cache.layers)
+
+
+def test_an_optimiser_step_reads_its_loss_back_once(monkeypatch):
+    """loss.item() per micro-batch: with 16 accumulated micro-batches (the paper's 7B setting), 16 syncs a step."""
+    from fellrec_flwr.train.trainer import optimizer_step
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    group = [{"labels": torch.tensor([[1, 2, 3]])} for _ in range(4)]  # 2 labelled tokens each
+
+    def loss_fn(batch):
+        return 2 * (weight ** 2).sum(), 2
+
+    reads = []
+    real_item, real_float = torch.Tensor.item, torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append("item") or real_item(self))
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: reads.append("float") or real_float(self))
+    loss = optimizer_step(None, optimizer, group, [weight], [], 0.0, torch.device("cpu"), loss_fn=loss_fn)
+    assert loss == pytest.approx(4 * 6 / 8)  # token mean over the step
+    assert len(reads) == 1
+    torch.testing.assert_close(weight.detach(), torch.full((3,), 1 - 0.1 * 4 * 4 / 8))  # the step was taken

@@ -161,3 +161,29 @@ def test_quantised_compute_dtype_is_the_same_whole_and_split(monkeypatch):
         cfg = ModelConfig(quantization="4bit", dtype=dtype)
         quant = loading.quantization_config(cfg, torch.device("cuda"))
         assert quant.bnb_4bit_compute_dtype == loading.compute_dtype_for(cfg) == expected
+
+
+# ---------------------------------------------------------------- the whole app, as CUDA runs it
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_a_federated_round_with_half_weights_and_lora_on_the_last_layer(tmp_path, monkeypatch, dtype):
+    """ServerApp + ClientApp in process: train and evaluate messages (validation loss, constrained decoding,
+    grounding catalogue) with model.dtype=bfloat16|float16, lora.layers on the last layer, autocast off."""
+    import json
+
+    from flwr.app import Context, RecordDict
+
+    import server_app.app as server
+    from client_app.app import app as client_app
+    from fellrec_flwr.inprocess_grid import InProcessGrid
+    from test_app_inprocess import SMALL
+
+    monkeypatch.setenv("FELLREC_CACHE", str(tmp_path / "cache"))
+    run_config = {**SMALL, "num-server-rounds": 1, "out-dir": str(tmp_path), "run-name": "half",
+                  "model.dtype": dtype, "lora.layers": "1", "train.autocast": "off", "eval.interval": 1}
+    grid = InProcessGrid(client_app, 2, run_config)
+    server.main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
+    summary = json.loads((tmp_path / "half" / "summary.json").read_text())
+    assert set(summary["per_client"]) == {"0", "1"}
+    assert np.isfinite(summary["overall"]["recall@10"])
