@@ -85,7 +85,7 @@ class TrainSettings:
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | linear
     # Speed (fellrec_flwr/model/speed.py, measured by bench/train_speed.py).
-    autocast: str = "auto"  # auto (bf16 on a CPU with avx512_bf16/amx_bf16) | bf16 | off
+    autocast: str = "auto"  # auto (bf16 on a CPU with avx512_bf16/amx_bf16, a GPU for float32 weights) | bf16 | off
     length_bucketing: bool = False  # batch similar lengths (within shuffled chunks): less padding
     labelled_logits_only: bool = True  # LM head only on positions that carry a loss (exact)
     prefix_cache_mb: int = 1024  # cache the frozen layers' output when LoRA is in the last layers only; 0 = off

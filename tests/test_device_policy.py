@@ -252,3 +252,17 @@ def test_an_optimiser_step_reads_its_loss_back_once(monkeypatch):
     assert loss == pytest.approx(4 * 6 / 8)  # token mean over the step
     assert len(reads) == 1
     torch.testing.assert_close(weight.detach(), torch.full((3,), 1 - 0.1 * 4 * 4 / 8))  # the step was taken
+
+
+@pytest.mark.parametrize("dtype,bf16_gpu,expected", [(torch.float32, True, torch.bfloat16), (torch.bfloat16, True, None),
+                                                     (torch.float16, True, None), (torch.float32, False, None)])
+def test_auto_autocast_on_a_gpu_is_bf16_for_float32_weights(monkeypatch, dtype, bf16_gpu, expected):
+    """'auto' left a float32 model in plain float32 on a GPU (slow by default)."""
+    from fellrec_flwr.model.speed import AutocastChooser
+
+    model = torch.nn.Linear(4, 4).to(dtype).requires_grad_(False)
+    model.adapter = torch.nn.Linear(4, 1)  # trainable float32 (LoRA-like): not what decides
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_gpu)
+    never = lambda dtype: pytest.fail("no timing on a GPU")  # noqa: E731
+    assert AutocastChooser(None).choose("auto", torch.device("cuda"), model, never) == expected
+    assert AutocastChooser(None).choose("off", torch.device("cuda"), model, never) is None

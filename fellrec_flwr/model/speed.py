@@ -70,8 +70,8 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 def autocast_dtype(choice: str, device: torch.device, cpuinfo: str | None = None) -> torch.dtype | None:
     """The autocast dtype for ``train.autocast`` on `device`, or None for no autocast.
 
-    'auto' turns bf16 on only on a CPU with native bf16 instructions; on a GPU it leaves the
-    precision to ``model.dtype`` (no autocast).
+    'auto' turns bf16 on only on a CPU with native bf16 instructions; on a GPU this answers None and
+    :meth:`AutocastChooser.choose`, which sees the model, decides (:func:`cuda_autocast`).
     """
     if choice not in AUTOCAST_CHOICES:
         raise ValueError(f"train.autocast={choice!r} is not one of {', '.join(AUTOCAST_CHOICES)}.")
@@ -152,7 +152,10 @@ class AutocastChooser:
 
     def choose(self, choice: str, device: torch.device, model: nn.Module,
                step: Any, cpuinfo: str | None = None) -> torch.dtype | None:
-        """The autocast dtype; for 'auto' on a bf16-capable CPU, `step(dtype)` is timed both ways once."""
+        """The autocast dtype; for 'auto' on a bf16-capable CPU, `step(dtype)` is timed both ways once;
+        on a GPU, bf16 for float32 weights where the GPU has bf16 (:func:`cuda_autocast`)."""
+        if choice == "auto" and device.type == "cuda":
+            return cuda_autocast(model)
         if choice != "auto" or device.type != "cpu":
             return autocast_dtype(choice, device, cpuinfo)
         if not cpu_has_native_bf16(cpuinfo):
@@ -170,6 +173,15 @@ class AutocastChooser:
                 logging.getLogger(__name__).info("autocast auto: fp32 step %.3f s, bf16 %.3f s -> %s", fp32, bf16,
                                                  "bf16" if self.memory[key] else "off")
         return torch.bfloat16 if self.memory[key] else None
+
+
+def cuda_autocast(model: nn.Module) -> torch.dtype | None:
+    """'auto' on a GPU: float32 weights train under bf16 autocast where the GPU has bf16 (Ampere and
+    later: the tensor cores' rate, float32 master weights); bf16/fp16 weights already compute in 16 bits."""
+    weights = {p.dtype for p in model.parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    if weights and weights <= {torch.float32} and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return None
 
 
 def default_chooser() -> AutocastChooser:
