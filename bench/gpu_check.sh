@@ -50,7 +50,7 @@ simulate() {
 }
 
 echo "== 2/3 simulations"
-simulate tiny-5-clients "model.name='tiny'"
+simulate tiny-5-clients "model.name='tiny' model.tiny-pretrain-prompts=64"
 SMOL="${FELLREC_SHARED:-../shared}/models/smollm2-135m-instruct"
 if ls "$SMOL"/*.gguf >/dev/null 2>&1; then
     SMOL=$(realpath "$SMOL")
