@@ -44,6 +44,9 @@ def run_costs(metrics: pd.DataFrame) -> dict[str, float]:
         per_client = gpu.groupby("client")["value"].max()  # each client's peak over the rounds
         out["mean_client_peak_gpu_mb"] = float(per_client.mean())
         out["max_client_peak_gpu_mb"] = float(per_client.max())
+    held = rows("held-gpu-mb")  # kept between messages (issue 22)
+    if not held.empty:
+        out["max_client_held_gpu_mb"] = float(held.groupby("client")["value"].max().max())
     return out
 
 

@@ -32,6 +32,7 @@ def return_memory(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
     finally:
         memory.trim()
+        memory.release_gpu_cache()  # the GPU's share too: clients on one GPU (num-gpus < 1) need it
 
 
 memory.return_freed_memory()  # this process's loading (data, weights) too, not only the messages
@@ -100,8 +101,8 @@ def train(msg: Message, context: Context) -> Message:
     store.finish_training(trained, float(result.loss), adapter_fingerprint(cfg))
     metrics = MetricRecord({"train-loss": float(result.loss), "num-examples": int(result.num_examples), "client-key": key,
                             "train-seconds": time.time() - t0})
-    if on_gpu:
-        metrics["peak-gpu-mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if on_gpu:  # peak and held GPU memory of this actor (reserved, as the GPU's other clients see it)
+        metrics.update(memory.gpu_memory_mb(device))
     return Message(RecordDict({"arrays": state_to_record(trained), "metrics": metrics}), reply_to=msg)
 
 

@@ -87,7 +87,7 @@ class TrainSettings:
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | linear
     # Speed (fellrec_flwr/model/speed.py, measured by bench/train_speed.py).
-    autocast: str = "auto"  # auto (bf16 on a CPU with avx512_bf16/amx_bf16) | bf16 | off
+    autocast: str = "auto"  # auto (bf16 on a CPU with avx512_bf16/amx_bf16, a GPU for float32 weights) | bf16 | off
     length_bucketing: bool = False  # batch similar lengths (within shuffled chunks): less padding
     labelled_logits_only: bool = True  # LM head only on positions that carry a loss (exact)
     prefix_cache_mb: int = 1024  # cache the frozen layers' output when LoRA is in the last layers only; 0 = off
@@ -96,6 +96,7 @@ class TrainSettings:
     loss_chunk_mb: int = 12
     # activation checkpointing of the decoder layers: split (only a split client) | on | off
     checkpoint_layers: str = "split"
+    tf32: bool = True  # CUDA: float32 matmuls in TF32 where the GPU has it (Ampere and later); no effect on CPU
 
 
 @dataclass
@@ -182,6 +183,9 @@ class SplitSettings:
     back_k: int = 1
     service_url: str = ""  # "" = the ServerApp starts a service on loopback
     wire_dtype: str = "float32"  # float32 | float16 | bfloat16 on the wire
+    # where the ServerApp's loopback service runs the middle layers, apart from model.device (the clients'):
+    # auto | cpu | cuda | cuda:N. Ray does not count this memory: keep it off the clients' GPUs (docs/gpu.md)
+    service_device: str = "auto"
 
 
 @dataclass

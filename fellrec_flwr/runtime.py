@@ -114,6 +114,9 @@ def get_runtime(cfg: FellRecConfig) -> Runtime:
         from fellrec_flwr.split.runtime import client_lora_settings
 
         model = add_lora(base, client_lora_settings(cfg, base.config.num_hidden_layers), seed=cfg.seed)
+        from fellrec_flwr.model.precision import use_tf32
+
+        use_tf32(cfg.train.tf32, next(model.parameters()).device)
         _CACHE[key] = Runtime(cfg=cfg, data=data, model=model, tokenizer=tokenizer,
                               initial_lora=get_lora_state(model))
     return _CACHE[key]

@@ -27,10 +27,12 @@ def derive_seed(seed: int, *tags: int | str) -> int:
 def seeded_torch(seed: int) -> Iterator[None]:
     """Run a block with torch's global RNGs seeded, then restore them.
 
-    Forks the CPU RNG and, when CUDA is present, the current device's RNG (forking
-    every device is slow and warns on multi-GPU hosts).
+    Forks the CPU RNG and, when this process already uses CUDA, the current device's RNG
+    (forking every device is slow and warns on multi-GPU hosts). A process that has not touched
+    CUDA is not made to: asking for the current device would open a CUDA context (hundreds of MB
+    of GPU memory), e.g. in the ServerApp, which only builds the initial LoRA on the CPU.
     """
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield

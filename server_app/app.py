@@ -67,6 +67,11 @@ def split_service(cfg: FellRecConfig) -> Iterator[FellRecConfig]:
         yield replace(cfg, split=replace(cfg.split, service_url=handle.url))
     finally:
         handle.stop()
+        if handle.service.device.type == "cuda":  # this process's GPU memory is the service's (bench/gpu_check.sh)
+            import torch
+
+            log(INFO, "Split service peak GPU memory: %.0f MB", torch.cuda.max_memory_reserved(handle.service.device)
+                / 2**20)
 
 
 @app.main()

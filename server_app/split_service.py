@@ -208,20 +208,28 @@ def start_service_for_run(cfg: Any, secret_file: str | Path | None = None) -> Se
     """Simulation convenience: serve this run's middle layers on loopback.
 
     Only the middle layers are read from the checkpoint (`model_parts.load_server_part`; 8/4-bit
-    and `cuda:N` as configured). The secret is read from `secret_file` (default
+    as configured), onto `split.service-device` (not `model.device`, the clients'). The secret is read
+    from `secret_file` (default
     `<cache>/split-secret.txt`, created with mode 600 if absent); simulated clients on the same
     machine derive their tokens from it. In a deployment run the service as its own process.
     """
+    from dataclasses import replace
+
+    from fellrec_flwr.model.loading import resolve_device
     from fellrec_flwr.model.parts import load_server_part
+    from fellrec_flwr.model.precision import use_tf32
     from fellrec_flwr.runtime import prepare_data
     from fellrec_flwr.split.auth import write_secret
 
+    resolve_device(cfg.split.service_device, key="split.service-device")  # a bad value named as such
     path = Path(secret_file or default_secret_file())
     if not path.exists():
         write_secret(path)
     data = prepare_data(cfg)  # the tiny model's tokenizer and converted checkpoints live in this folder
-    body = load_server_part(cfg.model, data.titles, data.path, cfg.split.front_k, cfg.split.back_k)
+    body = load_server_part(replace(cfg.model, device=cfg.split.service_device), data.titles, data.path,
+                            cfg.split.front_k, cfg.split.back_k)
     device = next(body.parameters()).device
+    use_tf32(cfg.train.tf32, device)
     return start_service(body, load_secret(path), cfg.split.front_k, cfg.split.back_k, device=str(device))
 
 

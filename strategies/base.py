@@ -56,7 +56,7 @@ from .arrays import from_numpy_dict, to_numpy_dict
 CLIENT_KEY = "client-key"
 TRAIN_LOSS = "train-loss"
 # Wall-clock metrics: recorded like the others, but they differ from run to run.
-TIMING_METRICS = ("round-seconds", "train-seconds", "peak-gpu-mb")
+TIMING_METRICS = ("round-seconds", "train-seconds", "peak-gpu-mb", "held-gpu-mb")
 EVAL_LOSS = "eval-loss"
 PER_USER = "per-user"  # optional ConfigRecord of an evaluate reply: user-ids, target-ranks
 STATE_VERSION = 1

@@ -46,6 +46,43 @@ def flower_task_identity():
     yield
 
 
+def _real_cuda() -> bool:
+    """Whether this machine really has a usable CUDA GPU, asked once before any test runs. The question
+    initialises the CUDA driver with the real CUDA_VISIBLE_DEVICES, so the CPU pin below (which
+    empties that variable for subprocesses) never hides the GPU from this process's `gpu` tests."""
+    global _CUDA
+    if _CUDA is None:
+        import torch
+
+        _CUDA = bool(torch.cuda.is_available())
+    return _CUDA
+
+
+_CUDA: bool | None = None
+
+
+def pytest_configure(config):
+    _real_cuda()
+
+
+@pytest.fixture(autouse=True)
+def device_for_the_test(request, monkeypatch):
+    """Tests run on the CPU unless marked `gpu` (issue 22): on a GPU box `model.device=auto` would pick
+    CUDA, while the tests feed CPU tensors, call .numpy() and compare bit-identical runs (GPU attention
+    backward is not deterministic). A `gpu` test skips where there is no CUDA GPU."""
+    if request.node.get_closest_marker("gpu") is not None:
+        if not _real_cuda():
+            pytest.skip("needs a CUDA GPU (marker gpu; bench/gpu_check.sh runs these on a GPU machine)")
+        yield
+        return
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # flwr run / SuperNode subprocesses: CPU too
+    yield
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """The tiny model is faster on one thread, and CI shares 2 cores with Ray actors."""

@@ -49,7 +49,7 @@ def test_state_is_fp32_copies_of_the_lora_parameters(peft_model):
     for (key, value), (name, param) in zip(state.items(), params.items()):
         assert key == name.replace(".default", "")
         assert value.dtype == np.float32
-        np.testing.assert_array_equal(value, param.detach().numpy())
+        np.testing.assert_array_equal(value, param.detach().cpu().numpy())
     state[next(iter(state))][...] = 123.0  # a copy: editing it leaves the model alone
     assert not torch.any(next(iter(params.values())) == 123.0)
 

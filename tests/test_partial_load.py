@@ -218,13 +218,12 @@ def test_quantised_device_map_honours_cuda_n(monkeypatch):
         quantized_device_map(torch.device("cpu"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
 def test_quantised_part_on_cpu_is_refused_clearly(work_dir):
     with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
         load_client_part(tiny_cfg(quantization="8bit", device="cpu"), TITLES, work_dir, 1, 1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes needs a CUDA GPU")
+@pytest.mark.gpu  # bitsandbytes needs a CUDA GPU
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])
 def test_quantised_split_parts_on_gpu(work_dir, quant):
     pytest.importorskip("bitsandbytes")

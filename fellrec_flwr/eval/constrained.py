@@ -294,10 +294,20 @@ def _shared_prompt_layer_class() -> type:
         def get_seq_length(self) -> int:
             return self.prompt_keys.shape[-2] + self.keys.shape[-2]
 
+        _host_index: tuple[Any, np.ndarray] = (None, np.zeros(0, dtype=np.int64))
+
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
             self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
             self.values = self.values.index_select(0, beam_idx.to(self.values.device))
-            self._set_rows(self.row_prompt[beam_idx.cpu().numpy()])
+            self._set_rows(self.row_prompt[self._on_host(beam_idx)])
+
+        @classmethod
+        def _on_host(cls, beam_idx: torch.LongTensor) -> np.ndarray:
+            """The index on the host, copied once per step: every layer gets the same tensor, and on a GPU
+            each copy waits for the device (one sync per layer per step before)."""
+            if cls._host_index[0] is not beam_idx:
+                cls._host_index = (beam_idx, beam_idx.cpu().numpy())
+            return cls._host_index[1]
 
         def _unsupported(self, *args: Any, **kwargs: Any) -> None:
             raise NotImplementedError("the constrained search's cache supports update and reorder_cache only.")

@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from fellrec_flwr.model import tiny
+from fellrec_flwr.model.precision import cast_model
 from fellrec_flwr.config import LoraSettings, ModelConfig
 from fellrec_flwr.data.prompts import template_texts
 from fellrec_flwr.seeding import seeded_torch
@@ -55,16 +56,53 @@ class LoraTargetError(ValueError):
 # --------------------------------------------------------------------------- settings
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda``/``cuda:N`` require CUDA."""
+def resolve_device(name: str, key: str = "model.device") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda``/``cuda:N`` require CUDA (and GPU N visible)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        warn_if_gpus_hidden(key)
+        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"model.device={name!r} but CUDA is not available; use 'auto' or 'cpu'.")
+        raise ModelLoadError(f"{key}={name!r} but CUDA is not available; use 'auto' or 'cpu'.")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
-        raise ModelLoadError(f"model.device={name!r} is not a device; use auto, cpu, cuda or cuda:N.") from err
+        raise ModelLoadError(f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N.") from err
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        # a Flower simulation's client actor sees only the GPU Ray gave it, always as cuda:0
+        raise ModelLoadError(f"{key}={name!r} but this process sees {torch.cuda.device_count()} GPU(s) "
+                             "(CUDA_VISIBLE_DEVICES; a simulation's client sees only its own GPU, as cuda:0); "
+                             "use 'cuda' or 'auto'.")
+    return device
+
+
+NVIDIA_GPU_DIR = Path("/proc/driver/nvidia/gpus")  # one folder per GPU, whatever CUDA_VISIBLE_DEVICES says
+_WARNED_HIDDEN = False
+
+
+def machine_gpus() -> int:
+    """NVIDIA GPUs the driver knows on this machine, also those hidden from this process."""
+    try:
+        return sum(1 for _ in NVIDIA_GPU_DIR.iterdir())
+    except OSError:
+        return 0
+
+
+def warn_if_gpus_hidden(key: str = "model.device") -> None:
+    """Say so (once per process) when `auto` falls back to the CPU on a machine that has GPUs: in a
+    Flower simulation Ray hides them from every client without client-resources num-gpus."""
+    global _WARNED_HIDDEN
+    gpus = machine_gpus()
+    if gpus and not _WARNED_HIDDEN:
+        _WARNED_HIDDEN = True
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s=auto runs on the CPU although this machine has %d NVIDIA GPU(s): CUDA_VISIBLE_DEVICES=%r hides "
+            "them from this process. In a simulation give each client a share of a GPU: python -m fellrec_flwr.run "
+            "--federation-config \"... client-resources-num-gpus=0.25\" (docs/gpu.md).",
+            key, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -95,7 +133,17 @@ def quantization_config(model_cfg: ModelConfig, device: torch.device):
     if model_cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=resolve_dtype(model_cfg.dtype))
+                              bnb_4bit_compute_dtype=compute_dtype_for(model_cfg))
+
+
+def compute_dtype_for(model_cfg: ModelConfig) -> torch.dtype:
+    """The dtype activations run in: model.dtype, also under 8/4-bit (whose weights are int8/uint8).
+    float32 weights quantised to 8/4 bit compute in float16 (bitsandbytes' own default), in the whole
+    model and in the split parts alike."""
+    dtype = resolve_dtype(model_cfg.dtype)
+    if model_cfg.quantization in ("8bit", "4bit") and dtype == torch.float32:
+        return torch.float16
+    return dtype
 
 
 # --------------------------------------------------------------------------- loading
@@ -108,7 +156,7 @@ def load_base_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model (eval mode, on its device) and its tokenizer (left padding, pad token set)."""
     device = resolve_device(model_cfg.device)
-    dtype = resolve_dtype(model_cfg.dtype)
+    dtype = compute_dtype_for(model_cfg)  # model.dtype; float16 for float32 weights under 8/4-bit
     quant = quantization_config(model_cfg, device)
     name = model_cfg.name.strip()
     if not name:
@@ -126,7 +174,7 @@ def load_base_model(
     _ensure_pad_token(tokenizer, model)
     tokenizer.padding_side = "left"  # generation pads on the left; training pads itself
     if quant is None:
-        model = model.to(device=device, dtype=dtype)
+        model = cast_model(model, device, dtype)  # rotary frequencies stay float32
     model.eval()
     return model, tokenizer
 
@@ -230,7 +278,14 @@ def resolve_checkpoint(name: str | Path, work_dir: str | Path) -> Path:
         return path
     out = converted_gguf_dir(gguf, work_dir)
     if not (out / "config.json").exists():
-        _convert_gguf(gguf, out)
+        from filelock import FileLock
+
+        # one conversion per machine: client actors that start together would each de-quantise the whole
+        # model at once (float32: ~27 GB for a 7B model); the others wait, then read the copy
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(out.parent / f".{out.name}.lock")):
+            if not (out / "config.json").exists():
+                _convert_gguf(gguf, out)
     return out
 
 

@@ -55,3 +55,31 @@ def trim() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+# --------------------------------------------------------------------------- GPU memory (CUDA)
+# torch's caching allocator keeps freed GPU blocks for reuse: without empty_cache a client actor holds
+# its peak between messages, which the clients sharing that GPU (fractional num-gpus) cannot use.
+
+
+def release_gpu_cache() -> bool:
+    """Hand the allocator's free GPU blocks back to the driver (after a message). A process that never
+    touched CUDA is left alone: asking would open a CUDA context. True when something was released."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return False
+    torch.cuda.empty_cache()
+    return True
+
+
+def gpu_memory_mb(device) -> dict[str, float]:
+    """What this process holds on `device`, in MB: ``peak-gpu-mb``, the most it reserved since the
+    last ``torch.cuda.reset_peak_memory_stats`` (reserved, not allocated: the allocator's cache is
+    memory a GPU neighbour cannot have either), and ``held-gpu-mb``, what stays reserved once the
+    cache is emptied (weights and state kept between messages)."""
+    import torch
+
+    peak = torch.cuda.max_memory_reserved(device)
+    torch.cuda.empty_cache()
+    return {"peak-gpu-mb": peak / 2**20, "held-gpu-mb": torch.cuda.memory_reserved(device) / 2**20}

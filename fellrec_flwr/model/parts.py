@@ -33,7 +33,7 @@ from torch import nn
 
 from fellrec_flwr.config import LoraSettings, ModelConfig
 from fellrec_flwr.model.loading import (
-    TINY_BASE_SEED, ModelLoadError, _ensure_pad_token, _offline, _tokenizer_texts, find_gguf,
+    TINY_BASE_SEED, ModelLoadError, _ensure_pad_token, _offline, _tokenizer_texts, compute_dtype_for, find_gguf,
     quantization_config, resolve_checkpoint, resolve_device, resolve_dtype,
 )
 from fellrec_flwr.split.plan import ServerBody, load_client_model, load_server_body
@@ -190,15 +190,6 @@ def settings(model_cfg: ModelConfig) -> tuple[torch.device, torch.dtype, Any]:
     """(device, dtype, BitsAndBytesConfig or None) with the same checks as `load_base_model`."""
     device = resolve_device(model_cfg.device)
     return device, resolve_dtype(model_cfg.dtype), quantization_config(model_cfg, device)
-
-
-def compute_dtype_for(model_cfg: ModelConfig) -> torch.dtype:
-    """The dtype activations run in: model.dtype, also under 8/4-bit (whose weights are int8/uint8).
-    float32 weights quantised to 8/4 bit compute in float16 (bitsandbytes' own default)."""
-    dtype = resolve_dtype(model_cfg.dtype)
-    if model_cfg.quantization in ("8bit", "4bit") and dtype == torch.float32:
-        return torch.float16
-    return dtype
 
 
 def quantize_decoder_linears(module: nn.Module, quant: Any, device: torch.device) -> nn.Module:

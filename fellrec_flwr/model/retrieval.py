@@ -42,7 +42,8 @@ from fellrec_flwr.eval.metrics import DEFAULT_KS, ranking_metrics, target_ranks,
 from fellrec_flwr.data.prompts import GAMES, PromptDomain, format_response, history_input
 from fellrec_flwr.seeding import derive_seed, seeded_torch, torch_generator
 from fellrec_flwr.model.speed import autocast
-from fellrec_flwr.train.trainer import TrainingError, TrainResult, _check_factors, model_device, proximal_term
+from fellrec_flwr.train.trainer import (TrainingError, TrainResult, _check_factors, loss_scaler, model_device,
+                                         proximal_term)
 
 POOLINGS = ("mean", "last")
 
@@ -238,15 +239,15 @@ def prefix_states(model: Any, tokenizer: Any, token_ids: Sequence[Sequence[int]]
 
 def encode_states(model: Any, states: Sequence[torch.Tensor], start: int, pooling: str) -> torch.Tensor:
     """(n, d) unit vectors from `prefix_states(..., stop=start)`: only layers[start:] and the norm run."""
-    from fellrec_flwr.model.speed import layer_range, pad_hidden
+    from fellrec_flwr.model.speed import hidden_dtype, layer_range, pad_hidden
 
     decoder = _decoder(model)
     lengths = torch.tensor([len(s) for s in states], dtype=torch.long)
     attention = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
     device = model_device(model)
+    inputs = pad_hidden(states).to(device, dtype=hidden_dtype(decoder))  # bf16/fp16 layers take bf16/fp16
     with layer_range(decoder, start, len(decoder.layers)):
-        hidden = decoder(inputs_embeds=pad_hidden(states).to(device), attention_mask=attention.to(device),
-                         use_cache=False).last_hidden_state
+        hidden = decoder(inputs_embeds=inputs, attention_mask=attention.to(device), use_cache=False).last_hidden_state
     return pool(hidden, lengths, pooling)
 
 
@@ -416,6 +417,7 @@ def _train_loop(model: Any, n_examples: int, n_groups: int,
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     shuffle = torch_generator(derive_seed(seed, "shuffle"))
     sampler = torch_generator(derive_seed(seed, "negatives"))
+    scaler = loss_scaler(model, model_device(model))  # float16 compute: loss scaling
     size = train_cfg.batch_size
     steps_per_epoch = math.ceil(math.ceil(n_examples / size) / train_cfg.grad_accum)
 
@@ -438,11 +440,12 @@ def _train_loop(model: Any, n_examples: int, n_groups: int,
                         extra = torch.randint(n_groups, (settings.negatives,), generator=sampler).tolist()
                         with autocast(model_device(model), autocast_to):
                             one = batch_loss(batch, extra)
-                        (one / len(group)).backward()
+                        scaler.scale(one / len(group)).backward()
                         loss += one.item() / len(group)
                     if proximal_mu > 0:
-                        proximal_term(params, anchors, proximal_mu).backward()
-                    optimizer.step()
+                        scaler.scale(proximal_term(params, anchors, proximal_mu)).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                     step_losses.append(loss)
                     bar.set_postfix(loss=f"{loss:.4f}")
                     bar.update(1)

@@ -70,8 +70,8 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 def autocast_dtype(choice: str, device: torch.device, cpuinfo: str | None = None) -> torch.dtype | None:
     """The autocast dtype for ``train.autocast`` on `device`, or None for no autocast.
 
-    'auto' turns bf16 on only on a CPU with native bf16 instructions; on a GPU it leaves the
-    precision to ``model.dtype`` (no autocast).
+    'auto' turns bf16 on only on a CPU with native bf16 instructions; on a GPU this answers None and
+    :meth:`AutocastChooser.choose`, which sees the model, decides (:func:`cuda_autocast`).
     """
     if choice not in AUTOCAST_CHOICES:
         raise ValueError(f"train.autocast={choice!r} is not one of {', '.join(AUTOCAST_CHOICES)}.")
@@ -152,7 +152,10 @@ class AutocastChooser:
 
     def choose(self, choice: str, device: torch.device, model: nn.Module,
                step: Any, cpuinfo: str | None = None) -> torch.dtype | None:
-        """The autocast dtype; for 'auto' on a bf16-capable CPU, `step(dtype)` is timed both ways once."""
+        """The autocast dtype; for 'auto' on a bf16-capable CPU, `step(dtype)` is timed both ways once;
+        on a GPU, bf16 for float32 weights where the GPU has bf16 (:func:`cuda_autocast`)."""
+        if choice == "auto" and device.type == "cuda":
+            return cuda_autocast(model)
         if choice != "auto" or device.type != "cpu":
             return autocast_dtype(choice, device, cpuinfo)
         if not cpu_has_native_bf16(cpuinfo):
@@ -170,6 +173,15 @@ class AutocastChooser:
                 logging.getLogger(__name__).info("autocast auto: fp32 step %.3f s, bf16 %.3f s -> %s", fp32, bf16,
                                                  "bf16" if self.memory[key] else "off")
         return torch.bfloat16 if self.memory[key] else None
+
+
+def cuda_autocast(model: nn.Module) -> torch.dtype | None:
+    """'auto' on a GPU: float32 weights train under bf16 autocast where the GPU has bf16 (Ampere and
+    later: the tensor cores' rate, float32 master weights); bf16/fp16 weights already compute in 16 bits."""
+    weights = {p.dtype for p in model.parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    if weights and weights <= {torch.float32} and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return None
 
 
 def default_chooser() -> AutocastChooser:
@@ -394,6 +406,17 @@ class PrefixCache:
 _CACHES: "weakref.WeakKeyDictionary[nn.Module, dict[str, PrefixCache]]" = weakref.WeakKeyDictionary()
 
 
+def hidden_dtype(decoder: nn.Module) -> torch.dtype:
+    """The dtype of the hidden states between the decoder's layers: that of its token embeddings
+    (float32 weights under autocast keep a float32 residual stream; bf16/fp16 weights, bf16/fp16).
+    Cached states fed back as ``inputs_embeds`` must have it, or a bf16 layer meets float32 input."""
+    return decoder.embed_tokens.weight.dtype
+
+
+def _state_bytes(decoder: nn.Module) -> int:
+    return torch.empty((), dtype=hidden_dtype(decoder)).element_size()
+
+
 def _prefix_key(parts: DecoderParts, start: int, dtype: torch.dtype | None) -> tuple:
     prefix = [parts.decoder.embed_tokens] + list(parts.decoder.layers)[:start]
     versions = tuple(p._version for m in prefix for p in m.parameters())
@@ -443,7 +466,7 @@ class FastForward:
         if cache.key != key:
             cache.reset(key)
         missing = list(dict.fromkeys(tuple(s) for s in sequences if tuple(s) not in cache.items))
-        need = sum(len(s) for s in missing) * parts.head.in_features * 4  # float32 states
+        need = sum(len(s) for s in missing) * parts.head.in_features * _state_bytes(parts.decoder)
         if need > self.cache_bytes:
             _warn_once(f"prefix cache: {need / 2**20:.0f} MB needed > train.prefix-cache-mb="
                        f"{self.cache_bytes / 2**20:.0f}; training runs the whole model instead.")
@@ -468,10 +491,13 @@ class FastForward:
                     ids = torch.tensor([list(s) + [0] * (width - len(s)) for s in chunk], device=self.device)
                     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=self.device)
                     hidden = parts.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    # kept in the dtype the layers take (bf16/fp16 weights take bf16/fp16 inputs), in host
+                    # memory; one copy per batch, not one host sync per example
+                    hidden = hidden.to(device="cpu", dtype=hidden_dtype(parts.decoder))
                     for s, h in zip(chunk, hidden):  # right padding: real positions never saw a pad
-                        state = h[: len(s)].float().cpu() if self.device.type == "cuda" else h[: len(s)].float()
-                        cache.items[s] = state.contiguous()
-                        cache.bytes += state.numel() * 4
+                        state = h[: len(s)].clone()
+                        cache.items[s] = state
+                        cache.bytes += state.numel() * state.element_size()
         finally:
             parts.decoder.train(was_training)
 
@@ -485,8 +511,8 @@ class FastForward:
                 parts = self.parts
                 assert parts is not None
                 with layer_range(parts.decoder, self.prefix_start, len(parts.decoder.layers)):
-                    hidden = parts.decoder(inputs_embeds=batch["prefix_hidden"].to(self.device),
-                                           attention_mask=mask, use_cache=False).last_hidden_state
+                    states = batch["prefix_hidden"].to(self.device, dtype=hidden_dtype(parts.decoder))
+                    hidden = parts.decoder(inputs_embeds=states, attention_mask=mask, use_cache=False).last_hidden_state
                 return self._head_loss(hidden, labels)
             if self.head_only:
                 assert self.parts is not None

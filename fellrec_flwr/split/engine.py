@@ -134,6 +134,7 @@ class SplitService:
         self._sessions: OrderedDict[str, _Session] = OrderedDict()  # LRU order
         self._activations: OrderedDict[tuple[str, str], _Activation] = OrderedDict()
         self._param_ptrs = {p.data_ptr() for p in body.parameters()}
+        self._graph_bytes_per_token = 0.0  # of the last kept graph: predicts whether the next one can be kept
         self.stats: dict[str, float] = {"requests": 0, "errors": 0, "recomputed_backward": 0, "cached_backward": 0,
                                        "compute_s": 0.0}
 
@@ -282,19 +283,21 @@ class SplitService:
         b, q = self._check_hidden(t)
         self._check_aux(t, b, q)
         keep = self._flag(meta, "keep_graph") and self.limits.activation_cache_bytes > 0
+        # a graph over the cap would be dropped once built: do not build it (a large batch could run out
+        # of GPU memory first); the client's backward then recomputes
+        keep = keep and self._graph_bytes_per_token * b * q <= self.limits.activation_cache_bytes
         h, mask, pos = self._to_device(t)
         out_meta = {}
         with self._computing(deadline):
-            if not keep:
+            built = self._graph_forward(h, mask, pos, b * q) if keep else None
+            if built is None:
                 with torch.no_grad():
                     out = self.body(h, mask, pos)
             else:
-                h.requires_grad_(True)
-                counter = _SavedBytes(self._param_ptrs)
-                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(counter.pack, _unpack):
-                    out = self.body(h, mask, pos)
+                out, counter = built
                 # everything the entry keeps alive: saved tensors, the input, the output, the wire copies
                 nbytes = counter.add(h, out, *t.values())
+                self._graph_bytes_per_token = nbytes / (b * q)
                 if nbytes <= self.limits.activation_cache_bytes:
                     aid = secrets.token_hex(8)
                     self._activations[(client, aid)] = _Activation(client, dict(t), h, out, nbytes)
@@ -302,6 +305,23 @@ class SplitService:
                     if (client, aid) in self._activations:
                         out_meta["activation_id"] = aid
         return encode({"hidden": out.detach().to(t["hidden"].dtype)}, out_meta)
+
+    def _graph_forward(self, h: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor,
+                       tokens: int) -> tuple[torch.Tensor, "_SavedBytes"] | None:
+        """The forward with its graph kept for backward, or None when the device ran out of memory
+        building it (the caller then answers without a graph: a 500 would not be retried)."""
+        h.requires_grad_(True)
+        counter = _SavedBytes(self._param_ptrs)
+        try:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(counter.pack, _unpack):
+                return self.body(h, mask, pos), counter
+        except torch.OutOfMemoryError:
+            h.requires_grad_(False)
+            self._graph_bytes_per_token = max(self._graph_bytes_per_token,
+                                              self.limits.activation_cache_bytes / tokens)  # not this size again
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+            return None
 
     def backward(self, client: str, data: bytes, deadline: float | None = None) -> bytes:
         t, meta = self._parse(data, {"hidden", "position_ids", "grad"}, {"attention_mask"}, {"activation_id"})
@@ -645,7 +665,8 @@ def make_body(model: Any, front_k: int, back_k: int, device: str = "cpu", dtype:
     if (body.plan.front_k, body.plan.back_k) != (front_k, back_k):
         raise SplitError(f"the body was built for front_k={body.plan.front_k}, back_k={body.plan.back_k}, "
                          f"not {front_k}, {back_k}.")
+    from fellrec_flwr.model.precision import cast_model
     from fellrec_flwr.split.plan import _torch_dtype
 
-    return body.to(device=device, dtype=_torch_dtype(dtype)).eval()
+    return cast_model(body, device, _torch_dtype(dtype)).eval()  # rotary frequencies stay float32
 

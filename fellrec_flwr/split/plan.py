@@ -27,6 +27,8 @@ from typing import Any, Iterable, Iterator, Literal
 import torch
 from torch import nn
 
+from fellrec_flwr.model.precision import cast_model
+
 Part = Literal["client", "server"]
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
@@ -245,6 +247,9 @@ class ServerBody(nn.Module):
             raise SplitError(f"server body got {len(self.layers)} layers; the plan needs {len(plan.server_layers)}.")
         self._cache_kwarg = cache_kwarg(self.layers[0])
         self._compute_dtype = compute_dtype  # None: follow the weights (see compute_dtype_of)
+        # the probe as loaded: after 8/4-bit quantisation the weights are int8/packed uint8, which a
+        # client's float checkpoint can never match (issue 22)
+        self._loaded_probe = self._read_probe()
         self.requires_grad_(False)
         self.eval()
 
@@ -279,12 +284,24 @@ class ServerBody(nn.Module):
         return hidden
 
     def probe(self) -> dict[str, list[float]]:
-        """A few weight values a client can compare with its own copy to detect a different model."""
+        """A few weight values a client can compare with its own copy to detect a different model.
+
+        Read from the weights while they are floating point; a quantised weight (int8, packed uint8)
+        answers with the values it was loaded with, before quantisation."""
+        return {**self._loaded_probe, **self._read_probe()}
+
+    def _read_probe(self) -> dict[str, list[float]]:
+        """The first 8 values of the probed weights that are floating point and materialised."""
         out = {}
         for i in (0, len(self.layers) - 1):
             layer = self.layers[i]
-            for name, w in (("self_attn.q_proj.weight", layer.self_attn.q_proj.weight),
-                            ("mlp.down_proj.weight", layer.mlp.down_proj.weight)):
+            for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
+                try:
+                    w = layer.get_parameter(name)
+                except AttributeError:  # a stand-in layer without these weights (tests' fakes)
+                    continue
+                if not w.dtype.is_floating_point or w.device.type == "meta":
+                    continue
                 key = f"model.layers.{self.plan.server_layers[i]}.{name}"
                 out[key] = [float(x) for x in w.detach().flatten()[:8].float().cpu()]
         return out
@@ -467,7 +484,7 @@ def load_client_model(path: str | Path, front_k: int, back_k: int, dtype: str | 
         model.generation_config = GenerationConfig.from_pretrained(str(_config_dir(path)))
     model.split_plan = plan  # a plain attribute: lets make_split_model check the plan matches
     model.split_checkpoint = str(path)  # where the middle layers' weights can be checked against the service
-    return model.to(device=device, dtype=_torch_dtype(dtype)).eval()
+    return cast_model(model, device, _torch_dtype(dtype)).eval()  # rotary frequencies stay float32
 
 
 def load_server_body(path: str | Path, front_k: int, back_k: int, dtype: str | torch.dtype | None = None,
@@ -492,7 +509,7 @@ def load_server_body(path: str | Path, front_k: int, back_k: int, dtype: str | t
             raise SplitError(f"{path}: layer {i} does not match the config: {err}") from err
     body = ServerBody(config, plan, [layers[i] for i in plan.server_layers], LlamaRotaryEmbedding(config=config))
     _check_materialised(body, f"server part of {path}")
-    return body.to(device=device, dtype=_torch_dtype(dtype)).eval()
+    return cast_model(body, device, _torch_dtype(dtype)).eval()  # rotary frequencies stay float32
 
 
 # ---------------------------------------------------------------------------

@@ -187,6 +187,20 @@ def checkpointed_layers(model: torch.nn.Module, enabled: bool):
             lm.disable_input_require_grads()
 
 
+def loss_scaler(model: torch.nn.Module, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for float16 compute (``model.dtype=float16``, or float32 weights under 8/4-bit,
+    whose activations run in float16): gradients below 6e-8 flush to zero in float16, so the loss is
+    multiplied before backward, a step whose gradients overflowed is skipped and the factor adapts
+    (what transformers' Trainer does with fp16=True). A no-op for float32 and bfloat16 (float32's range).
+    """
+    fp16 = any(p.dtype == torch.float16 for p in model.parameters())
+    halves = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if halves:  # GradScaler cannot unscale float16 gradients, and float16 Adam moments underflow
+        raise TrainingError(f"{len(halves)} trainable parameters (e.g. {halves[0]}) are float16; train float32 "
+                            "adapters (peft's default) or use model.dtype=bfloat16.")
+    return torch.amp.GradScaler(device.type, enabled=fp16)
+
+
 def _check_factors(proximal_mu: float, lr_scale: float) -> None:
     if not (math.isfinite(proximal_mu) and proximal_mu >= 0):
         raise TrainingError(f"proximal_mu={proximal_mu} must be a finite number >= 0.")
@@ -236,6 +250,7 @@ def train_local(
         optimizer, lambda step: lr_factor(step, total_steps, train_cfg.warmup_steps, train_cfg.lr_schedule))
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     shuffle = torch_generator(derive_seed(seed, "shuffle"))
+    scaler = loss_scaler(model, device)
 
     was_training = model.training
     model.train()
@@ -251,7 +266,7 @@ def train_local(
                 for start in range(0, len(batches), train_cfg.grad_accum):
                     group = batches[start:start + train_cfg.grad_accum]
                     loss = optimizer_step(model, optimizer, group, params, anchors, proximal_mu, device,
-                                          loss_fn=forward.loss_sum)
+                                          loss_fn=forward.loss_sum, scaler=scaler)
                     scheduler.step()
                     if loss is not None:
                         step_losses.append(loss)
@@ -273,18 +288,21 @@ def optimizer_step(
     proximal_mu: float,
     device: torch.device,
     loss_fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int]] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float | None:
     """One optimiser step over a group of micro-batches (collated by TrainCollator).
 
     Returns the step's token-mean loss, or None (and no step) when no token is labelled.
     `anchors` are the received values of `params`, used only when proximal_mu > 0.
     `loss_fn(batch) -> (loss sum, label count)` defaults to the model's full logits.
+    `scaler` (:func:`loss_scaler`) scales the loss for float16 compute.
     """
     tokens = sum(count_label_tokens(b["labels"]) for b in group)
     if tokens == 0:  # every label masked (possible with train_on_inputs=False and truncation)
         return None
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     optimizer.zero_grad(set_to_none=True)
-    data_loss = 0.0
+    data_loss = torch.zeros((), dtype=torch.float64)
     for batch in group:
         if loss_fn is not None:
             loss_sum, _ = loss_fn(batch)
@@ -292,12 +310,13 @@ def optimizer_step(
             out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                         use_cache=False)
             loss_sum, _ = token_loss_sum(out.logits, batch["labels"])
-        (loss_sum / tokens).backward()
-        data_loss += loss_sum.item() / tokens
+        scaler.scale(loss_sum / tokens).backward()
+        data_loss = data_loss.to(loss_sum.device) + loss_sum.detach().double() / tokens  # no host sync per batch
     if proximal_mu > 0:
-        proximal_term(params, anchors, proximal_mu).backward()
-    optimizer.step()
-    return data_loss
+        scaler.scale(proximal_term(params, anchors, proximal_mu)).backward()
+    scaler.step(optimizer)  # skipped when float16 gradients overflowed (the scale then shrinks)
+    scaler.update()
+    return float(data_loss)  # one host sync per optimiser step
 
 
 # --------------------------------------------------------------------------- evaluation
