@@ -109,6 +109,8 @@ def content_settings(settings: DataSettings, seed: int) -> dict[str, Any]:
     out = data_settings_dict(settings)
     out["seed"] = int(seed)
     out["recipe"] = recipe()
+    if settings.dataset == "table":  # how ids are numbered shapes the clients and samples (readers docstring)
+        out["recipe"]["table_numbering"] = readers.TABLE_NUMBERING
     return out
 
 

@@ -19,6 +19,12 @@ user with the same time are ordered by item id (as numbers when every item id is
 else as text), so the split never depends on the rows' order in the file. Only
 ``data.order='file'`` (table) uses the file's row order instead, and the manifest says so.
 
+Numbering (``table``): users and items are numbered in the sorted order of their own ids (same
+rule), so the numbers -- which BPR-MF, K-means, the partitioners and the samplers follow --
+and with them the whole prepared folder do not depend on the rows' order either: a
+row-shuffled copy of a table prepares the same folder. ``amazon2018`` keeps upstream's
+numbering in order of first appearance.
+
 Every reader returns :class:`SourceData` with item ids re-indexed to ``0..n-1`` (the Games
 ids already are, and are kept) and the source's own ids kept as text
 (``original_users``/``original_items``). Titles are cleaned by :func:`clean_title`.
@@ -47,6 +53,7 @@ from fellrec_flwr.progress import tqdm
 from data_prep.errors import DataPrepError
 
 AMAZON_CORE = 5  # upstream 5-core: users and items with >= 5 interactions
+TABLE_NUMBERING = "users and items by their own ids"  # in the cache key: folders numbered otherwise are rebuilt
 
 
 @dataclass(frozen=True)
@@ -428,7 +435,7 @@ def read_table(path: str | Path, columns: TableColumns = TableColumns(), k: int 
         raise DataPrepError(f"No item of {files['interactions'].name} has a title in {files['items'].name}; "
                             "do the item id columns match (data.item-col)?")
     df = _apply_k_core(df[titled], k, files["interactions"], dropped)
-    return _from_frame(df, titles, dropped)
+    return _from_frame(df, titles, dropped, by_own_ids=True)
 
 
 # ----------------------------------------------------------------------------- shared steps
@@ -446,8 +453,8 @@ def _order_and_dedupe(df: pd.DataFrame, has_time: bool, dropped: dict[str, int])
     """Order each user's rows by time, then item id (see the module docstring; without a time,
     the file order) and keep the first of each repeated (user, item)."""
     if has_time:
-        # Users are numbered in the order they first appear in the file (numbering only); a
-        # user's rows go by time, ties by item id, never by the rows' order in the file.
+        # `first` only groups each user's rows; a user's rows go by time, ties by item id,
+        # never by the rows' order in the file.
         keys = pd.DataFrame({"first": pd.factorize(df["user"])[0], "time": df["timestamp"].to_numpy(),
                              "item": id_order(df["item"]).to_numpy(), "text": df["item"].to_numpy()},
                             index=df.index)
@@ -457,13 +464,26 @@ def _order_and_dedupe(df: pd.DataFrame, has_time: bool, dropped: dict[str, int])
     return df[~dup]
 
 
-def _from_frame(df: pd.DataFrame, titles: dict[str, str], dropped: dict[str, int]) -> SourceData:
-    """Re-index users and items in order of first appearance; build sequences."""
+def _sorted_ids(ids: pd.Series) -> pd.Index:
+    """The distinct ids in :func:`id_order` (equal numbers, e.g. "7" and "07", by their text)."""
+    distinct = pd.Series(pd.unique(ids), dtype=object).astype(str)
+    keys = pd.DataFrame({"key": id_order(distinct), "text": distinct})
+    return pd.Index(distinct[keys.sort_values(["key", "text"]).index], dtype=object)
+
+
+def _from_frame(df: pd.DataFrame, titles: dict[str, str], dropped: dict[str, int],
+                by_own_ids: bool = False) -> SourceData:
+    """Re-index users and items (`by_own_ids`: in the sorted order of their own ids; else in
+    order of first appearance in the time-sorted frame, as upstream); build sequences."""
     df = df.copy()
-    # Users keep the order in which they first appear in the (time-sorted) frame.
-    df["uid"], user_keys = pd.factorize(df["user"])
-    df = df.sort_values("uid", kind="stable")
-    df["iid"], item_keys = pd.factorize(df["item"])
+    if by_own_ids:  # independent of the rows' order (module docstring)
+        user_keys, item_keys = _sorted_ids(df["user"]), _sorted_ids(df["item"])
+        df["uid"], df["iid"] = user_keys.get_indexer(df["user"]), item_keys.get_indexer(df["item"])
+        df = df.sort_values("uid", kind="stable")  # a user's rows keep their (time) order
+    else:
+        df["uid"], user_keys = pd.factorize(df["user"])
+        df = df.sort_values("uid", kind="stable")
+        df["iid"], item_keys = pd.factorize(df["item"])
     dropped["titled_items_without_interactions"] = len(titles) - len(item_keys)
     item_titles = {int(i): titles[key] for i, key in enumerate(item_keys)}
     seqs = {int(u): g.tolist() for u, g in df.groupby("uid", sort=True)["iid"]}

@@ -200,11 +200,13 @@ def test_table_reader_custom_columns_time_order_and_drops(tmp_path):
     pd.DataFrame({"sku": ["k1", "k2", "k3", "k4"],
                   "name": ["One", "Two &amp; Co", "Three", "Unused"]}).to_parquet(tmp_path / "items.parquet")
     data = read_table(tmp_path, TableColumns(user="uid", item="sku", timestamp="when", title="name"))
-    # bob first in the file -> user 0: k1 (01-01), k2 (01-03); k9 has no title
+    # users and items are numbered by their own ids, not by the file: ann (second in the file) -> user 0
     # ann: k3 (01-01), k1 (01-02), k2 (01-04); the repeat of k1 on 01-09 is dropped
+    # bob: k1 (01-01), k2 (01-03); k9 has no title
     titles = dict(zip(data.items["item_id"], data.items["title"]))
     named = {u: [titles[i] for i in s] for u, s in data.sequences.items()}
-    assert named == {0: ["One", "Two & Co"], 1: ["Three", "One", "Two & Co"]}
+    assert named == {0: ["Three", "One", "Two & Co"], 1: ["One", "Two & Co"]}
+    assert data.original_users == {0: "ann", 1: "bob"} and data.original_items == {0: "k1", 1: "k2", 2: "k3"}
     assert data.dropped == {"repeated_user_item": 1, "interactions_without_title": 1,
                             "titled_items_without_interactions": 1}
     assert len(data.items) == 3  # "Unused" is not in the catalogue
