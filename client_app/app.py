@@ -117,6 +117,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     from fellrec_flwr.eval.evaluate import evaluate_recommender
+    from fellrec_flwr.eval.results import flat_top_items
     from fellrec_flwr.train.trainer import eval_loss
 
     cfg = client_config(context)
@@ -134,9 +135,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         scores, rows = evaluate_recommender(rt.model, rt.tokenizer, examples, rt.data.titles, rt.catalogue, cfg.eval)
     metrics = {"eval-loss": float(loss), "num-examples": len(examples), "client-key": key}
     metrics.update({k: float(v) for k, v in scores.items() if k.startswith(("recall@", "ndcg@", "valid-title"))})
-    # Each evaluated user's target rank (-1 = not in the top 20), for paired bootstrap intervals on the server.
+    # Each evaluated user's target rank (-1 = not in the top 20), for paired bootstrap intervals on the
+    # server, with the target and the top 10 (flat, 10 per user, -1 = empty) for per_user.csv.
     per_user = ConfigRecord({"user-ids": [int(r["user_id"]) for r in rows],
-                             "target-ranks": [int(r["target_rank"]) for r in rows]})
+                             "target-ranks": [int(r["target_rank"]) for r in rows],
+                             "targets": [int(r["target"]) for r in rows],
+                             "top10": flat_top_items(r["top10"] for r in rows)})
     return Message(RecordDict({"metrics": MetricRecord(metrics), "per-user": per_user}), reply_to=msg)
 
 

@@ -91,7 +91,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def write_per_user(strat: Any) -> Any:
         return write_per_user_csv(run_dir / PER_USER_FILE, run_per_user_rows(cfg.strategy, strat.user_ranks) + baselines,
-                                  original_ids)
+                                  *original_ids)
 
     def on_round_end(server_round: int, strat: Any) -> None:
         rows = strat.metric_rows()
@@ -136,20 +136,20 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Paired 95%% bootstrap intervals over users: %s", summary["intervals"])
 
 
-def server_side_user_data(cfg: FellRecConfig) -> tuple[list[dict[str, Any]], dict[int, str] | None]:
+def server_side_user_data(cfg: FellRecConfig) -> tuple[list[dict[str, Any]], tuple[dict[int, str] | None, ...]]:
     """per_user.csv extras the server can add when it holds the prepared data (simulation):
-    popularity and Markov rows on the run's validation and final users, and each user's id in
-    the source data. In a deployment whose data live only on the clients the run goes on
+    the baselines' rows on the run's validation and final users, and (user ids, item ids) ->
+    ids in the source data. In a deployment whose data live only on the clients the run goes on
     without them: they are a convenience, never a reason to fail a run.
     """
     from fellrec_flwr.eval.baselines import baseline_rows
 
     try:
         data = prepare_data(cfg)
-        return baseline_rows(data, ["valid", cfg.eval.final_split]), data.original_user_ids
+        return baseline_rows(data, ["valid", cfg.eval.final_split]), (data.original_user_ids, data.original_item_ids)
     except Exception as err:  # noqa: BLE001 -- see the docstring
-        log(WARNING, "No popularity/Markov baselines or original user ids in this run folder: %s", err)
-        return [], None
+        log(WARNING, "No popularity/Markov baselines or original user and item ids in this run folder: %s", err)
+        return [], (None, None)
 
 
 def save_adapters(cfg: FellRecConfig, strategy: Any, global_arrays: ArrayRecord, run_dir: Path) -> None:
