@@ -11,9 +11,13 @@ ID --format json` for the final status and exits with:
     2  no run was started, or its status could not be read
 
 `flwr run .` on the local connection starts a detached `flower-superlink` and leaves it running,
-with the environment of its first start. Flower records no PID for it, but its command line
-names its own log file under `$FLWR_HOME/local-superlink/`, so `--stop-superlink` ends exactly
-that process (and its process group): never another user's or another project's SuperLink.
+with the environment of its first start, on ports that are the same for every FLWR_HOME unless
+set. The wrapper gives each FLWR_HOME its own ports and refuses to submit to a SuperLink of
+another home or environment (fellrec_flwr/local_superlink.py); `--print-env` prints them for
+plain `flwr` commands. `--stop-superlink` ends exactly this home's SuperLink (and its process
+group): never another user's or another project's.
+
+    python -m fellrec_flwr.run --print-env      # export lines: eval "$(python -m fellrec_flwr.run --print-env)"
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fellrec_flwr.local_superlink import (  # noqa: F401 (end_process_groups, managed_superlink_pids: re-exported)
+    SuperLinkRefused, check_superlink, end_process_groups, home_ports, managed_superlink_pids, shell_exports,
+    stop_superlink)
 
 COMPLETED = "finished:completed"
 _STARTED = re.compile(r"Successfully started run (\d+)")
@@ -52,6 +59,8 @@ def flwr_bin() -> str:
 def run_env() -> dict[str, str]:
     """The environment for `flwr`: this project's defaults, anything the user set wins."""
     env = dict(os.environ)
+    # `flwr` starts the local SuperLink as `flower-superlink` from PATH: this environment's.
+    env["PATH"] = os.pathsep.join([str(Path(flwr_bin()).parent), env.get("PATH", "")])
     # Use this environment instead of building a fresh one per run (needs the network, reinstalls torch).
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -97,8 +106,39 @@ def run_status(run_id: str, env: dict[str, str], superlink: str | None, wait_s: 
         time.sleep(2.0)
 
 
+def uses_local_superlink(superlink: str | None) -> bool:
+    """True if the connection (`superlink`, else the default of $FLWR_HOME/config.toml) is Flower's
+    managed local SuperLink, read with Flower's own config reader."""
+    from flwr.cli.constant import LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE, LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE_IN_MEMORY
+    from flwr.cli.flower_config import read_superlink_connection
+
+    try:
+        address = read_superlink_connection(superlink).address
+    except Exception:  # noqa: BLE001 -- a broken config: `flwr run` itself says what is wrong
+        return True
+    return address in (None, LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE, LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE_IN_MEMORY)
+
+
+def with_home_superlink(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this FLWR_HOME's local SuperLink ports; raises SuperLinkRefused when that port is
+    another home's SuperLink, or this home's in another environment."""
+    home = flwr_home()
+    ports = home_ports(home, env)
+    check_superlink(home, ports, env, str(Path(flwr_bin()).parent))
+    print(f"fellrec: FLWR_HOME={home} has its local SuperLink on 127.0.0.1:{ports.http} (from {ports.origin})",
+          flush=True)
+    return {**env, **ports.env()}
+
+
 def run(app: str, flwr_args: list[str], superlink: str | None = None) -> int:
     env = run_env()
+    local = uses_local_superlink(superlink)
+    if local:
+        try:
+            env = with_home_superlink(env)
+        except SuperLinkRefused as err:
+            print(f"fellrec: {err}", file=sys.stderr)
+            return 2
     args = list(flwr_args)
     if "--stream" not in args:
         args.append("--stream")  # without it `flwr run` returns right after submitting
@@ -118,76 +158,11 @@ def run(app: str, flwr_args: list[str], superlink: str | None = None) -> int:
         return 2
     status = run_status(run_id, env, superlink)
     code = exit_code_for(status)
+    ports = ' (in a shell after: eval "$(python -m fellrec_flwr.run --print-env)")' if local else ""
     print(f"\nfellrec: run {run_id} status {status or 'unknown'}; details: flwr list --run-id {run_id}, "
-          f"log: flwr log {run_id}" + ("" if code == 0 else f" -> exit {code}"),
+          f"log: flwr log {run_id}{ports}" + ("" if code == 0 else f" -> exit {code}"),
           file=sys.stderr if code else sys.stdout)
     return code
-
-
-# -- stopping the managed local SuperLink ----------------------------------------------------
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def managed_superlink_pids(home: Path) -> list[int]:
-    """PIDs of `flower-superlink` processes of this user whose log file lies in `home` (Linux /proc)."""
-    log_file = str(home / "local-superlink" / "superlink.log")
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if entry.stat().st_uid != os.getuid():
-                continue
-        except OSError:
-            continue
-        cmd = _cmdline(int(entry.name))
-        if not cmd or not any(Path(c).name == "flower-superlink" for c in cmd[:2]):
-            continue
-        if "--log-file" in cmd and cmd.index("--log-file") + 1 < len(cmd) and cmd[cmd.index("--log-file") + 1] == log_file:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie, ended but not yet reaped by its parent, counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def end_process_groups(pids: list[int], grace_s: float = 10.0) -> None:
-    """SIGTERM each PID's process group (a SuperLink's simulation children run in its group),
-    then SIGKILL whatever is still there after `grace_s`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.killpg(os.getpgid(pid), sig)
-            except (ProcessLookupError, PermissionError):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.2)
-        if not any(_alive(p) for p in pids):
-            return
-
-
-def stop_superlink(home: Path, grace_s: float = 10.0) -> int:
-    """Stop the managed SuperLink of `home` (and its process group); returns how many were found."""
-    pids = managed_superlink_pids(home)
-    end_process_groups(pids, grace_s)
-    return len(pids)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +174,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="SuperLink connection name from $FLWR_HOME/config.toml (default: the local one)")
     parser.add_argument("--stop-superlink", action="store_true",
                         help="stop the managed local SuperLink of $FLWR_HOME (only that one) and exit")
+    parser.add_argument("--print-env", action="store_true",
+                        help="print `export` lines with the local SuperLink ports of $FLWR_HOME, for plain "
+                             "`flwr` commands, and exit")
     args, rest = parser.parse_known_args(argv)
+    if args.print_env:
+        try:
+            print(shell_exports(home_ports(flwr_home(), os.environ)))
+        except SuperLinkRefused as err:
+            print(f"fellrec: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.stop_superlink:
         home = flwr_home()
         n = stop_superlink(home)
