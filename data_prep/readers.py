@@ -12,7 +12,8 @@ Three sources are supported (the built-in demo lives in :mod:`data_prep.demo`):
   title, iterative k-core (``data.k-core``, 5 upstream), re-index in order of first appearance.
 - ``table``: a generic interactions table (CSV or Parquet; columns user, item, time) plus an
   item-title table (item, title), in one folder as ``interactions.{csv,parquet}`` and
-  ``items.{csv,parquet}``. Column names, separator, k-core and order are ``data.*`` settings.
+  ``items.{csv,parquet}`` (or the names in ``data.interactions-file`` / ``data.items-file``).
+  Column names, separator, k-core and order are ``data.*`` settings.
 
 Order of a user's interactions (``table`` and ``amazon2018``): by time; interactions of one
 user with the same time are ordered by item id (as numbers when every item id is an integer,
@@ -66,6 +67,8 @@ class TableColumns:
     title: str = "title"
     sep: str = ","  # CSV only; "tab" or "\\t" mean a tab
     order: str = "time"  # "time": by `timestamp` (required); "file": the rows' order in the file
+    interactions_file: str = "interactions"  # that file in the folder, else <name>.csv / <name>.parquet
+    items_file: str = "items"
 
     def csv_sep(self) -> str:
         return "\t" if self.sep in ("tab", "\\t", "\t") else self.sep
@@ -120,8 +123,9 @@ def _folder(path: str | Path, dataset: str) -> Path:
                             "(CLI: --path DIR).")
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise DataPrepError(f"data.path={str(path)!r} is not a folder; point it at the folder holding "
-                            f"the {dataset!r} files.")
+        tried = f"{folder.absolute()}" + ("" if folder.is_absolute() else f", relative to the working folder {Path.cwd()}")
+        raise DataPrepError(f"data.path={str(path)!r} is not a folder (tried {tried}); point it at the folder "
+                            f"holding the {dataset!r} files, by an absolute path.")
     return folder
 
 
@@ -145,20 +149,31 @@ def amazon2018_files(path: str | Path) -> dict[str, Path]:
             "meta": _one_file(folder, ["meta_*.json", "meta_*.json.gz"], "meta_*.json(.gz) file", fix)}
 
 
-def table_files(path: str | Path) -> dict[str, Path]:
-    """``interactions.{csv,parquet}`` and ``items.{csv,parquet}`` in `path`."""
+def _named_file(folder: Path, name: str, what: str, key: str) -> Path:
+    """The file `name` in `folder`, else ``<name>.csv`` or ``<name>.parquet``."""
+    if (folder / name).is_file():
+        return folder / name
+    fix = (f"Name it {name}.csv or {name}.parquet, or set data.{key} (CLI --{key}) to its file name.")
+    return _one_file(folder, [f"{name}.csv", f"{name}.parquet"], f"{what} ({name}.csv or {name}.parquet)", fix)
+
+
+def table_files(path: str | Path, columns: TableColumns | None = None) -> dict[str, Path]:
+    """The interactions and item-title tables in `path` (``columns`` names them; default
+    ``interactions.{csv,parquet}`` and ``items.{csv,parquet}``)."""
+    columns = columns or TableColumns()
     folder = _folder(path, "table")
-    fix = "Name them interactions.csv|parquet and items.csv|parquet."
-    return {"interactions": _one_file(folder, ["interactions.csv", "interactions.parquet"],
-                                      "interactions table", fix),
-            "items": _one_file(folder, ["items.csv", "items.parquet"], "item-title table", fix)}
+    return {"interactions": _named_file(folder, columns.interactions_file, "interactions table", "interactions-file"),
+            "items": _named_file(folder, columns.items_file, "item-title table", "items-file")}
 
 
-def source_files(dataset: str, path: str | Path) -> dict[str, Path]:
-    """The files a data set is read from (no parsing): used for the cache key."""
+def source_files(dataset: str, path: str | Path, columns: TableColumns | None = None) -> dict[str, Path]:
+    """The files a data set is read from (no parsing): used for the cache key. `columns`: the
+    table source's settings (file names)."""
     if dataset == "demo":
         return {}
-    locate = {"games": games_files, "amazon2018": amazon2018_files, "table": table_files}.get(dataset)
+    if dataset == "table":
+        return table_files(path, columns)
+    locate = {"games": games_files, "amazon2018": amazon2018_files}.get(dataset)
     if locate is None:
         raise DataPrepError(f"data.dataset={dataset!r} is not one of demo, games, amazon2018, table.")
     return locate(path)
@@ -412,7 +427,7 @@ def read_table(path: str | Path, columns: TableColumns = TableColumns(), k: int 
     """
     if columns.order not in ("time", "file"):
         raise DataPrepError(f"data.order={columns.order!r} is not one of time, file.")
-    files = table_files(path)
+    files = table_files(path, columns)
     sep = columns.csv_sep()
     inter = _read_frame(files["interactions"], sep)
     _need_columns(inter, files["interactions"], {"user-col": columns.user, "item-col": columns.item}, sep)

@@ -119,6 +119,9 @@ class DataSettings:
     sep: str = ","  # CSV field separator ("tab" or "\\t" for tabs); ignored for parquet
     k_core: int = 5  # keep users and items with >= k interactions, repeatedly (0 = off)
     order: str = "time"  # "time" (needs data.time-col) | "file": the rows' order in the file
+    # The two tables' file names in data.path: the file so named, else <name>.csv or <name>.parquet.
+    interactions_file: str = "interactions"
+    items_file: str = "items"
 
 
 @dataclass

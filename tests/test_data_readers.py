@@ -281,3 +281,30 @@ def test_table_errors(tmp_path):
     pd.DataFrame({"item_id": [1], "title": ["a"]}).to_csv(tmp_path / "items.csv", index=False)
     with pytest.raises(DataPrepError, match=r"column 'timestamp' has missing or unparsable values.*line 2.*--time-col"):
         read_table(tmp_path)
+
+
+def test_table_file_names_are_settings(tmp_path):
+    """data.interactions-file / data.items-file: a file of any name (read with data.sep unless it
+    is parquet), or a stem found as <stem>.csv / <stem>.parquet; a missing one names the key."""
+    pd.DataFrame({"uid": [1, 1, 1, 2, 2, 2], "movie": [10, 20, 30, 20, 30, 10], "when": [1, 2, 3, 1, 2, 3]}).to_csv(
+        tmp_path / "u.data", sep="\t", index=False)
+    pd.DataFrame({"movie": [10, 20, 30], "name": ["A", "B", "C"]}).to_parquet(tmp_path / "movies.parquet")
+    columns = TableColumns(user="uid", item="movie", timestamp="when", title="name", sep="tab",
+                           interactions_file="u.data", items_file="movies")
+    data = read_table(tmp_path, columns)
+    assert {u: [data.original_items[i] for i in s] for u, s in data.sequences.items()} == {
+        0: ["10", "20", "30"], 1: ["20", "30", "10"]}
+    with pytest.raises(DataPrepError, match=r"no interactions table \(interactions.csv or interactions.parquet\) "
+                                            r"in .*set data.interactions-file \(CLI --interactions-file\)"):
+        read_table(tmp_path, TableColumns(user="uid", item="movie", timestamp="when", title="name", sep="tab"))
+    from data_prep.__main__ import parser
+
+    flags = parser().parse_args(["--interactions-file", "u.data", "--items-file", "movies"])
+    assert (flags.interactions_file, flags.items_file) == ("u.data", "movies")
+
+
+def test_a_missing_folder_names_the_path_it_tried(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataPrepError, match=rf"data.path='mydata' is not a folder \(tried {tmp_path}/mydata, "
+                                            rf"relative to the working folder {tmp_path}\)"):
+        read_table("mydata")
