@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fellrec_flwr.train.client_state import ClientStateStore, adapter_fingerprint, apply_node_settings, node_settings
-from fellrec_flwr.config import FellRecConfig, from_run_config
+from fellrec_flwr.config import FellRecConfig, from_run_config, refuse_relative_paths
 from fellrec_flwr.model import memory
 from fellrec_flwr.model.lora_state import get_lora_state, record_to_state, state_to_record, set_lora_state
 from fellrec_flwr.data.prepared import with_prepared_settings
@@ -45,7 +45,8 @@ def client_key(context: Context) -> int:
 
 def client_config(context: Context) -> FellRecConfig:
     """The run config, with this node's own data folder (node config `data-path`) if it has one."""
-    cfg = apply_node_settings(from_run_config(context.run_config), node_settings(context.node_config))
+    cfg = apply_node_settings(refuse_relative_paths(from_run_config(context.run_config)),
+                              node_settings(context.node_config))
     return with_prepared_settings(cfg)  # data settings of an already prepared folder
 
 

@@ -12,10 +12,17 @@ ID --format json` for the final status and exits with:
 
 `flwr run .` on the local connection starts a detached `flower-superlink` and leaves it running,
 with the environment of its first start, on ports that are the same for every FLWR_HOME unless
-set. The wrapper gives each FLWR_HOME its own ports and refuses to submit to a SuperLink of
-another home or environment (fellrec_flwr/local_superlink.py); `--print-env` prints them for
-plain `flwr` commands. `--stop-superlink` ends exactly this home's SuperLink (and its process
-group): never another user's or another project's.
+set, and runs the apps in that SuperLink's working folder. So the wrapper:
+
+- makes relative paths in --run-config (and the default out-dir) absolute against the folder it
+  runs in (config.PATH_KEYS);
+- gives each FLWR_HOME its own ports and refuses to submit to a SuperLink of another home or
+  environment (fellrec_flwr/local_superlink.py); `--print-env` prints the ports for plain `flwr`;
+- hides Flower's notice that the default number of simulated SuperNodes changed when
+  --federation-config sets num-supernodes (the next line states the real number).
+
+`--stop-superlink` ends exactly this home's SuperLink (and its process group): never another
+user's or another project's.
 
     python -m fellrec_flwr.run --print-env      # export lines: eval "$(python -m fellrec_flwr.run --print-env)"
 """
@@ -37,6 +44,8 @@ from fellrec_flwr.local_superlink import (  # noqa: F401 (end_process_groups, ma
     stop_superlink)
 
 COMPLETED = "finished:completed"
+# Printed by Flower (>= 1.32) on every simulation, also when num-supernodes is set.
+DEFAULT_SIZE_NOTICE = "default simulated SuperNodes changed from 10 to 2"
 _STARTED = re.compile(r"Successfully started run (\d+)")
 
 
@@ -106,6 +115,68 @@ def run_status(run_id: str, env: dict[str, str], superlink: str | None, wait_s: 
         time.sleep(2.0)
 
 
+_RUN_CONFIG = ("--run-config", "-c")
+
+
+def _toml_value(value: object) -> str:
+    """A run-config value as `flwr run --run-config` text reads it back (Flower's own parser)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    if "'" not in text:
+        return f"'{text}'"  # a TOML literal string: no escapes
+    if '"' not in text:
+        return json.dumps(text)  # a TOML basic string (JSON escapes are TOML escapes)
+    raise SystemExit(f"fellrec: the run-config value {text!r} holds both quote characters; Flower cannot pass it.")
+
+
+def with_absolute_paths(flwr_args: list[str], app: str, cwd: Path) -> tuple[list[str], list[str]]:
+    """`flwr run` arguments whose path keys (config.PATH_KEYS, given or the app's default) are
+    absolute against `cwd`, since the apps run in the SuperLink's folder; and a note per change.
+    Arguments without a relative path come back unchanged."""
+    from flwr.common.config import flatten_dict, parse_config_args
+
+    from fellrec_flwr.config import PATH_KEYS
+
+    values, rest = [], []
+    i = 0
+    while i < len(flwr_args):
+        arg = flwr_args[i]
+        if arg in _RUN_CONFIG and i + 1 < len(flwr_args):
+            values.append(flwr_args[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--run-config="):
+            values.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    given = parse_config_args(values) if values else {}  # as `flwr run` reads them
+    try:  # the app's defaults (out-dir = "results")
+        import tomllib
+
+        defaults = flatten_dict(tomllib.loads((Path(app) / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, ValueError):
+        defaults = {}
+    changed = {}
+    for key in PATH_KEYS:
+        value = given.get(key, defaults.get(key, ""))
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+            changed[key] = os.path.abspath(cwd / os.path.expanduser(value))
+    if not changed:
+        return list(flwr_args), []
+    text = " ".join(f"{k}={_toml_value(v)}" for k, v in {**given, **changed}.items())
+    notes = [f"{k}={given.get(k, defaults.get(k))!r} -> {v!r}" for k, v in changed.items()]
+    return [*rest, "--run-config", text], notes
+
+
+def shown(line: str, flwr_args: list[str]) -> bool:
+    """False for Flower's default-size notice when the federation size is given."""
+    return not (DEFAULT_SIZE_NOTICE in line and any("num-supernodes" in a for a in flwr_args))
+
+
 def uses_local_superlink(superlink: str | None) -> bool:
     """True if the connection (`superlink`, else the default of $FLWR_HOME/config.toml) is Flower's
     managed local SuperLink, read with Flower's own config reader."""
@@ -132,6 +203,9 @@ def with_home_superlink(env: dict[str, str]) -> dict[str, str]:
 
 def run(app: str, flwr_args: list[str], superlink: str | None = None) -> int:
     env = run_env()
+    flwr_args, notes = with_absolute_paths(flwr_args, app, Path.cwd())
+    if notes:
+        print(f"fellrec: paths resolved against {Path.cwd()}: " + ", ".join(notes), flush=True)
     local = uses_local_superlink(superlink)
     if local:
         try:
@@ -148,9 +222,10 @@ def run(app: str, flwr_args: list[str], superlink: str | None = None) -> int:
     seen: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:  # pass the log through as it streams
-        sys.stdout.write(line)
-        sys.stdout.flush()
         seen.append(line)
+        if shown(line, args):
+            sys.stdout.write(line)
+            sys.stdout.flush()
     proc.wait()
     run_id = started_run_id("".join(seen))
     if run_id is None:

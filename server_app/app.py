@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fellrec_flwr.eval.balance_report import plot_balance
 from fellrec_flwr.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fellrec_flwr.config import ConfigError, FellRecConfig, from_run_config
+from fellrec_flwr.config import ConfigError, FellRecConfig, from_run_config, refuse_relative_paths
 from fellrec_flwr.model.lora_state import record_to_state, state_to_record
 from fellrec_flwr.data.prepared import with_prepared_settings
 from fellrec_flwr.eval.results import (
@@ -71,7 +71,8 @@ def split_service(cfg: FellRecConfig) -> Iterator[FellRecConfig]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = with_prepared_settings(from_run_config(context.run_config))  # a prepared folder's own settings
+    # absolute data paths only (this runs in the SuperLink's folder), then a prepared folder's own settings
+    cfg = with_prepared_settings(refuse_relative_paths(from_run_config(context.run_config)))
     run_dir = run_dir_of(cfg)
     strategy = make_strategy(cfg)
     start_round = 0

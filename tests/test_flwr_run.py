@@ -225,3 +225,65 @@ def test_two_homes_side_by_side_each_run_on_their_own_superlink(tmp_path):
                 proc.kill()
         for home in homes:
             kill_tree(managed_superlink_pids(home))
+
+
+# -- relative paths --------------------------------------------------------------------------
+
+
+def test_the_wrapper_makes_relative_paths_absolute_against_its_folder(tmp_path):
+    """Flower's apps run in the SuperLink's folder: the wrapper resolves data.path,
+    data.prepared-dir, resume-from and out-dir (also the default) against the folder it runs in,
+    and passes every other value through unchanged, as Flower's own parser reads it."""
+    from flwr.common.config import parse_config_args
+
+    from fellrec_flwr.run import with_absolute_paths
+
+    given = ("data.path='mydata' data.prepared-dir='../prep dir' data.user-col=\"it's\" num-server-rounds=2 "
+             "train.lr=0.0001 split.enabled=true")
+    for args in (["--run-config", given, "--federation-config", "num-supernodes=2"],
+                 ["-c", given, "--federation-config", "num-supernodes=2"],
+                 [f"--run-config={given}", "--federation-config", "num-supernodes=2"]):
+        out, notes = with_absolute_paths(args, str(ROOT), tmp_path / "here")
+        assert out[:2] == ["--federation-config", "num-supernodes=2"] and out[2] == "--run-config"
+        assert parse_config_args([out[3]]) == {**parse_config_args([given]), "data.path": f"{tmp_path}/here/mydata",
+                                               "data.prepared-dir": f"{tmp_path}/prep dir",
+                                               "out-dir": f"{tmp_path}/here/results"}
+        assert "data.path='mydata' -> " in notes[0] and len(notes) == 3
+    absolute = ["--run-config", f"data.path='{tmp_path}' out-dir='{tmp_path}/out'"]
+    assert with_absolute_paths(absolute, str(ROOT), tmp_path) == (absolute, [])
+
+
+def test_the_apps_refuse_relative_data_paths_and_the_checker_resolves_them(tmp_path, monkeypatch, capsys):
+    """A plain `flwr run` reads a relative path from the SuperLink's folder: the apps refuse it,
+    naming the absolute-path fix; the checker shows what it means from here."""
+    from flwr.app import Context, RecordDict
+
+    from fellrec_flwr.config import ConfigError, from_run_config, main as check_cli, refuse_relative_paths
+
+    relative = {"data.dataset": "table", "data.path": "../mydata"}
+    with pytest.raises(ConfigError, match=r"data.path='../mydata': a relative path, but Flower's apps run in the "
+                                          r"SuperLink's working folder .* data.path='\$PWD/../mydata'.*fellrec_flwr.run"):
+        refuse_relative_paths(from_run_config(relative))
+    refuse_relative_paths(from_run_config({"data.path": str(tmp_path), "out-dir": "results"}))  # out-dir may be
+    import server_app.app as server
+    from client_app.app import client_config
+
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                      run_config=relative)
+    for app_entry in (lambda: server.main(None, context), lambda: client_config(context)):
+        with pytest.raises(ConfigError, match="a relative path"):
+            app_entry()
+    monkeypatch.chdir(tmp_path)
+    assert check_cli(["data.dataset='table' data.path='mydata'"]) == 0
+    printed = capsys.readouterr().out
+    assert f"data.path='mydata' -> {tmp_path}/mydata (relative: python -m fellrec_flwr.run passes this " \
+           "absolute path; plain flwr run refuses it; not found)" in printed
+    assert f"out-dir='results' -> {tmp_path}/results" in printed
+
+
+def test_the_default_size_notice_is_hidden_only_when_the_size_is_given():
+    from fellrec_flwr.run import shown
+
+    notice = "WARNING :   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2."
+    assert not shown(notice, ["--federation-config", "num-supernodes=5"])
+    assert shown(notice, ["--run-config", "num-server-rounds=1"]) and shown("INFO : other", ["num-supernodes=5"])
