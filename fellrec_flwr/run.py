@@ -15,7 +15,7 @@ with the environment of its first start, on ports that are the same for every FL
 set, and runs the apps in that SuperLink's working folder. So the wrapper:
 
 - makes relative paths in --run-config (and the default out-dir) absolute against the folder it
-  runs in (config.PATH_KEYS);
+  runs in (config.PATH_KEYS), for the local SuperLink;
 - gives each FLWR_HOME its own ports and refuses to submit to a SuperLink of another home or
   environment (fellrec_flwr/local_superlink.py); `--print-env` prints the ports for plain `flwr`;
 - hides Flower's notice that the default number of simulated SuperNodes changed when
@@ -203,11 +203,11 @@ def with_home_superlink(env: dict[str, str]) -> dict[str, str]:
 
 def run(app: str, flwr_args: list[str], superlink: str | None = None) -> int:
     env = run_env()
-    flwr_args, notes = with_absolute_paths(flwr_args, app, Path.cwd())
-    if notes:
-        print(f"fellrec: paths resolved against {Path.cwd()}: " + ", ".join(notes), flush=True)
     local = uses_local_superlink(superlink)
-    if local:
+    if local:  # a remote SuperLink's apps run on another machine: its paths are not ours to resolve
+        flwr_args, notes = with_absolute_paths(flwr_args, app, Path.cwd())
+        if notes:
+            print(f"fellrec: paths resolved against {Path.cwd()}: " + ", ".join(notes), flush=True)
         try:
             env = with_home_superlink(env)
         except SuperLinkRefused as err:
