@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fellrec_flwr.train.client_state import ClientStateStore, adapter_fingerprint, apply_node_settings, node_settings
-from fellrec_flwr.config import FellRecConfig, from_run_config
+from fellrec_flwr.config import FellRecConfig, from_run_config, refuse_relative_paths
 from fellrec_flwr.model import memory
 from fellrec_flwr.model.lora_state import get_lora_state, record_to_state, state_to_record, set_lora_state
 from fellrec_flwr.data.prepared import with_prepared_settings
@@ -45,7 +45,8 @@ def client_key(context: Context) -> int:
 
 def client_config(context: Context) -> FellRecConfig:
     """The run config, with this node's own data folder (node config `data-path`) if it has one."""
-    cfg = apply_node_settings(from_run_config(context.run_config), node_settings(context.node_config))
+    cfg = apply_node_settings(refuse_relative_paths(from_run_config(context.run_config)),
+                              node_settings(context.node_config))
     return with_prepared_settings(cfg)  # data settings of an already prepared folder
 
 
@@ -108,6 +109,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    from fellrec_flwr.eval.results import flat_top_items
     from fellrec_flwr.heads import evaluate_head
 
     cfg = client_config(context)
@@ -120,8 +122,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     loss, scores, rows = evaluate_head(cfg, rt, examples)
     metrics = {"eval-loss": float(loss), "num-examples": len(examples), "client-key": key}
     metrics.update({k: float(v) for k, v in scores.items() if k.startswith(("recall@", "ndcg@", "valid-title"))})
-    # Each evaluated user's target rank (-1 = not in the top 20), for paired bootstrap intervals on the server.
+    # Each evaluated user's target rank (-1 = not in the top 20), for paired bootstrap intervals on the
+    # server, with the target and the top 10 (flat, 10 per user, -1 = empty) for per_user.csv.
     per_user = ConfigRecord({"user-ids": [int(r["user_id"]) for r in rows],
-                             "target-ranks": [int(r["target_rank"]) for r in rows]})
+                             "target-ranks": [int(r["target_rank"]) for r in rows],
+                             "targets": [int(r["target"]) for r in rows],
+                             "top10": flat_top_items(r["top10"] for r in rows)})
     return Message(RecordDict({"metrics": MetricRecord(metrics), "per-user": per_user}), reply_to=msg)
 

@@ -20,7 +20,7 @@ from fellrec_flwr.config import DATA_ORDERS, DATASETS, PARTITIONERS, DataSetting
 HELP = {
     "dataset": "which source to read",
     "path": "folder with the source files (games: *.item + *.test.inter; amazon2018: *.csv + meta_*.json.gz; "
-            "table: interactions.csv|parquet + items.csv|parquet)",
+            "table: interactions.csv|parquet + items.csv|parquet, or --interactions-file / --items-file)",
     "prepared_dir": "output folder (alias --out); default: <cache-root>/<dataset>-<hash of settings>",
     "partitioner": "how users are split into clients",
     "train_samples": "few-shot training prompts in total (0 = all)",
@@ -33,6 +33,8 @@ HELP = {
     "sep": "table: CSV separator ('tab' for tabs); ignored for parquet",
     "k_core": "table, amazon2018: keep users and items with >= k interactions, repeatedly (0 = off)",
     "order": "table: 'time' (by --time-col; equal times by item id) or 'file' (the rows' order, no time)",
+    "interactions_file": "table: the interactions file in --path: that name, else <name>.csv or <name>.parquet",
+    "items_file": "table: the item-title file in --path, found the same way",
 }
 
 

@@ -73,13 +73,13 @@ def recipe() -> dict[str, Any]:
 
 # Settings that only some sources (or partitioners) read: left out of the others' identity
 # and manifest, so changing one that has no effect neither rebuilds nor conflicts.
-TABLE_ONLY = ("user_col", "item_col", "time_col", "title_col", "sep", "order")
+TABLE_ONLY = ("user_col", "item_col", "time_col", "title_col", "sep", "order", "interactions_file", "items_file")
 USES_K_CORE = ("table", "amazon2018")
 
 
 def table_columns(settings: DataSettings) -> TableColumns:
     return TableColumns(settings.user_col, settings.item_col, settings.time_col, settings.title_col,
-                        settings.sep, settings.order)
+                        settings.sep, settings.order, settings.interactions_file, settings.items_file)
 
 
 def _resolved_path(settings: DataSettings) -> str:
@@ -109,6 +109,8 @@ def content_settings(settings: DataSettings, seed: int) -> dict[str, Any]:
     out = data_settings_dict(settings)
     out["seed"] = int(seed)
     out["recipe"] = recipe()
+    if settings.dataset == "table":  # how ids are numbered shapes the clients and samples (readers docstring)
+        out["recipe"]["table_numbering"] = readers.TABLE_NUMBERING
     return out
 
 
@@ -126,7 +128,7 @@ def split_order(settings: DataSettings, files: dict[str, Path]) -> str:
 
 def source_fingerprint(settings: DataSettings) -> list[dict[str, Any]]:
     """Name, size and mtime of each source file (cheap; no parsing)."""
-    files = readers.source_files(settings.dataset, settings.path)
+    files = readers.source_files(settings.dataset, settings.path, table_columns(settings))
     return [{"role": role, "name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
             for role, p in sorted(files.items())]
 
@@ -390,7 +392,7 @@ def prepare(settings: DataSettings, cache_root: str | Path, seed: int = 2024, *,
         if _reusable(folder, settings, content, explicit):  # another process finished meanwhile
             return folder
         started = time.perf_counter()
-        files = readers.source_files(settings.dataset, settings.path)
+        files = readers.source_files(settings.dataset, settings.path, table_columns(settings))
         fingerprint = source_fingerprint(settings)  # before reading: a later change shows as stale
         frames, info = build(settings, seed, progress)
         with atomic_dir(folder, overwrite=True) as tmp:

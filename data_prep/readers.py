@@ -12,12 +12,19 @@ Three sources are supported (the built-in demo lives in :mod:`data_prep.demo`):
   title, iterative k-core (``data.k-core``, 5 upstream), re-index in order of first appearance.
 - ``table``: a generic interactions table (CSV or Parquet; columns user, item, time) plus an
   item-title table (item, title), in one folder as ``interactions.{csv,parquet}`` and
-  ``items.{csv,parquet}``. Column names, separator, k-core and order are ``data.*`` settings.
+  ``items.{csv,parquet}`` (or the names in ``data.interactions-file`` / ``data.items-file``).
+  Column names, separator, k-core and order are ``data.*`` settings.
 
 Order of a user's interactions (``table`` and ``amazon2018``): by time; interactions of one
 user with the same time are ordered by item id (as numbers when every item id is an integer,
 else as text), so the split never depends on the rows' order in the file. Only
 ``data.order='file'`` (table) uses the file's row order instead, and the manifest says so.
+
+Numbering (``table``): users and items are numbered in the sorted order of their own ids (same
+rule), so the numbers -- which BPR-MF, K-means, the partitioners and the samplers follow --
+and with them the whole prepared folder do not depend on the rows' order either: a
+row-shuffled copy of a table prepares the same folder. ``amazon2018`` keeps upstream's
+numbering in order of first appearance.
 
 Every reader returns :class:`SourceData` with item ids re-indexed to ``0..n-1`` (the Games
 ids already are, and are kept) and the source's own ids kept as text
@@ -47,6 +54,7 @@ from fellrec_flwr.progress import tqdm
 from data_prep.errors import DataPrepError
 
 AMAZON_CORE = 5  # upstream 5-core: users and items with >= 5 interactions
+TABLE_NUMBERING = "users and items by their own ids"  # in the cache key: folders numbered otherwise are rebuilt
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,8 @@ class TableColumns:
     title: str = "title"
     sep: str = ","  # CSV only; "tab" or "\\t" mean a tab
     order: str = "time"  # "time": by `timestamp` (required); "file": the rows' order in the file
+    interactions_file: str = "interactions"  # that file in the folder, else <name>.csv / <name>.parquet
+    items_file: str = "items"
 
     def csv_sep(self) -> str:
         return "\t" if self.sep in ("tab", "\\t", "\t") else self.sep
@@ -113,8 +123,9 @@ def _folder(path: str | Path, dataset: str) -> Path:
                             "(CLI: --path DIR).")
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise DataPrepError(f"data.path={str(path)!r} is not a folder; point it at the folder holding "
-                            f"the {dataset!r} files.")
+        tried = f"{folder.absolute()}" + ("" if folder.is_absolute() else f", relative to the working folder {Path.cwd()}")
+        raise DataPrepError(f"data.path={str(path)!r} is not a folder (tried {tried}); point it at the folder "
+                            f"holding the {dataset!r} files, by an absolute path.")
     return folder
 
 
@@ -138,20 +149,31 @@ def amazon2018_files(path: str | Path) -> dict[str, Path]:
             "meta": _one_file(folder, ["meta_*.json", "meta_*.json.gz"], "meta_*.json(.gz) file", fix)}
 
 
-def table_files(path: str | Path) -> dict[str, Path]:
-    """``interactions.{csv,parquet}`` and ``items.{csv,parquet}`` in `path`."""
+def _named_file(folder: Path, name: str, what: str, key: str) -> Path:
+    """The file `name` in `folder`, else ``<name>.csv`` or ``<name>.parquet``."""
+    if (folder / name).is_file():
+        return folder / name
+    fix = (f"Name it {name}.csv or {name}.parquet, or set data.{key} (CLI --{key}) to its file name.")
+    return _one_file(folder, [f"{name}.csv", f"{name}.parquet"], f"{what} ({name}.csv or {name}.parquet)", fix)
+
+
+def table_files(path: str | Path, columns: TableColumns | None = None) -> dict[str, Path]:
+    """The interactions and item-title tables in `path` (``columns`` names them; default
+    ``interactions.{csv,parquet}`` and ``items.{csv,parquet}``)."""
+    columns = columns or TableColumns()
     folder = _folder(path, "table")
-    fix = "Name them interactions.csv|parquet and items.csv|parquet."
-    return {"interactions": _one_file(folder, ["interactions.csv", "interactions.parquet"],
-                                      "interactions table", fix),
-            "items": _one_file(folder, ["items.csv", "items.parquet"], "item-title table", fix)}
+    return {"interactions": _named_file(folder, columns.interactions_file, "interactions table", "interactions-file"),
+            "items": _named_file(folder, columns.items_file, "item-title table", "items-file")}
 
 
-def source_files(dataset: str, path: str | Path) -> dict[str, Path]:
-    """The files a data set is read from (no parsing): used for the cache key."""
+def source_files(dataset: str, path: str | Path, columns: TableColumns | None = None) -> dict[str, Path]:
+    """The files a data set is read from (no parsing): used for the cache key. `columns`: the
+    table source's settings (file names)."""
     if dataset == "demo":
         return {}
-    locate = {"games": games_files, "amazon2018": amazon2018_files, "table": table_files}.get(dataset)
+    if dataset == "table":
+        return table_files(path, columns)
+    locate = {"games": games_files, "amazon2018": amazon2018_files}.get(dataset)
     if locate is None:
         raise DataPrepError(f"data.dataset={dataset!r} is not one of demo, games, amazon2018, table.")
     return locate(path)
@@ -405,7 +427,7 @@ def read_table(path: str | Path, columns: TableColumns = TableColumns(), k: int 
     """
     if columns.order not in ("time", "file"):
         raise DataPrepError(f"data.order={columns.order!r} is not one of time, file.")
-    files = table_files(path)
+    files = table_files(path, columns)
     sep = columns.csv_sep()
     inter = _read_frame(files["interactions"], sep)
     _need_columns(inter, files["interactions"], {"user-col": columns.user, "item-col": columns.item}, sep)
@@ -428,7 +450,7 @@ def read_table(path: str | Path, columns: TableColumns = TableColumns(), k: int 
         raise DataPrepError(f"No item of {files['interactions'].name} has a title in {files['items'].name}; "
                             "do the item id columns match (data.item-col)?")
     df = _apply_k_core(df[titled], k, files["interactions"], dropped)
-    return _from_frame(df, titles, dropped)
+    return _from_frame(df, titles, dropped, by_own_ids=True)
 
 
 # ----------------------------------------------------------------------------- shared steps
@@ -446,8 +468,8 @@ def _order_and_dedupe(df: pd.DataFrame, has_time: bool, dropped: dict[str, int])
     """Order each user's rows by time, then item id (see the module docstring; without a time,
     the file order) and keep the first of each repeated (user, item)."""
     if has_time:
-        # Users are numbered in the order they first appear in the file (numbering only); a
-        # user's rows go by time, ties by item id, never by the rows' order in the file.
+        # `first` only groups each user's rows; a user's rows go by time, ties by item id,
+        # never by the rows' order in the file.
         keys = pd.DataFrame({"first": pd.factorize(df["user"])[0], "time": df["timestamp"].to_numpy(),
                              "item": id_order(df["item"]).to_numpy(), "text": df["item"].to_numpy()},
                             index=df.index)
@@ -457,13 +479,26 @@ def _order_and_dedupe(df: pd.DataFrame, has_time: bool, dropped: dict[str, int])
     return df[~dup]
 
 
-def _from_frame(df: pd.DataFrame, titles: dict[str, str], dropped: dict[str, int]) -> SourceData:
-    """Re-index users and items in order of first appearance; build sequences."""
+def _sorted_ids(ids: pd.Series) -> pd.Index:
+    """The distinct ids in :func:`id_order` (equal numbers, e.g. "7" and "07", by their text)."""
+    distinct = pd.Series(pd.unique(ids), dtype=object).astype(str)
+    keys = pd.DataFrame({"key": id_order(distinct), "text": distinct})
+    return pd.Index(distinct[keys.sort_values(["key", "text"]).index], dtype=object)
+
+
+def _from_frame(df: pd.DataFrame, titles: dict[str, str], dropped: dict[str, int],
+                by_own_ids: bool = False) -> SourceData:
+    """Re-index users and items (`by_own_ids`: in the sorted order of their own ids; else in
+    order of first appearance in the time-sorted frame, as upstream); build sequences."""
     df = df.copy()
-    # Users keep the order in which they first appear in the (time-sorted) frame.
-    df["uid"], user_keys = pd.factorize(df["user"])
-    df = df.sort_values("uid", kind="stable")
-    df["iid"], item_keys = pd.factorize(df["item"])
+    if by_own_ids:  # independent of the rows' order (module docstring)
+        user_keys, item_keys = _sorted_ids(df["user"]), _sorted_ids(df["item"])
+        df["uid"], df["iid"] = user_keys.get_indexer(df["user"]), item_keys.get_indexer(df["item"])
+        df = df.sort_values("uid", kind="stable")  # a user's rows keep their (time) order
+    else:
+        df["uid"], user_keys = pd.factorize(df["user"])
+        df = df.sort_values("uid", kind="stable")
+        df["iid"], item_keys = pd.factorize(df["item"])
     dropped["titled_items_without_interactions"] = len(titles) - len(item_keys)
     item_titles = {int(i): titles[key] for i, key in enumerate(item_keys)}
     seqs = {int(u): g.tolist() for u, g in df.groupby("uid", sort=True)["iid"]}

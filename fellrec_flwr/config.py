@@ -30,6 +30,14 @@ HEADS = ("generative", "retrieval", "item")
 RETRIEVAL_POOLINGS = ("mean", "last")
 
 
+# Run-config keys that name files or folders. Flower's apps run in the SuperLink's working folder,
+# not the user's shell: `python -m fellrec_flwr.run` makes these absolute against the folder it runs
+# in, and the apps refuse a relative data or resume path (refuse_relative_paths). A relative out-dir
+# stays allowed (the default "results"); the ServerApp logs the folder it resolves to.
+PATH_KEYS = ("data.path", "data.prepared-dir", "resume-from", "out-dir")
+ABSOLUTE_IN_APPS = ("data.path", "data.prepared-dir", "resume-from")
+
+
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
@@ -122,6 +130,9 @@ class DataSettings:
     sep: str = ","  # CSV field separator ("tab" or "\\t" for tabs); ignored for parquet
     k_core: int = 5  # keep users and items with >= k interactions, repeatedly (0 = off)
     order: str = "time"  # "time" (needs data.time-col) | "file": the rows' order in the file
+    # The two tables' file names in data.path: the file so named, else <name>.csv or <name>.parquet.
+    interactions_file: str = "interactions"
+    items_file: str = "items"
 
 
 @dataclass
@@ -387,6 +398,45 @@ def from_run_config(run_config: Mapping[str, Any]) -> FellRecConfig:
     return cfg.validate()
 
 
+def refuse_relative_paths(cfg: FellRecConfig) -> FellRecConfig:
+    """`cfg` if its data and resume paths are absolute (what the apps need); else a ConfigError
+    naming each relative one and the fix."""
+    import os
+
+    values = cfg.to_run_config()
+    relative = {k: values[k] for k in ABSOLUTE_IN_APPS if values[k] and not os.path.isabs(os.path.expanduser(values[k]))}
+    if relative:
+        named = ", ".join(f"{k}={v!r}" for k, v in relative.items())
+        shell = " ".join(f"{k}='$PWD/{v}'" for k, v in relative.items())
+        raise ConfigError(f"{named}: a relative path, but Flower's apps run in the SuperLink's working folder "
+                          f"({os.getcwd()}), not your shell's. Give absolute paths (in the shell: {shell}), or run "
+                          "python -m fellrec_flwr.run, which makes them absolute against the folder you run it in.")
+    return cfg
+
+
+def resolved_paths(cfg: FellRecConfig, cwd: str | None = None) -> list[str]:
+    """The checker's report: each path key that is set, the absolute path it means from `cwd`,
+    and whether a source the run must read is there."""
+    import os
+
+    cwd = cwd or os.getcwd()
+    values = cfg.to_run_config()
+    lines = []
+    for key in PATH_KEYS:
+        value = os.path.expanduser(values[key])
+        if not value:
+            continue
+        notes = []
+        if not os.path.isabs(value):
+            notes.append("relative: python -m fellrec_flwr.run passes this absolute path; plain flwr run "
+                         + ("refuses it" if key in ABSOLUTE_IN_APPS else "writes under the SuperLink's folder"))
+        full = os.path.abspath(os.path.join(cwd, value))
+        if key in ("data.path", "resume-from") and not os.path.exists(full):
+            notes.append("not found")
+        lines.append(f"  {key}={values[key]!r} -> {full}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return lines
+
+
 def check_overrides(args: list[str]) -> FellRecConfig:
     """Parse `flwr run --run-config` arguments exactly as flwr does, then check them here.
 
@@ -417,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     changed = {k: v for k, v in cfg.to_run_config().items() if known_keys()[k] != v}
     print("ok; settings that differ from the defaults: " + (", ".join(f"{k}={v!r}" for k, v in changed.items())
                                                             or "none"))
+    for line in resolved_paths(cfg):
+        print(line)
     return 0
 
 

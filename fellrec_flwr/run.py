@@ -11,9 +11,20 @@ ID --format json` for the final status and exits with:
     2  no run was started, or its status could not be read
 
 `flwr run .` on the local connection starts a detached `flower-superlink` and leaves it running,
-with the environment of its first start. Flower records no PID for it, but its command line
-names its own log file under `$FLWR_HOME/local-superlink/`, so `--stop-superlink` ends exactly
-that process (and its process group): never another user's or another project's SuperLink.
+with the environment of its first start, on ports that are the same for every FLWR_HOME unless
+set, and runs the apps in that SuperLink's working folder. So the wrapper:
+
+- makes relative paths in --run-config (and the default out-dir) absolute against the folder it
+  runs in (config.PATH_KEYS), for the local SuperLink;
+- gives each FLWR_HOME its own ports and refuses to submit to a SuperLink of another home or
+  environment (fellrec_flwr/local_superlink.py); `--print-env` prints the ports for plain `flwr`;
+- hides Flower's notice that the default number of simulated SuperNodes changed when
+  --federation-config sets num-supernodes (the next line states the real number).
+
+`--stop-superlink` ends exactly this home's SuperLink (and its process group): never another
+user's or another project's.
+
+    python -m fellrec_flwr.run --print-env      # export lines: eval "$(python -m fellrec_flwr.run --print-env)"
 """
 
 from __future__ import annotations
@@ -23,13 +34,18 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from fellrec_flwr.local_superlink import (  # noqa: F401 (end_process_groups, managed_superlink_pids: re-exported)
+    SuperLinkRefused, check_superlink, end_process_groups, home_ports, managed_superlink_pids, shell_exports,
+    stop_superlink)
+
 COMPLETED = "finished:completed"
+# Printed by Flower (>= 1.32) on every simulation, also when num-supernodes is set.
+DEFAULT_SIZE_NOTICE = "default simulated SuperNodes changed from 10 to 2"
 _STARTED = re.compile(r"Successfully started run (\d+)")
 
 
@@ -52,6 +68,8 @@ def flwr_bin() -> str:
 def run_env() -> dict[str, str]:
     """The environment for `flwr`: this project's defaults, anything the user set wins."""
     env = dict(os.environ)
+    # `flwr` starts the local SuperLink as `flower-superlink` from PATH: this environment's.
+    env["PATH"] = os.pathsep.join([str(Path(flwr_bin()).parent), env.get("PATH", "")])
     # Use this environment instead of building a fresh one per run (needs the network, reinstalls torch).
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -97,8 +115,104 @@ def run_status(run_id: str, env: dict[str, str], superlink: str | None, wait_s: 
         time.sleep(2.0)
 
 
+_RUN_CONFIG = ("--run-config", "-c")
+
+
+def _toml_value(value: object) -> str:
+    """A run-config value as `flwr run --run-config` text reads it back (Flower's own parser)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    if "'" not in text:
+        return f"'{text}'"  # a TOML literal string: no escapes
+    if '"' not in text:
+        return json.dumps(text)  # a TOML basic string (JSON escapes are TOML escapes)
+    raise SystemExit(f"fellrec: the run-config value {text!r} holds both quote characters; Flower cannot pass it.")
+
+
+def with_absolute_paths(flwr_args: list[str], app: str, cwd: Path) -> tuple[list[str], list[str]]:
+    """`flwr run` arguments whose path keys (config.PATH_KEYS, given or the app's default) are
+    absolute against `cwd`, since the apps run in the SuperLink's folder; and a note per change.
+    Arguments without a relative path come back unchanged."""
+    from flwr.common.config import flatten_dict, parse_config_args
+
+    from fellrec_flwr.config import PATH_KEYS
+
+    values, rest = [], []
+    i = 0
+    while i < len(flwr_args):
+        arg = flwr_args[i]
+        if arg in _RUN_CONFIG and i + 1 < len(flwr_args):
+            values.append(flwr_args[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--run-config="):
+            values.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    given = parse_config_args(values) if values else {}  # as `flwr run` reads them
+    try:  # the app's defaults (out-dir = "results")
+        import tomllib
+
+        defaults = flatten_dict(tomllib.loads((Path(app) / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, ValueError):
+        defaults = {}
+    changed = {}
+    for key in PATH_KEYS:
+        value = given.get(key, defaults.get(key, ""))
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+            changed[key] = os.path.abspath(cwd / os.path.expanduser(value))
+    if not changed:
+        return list(flwr_args), []
+    text = " ".join(f"{k}={_toml_value(v)}" for k, v in {**given, **changed}.items())
+    notes = [f"{k}={given.get(k, defaults.get(k))!r} -> {v!r}" for k, v in changed.items()]
+    return [*rest, "--run-config", text], notes
+
+
+def shown(line: str, flwr_args: list[str]) -> bool:
+    """False for Flower's default-size notice when the federation size is given."""
+    return not (DEFAULT_SIZE_NOTICE in line and any("num-supernodes" in a for a in flwr_args))
+
+
+def uses_local_superlink(superlink: str | None) -> bool:
+    """True if the connection (`superlink`, else the default of $FLWR_HOME/config.toml) is Flower's
+    managed local SuperLink, read with Flower's own config reader."""
+    from flwr.cli.constant import LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE, LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE_IN_MEMORY
+    from flwr.cli.flower_config import read_superlink_connection
+
+    try:
+        address = read_superlink_connection(superlink).address
+    except Exception:  # noqa: BLE001 -- a broken config: `flwr run` itself says what is wrong
+        return True
+    return address in (None, LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE, LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE_IN_MEMORY)
+
+
+def with_home_superlink(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this FLWR_HOME's local SuperLink ports; raises SuperLinkRefused when that port is
+    another home's SuperLink, or this home's in another environment."""
+    home = flwr_home()
+    ports = home_ports(home, env)
+    check_superlink(home, ports, env, str(Path(flwr_bin()).parent))
+    print(f"fellrec: FLWR_HOME={home} has its local SuperLink on 127.0.0.1:{ports.http} (from {ports.origin})",
+          flush=True)
+    return {**env, **ports.env()}
+
+
 def run(app: str, flwr_args: list[str], superlink: str | None = None) -> int:
     env = run_env()
+    local = uses_local_superlink(superlink)
+    if local:  # a remote SuperLink's apps run on another machine: its paths are not ours to resolve
+        flwr_args, notes = with_absolute_paths(flwr_args, app, Path.cwd())
+        if notes:
+            print(f"fellrec: paths resolved against {Path.cwd()}: " + ", ".join(notes), flush=True)
+        try:
+            env = with_home_superlink(env)
+        except SuperLinkRefused as err:
+            print(f"fellrec: {err}", file=sys.stderr)
+            return 2
     args = list(flwr_args)
     if "--stream" not in args:
         args.append("--stream")  # without it `flwr run` returns right after submitting
@@ -108,9 +222,10 @@ def run(app: str, flwr_args: list[str], superlink: str | None = None) -> int:
     seen: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:  # pass the log through as it streams
-        sys.stdout.write(line)
-        sys.stdout.flush()
         seen.append(line)
+        if shown(line, args):
+            sys.stdout.write(line)
+            sys.stdout.flush()
     proc.wait()
     run_id = started_run_id("".join(seen))
     if run_id is None:
@@ -118,76 +233,11 @@ def run(app: str, flwr_args: list[str], superlink: str | None = None) -> int:
         return 2
     status = run_status(run_id, env, superlink)
     code = exit_code_for(status)
+    ports = ' (in a shell after: eval "$(python -m fellrec_flwr.run --print-env)")' if local else ""
     print(f"\nfellrec: run {run_id} status {status or 'unknown'}; details: flwr list --run-id {run_id}, "
-          f"log: flwr log {run_id}" + ("" if code == 0 else f" -> exit {code}"),
+          f"log: flwr log {run_id}{ports}" + ("" if code == 0 else f" -> exit {code}"),
           file=sys.stderr if code else sys.stdout)
     return code
-
-
-# -- stopping the managed local SuperLink ----------------------------------------------------
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def managed_superlink_pids(home: Path) -> list[int]:
-    """PIDs of `flower-superlink` processes of this user whose log file lies in `home` (Linux /proc)."""
-    log_file = str(home / "local-superlink" / "superlink.log")
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if entry.stat().st_uid != os.getuid():
-                continue
-        except OSError:
-            continue
-        cmd = _cmdline(int(entry.name))
-        if not cmd or not any(Path(c).name == "flower-superlink" for c in cmd[:2]):
-            continue
-        if "--log-file" in cmd and cmd.index("--log-file") + 1 < len(cmd) and cmd[cmd.index("--log-file") + 1] == log_file:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie, ended but not yet reaped by its parent, counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def end_process_groups(pids: list[int], grace_s: float = 10.0) -> None:
-    """SIGTERM each PID's process group (a SuperLink's simulation children run in its group),
-    then SIGKILL whatever is still there after `grace_s`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.killpg(os.getpgid(pid), sig)
-            except (ProcessLookupError, PermissionError):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.2)
-        if not any(_alive(p) for p in pids):
-            return
-
-
-def stop_superlink(home: Path, grace_s: float = 10.0) -> int:
-    """Stop the managed SuperLink of `home` (and its process group); returns how many were found."""
-    pids = managed_superlink_pids(home)
-    end_process_groups(pids, grace_s)
-    return len(pids)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +249,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="SuperLink connection name from $FLWR_HOME/config.toml (default: the local one)")
     parser.add_argument("--stop-superlink", action="store_true",
                         help="stop the managed local SuperLink of $FLWR_HOME (only that one) and exit")
+    parser.add_argument("--print-env", action="store_true",
+                        help="print `export` lines with the local SuperLink ports of $FLWR_HOME, for plain "
+                             "`flwr` commands, and exit")
     args, rest = parser.parse_known_args(argv)
+    if args.print_env:
+        try:
+            print(shell_exports(home_ports(flwr_home(), os.environ)))
+        except SuperLinkRefused as err:
+            print(f"fellrec: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.stop_superlink:
         home = flwr_home()
         n = stop_superlink(home)

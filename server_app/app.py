@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fellrec_flwr.eval.balance_report import plot_balance
 from fellrec_flwr.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fellrec_flwr.config import ConfigError, FellRecConfig, from_run_config
+from fellrec_flwr.config import ConfigError, FellRecConfig, from_run_config, refuse_relative_paths
 from fellrec_flwr.model.lora_state import record_to_state, state_to_record
 from fellrec_flwr.data.prepared import with_prepared_settings
 from fellrec_flwr.eval.results import (
@@ -76,7 +76,8 @@ def split_service(cfg: FellRecConfig) -> Iterator[FellRecConfig]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = with_prepared_settings(from_run_config(context.run_config))  # a prepared folder's own settings
+    # absolute data paths only (this runs in the SuperLink's folder), then a prepared folder's own settings
+    cfg = with_prepared_settings(refuse_relative_paths(from_run_config(context.run_config)))
     run_dir = run_dir_of(cfg)
     strategy = make_strategy(cfg)
     start_round = 0
@@ -96,7 +97,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def write_per_user(strat: Any) -> Any:
         return write_per_user_csv(run_dir / PER_USER_FILE, run_per_user_rows(cfg.strategy, strat.user_ranks) + baselines,
-                                  original_ids)
+                                  *original_ids)
 
     def on_round_end(server_round: int, strat: Any) -> None:
         rows = strat.metric_rows()
@@ -141,20 +142,20 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Paired 95%% bootstrap intervals over users: %s", summary["intervals"])
 
 
-def server_side_user_data(cfg: FellRecConfig) -> tuple[list[dict[str, Any]], dict[int, str] | None]:
+def server_side_user_data(cfg: FellRecConfig) -> tuple[list[dict[str, Any]], tuple[dict[int, str] | None, ...]]:
     """per_user.csv extras the server can add when it holds the prepared data (simulation):
-    popularity and Markov rows on the run's validation and final users, and each user's id in
-    the source data. In a deployment whose data live only on the clients the run goes on
+    the baselines' rows on the run's validation and final users, and (user ids, item ids) ->
+    ids in the source data. In a deployment whose data live only on the clients the run goes on
     without them: they are a convenience, never a reason to fail a run.
     """
     from fellrec_flwr.eval.baselines import baseline_rows
 
     try:
         data = prepare_data(cfg)
-        return baseline_rows(data, ["valid", cfg.eval.final_split]), data.original_user_ids
+        return baseline_rows(data, ["valid", cfg.eval.final_split]), (data.original_user_ids, data.original_item_ids)
     except Exception as err:  # noqa: BLE001 -- see the docstring
-        log(WARNING, "No popularity/Markov baselines or original user ids in this run folder: %s", err)
-        return [], None
+        log(WARNING, "No popularity/Markov baselines or original user and item ids in this run folder: %s", err)
+        return [], (None, None)
 
 
 def save_adapters(cfg: FellRecConfig, strategy: Any, global_arrays: ArrayRecord, run_dir: Path) -> None:

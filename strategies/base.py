@@ -418,9 +418,13 @@ class StrategyBase(FedAvg):
                                          "metric": metric, "value": float(value)})
             per_user = reply.content.config_records.get(PER_USER)
             if stage != "train" and per_user is not None:
-                self.user_ranks.append({"round": server_round, "client": key, "split": split,
-                                        "user_ids": list(per_user["user-ids"]),  # type: ignore[arg-type]
-                                        "target_ranks": list(per_user["target-ranks"])})  # type: ignore[arg-type]
+                ranks = {"round": server_round, "client": key, "split": split,
+                         "user_ids": list(per_user["user-ids"]),  # type: ignore[arg-type]
+                         "target_ranks": list(per_user["target-ranks"])}  # type: ignore[arg-type]
+                if "targets" in per_user and "top10" in per_user:  # per_user.csv's item columns
+                    ranks["targets"] = list(per_user["targets"])  # type: ignore[arg-type]
+                    ranks["top10"] = list(per_user["top10"])  # type: ignore[arg-type]
+                self.user_ranks.append(ranks)
         out.sort(key=lambda item: item[0])
         for (key_a, node_a, _), (key_b, node_b, _) in zip(out, out[1:]):
             if key_a == key_b:

@@ -93,6 +93,16 @@ def test_run_folder_has_metrics_summary_plots_and_adapters(tmp_path):
 
     cfg = from_run_config(SMALL)
     data = prepare_data(cfg)
+    # each user's target and top 10 come back from the clients: the rank is the target's place in them
+    targets = {ex.user_id: ex.target for ex in data.split("test")}
+    assert (own["target"] == own["user_id"].map(targets)).all()
+    assert (own["original_target_item"].astype(str) == own["target"].map(data.original_item_ids)).all()
+    for rank, top, target in zip(own["target_rank"], own["top10"].map(json.loads), own["target"]):
+        assert len(top) == 10
+        if 0 <= rank < 10:
+            assert data.titles[top[rank]] == data.titles[target]
+        else:
+            assert data.titles[target] not in {data.titles[i] for i in top}
     base, _ = load_base_model(cfg.model, data.titles, data.path)
     loaded = PeftModel.from_pretrained(base, str(run_dir / "adapters" / "client-1"))
     assert any("lora_A" in n for n, _ in loaded.named_parameters())

@@ -267,3 +267,40 @@ def test_file_order_is_explicit_and_recorded(tmp_path):
         prepare(DataSettings(order="file"), tmp_path, progress=False)
     with pytest.raises(DataPrepError, match="data.k-core applies to the table and amazon2018"):
         prepare(DataSettings(k_core=3), tmp_path, progress=False)
+
+
+def test_row_order_does_not_change_the_prepared_folder(tmp_path):
+    """A row-shuffled copy of a table prepares the same folder (issue 26): the same files
+    (checksums), the same users in the same clients, the same sampled prompts and users. Users
+    and items are numbered by their own ids, and BPR-MF, K-means and the samplers follow
+    those numbers, never the rows' order."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for u in rng.permutation(60):
+        picked = rng.choice(30, size=int(rng.integers(5, 9)), replace=False)
+        times = rng.integers(0, 20, size=len(picked))  # many equal times: the item id decides
+        rows += [(f"c{u}", f"p{i:03d}", int(t)) for i, t in zip(picked, times)]
+    table = pd.DataFrame(rows, columns=["customer", "product", "ts"])
+    titles = pd.DataFrame({"product": [f"p{i:03d}" for i in range(30)], "name": [f"Game {i}" for i in range(30)]})
+    prepared = {}
+    for name, shuffle in (("original", None), ("shuffled", 7)):
+        src = tmp_path / name
+        src.mkdir()
+        inter, items = (table, titles) if shuffle is None else (table.sample(frac=1.0, random_state=shuffle),
+                                                                titles.sample(frac=1.0, random_state=shuffle))
+        inter.to_csv(src / "interactions.csv", index=False)
+        items.to_csv(src / "items.csv", index=False)
+        settings = DataSettings(dataset="table", path=str(src), user_col="customer", item_col="product",
+                                time_col="ts", title_col="name", k_core=0, num_clients=2, partitioner="kmeans",
+                                train_samples=40, valid_users=30, test_users=30, bpr_epochs=5, bpr_dim=8)
+        prepared[name] = PreparedData.load(prepare(settings, tmp_path / "cache", seed=5, progress=False))
+    original, shuffled = prepared["original"], prepared["shuffled"]
+    assert original.path != shuffled.path
+    assert original.manifest["checksums"] == shuffled.manifest["checksums"]
+    assert original.manifest["counts"] == shuffled.manifest["counts"]
+    for split in ("train", "valid", "test"):  # the same rows, clients included
+        pd.testing.assert_frame_equal(original.with_original_ids(original.split_frame(split)),
+                                      shuffled.with_original_ids(shuffled.split_frame(split)))
+    pd.testing.assert_frame_equal(original.train_sequences, shuffled.train_sequences)
+    assert original.original_user_ids == shuffled.original_user_ids
+    assert original.original_item_ids == shuffled.original_item_ids

@@ -200,11 +200,13 @@ def test_table_reader_custom_columns_time_order_and_drops(tmp_path):
     pd.DataFrame({"sku": ["k1", "k2", "k3", "k4"],
                   "name": ["One", "Two &amp; Co", "Three", "Unused"]}).to_parquet(tmp_path / "items.parquet")
     data = read_table(tmp_path, TableColumns(user="uid", item="sku", timestamp="when", title="name"))
-    # bob first in the file -> user 0: k1 (01-01), k2 (01-03); k9 has no title
+    # users and items are numbered by their own ids, not by the file: ann (second in the file) -> user 0
     # ann: k3 (01-01), k1 (01-02), k2 (01-04); the repeat of k1 on 01-09 is dropped
+    # bob: k1 (01-01), k2 (01-03); k9 has no title
     titles = dict(zip(data.items["item_id"], data.items["title"]))
     named = {u: [titles[i] for i in s] for u, s in data.sequences.items()}
-    assert named == {0: ["One", "Two & Co"], 1: ["Three", "One", "Two & Co"]}
+    assert named == {0: ["Three", "One", "Two & Co"], 1: ["One", "Two & Co"]}
+    assert data.original_users == {0: "ann", 1: "bob"} and data.original_items == {0: "k1", 1: "k2", 2: "k3"}
     assert data.dropped == {"repeated_user_item": 1, "interactions_without_title": 1,
                             "titled_items_without_interactions": 1}
     assert len(data.items) == 3  # "Unused" is not in the catalogue
@@ -279,3 +281,30 @@ def test_table_errors(tmp_path):
     pd.DataFrame({"item_id": [1], "title": ["a"]}).to_csv(tmp_path / "items.csv", index=False)
     with pytest.raises(DataPrepError, match=r"column 'timestamp' has missing or unparsable values.*line 2.*--time-col"):
         read_table(tmp_path)
+
+
+def test_table_file_names_are_settings(tmp_path):
+    """data.interactions-file / data.items-file: a file of any name (read with data.sep unless it
+    is parquet), or a stem found as <stem>.csv / <stem>.parquet; a missing one names the key."""
+    pd.DataFrame({"uid": [1, 1, 1, 2, 2, 2], "movie": [10, 20, 30, 20, 30, 10], "when": [1, 2, 3, 1, 2, 3]}).to_csv(
+        tmp_path / "u.data", sep="\t", index=False)
+    pd.DataFrame({"movie": [10, 20, 30], "name": ["A", "B", "C"]}).to_parquet(tmp_path / "movies.parquet")
+    columns = TableColumns(user="uid", item="movie", timestamp="when", title="name", sep="tab",
+                           interactions_file="u.data", items_file="movies")
+    data = read_table(tmp_path, columns)
+    assert {u: [data.original_items[i] for i in s] for u, s in data.sequences.items()} == {
+        0: ["10", "20", "30"], 1: ["20", "30", "10"]}
+    with pytest.raises(DataPrepError, match=r"no interactions table \(interactions.csv or interactions.parquet\) "
+                                            r"in .*set data.interactions-file \(CLI --interactions-file\)"):
+        read_table(tmp_path, TableColumns(user="uid", item="movie", timestamp="when", title="name", sep="tab"))
+    from data_prep.__main__ import parser
+
+    flags = parser().parse_args(["--interactions-file", "u.data", "--items-file", "movies"])
+    assert (flags.interactions_file, flags.items_file) == ("u.data", "movies")
+
+
+def test_a_missing_folder_names_the_path_it_tried(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataPrepError, match=rf"data.path='mydata' is not a folder \(tried {tmp_path}/mydata, "
+                                            rf"relative to the working folder {tmp_path}\)"):
+        read_table("mydata")

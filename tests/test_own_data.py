@@ -96,6 +96,74 @@ def test_table_with_own_column_names_through_the_run_config_only(tmp_path):
     final = per_user[(per_user["split"] == "test") & (per_user["method"] == "fellrec")]
     assert set(final["original_user_id"]) == set(last)  # every test user, by the table's own id
     assert (final["original_user_id"] == final["user_id"].map(data.original_user_ids)).all()
+    # and the items: each user's target and the run's top 10, by the table's own item ids
+    assert dict(zip(final["original_user_id"], final["original_target_item"])) == last
+    skus = set(log["sku"])  # (fewer than 10 where masking the history leaves fewer of the 12 items)
+    assert final["original_top10"].map(lambda ids: 0 < len(json.loads(ids)) <= 10 and set(json.loads(ids)) <= skus).all()
+
+
+def test_per_user_csv_gives_every_methods_items_by_the_tables_own_ids(tmp_path):
+    """per_user.csv's original_target_item and original_top10 (issue 26), read as the README
+    shows: the target is each user's last item in the raw table, and each recommended id is
+    the raw table's id of the recommended item (its title in items.csv), for the run's method
+    (packed as a ClientApp sends it) and every baseline alike."""
+    from data_prep.prepare import prepare
+    from fellrec_flwr.config import DataSettings
+    from fellrec_flwr.eval.baselines import BASELINES, baseline_rows
+    from fellrec_flwr.eval.results import flat_top_items, run_per_user_rows, write_per_user_csv
+
+    log = write_log(tmp_path / "mylog")
+    data = PreparedData.load(prepare(DataSettings(
+        dataset="table", path=str(tmp_path / "mylog"), sep=";", user_col="member", item_col="sku",
+        time_col="unix_time", title_col="name", k_core=3, num_clients=2, partitioner="iid", valid_users=0,
+        test_users=0), tmp_path / "cache", progress=False))
+    test = data.split("test")
+    rng = np.random.default_rng(0)
+    tops = [rng.permutation(data.num_items)[:10].tolist() for _ in test]  # some method's top 10s
+    reply = {"round": 1, "client": 0, "split": "test", "user_ids": [ex.user_id for ex in test],
+             "target_ranks": [-1] * len(test), "targets": [ex.target for ex in test], "top10": flat_top_items(tops)}
+    rows = run_per_user_rows("my-method", [reply]) + baseline_rows(data, ["test"])
+    write_per_user_csv(tmp_path / "per_user.csv", rows, data.original_user_ids, data.original_item_ids)
+
+    # the README's three lines
+    recs = pd.read_csv(tmp_path / "per_user.csv", dtype={"original_user_id": str, "original_target_item": str})
+    recs["original_top10"] = recs["original_top10"].map(json.loads)
+
+    assert set(recs["method"]) == {"my-method", *BASELINES}
+    last = expected_last_items(log)
+    raw_titles = pd.read_csv(tmp_path / "mylog" / "items.csv", sep=";").set_index("sku")["name"]
+    for method, part in recs.groupby("method"):
+        assert dict(zip(part["original_user_id"], part["original_target_item"])) == last, method
+        for own, ids in zip(part["top10"].map(json.loads), part["original_top10"]):
+            # (fewer than 10 where masking the history leaves fewer of this 12-item catalogue)
+            assert 0 < len(ids) == len(own) <= 10 and set(ids) <= set(raw_titles.index), method
+            assert [raw_titles[i] for i in ids] == [data.titles[i] for i in own], method
+    mine = recs[recs["method"] == "my-method"].set_index("user_id")["top10"].map(json.loads)
+    assert [mine[ex.user_id] for ex in test] == tops
+
+
+@pytest.mark.slow
+def test_a_row_shuffled_table_reproduces_the_run(tmp_path):
+    """The same table in another row order gives the same run (issue 26): the same metrics and
+    the same per-user ranks and recommendations, for the method and the baselines."""
+    log = write_log(tmp_path / "original")
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    log.sample(frac=1.0, random_state=99).to_csv(shuffled / "interactions.csv", sep=";", index=False)
+    (shuffled / "items.csv").write_text((tmp_path / "original" / "items.csv").read_text())
+    runs = {}
+    for name in ("original", "shuffled"):
+        run_in_process(flwr_run_config(
+            f"data.dataset='table' data.path='{tmp_path / name}' data.sep=';' data.user-col='member' "
+            "data.item-col='sku' data.time-col='unix_time' data.title-col='name' data.k-core=3 data.num-clients=2 "
+            f"data.valid-users=12 data.test-users=12 out-dir='{tmp_path / 'out'}' run-name='{name}' {FAST}"))
+        run = tmp_path / "out" / name
+        metrics = pd.read_csv(run / "metrics.csv")
+        runs[name] = (metrics[~metrics["metric"].str.endswith("-seconds")].reset_index(drop=True),
+                      pd.read_csv(run / "per_user.csv"))
+    pd.testing.assert_frame_equal(runs["original"][0], runs["shuffled"][0])
+    pd.testing.assert_frame_equal(runs["original"][1], runs["shuffled"][1])
+    assert set(runs["original"][1]["method"]) == {"fellrec", "popularity", "markov"}
 
 
 def test_an_undeclared_key_is_refused_by_flower_and_named_by_our_check(capsys):

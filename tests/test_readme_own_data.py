@@ -9,6 +9,7 @@
   against pyproject.toml, and the ServerApp runs with as many in-process ClientApps as
   `num-supernodes`. Only model/eval/train speed keys are added, so the data settings are the
   README's. The real `flwr run` path has its own test (tests/test_flwr_run.py).
+- The ```python block reads the run's per_user.csv; its ids are checked against the table.
 - Each message quoted under "Common errors" is produced by the code (triggered here).
 """
 
@@ -119,6 +120,17 @@ def test_every_command_of_the_section_runs(tmp_path, monkeypatch):
             assert set(summary["per_client"]) == {"0", "1"}
             per_user = pd.read_csv(work / "results" / "fellrec-table" / "per_user.csv")
             assert per_user["original_user_id"].str.fullmatch(r"c\d+").all()  # the table's own ids
+    # the section's Python lines read the last run's recommendations by the table's own ids
+    (code,) = blocks("python")
+    scope: dict = {}
+    exec(code, scope)
+    final = scope["recs"][scope["recs"]["split"] == "test"]
+    assert set(final["method"]) == {"fellrec", "popularity", "markov"}
+    raw = pd.read_csv(work / "mydata" / "interactions.csv")
+    last = raw.sort_values(["customer", "ts", "product"]).groupby("customer")["product"].last()
+    assert (final["original_target_item"] == final["original_user_id"].map(last)).all()
+    products = set(pd.read_csv(work / "mydata" / "items.csv")["product"])
+    assert final["original_top10"].map(lambda ids: 0 < len(ids) <= 10 and set(ids) <= products).all()
     assert "ok;" in outputs[0]
     shown = outputs[-2]  # python -m fellrec_flwr.data.prepared prepared/mydata
     # the README's own c17 and c23 have too few rows for the 5-core; the 40 generated customers stay

@@ -90,9 +90,15 @@ class FittedBaselines:
 
     def ranks(self, method: str, examples: Sequence[Any], k: int = max(DEFAULT_KS)) -> np.ndarray:
         """Per-user 0-based rank of the target in the top-k (-1 = not there)."""
+        return self.ranked_with_ranks(method, examples, k)[1]
+
+    def ranked_with_ranks(self, method: str, examples: Sequence[Any],
+                          k: int = max(DEFAULT_KS)) -> tuple[np.ndarray, np.ndarray]:
+        """(users, k) recommended item ids of `method` and each user's target rank in them."""
         targets = np.array([int(ex.target) for ex in examples], dtype=np.int64)
         self.groups.group_index(targets)  # unknown targets: a clear error
-        return target_ranks(self.ranked(method, examples, k), targets, canonical=self.groups.canonical)
+        ranked = self.ranked(method, examples, k)
+        return ranked, target_ranks(ranked, targets, canonical=self.groups.canonical)
 
 
 def group_counts(train_sequences: Any, groups: TitleGroups) -> np.ndarray:
@@ -120,7 +126,8 @@ def evaluate_markov(examples: Sequence[Any], train_sequences: Any, titles: Mappi
 
 
 def baseline_rows(data: Any, splits: Sequence[str], round_: int = 0) -> list[dict[str, Any]]:
-    """per_user.csv rows of both baselines for every client's users of `splits`.
+    """per_user.csv rows of every baseline for every client's users of `splits`, with each
+    user's target and recommended items (the same columns for any baseline in BASELINES).
 
     data: a `PreparedData` (or anything with num_clients, split(name, client),
     train_sequences and titles). Counts come from all users' training sequences, the
@@ -134,6 +141,7 @@ def baseline_rows(data: Any, splits: Sequence[str], round_: int = 0) -> list[dic
             if not examples:
                 continue
             for method in BASELINES:
-                ranks = fitted.ranks(method, examples)
-                rows += per_user_rows(method, round_, split, client, [ex.user_id for ex in examples], ranks)
+                ranked, ranks = fitted.ranked_with_ranks(method, examples)
+                rows += per_user_rows(method, round_, split, client, [ex.user_id for ex in examples], ranks,
+                                      targets=[ex.target for ex in examples], top_items=ranked.tolist())
     return rows

@@ -8,7 +8,10 @@ Layout of ``<out-dir>/<run-name>/``::
                          the source data), target_rank: every evaluated
                          user's 0-based target rank in the top 20 (-1 = not there), for the
                          run's method and the popularity / Markov baselines on the same users
-                         (paired bootstrap intervals in `python -m fellrec_flwr.eval.compare`)
+                         (paired bootstrap intervals in `python -m fellrec_flwr.eval.compare`);
+                         target and top10 (item ids; top10 a JSON list, best first, one id
+                         per title group) and original_target_item / original_top10 (the
+                         same items by their ids in the source data)
     summary.json         final per-client and overall metrics + balance statistics
     recall_by_round.png  per-client Recall@10 over rounds
     final_by_client.png  final per-client Recall@10 / NDCG@10 bars
@@ -21,6 +24,7 @@ Everything is rewritten atomically, so a crash never leaves a half-written file.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -33,6 +37,9 @@ from fellrec_flwr.eval.balance import balance_stats
 METRIC_COLUMNS = ["round", "client", "split", "metric", "value"]
 HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 PER_USER_COLUMNS = ["method", "round", "split", "client", "user_id", "target_rank"]
+# Written for every method's rows that carry them (the run's method and every baseline alike).
+ITEM_COLUMNS = ["target", "top10"]
+TOP_ITEMS = 10
 PER_USER_FILE = "per_user.csv"
 # The non-LLM baselines written next to every run's own rows (fitted in fellrec_flwr.eval.baselines,
 # which imports this name: the dependency runs one way).
@@ -51,24 +58,65 @@ def write_metrics_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> pd
 
 
 def per_user_rows(method: str, round_: int, split: str, client: int, user_ids: Iterable[int],
-                  target_ranks: Iterable[int]) -> list[dict[str, Any]]:
-    """per_user.csv rows for one evaluation of one client."""
+                  target_ranks: Iterable[int], targets: Iterable[int] | None = None,
+                  top_items: Iterable[Iterable[int]] | None = None) -> list[dict[str, Any]]:
+    """per_user.csv rows for one evaluation of one client; `targets` and `top_items` (each
+    user's recommended item ids, best first; -1 = empty slot) are optional, for any method."""
     user_ids, target_ranks = list(user_ids), list(target_ranks)
     if len(user_ids) != len(target_ranks):
         raise ValueError(f"{len(user_ids)} user ids but {len(target_ranks)} target ranks: one rank per user.")
+    n = len(user_ids)
+    targets = [None] * n if targets is None else [int(t) for t in targets]
+    tops = [None] * n if top_items is None else [[int(i) for i in top if int(i) >= 0][:TOP_ITEMS]
+                                                  for top in top_items]
+    if len(targets) != n or len(tops) != n:
+        raise ValueError(f"{n} users but {len(targets)} targets and {len(tops)} top-item lists: one each per user.")
     return [{"method": method, "round": int(round_), "split": split, "client": int(client), "user_id": int(u),
-             "target_rank": int(r)} for u, r in zip(user_ids, target_ranks)]
+             "target_rank": int(r), "target": t, "top10": top}
+            for u, r, t, top in zip(user_ids, target_ranks, targets, tops)]
+
+
+def flat_top_items(top_items: Iterable[Iterable[int]]) -> list[int]:
+    """Each user's first TOP_ITEMS item ids, padded with -1, as one flat list (an evaluate
+    reply's ConfigRecord holds no nested lists); :func:`nested_top_items` undoes it."""
+    flat: list[int] = []
+    for top in top_items:
+        top = [int(i) for i in top][:TOP_ITEMS]
+        flat += top + [-1] * (TOP_ITEMS - len(top))
+    return flat
+
+
+def nested_top_items(flat: Iterable[int]) -> list[list[int]]:
+    flat = [int(i) for i in flat]
+    if len(flat) % TOP_ITEMS:
+        raise ValueError(f"{len(flat)} top item ids are not {TOP_ITEMS} per user.")
+    return [flat[i:i + TOP_ITEMS] for i in range(0, len(flat), TOP_ITEMS)]
+
+
+def _json_list(items: Any) -> str:
+    return json.dumps(list(items)) if isinstance(items, (list, tuple)) else ""
 
 
 def write_per_user_csv(path: str | Path, rows: Iterable[Mapping[str, Any]],
-                       original_user_ids: Mapping[int, str] | None = None) -> pd.DataFrame:
-    """With `original_user_ids` (``PreparedData.original_user_ids``) an ``original_user_id``
-    column gives each user's id in the source data, to join results back to it."""
-    frame = pd.DataFrame(list(rows), columns=PER_USER_COLUMNS)
+                       original_user_ids: Mapping[int, str] | None = None,
+                       original_item_ids: Mapping[int, str] | None = None) -> pd.DataFrame:
+    """With `original_user_ids` / `original_item_ids` (``PreparedData.original_user_ids`` /
+    ``original_item_ids``) the ``original_user_id``, ``original_target_item`` and
+    ``original_top10`` columns give the ids in the source data, to join results back to it.
+    Item columns are filled for every row that carries them, whatever its method."""
+    frame = pd.DataFrame(list(rows), columns=PER_USER_COLUMNS + ITEM_COLUMNS)
     frame = frame.sort_values(["method", "split", "round", "client", "user_id"], kind="stable").reset_index(drop=True)
     if original_user_ids is not None:
         frame.insert(frame.columns.get_loc("user_id") + 1, "original_user_id",
                      [original_user_ids.get(int(u), "") for u in frame["user_id"]])
+    frame["target"] = frame["target"].astype("Int64")  # empty where a method gave no targets
+    if original_item_ids is not None:
+        frame.insert(frame.columns.get_loc("target") + 1, "original_target_item",
+                     [original_item_ids.get(int(t), "") if pd.notna(t) else "" for t in frame["target"]])
+        frame["original_top10"] = [[original_item_ids.get(int(i), "") for i in top]
+                                   if isinstance(top, (list, tuple)) else None for top in frame["top10"]]
+        frame["original_top10"] = frame["original_top10"].map(_json_list)
+    frame["top10"] = frame["top10"].map(_json_list)
     atomic_write_bytes(path, frame.to_csv(index=False).encode())
     return frame
 
@@ -151,10 +199,13 @@ def interval_rows(ranks_by_method: Mapping[str, pd.Series], metrics: Iterable[st
 
 
 def run_per_user_rows(method: str, user_ranks: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """per_user.csv rows from a strategy's `user_ranks` (round, client, split, user_ids, target_ranks)."""
+    """per_user.csv rows from a strategy's `user_ranks` (round, client, split, user_ids, target_ranks,
+    and when the clients sent them, targets and top10 as :func:`flat_top_items` packed them)."""
     rows: list[dict[str, Any]] = []
     for r in user_ranks:
-        rows += per_user_rows(method, r["round"], r["split"], r["client"], r["user_ids"], r["target_ranks"])
+        top = nested_top_items(r["top10"]) if "top10" in r else None
+        rows += per_user_rows(method, r["round"], r["split"], r["client"], r["user_ids"], r["target_ranks"],
+                              r.get("targets"), top)
     return rows
 
 

@@ -51,7 +51,8 @@ def evaluate_per_client(cfg: FellRecConfig, rt: Any, split: str, round_: int,
         loss, scores, ranked = evaluate_head(cfg, rt, examples)
         if user_rows is not None:
             user_rows += per_user_rows("centralized", round_, split, client, [r["user_id"] for r in ranked],
-                                       [r["target_rank"] for r in ranked])
+                                       [r["target_rank"] for r in ranked], [r["target"] for r in ranked],
+                                       [r["top10"] for r in ranked])
         metrics = {"eval-loss": loss, "num-examples": len(examples)}
         metrics.update({k: v for k, v in scores.items() if k.startswith(("recall@", "ndcg@"))})
         rows += _client_rows(round_, client, split, metrics)
@@ -95,7 +96,7 @@ def run_centralized(cfg: FellRecConfig) -> Path:
         print(f"[centralized] testing the adapter of round {best[1]} (lowest valid loss {best[0]:.4f})", flush=True)
     rows += evaluate_per_client(cfg, rt, cfg.eval.final_split, cfg.num_server_rounds, user_rows)
     user_rows += _baseline_user_rows(rt.data, cfg)
-    return _finish(cfg, run_dir, rows, "centralized", user_rows)
+    return _finish(cfg, run_dir, rows, "centralized", user_rows, rt.data)
 
 
 def _mean_valid_loss(rows: list[dict[str, Any]]) -> float:
@@ -125,7 +126,7 @@ def run_baseline(cfg: FellRecConfig, method: str = "popularity") -> Path:
             metrics["num-examples"] = len(examples)
             rows += _client_rows(0 if split == "valid" else 1, client, split, metrics)
     # Per-user ranks of both baselines, so this folder alone gives a paired comparison.
-    return _finish(cfg, run_dir, rows, method, _baseline_user_rows(data, cfg))
+    return _finish(cfg, run_dir, rows, method, _baseline_user_rows(data, cfg), data)
 
 
 def run_popularity(cfg: FellRecConfig) -> Path:
@@ -143,10 +144,12 @@ def _baseline_user_rows(data: Any, cfg: FellRecConfig) -> list[dict[str, Any]]:
 
 
 def _finish(cfg: FellRecConfig, run_dir: Path, rows: list[dict[str, Any]], method: str,
-            user_rows: list[dict[str, Any]] | None = None) -> Path:
+            user_rows: list[dict[str, Any]] | None = None, data: Any = None) -> Path:
+    """Write the run folder; with `data` (the PreparedData) per_user.csv has the source's own ids."""
     frame = write_metrics_csv(run_dir / "metrics.csv", rows)
     atomic_write_json(run_dir / "config.json", cfg.to_run_config())
-    per_user = write_per_user_csv(run_dir / PER_USER_FILE, user_rows or [])
+    ids = (data.original_user_ids, data.original_item_ids) if data is not None else ()
+    per_user = write_per_user_csv(run_dir / PER_USER_FILE, user_rows or [], *ids)
     summary = {"method": method, "run_name": run_dir.name, **summarise(frame, cfg.eval.final_split),
                "intervals": final_intervals(per_user, method, cfg.eval.final_split)}
     atomic_write_json(run_dir / "summary.json", summary)
