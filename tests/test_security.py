@@ -412,7 +412,8 @@ def test_a_sender_that_never_finishes_its_message_is_cut_and_blocks_no_one(full)
     lives at most request_timeout_s (GOAWAY), its calls in flight get as long again, then it is
     closed; meanwhile the other clients are served. The drip is raw HTTP/2, as an attacker's would
     be: a valid gRPC call whose 1000-byte message never completes, from a peer that answers pings."""
-    handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(request_timeout_s=1.0, max_workers=3))
+    # 4 workers: the drip holds one of the two compute slots while it reads (issue 24), the client the other
+    handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(request_timeout_s=1.0, max_workers=4))
     try:
         headers = b"".join(_literal(k, v) for k, v in (
             (":method", "POST"), (":scheme", "http"), (":path", method_path("Forward")), (":authority", "x"),
@@ -442,6 +443,53 @@ def test_a_sender_that_never_finishes_its_message_is_cut_and_blocks_no_one(full)
         assert closed and 0.8 < elapsed < 8, f"closed={closed} after {elapsed:.1f} s"
         assert 7 in kinds  # GOAWAY: cut by the connection-age limit, not a protocol error
     finally:
+        handle.stop()
+
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _call_headers(method: str, metadata=()) -> bytes:
+    return b"".join(_literal(k, v) for k, v in (
+        (":method", "POST"), (":scheme", "http"), (":path", method_path(method)), (":authority", "x"),
+        ("content-type", "application/grpc"), ("te", "trailers"), *metadata))
+
+
+def _silent_call(port: int, method: str, metadata=()) -> socket.socket:
+    """A connection whose one call sends its headers and never its message (raw HTTP/2)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(_PREFACE + _frame(4, 0, 0) + _frame(1, 4, 1, _call_headers(method, metadata)))  # END_HEADERS only
+    return sock
+
+
+def test_silent_unauthenticated_senders_hold_no_worker(full):
+    """Issue 24, F1. Before: 16 calls that sent headers but never a message held all 16 workers
+    (the message was read on a worker before any check), and Health, Info and every client timed
+    out. Now credentials are checked on the metadata before a worker reads anything: a call
+    without them is refused at once, and Health never reads its request. 32 silent senders (no
+    credentials, a wrong token, or Health) against the default 16 workers."""
+    handle = start_service(full, SECRET, 1, 1)
+    bad = (("x-client-key", "mallory"), ("x-client-token", "0" * 64))
+    socks = []
+    try:
+        for i in range(32):
+            socks.append(_silent_call(handle.port, *[("Forward", ()), ("Forward", bad), ("Health", ())][i % 3]))
+        time.sleep(0.5)  # every call has reached the server
+        start = time.monotonic()
+        got = _raw(handle.url, "Health", timeout=5)
+        health_s = time.monotonic() - start
+        assert got == (C.OK, b'{"status": "ok"}'), got
+        assert _raw(handle.url, "Info", metadata=_auth(), timeout=5)[0] == C.OK
+        t = _tensors(1, 3)
+        start = time.monotonic()
+        out, _ = _client(handle.url, retries=0, timeout=5).forward(t["hidden"], None, t["position_ids"])
+        forward_s = time.monotonic() - start
+        assert out.shape == (1, 3, H)
+        print(f"\n32 silent unauthenticated senders, 16 workers: Health answered in {health_s * 1000:.0f} ms, "
+              f"an authenticated Forward in {forward_s * 1000:.0f} ms")
+    finally:
+        for sock in socks:
+            sock.close()
         handle.stop()
 
 
@@ -499,14 +547,17 @@ def test_listen_backlog_is_not_5(full):
 def test_oversized_or_unknown_calls_never_reach_the_engine(service, monkeypatch):
     """Before: GET bodies and Transfer-Encoding were request-smuggling shapes in our parser. Now the
     library frames every message; too big a message is RESOURCE_EXHAUSTED before any handler runs
-    (nothing is allocated for it by us), an unknown method UNIMPLEMENTED, Health takes no body."""
+    (nothing is allocated for it by us), an unknown method UNIMPLEMENTED. Health never reads its
+    request (issue 24: a silent Health caller must hold no worker), so a body is discarded unread;
+    Info, which reads, refuses one."""
     reached = []
     monkeypatch.setitem(split_service._ROUTES, "Forward", lambda *a, **k: reached.append(1) or b"")
     code, err_code, message = _raw(service.url, "Forward", b"\0" * (2 << 20), _auth())
     assert code == C.RESOURCE_EXHAUSTED and err_code is None and "larger than max" in message
     assert reached == []
     assert _raw(service.url, "Backdoor", b"x", _auth())[0] == C.UNIMPLEMENTED
-    assert _raw(service.url, "Health", b"hello")[:2] == (C.INVALID_ARGUMENT, "unexpected_body")
+    assert _raw(service.url, "Health", b"hello") == (C.OK, b'{"status": "ok"}')
+    assert _raw(service.url, "Info", b"hello", _auth())[:2] == (C.INVALID_ARGUMENT, "unexpected_body")
     with pytest.raises(SplitServiceError) as err:  # the client names it
         _client(service.url, retries=3).forward(torch.randn(80, 64, H), None,
                                                 torch.arange(64, dtype=torch.int32)[None])
