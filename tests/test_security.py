@@ -998,6 +998,126 @@ def test_control_api_listens_on_loopback_only_and_the_public_port_serves_only_fl
 # -- Low 18: key handling the scripts follow ------------------------------------------------------
 
 
+def _gateway_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fleet_gateway", ROOT / "deploy" / "fleet_gateway.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Served:
+    """A uvicorn server in a thread of this process, for as long as the `with` lasts."""
+
+    def __init__(self, config):
+        import uvicorn
+
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _counting_upstream(received: list[int]):
+    """A stand-in SuperLink that reads each body as it arrives and notes its size."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def fleet(request):
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+        except ClientDisconnect:  # the gateway cut the body short
+            received.append(size)
+            return Response(b"", status_code=400)
+        received.append(size)
+        return Response(b"ok:" + str(size).encode())
+
+    app = Starlette(routes=[Route("/v1/fleet/{name}", fleet, methods=["POST"])])
+    return uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+
+
+def _port_of(served: _Served) -> int:
+    return served.server.servers[0].sockets[0].getsockname()[1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc")
+def test_the_gateway_caps_a_body_however_framed_streams_it_and_bounds_connections():
+    """Issue 24, F3. Before: the 413 check read only Content-Length, so a chunked body of any size
+    went through, buffered whole in the gateway (and in the SuperLink); connections were unbounded.
+    Now the body is streamed to the SuperLink as it arrives and cut once it passes --max-body-mb
+    however framed, a request must finish within --request-timeout, and connections beyond
+    --max-connections get 503."""
+    gateway = _gateway_module()
+    received: list[int] = []
+    with _Served(_counting_upstream(received)) as upstream:
+        config = gateway.server_config(["--listen", "127.0.0.1:0", "--upstream", f"http://127.0.0.1:{_port_of(upstream)}",
+                                        "--max-body-mb", "16", "--request-timeout", "2", "--max-connections", "3"])
+        config.log_level = "warning"
+        with _Served(config) as served:
+            port = _port_of(served)
+
+            def post(chunks, chunked=True):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+                try:
+                    conn.request("POST", "/v1/fleet/push-messages", body=chunks, encode_chunked=chunked,
+                                 headers={"Transfer-Encoding": "chunked"} if chunked else {})
+                    reply = conn.getresponse()
+                    return reply.status, reply.read()
+                except (BrokenPipeError, ConnectionResetError):  # cut while sending: read what was answered
+                    reply = conn.getresponse()
+                    return reply.status, reply.read()
+                finally:
+                    conn.close()
+
+            block = b"x" * (1 << 20)
+            # under the cap, chunked: passes, streamed (RSS grows far less than the 12 MB body)
+            rss = _rss_mb()
+            assert post(iter([block] * 12)) == (200, b"ok:" + str(12 << 20).encode())
+            streamed_rise = _rss_mb() - rss
+            # over the cap, chunked (no Content-Length): 413, and the SuperLink never gets a whole body
+            status, _ = post(iter([block] * 40))
+            assert status == 413
+            assert all(size <= 16 << 20 for size in received[1:]), received
+            # over the cap with Content-Length: 413 before anything is read
+            status, _ = post(block * 17, chunked=False)
+            assert status == 413
+            # a sender that stalls is answered 408 after --request-timeout
+            def stalling():
+                yield block
+                time.sleep(3)
+                yield block
+            assert post(stalling())[0] == 408
+            # three connections held open by slow uploads; a request on a fourth gets 503
+            held = []
+            for _ in range(3):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock.sendall(b"POST /v1/fleet/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab")
+                held.append(sock)
+            time.sleep(0.3)
+            try:
+                assert post(iter([b"y"]))[0] == 503
+            finally:
+                for sock in held:
+                    sock.close()
+            print(f"\ngateway: a 12 MB chunked body forwarded with RSS +{streamed_rise:.0f} MB")
+
+
 def test_scripts_keep_the_ca_key_apart_and_every_secret_owner_only(tmp_path):
     import shutil as _shutil
 
