@@ -1,14 +1,16 @@
 """The split-inference service: the server-held middle layers for many clients, over gRPC.
 
     python -m server_app.split_service --model PATH|GGUF|tiny --front-k 1 --back-k 1 \\
-        --secret-file secret.txt [--device cuda] [--port 8470] [--tls-cert c.pem --tls-key k.pem]
+        --secret-file secret.txt [--device cuda] [--port 8470] [--tls-cert c.pem --tls-key k.pem] \\
+        [--host 0.0.0.0 (needs TLS, or --insecure)] [--max-message-mb N] [--read-timeout S]
 
 A thin transport over the engine `fellrec_flwr.split.engine.SplitService`: gRPC service
 `fellrec.split.v2.SplitService` with raw-bytes unary methods (no protobuf codegen; payloads are
 safetensors, see `fellrec_flwr.split.wire`, JSON where the engine says so):
 
-    Health       liveness, {"status": "ok"}; no credentials, never waits for the compute lock
-    Info         hidden size, layer range, dtype, limits, a weight probe (needs a token)
+    Health       liveness, {"status": "ok"}; no credentials, never reads its request, never waits
+    Info         hidden size, layer range, dtype, limits, a weight probe, the caller's own counts
+                 (service-wide for the operator's key); needs a token, takes no body
     Forward      hidden [B,Q,H] (+ attention_mask, position_ids) -> hidden; metadata keep_graph
     Backward     the same inputs + grad -> grad w.r.t. the input hidden
     InferCreate  JSON {} -> {"session": id}
@@ -16,13 +18,16 @@ safetensors, see `fellrec_flwr.split.wire`, JSON where the engine says so):
     InferClose   JSON {"sessions": [ids]}
 
 Every call but Health carries `x-client-key` / `x-client-token` call metadata (HMAC, see
-`fellrec_flwr.split.auth`), checked in constant time before anything else. A refusal is a gRPC
-status (`GRPC_CODES`) whose details are the engine's message, with the machine-readable code in
-the trailing metadata; an unexpected failure is INTERNAL with an incident id only (the traceback
-goes to the log). What the library gives: TLS, message-size limits enforced before a message
-reaches us (RESOURCE_EXHAUSTED), client deadlines (honoured while a call waits for the compute
-lock), keep-alive pings, HTTP/2 with TCP_NODELAY, a bounded thread pool and a cap on calls in
-flight. Generation stays one unary call per step (see docs/split.md).
+`fellrec_flwr.split.auth`), checked in constant time on the metadata alone, before a worker
+reads a byte of the message: a call without valid credentials is refused at once and its
+message is never read. A refusal is a gRPC status (`GRPC_CODES`) whose details are the engine's
+message, with the machine-readable code in the trailing metadata; an unexpected failure is
+INTERNAL with an incident id only (the traceback goes to the log). What the library gives: TLS,
+message-size limits (RESOURCE_EXHAUSTED), client deadlines (honoured while a call waits for the
+compute lock), keep-alive pings, HTTP/2 with TCP_NODELAY, a bounded thread pool, caps on calls in
+flight, connections and streams per connection. Ours: an authenticated call's message must arrive
+within `--read-timeout`, and compute calls take at most `workers - 2` workers. Generation stays
+one unary call per step (see docs/split.md).
 """
 
 from __future__ import annotations

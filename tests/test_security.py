@@ -1066,8 +1066,9 @@ def test_the_gateway_caps_a_body_however_framed_streams_it_and_bounds_connection
     gateway = _gateway_module()
     received: list[int] = []
     with _Served(_counting_upstream(received)) as upstream:
-        config = gateway.server_config(["--listen", "127.0.0.1:0", "--upstream", f"http://127.0.0.1:{_port_of(upstream)}",
-                                        "--max-body-mb", "16", "--request-timeout", "2", "--max-connections", "3"])
+        config = gateway.server_config(["--listen", "127.0.0.1:0", "--upstream",
+                                        f"http://127.0.0.1:{_port_of(upstream)}", "--max-body-mb", "16",
+                                        "--request-timeout", "2", "--max-connections", "3"])
         config.log_level = "warning"
         with _Served(config) as served:
             port = _port_of(served)

@@ -18,7 +18,8 @@ Requests (payloads are safetensors, see `fellrec_flwr.split.wire`; JSON where ma
                  close (sessions to drop). The engine keeps each session's key padding mask and
                  builds the attention mask itself (`fellrec_flwr.split.plan.attention_bias`)
     infer_close  JSON {"sessions": [ids]} -> {"closed": n}
-    info         hidden size, layer range, dtype, limits, a weight probe, stats (JSON)
+    info         hidden size, layer range, dtype, limits, a weight probe, the caller's own stats
+                 (service-wide for OPERATOR_KEY) (JSON)
 
 Every request is validated completely before any compute, shapes and limits from the safetensors
 header before any tensor is materialised. Compute is serialised with one lock (one model, one
@@ -213,7 +214,8 @@ class SplitService:
             "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
             "wire_dtypes": ["float32", "float16", "bfloat16"], "max_position": self.max_position,
             "limits": {**asdict(self.limits), "max_body_bytes": self.max_message_bytes},
-            "probe": self.body.probe(), "stats": stats, "stats_scope": "service" if client == OPERATOR_KEY else "client",
+            "probe": self.body.probe(), "stats": stats,
+            "stats_scope": "service" if client == OPERATOR_KEY else "client",
         }
 
     def authenticate(self, client_key: str | None, token: str | None) -> str:
