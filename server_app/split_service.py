@@ -143,10 +143,10 @@ class _Transport(grpc.GenericRpcHandler):
                 slot.release()
         except ApiError as err:
             refusal = err
-        except _ReadCancelled as cut:  # the call is gone: no status can be sent
+        except _ReadCancelled as ended:  # the call is over: its status, if any, was the library's
             service.count(client, "errors")
-            log.info("cut %s from %s: %s", name, _printable(client), cut)
-            raise cut.rpc_error from None  # the library's own error for a cancelled call: it ends quietly
+            log.info("cut %s from %s: %s", name, _printable(client), ended)
+            raise ended.rpc_error from None  # the library's own error for an ended call: it ends quietly
         except Exception:  # a bug or an out-of-memory: logged in full here, never sent to the client
             incident = secrets.token_hex(4)
             log.exception("internal error %s in %s", incident, name)
@@ -167,15 +167,21 @@ class _Transport(grpc.GenericRpcHandler):
     def _read(self, requests: Any, context: grpc.ServicerContext) -> bytes:
         """The call's one message. A sender that has not delivered it within read_timeout_s is
         cancelled (RST_STREAM), which frees this worker; a client's shorter deadline also applies."""
-        timeout = self.engine.limits.read_timeout_s
-        timer = threading.Timer(timeout, context.cancel)
+        timeout, expired = self.engine.limits.read_timeout_s, threading.Event()
+
+        def cut() -> None:
+            expired.set()
+            context.cancel()
+
+        timer = threading.Timer(timeout, cut)
         timer.daemon = True
         timer.start()
         try:
             message = next(requests, None)
-        except grpc.RpcError as err:  # cancelled: by the timer, the client, or the client's deadline
-            raise _ReadCancelled(f"no complete message within {timeout:g} s (--read-timeout) or the client "
-                                 "cancelled", err) from None
+        except grpc.RpcError as err:  # the call ended before its message arrived whole
+            why = (f"no complete message within {timeout:g} s (--read-timeout)" if expired.is_set() else
+                   "the message never arrived whole (over --max-message-mb, or the client cancelled)")
+            raise _ReadCancelled(why, err) from None
         finally:
             timer.cancel()
         if message is None:

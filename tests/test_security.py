@@ -494,11 +494,12 @@ def test_silent_unauthenticated_senders_hold_no_worker(full):
         handle.stop()
 
 
-def test_an_authenticated_message_must_arrive_within_the_read_timeout(full):
+def test_an_authenticated_message_must_arrive_within_the_read_timeout(full, caplog):
     """Issue 24: a token holder whose message never completes is cut after read_timeout_s
     (RST_STREAM on that call, the connection stays), which frees its compute slot; before, only the
     connection's age limit (default 300 s, twice that with its grace) ended it. One compute slot
     here (3 workers), held by the drip until the cut; then another client is served."""
+    caplog.set_level("INFO", logger="fellrec.split_service")
     handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(read_timeout_s=1.0, request_timeout_s=60,
                                                                    max_workers=3))
     try:
@@ -518,6 +519,7 @@ def test_an_authenticated_message_must_arrive_within_the_read_timeout(full):
             elapsed = time.monotonic() - start
         assert 3 in kinds and 7 not in kinds, kinds  # the call was reset, not the connection
         assert 0.8 < elapsed < 5, f"cut after {elapsed:.1f} s"
+        assert any("no complete message within 1 s (--read-timeout)" in r.getMessage() for r in caplog.records)
         t = _tensors(1, 3)
         out, _ = _client(handle.url, retries=3, timeout=10).forward(t["hidden"], None, t["position_ids"])
         assert out.shape == (1, 3, H)
