@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -412,7 +413,8 @@ def test_a_sender_that_never_finishes_its_message_is_cut_and_blocks_no_one(full)
     lives at most request_timeout_s (GOAWAY), its calls in flight get as long again, then it is
     closed; meanwhile the other clients are served. The drip is raw HTTP/2, as an attacker's would
     be: a valid gRPC call whose 1000-byte message never completes, from a peer that answers pings."""
-    handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(request_timeout_s=1.0, max_workers=3))
+    # 4 workers: the drip holds one of the two compute slots while it reads (issue 24), the client the other
+    handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(request_timeout_s=1.0, max_workers=4))
     try:
         headers = b"".join(_literal(k, v) for k, v in (
             (":method", "POST"), (":scheme", "http"), (":path", method_path("Forward")), (":authority", "x"),
@@ -442,6 +444,178 @@ def test_a_sender_that_never_finishes_its_message_is_cut_and_blocks_no_one(full)
         assert closed and 0.8 < elapsed < 8, f"closed={closed} after {elapsed:.1f} s"
         assert 7 in kinds  # GOAWAY: cut by the connection-age limit, not a protocol error
     finally:
+        handle.stop()
+
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _call_headers(method: str, metadata=()) -> bytes:
+    return b"".join(_literal(k, v) for k, v in (
+        (":method", "POST"), (":scheme", "http"), (":path", method_path(method)), (":authority", "x"),
+        ("content-type", "application/grpc"), ("te", "trailers"), *metadata))
+
+
+def _silent_call(port: int, method: str, metadata=()) -> socket.socket:
+    """A connection whose one call sends its headers and never its message (raw HTTP/2)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(_PREFACE + _frame(4, 0, 0) + _frame(1, 4, 1, _call_headers(method, metadata)))  # END_HEADERS only
+    return sock
+
+
+def test_silent_unauthenticated_senders_hold_no_worker(full):
+    """Issue 24, F1. Before: 16 calls that sent headers but never a message held all 16 workers
+    (the message was read on a worker before any check), and Health, Info and every client timed
+    out. Now credentials are checked on the metadata before a worker reads anything: a call
+    without them is refused at once, and Health never reads its request. 32 silent senders (no
+    credentials, a wrong token, or Health) against the default 16 workers."""
+    handle = start_service(full, SECRET, 1, 1)
+    bad = (("x-client-key", "mallory"), ("x-client-token", "0" * 64))
+    socks = []
+    try:
+        for i in range(32):
+            socks.append(_silent_call(handle.port, *[("Forward", ()), ("Forward", bad), ("Health", ())][i % 3]))
+        time.sleep(0.5)  # every call has reached the server
+        start = time.monotonic()
+        got = _raw(handle.url, "Health", timeout=5)
+        health_s = time.monotonic() - start
+        assert got == (C.OK, b'{"status": "ok"}'), got
+        assert _raw(handle.url, "Info", metadata=_auth(), timeout=5)[0] == C.OK
+        t = _tensors(1, 3)
+        start = time.monotonic()
+        out, _ = _client(handle.url, retries=0, timeout=5).forward(t["hidden"], None, t["position_ids"])
+        forward_s = time.monotonic() - start
+        assert out.shape == (1, 3, H)
+        print(f"\n32 silent unauthenticated senders, 16 workers: Health answered in {health_s * 1000:.0f} ms, "
+              f"an authenticated Forward in {forward_s * 1000:.0f} ms")
+    finally:
+        for sock in socks:
+            sock.close()
+        handle.stop()
+
+
+def test_an_authenticated_message_must_arrive_within_the_read_timeout(full, caplog):
+    """Issue 24: a token holder whose message never completes is cut after read_timeout_s
+    (RST_STREAM on that call, the connection stays), which frees its compute slot; before, only the
+    connection's age limit (default 300 s, twice that with its grace) ended it. One compute slot
+    here (3 workers), held by the drip until the cut; then another client is served."""
+    caplog.set_level("INFO", logger="fellrec.split_service")
+    handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(read_timeout_s=1.0, request_timeout_s=60,
+                                                                   max_workers=3))
+    try:
+        kinds: list[int] = []
+        with socket.create_connection(("127.0.0.1", handle.port), timeout=10) as sock:
+            sock.sendall(_PREFACE + _frame(4, 0, 0) + _frame(1, 4, 1, _call_headers("Forward", _auth()))
+                         + _frame(0, 0, 1, b"\0" + (1000).to_bytes(4, "big") + b"x" * 10))
+            start = time.monotonic()
+            sock.settimeout(0.2)
+            buffer = bytearray()
+            while 3 not in kinds and time.monotonic() - start < 10:  # until RST_STREAM
+                try:
+                    buffer += sock.recv(65536)
+                    _answer_frames(sock, buffer, kinds)
+                except socket.timeout:
+                    pass
+            elapsed = time.monotonic() - start
+        assert 3 in kinds and 7 not in kinds, kinds  # the call was reset, not the connection
+        assert 0.8 < elapsed < 5, f"cut after {elapsed:.1f} s"
+        t = _tensors(1, 3)
+        out, _ = _client(handle.url, retries=3, timeout=10).forward(t["hidden"], None, t["position_ids"])
+        assert out.shape == (1, 3, H)
+        logged = lambda: any("no complete message within 1 s (--read-timeout)" in r.getMessage()  # noqa: E731
+                             for r in caplog.records)
+        deadline = time.monotonic() + 3
+        while not logged() and time.monotonic() < deadline:  # the worker logs once it has woken up
+            time.sleep(0.05)
+        assert logged()
+    finally:
+        handle.stop()
+
+
+def test_connections_and_streams_per_connection_are_capped(full):
+    """Issue 24: what one peer can hold is bounded. Connections beyond max_connections are closed
+    by the library at once; each connection is told it may open at most max_workers streams."""
+    handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(max_connections=4, max_workers=5))
+    socks = []
+    try:
+        for _ in range(6):
+            socks.append(socket.create_connection(("127.0.0.1", handle.port), timeout=5))
+            socks[-1].sendall(_PREFACE + _frame(4, 0, 0))
+        replies = []
+        for sock in socks:
+            try:
+                replies.append(sock.recv(65536))
+            except OSError:
+                replies.append(b"")
+        assert [bool(r) for r in replies] == [True] * 4 + [False] * 2  # the 5th and 6th are closed unanswered
+        settings = replies[0][9:9 + int.from_bytes(replies[0][:3], "big")]  # the server's first frame: SETTINGS
+        assert replies[0][3] == 4
+        announced = {int.from_bytes(settings[i:i + 2], "big"): int.from_bytes(settings[i + 2:i + 6], "big")
+                     for i in range(0, len(settings), 6)}
+        assert announced.get(3) == 5  # SETTINGS_MAX_CONCURRENT_STREAMS
+    finally:
+        for sock in socks:
+            sock.close()
+        handle.stop()
+
+
+# Three concurrent calls of one big message each, from another process (its memory is not ours).
+UNAUTHENTICATED_SENDERS = textwrap.dedent("""
+    import grpc, json, sys, threading
+    body = b"\\0" * ({mb} << 20)
+    codes = []
+    def send(metadata):
+        with grpc.insecure_channel("127.0.0.1:{port}", options=[("grpc.max_send_message_length", -1)]) as channel:
+            try:
+                channel.unary_unary("/fellrec.split.v2.SplitService/Forward")(body, metadata=metadata, timeout=60)
+                codes.append("OK")
+            except grpc.RpcError as err:
+                codes.append(err.code().name)
+    threads = [threading.Thread(target=send, args=(m,)) for m in {metadatas!r}]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    print(json.dumps(sorted(codes)))
+""")
+
+
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc")
+def test_unauthenticated_messages_are_refused_unread(full):
+    """Issue 24, F2. Before: a message was read whole before its credentials were checked, so three
+    concurrent 200 MB messages without credentials raised the service's RSS by about 1.3 GB (and
+    most of it stayed). Now the call is refused on its metadata and the message is never read: the
+    service's RSS, sampled every 5 ms, rises by < 50 MB. The message limit is raised to 512 MB here
+    so that only the credential check stands in the way."""
+    handle = start_service(full, SECRET, 1, 1, limits=ServiceLimits(max_body_bytes=512 << 20))
+    peak, done = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.005)
+
+    try:
+        before = _rss_mb()
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        metadatas = [None, None, (("x-client-key", "mallory"), ("x-client-token", "0" * 64))]
+        script = UNAUTHENTICATED_SENDERS.format(mb=200, port=handle.port, metadatas=metadatas)
+        start = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        elapsed = time.monotonic() - start
+        done.set()
+        sampler.join()
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert json.loads(out.stdout) == ["PERMISSION_DENIED", "UNAUTHENTICATED", "UNAUTHENTICATED"]
+        rise = peak[0] - before
+        print(f"\nthree 200 MB unauthenticated messages: service RSS {before:.0f} -> peak {peak[0]:.0f} MB "
+              f"(+{rise:.0f} MB), refused in {elapsed:.1f} s")
+        assert rise < 50, f"RSS rose {rise:.0f} MB"
+    finally:
+        done.set()
         handle.stop()
 
 
@@ -499,14 +673,17 @@ def test_listen_backlog_is_not_5(full):
 def test_oversized_or_unknown_calls_never_reach_the_engine(service, monkeypatch):
     """Before: GET bodies and Transfer-Encoding were request-smuggling shapes in our parser. Now the
     library frames every message; too big a message is RESOURCE_EXHAUSTED before any handler runs
-    (nothing is allocated for it by us), an unknown method UNIMPLEMENTED, Health takes no body."""
+    (nothing is allocated for it by us), an unknown method UNIMPLEMENTED. Health never reads its
+    request (issue 24: a silent Health caller must hold no worker), so a body is discarded unread;
+    Info, which reads, refuses one."""
     reached = []
     monkeypatch.setitem(split_service._ROUTES, "Forward", lambda *a, **k: reached.append(1) or b"")
     code, err_code, message = _raw(service.url, "Forward", b"\0" * (2 << 20), _auth())
     assert code == C.RESOURCE_EXHAUSTED and err_code is None and "larger than max" in message
     assert reached == []
     assert _raw(service.url, "Backdoor", b"x", _auth())[0] == C.UNIMPLEMENTED
-    assert _raw(service.url, "Health", b"hello")[:2] == (C.INVALID_ARGUMENT, "unexpected_body")
+    assert _raw(service.url, "Health", b"hello") == (C.OK, b'{"status": "ok"}')
+    assert _raw(service.url, "Info", b"hello", _auth())[:2] == (C.INVALID_ARGUMENT, "unexpected_body")
     with pytest.raises(SplitServiceError) as err:  # the client names it
         _client(service.url, retries=3).forward(torch.randn(80, 64, H), None,
                                                 torch.arange(64, dtype=torch.int32)[None])
@@ -562,6 +739,97 @@ def test_health_answers_while_compute_runs_and_tells_nothing(full):
         assert len(waiting) == 2  # served once the lock was free
     finally:
         handle.stop()
+
+
+# -- Issue 24, F4-F8: configuration the service refuses, and what Info tells whom ---------------------
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.7.7", "split.example.org"])
+def test_plaintext_on_a_non_loopback_address_needs_insecure(full, host):
+    """F4. Before: the service listened in plaintext on any address (tokens in clear)."""
+    with pytest.raises(SplitError, match="without TLS.*--insecure"):
+        start_service(full, SECRET, 1, 1, host=host)
+
+
+def test_plaintext_on_all_interfaces_with_insecure_starts(full):
+    handle = start_service(full, SECRET, 1, 1, host="0.0.0.0", insecure=True)
+    try:
+        assert handle.url.startswith("http://") and _raw(f"http://127.0.0.1:{handle.port}", "Health")[0] == C.OK
+    finally:
+        handle.stop()
+
+
+def _cli_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        split_service.main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_session_cache_below_the_client_quota_is_refused(tmp_path, capsys):
+    """F5. Before: --session-cache-mb below --session-quota-mb was accepted silently, and one token
+    holder could fill the whole cache and keep every other client out (service_full)."""
+    secret = tmp_path / "secret.txt"
+    write_secret(secret, SECRET)
+    err = _cli_error(capsys, ["--model", str(tmp_path / "none"), "--secret-file", str(secret),
+                              "--session-cache-mb", "256", "--session-quota-mb", "512"])
+    assert "--session-cache-mb 256 is below --session-quota-mb 512" in err
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_a_tls_key_that_does_not_match_the_certificate_is_named(full, tmp_path):
+    """F6. Before: a mismatched key gave 'cannot listen ... port in use, or not an address of this
+    machine'. Now the pair is checked first and the error says what is wrong."""
+    for name in ("a", "b"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(tmp_path / f"{name}.key"), "-out", str(tmp_path / f"{name}.pem"),
+                        "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    with pytest.raises(ValueError, match="the key does not match the certificate") as err:
+        start_service(full, SECRET, 1, 1, tls_cert=tmp_path / "a.pem", tls_key=tmp_path / "b.key")
+    assert "port in use" not in str(err.value)
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(ValueError, match="not a PEM certificate and its private key"):
+        start_service(full, SECRET, 1, 1, tls_cert=tmp_path / "junk.pem", tls_key=tmp_path / "b.key")
+
+
+def test_info_refuses_a_body_and_shows_a_client_only_its_own_counts(service):
+    """F7. Before: Info accepted (and ignored) any body, and every token holder saw the service-wide
+    request, error and compute counts. Now a client sees its own; the operator's key
+    (`OPERATOR_KEY`) sees the service's."""
+    assert _raw(service.url, "Info", b"\0" * (512 << 10), _auth())[:2] == (C.INVALID_ARGUMENT, "unexpected_body")
+    from fellrec_flwr.split.auth import OPERATOR_KEY
+
+    t = _tensors(1, 3)
+    _client(service.url, key="alice").forward(t["hidden"], None, t["position_ids"])
+    _raw(service.url, "Forward", b"junk", _auth("alice"))  # one error for alice
+    mine = json.loads(_raw(service.url, "Info", metadata=_auth("nosy-bob"))[1])
+    assert mine["stats_scope"] == "client"
+    assert mine["stats"]["requests"] == 1 and mine["stats"]["errors"] == 0 and mine["stats"]["compute_s"] == 0
+    alice = json.loads(_raw(service.url, "Info", metadata=_auth("alice"))[1])["stats"]
+    assert alice["requests"] == 3 and alice["errors"] == 1 and alice["compute_s"] > 0
+    whole = json.loads(_raw(service.url, "Info", metadata=_auth(OPERATOR_KEY))[1])
+    assert whole["stats_scope"] == "service" and whole["stats"]["requests"] > alice["requests"]
+    assert whole["stats"]["compute_s"] >= alice["compute_s"]
+
+
+def test_a_secret_file_readable_by_others_is_refused(tmp_path, capsys):
+    """F8. Before: only deploy/start_split_service.sh refused a 0644 secret; the service's own
+    command line (and the token-issuing command) read it."""
+    from fellrec_flwr.split.auth import AuthError, load_secret
+    from fellrec_flwr.split.auth import main as auth_main
+
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(SECRET + b"\n")
+    for mode in (0o644, 0o640, 0o604):
+        secret.chmod(mode)
+        with pytest.raises(AuthError, match="chmod 600"):
+            load_secret(secret)
+    err = _cli_error(capsys, ["--model", str(tmp_path / "none"), "--secret-file", str(secret)])
+    assert "mode 604" in err and "chmod 600" in err
+    with pytest.raises(AuthError):
+        auth_main(["issue", "--secret-file", str(secret), "--client-key", "node-1"])
+    secret.chmod(0o600)
+    assert load_secret(secret) == SECRET
 
 
 # -- Medium 4: checkpoints -------------------------------------------------------------------------
@@ -735,6 +1003,127 @@ def test_control_api_listens_on_loopback_only_and_the_public_port_serves_only_fl
 
 
 # -- Low 18: key handling the scripts follow ------------------------------------------------------
+
+
+def _gateway_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fleet_gateway", ROOT / "deploy" / "fleet_gateway.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Served:
+    """A uvicorn server in a thread of this process, for as long as the `with` lasts."""
+
+    def __init__(self, config):
+        import uvicorn
+
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _counting_upstream(received: list[int]):
+    """A stand-in SuperLink that reads each body as it arrives and notes its size."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def fleet(request):
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+        except ClientDisconnect:  # the gateway cut the body short
+            received.append(size)
+            return Response(b"", status_code=400)
+        received.append(size)
+        return Response(b"ok:" + str(size).encode())
+
+    app = Starlette(routes=[Route("/v1/fleet/{name}", fleet, methods=["POST"])])
+    return uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+
+
+def _port_of(served: _Served) -> int:
+    return served.server.servers[0].sockets[0].getsockname()[1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc")
+def test_the_gateway_caps_a_body_however_framed_streams_it_and_bounds_connections():
+    """Issue 24, F3. Before: the 413 check read only Content-Length, so a chunked body of any size
+    went through, buffered whole in the gateway (and in the SuperLink); connections were unbounded.
+    Now the body is streamed to the SuperLink as it arrives and cut once it passes --max-body-mb
+    however framed, a request must finish within --request-timeout, and connections beyond
+    --max-connections get 503."""
+    gateway = _gateway_module()
+    received: list[int] = []
+    with _Served(_counting_upstream(received)) as upstream:
+        config = gateway.server_config(["--listen", "127.0.0.1:0", "--upstream",
+                                        f"http://127.0.0.1:{_port_of(upstream)}", "--max-body-mb", "16",
+                                        "--request-timeout", "2", "--max-connections", "3"])
+        config.log_level = "warning"
+        with _Served(config) as served:
+            port = _port_of(served)
+
+            def post(chunks, chunked=True):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+                try:
+                    conn.request("POST", "/v1/fleet/push-messages", body=chunks, encode_chunked=chunked,
+                                 headers={"Transfer-Encoding": "chunked"} if chunked else {})
+                    reply = conn.getresponse()
+                    return reply.status, reply.read()
+                except (BrokenPipeError, ConnectionResetError):  # cut while sending: read what was answered
+                    reply = conn.getresponse()
+                    return reply.status, reply.read()
+                finally:
+                    conn.close()
+
+            block = b"x" * (1 << 20)
+            # under the cap, chunked: passes, streamed (RSS grows far less than the 12 MB body)
+            rss = _rss_mb()
+            assert post(iter([block] * 12)) == (200, b"ok:" + str(12 << 20).encode())
+            streamed_rise = _rss_mb() - rss
+            # over the cap, chunked (no Content-Length): 413, and the SuperLink never gets a whole body
+            status, _ = post(iter([block] * 40))
+            assert status == 413
+            assert all(size <= 16 << 20 for size in received[1:]), received
+            # over the cap with Content-Length: 413 before anything is read
+            status, _ = post(block * 17, chunked=False)
+            assert status == 413
+            # a sender that stalls is answered 408 after --request-timeout
+            def stalling():
+                yield block
+                time.sleep(3)
+                yield block
+            assert post(stalling())[0] == 408
+            # three connections held open by slow uploads; a request on a fourth gets 503
+            held = []
+            for _ in range(3):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock.sendall(b"POST /v1/fleet/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab")
+                held.append(sock)
+            time.sleep(0.3)
+            try:
+                assert post(iter([b"y"]))[0] == 503
+            finally:
+                for sock in held:
+                    sock.close()
+            print(f"\ngateway: a 12 MB chunked body forwarded with RSS +{streamed_rise:.0f} MB")
 
 
 def test_scripts_keep_the_ca_key_apart_and_every_secret_owner_only(tmp_path):

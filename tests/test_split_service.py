@@ -146,7 +146,7 @@ def _cases(url):
         # (name, method, request, gRPC status, engine code; None: refused by the gRPC library itself)
         ("unknown method", "Nothing", valid, C.UNIMPLEMENTED, None),
         ("oversized message", fwd, b"\0" * (2 << 20), C.RESOURCE_EXHAUSTED, None),
-        ("Health with a body", "Health", b"x", C.INVALID_ARGUMENT, "unexpected_body"),
+        ("Info with a body", "Info", b"x", C.INVALID_ARGUMENT, "unexpected_body"),
         ("garbage body", fwd, b"\x00\x01garbage-not-safetensors", C.INVALID_ARGUMENT, "bad_body"),
         ("empty body", fwd, b"", C.INVALID_ARGUMENT, "bad_body"),
         ("truncated bytes", fwd, valid[: len(valid) - 100], C.INVALID_ARGUMENT, "bad_body"),

@@ -22,6 +22,8 @@ from pathlib import Path
 
 KEY_METADATA = "x-client-key"  # gRPC metadata keys are lower case
 TOKEN_METADATA = "x-client-token"
+# The operator's client key: its token sees service-wide statistics in Info. Never issue it to a client.
+OPERATOR_KEY = "operator"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MIN_SECRET_BYTES = 16
 
@@ -59,6 +61,12 @@ def new_secret() -> bytes:
 
 
 def load_secret(path: str | Path) -> bytes:
+    """The secret in `path`, which only its owner may read or write (as `write_secret` creates it)."""
+    mode = Path(path).stat().st_mode
+    if mode & 0o077:
+        raise AuthError(f"secret file {path} has mode {mode & 0o777:o}: group or others may read or change it; "
+                        f"make it owner-only (chmod 600 {path}) and, if others could read it, issue a new secret "
+                        "(`python -m fellrec_flwr.split.auth new-secret FILE`) and new tokens.")
     data = Path(path).read_bytes().strip()
     if len(data) < MIN_SECRET_BYTES:
         raise AuthError(f"secret in {path} is {len(data)} bytes; use at least {MIN_SECRET_BYTES} "
@@ -77,9 +85,18 @@ def write_secret(path: str | Path, secret: bytes | None = None) -> bytes:
 
 
 def server_credentials(cert_file: str | Path, key_file: str | Path) -> "grpc.ServerCredentials":
-    """TLS for the gRPC server from a PEM certificate (chain) and its key."""
+    """TLS for the gRPC server from a PEM certificate (chain) and its key, checked first with the
+    standard library's TLS (gRPC only fails later, when binding the port, without saying why)."""
     import grpc
+    import ssl
 
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as err:
+        why = ("the key does not match the certificate" if "KEY_VALUES_MISMATCH" in str(err)
+               else f"not a PEM certificate and its private key ({err.reason or err})")
+        raise AuthError(f"TLS: {cert_file} / {key_file}: {why}; pass the certificate and the key it was "
+                        "issued for (deploy/make_certs.sh writes both).") from None
     return grpc.ssl_server_credentials([(Path(key_file).read_bytes(), Path(cert_file).read_bytes())])
 
 

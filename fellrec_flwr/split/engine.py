@@ -18,7 +18,8 @@ Requests (payloads are safetensors, see `fellrec_flwr.split.wire`; JSON where ma
                  close (sessions to drop). The engine keeps each session's key padding mask and
                  builds the attention mask itself (`fellrec_flwr.split.plan.attention_bias`)
     infer_close  JSON {"sessions": [ids]} -> {"closed": n}
-    info         hidden size, layer range, dtype, limits, a weight probe, stats (JSON)
+    info         hidden size, layer range, dtype, limits, a weight probe, the caller's own stats
+                 (service-wide for OPERATOR_KEY) (JSON)
 
 Every request is validated completely before any compute, shapes and limits from the safetensors
 header before any tensor is materialised. Compute is serialised with one lock (one model, one
@@ -47,20 +48,23 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from fellrec_flwr.split.auth import KEY_METADATA, TOKEN_METADATA, verify_token
+from fellrec_flwr.split.auth import KEY_METADATA, OPERATOR_KEY, TOKEN_METADATA, verify_token
 from fellrec_flwr.split.plan import ServerBody, SplitError, build_server_body, load_server_body, plan_for_model
 from fellrec_flwr.split.wire import WireError, decode, encode, read_header
 
 # 3: served over gRPC (payloads unchanged). 2: attention_mask covers the new tokens only; the
 # service keeps the keys'.
 API_VERSION = 3
+_STAT_NAMES = ("requests", "errors", "recomputed_backward", "cached_backward", "compute_s")
 _HIDDEN_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _INDEX_DTYPES = ("I32", "I64")
 
 
 @dataclass
 class ServiceLimits:
-    max_body_bytes: int = 512 << 20  # one request message (the transport refuses bigger ones unread)
+    # one request message; 0 = derived from the model (`max_message_bytes`). The transport refuses a
+    # bigger one, and reads any message only once its credentials are checked.
+    max_body_bytes: int = 0
     max_batch: int = 512
     max_seq: int = 4096  # tokens per request (prefill); also bounds a session's total length
     max_tokens: int = 1 << 18  # batch x sequence per request
@@ -72,13 +76,31 @@ class ServiceLimits:
     activation_cache_bytes: int = 2 << 30  # graphs kept between forward and backward; 0 = always recompute
     activation_ttl_s: float = 120.0
     # transport (gRPC): a connection lives at most request_timeout_s, then gets GOAWAY and its calls
-    # in flight another request_timeout_s, so a sender that never finishes its message frees its
-    # worker within 2 x request_timeout_s; clients reconnect transparently.
+    # in flight another request_timeout_s; clients reconnect transparently.
     request_timeout_s: float = 300.0
+    read_timeout_s: float = 60.0  # an authenticated call's message must arrive within this, else it is cut
     max_workers: int = 16  # server threads; two are always left for health/info (compute waits on one lock)
     max_concurrent_rpcs: int = 64  # calls in flight (incl. those queued for a worker); more: RESOURCE_EXHAUSTED
+    max_connections: int = 256  # open connections; more are refused by the library
     keepalive_time_s: float = 60.0  # ping an idle peer this often ...
     keepalive_timeout_s: float = 20.0  # ... and drop the connection if it does not answer within this
+
+
+# The derived message limit: never below this (small models), never above gRPC's own bound.
+_MIN_MESSAGE_BYTES = 16 << 20
+_MAX_MESSAGE_BYTES = 256 << 20
+_MESSAGE_OVERHEAD = 1 << 20  # safetensors header and metadata
+
+
+def max_message_bytes(hidden_size: int, limits: ServiceLimits) -> int:
+    """The largest request message the service accepts: `limits.max_body_bytes` if set, else the
+    biggest request the other limits admit for this model -- a Backward of `max_tokens` positions
+    in float32 (hidden + grad, plus mask and ids) -- clamped to [16, 256] MiB. Each worker reading
+    an authenticated message may hold this much."""
+    if limits.max_body_bytes:
+        return limits.max_body_bytes
+    per_token = 2 * hidden_size * 4 + 1 + 8  # hidden + grad (float32), attention mask, position id
+    return max(_MIN_MESSAGE_BYTES, min(_MAX_MESSAGE_BYTES, limits.max_tokens * per_token + _MESSAGE_OVERHEAD))
 
 
 class ApiError(Exception):
@@ -135,8 +157,17 @@ class SplitService:
         self._activations: OrderedDict[tuple[str, str], _Activation] = OrderedDict()
         self._param_ptrs = {p.data_ptr() for p in body.parameters()}
         self._graph_bytes_per_token = 0.0  # of the last kept graph: predicts whether the next one can be kept
-        self.stats: dict[str, float] = {"requests": 0, "errors": 0, "recomputed_backward": 0, "cached_backward": 0,
-                                       "compute_s": 0.0}
+        self.max_message_bytes = max_message_bytes(self.hidden_size, self.limits)
+        self.stats: dict[str, float] = dict.fromkeys(_STAT_NAMES, 0)  # service-wide
+        self._client_stats: dict[str, dict[str, float]] = {}  # per authenticated client key
+
+    def count(self, client: str | None, name: str, amount: float = 1) -> None:
+        """Add to a statistic, service-wide and for `client` (None: a call refused before
+        authentication, counted service-wide only)."""
+        self.stats[name] += amount
+        if client is not None:
+            mine = self._client_stats.setdefault(client, dict.fromkeys(_STAT_NAMES, 0))
+            mine[name] += amount
 
     @contextlib.contextmanager
     def _locked(self, deadline: float | None) -> Iterator[None]:
@@ -154,8 +185,8 @@ class SplitService:
             self._lock.release()
 
     @contextlib.contextmanager
-    def _computing(self, deadline: float | None = None) -> Iterator[None]:
-        """One model, one device: compute is serialised; the time spent is counted."""
+    def _computing(self, client: str, deadline: float | None = None) -> Iterator[None]:
+        """One model, one device: compute is serialised; the time spent is counted (for `client`)."""
         with self._locked(deadline):
             self._expire_activations()  # idle memory goes back before new work
             self._expire_sessions()
@@ -163,12 +194,18 @@ class SplitService:
             try:
                 yield
             finally:
-                self.stats["compute_s"] += time.perf_counter() - start
+                self.count(client, "compute_s", time.perf_counter() - start)
 
     # -- info -----------------------------------------------------------------------------
 
-    def info(self) -> dict[str, Any]:
+    def info(self, client: str | None = None) -> dict[str, Any]:
+        """What a client needs to talk to the service, and its own counts; the operator's key
+        (`OPERATOR_KEY`) sees the service-wide counts instead."""
         plan = self.body.plan
+        if client == OPERATOR_KEY:
+            stats = dict(self.stats)
+        else:
+            stats = dict(self._client_stats.get(client or "", dict.fromkeys(_STAT_NAMES, 0)))
         return {
             "service": "fellrec-split", "api_version": API_VERSION,
             "model_type": getattr(self.body.config, "model_type", ""),
@@ -177,7 +214,9 @@ class SplitService:
             "server_layers": [plan.server_layers.start, plan.server_layers.stop - 1],
             "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
             "wire_dtypes": ["float32", "float16", "bfloat16"], "max_position": self.max_position,
-            "limits": asdict(self.limits), "probe": self.body.probe(), "stats": dict(self.stats),
+            "limits": {**asdict(self.limits), "max_body_bytes": self.max_message_bytes},
+            "probe": self.body.probe(), "stats": stats,
+            "stats_scope": "service" if client == OPERATOR_KEY else "client",
         }
 
     def authenticate(self, client_key: str | None, token: str | None) -> str:
@@ -288,7 +327,7 @@ class SplitService:
         keep = keep and self._graph_bytes_per_token * b * q <= self.limits.activation_cache_bytes
         h, mask, pos = self._to_device(t)
         out_meta = {}
-        with self._computing(deadline):
+        with self._computing(client, deadline):
             built = self._graph_forward(h, mask, pos, b * q) if keep else None
             if built is None:
                 with torch.no_grad():
@@ -327,21 +366,21 @@ class SplitService:
         t, meta = self._parse(data, {"hidden", "position_ids", "grad"}, {"attention_mask"}, {"activation_id"})
         b, q = self._check_hidden(t)
         self._check_aux(t, b, q)
-        with self._computing(deadline):
+        with self._computing(client, deadline):
             entry = self._activations.pop((client, meta.get("activation_id", "")), None)
             if entry is not None and not _same_inputs(entry.wire_inputs, t):
                 entry = None  # different inputs: the kept graph does not apply
             grad = t["grad"].to(self.device, self.dtype)
             if entry is not None:
                 (g,) = torch.autograd.grad(entry.out, entry.inp, grad)
-                self.stats["cached_backward"] += 1
+                self.count(client, "cached_backward")
             else:
                 h, mask, pos = self._to_device(t)
                 h.requires_grad_(True)
                 with torch.enable_grad():
                     out = self.body(h, mask, pos)
                     (g,) = torch.autograd.grad(out, h, grad)
-                self.stats["recomputed_backward"] += 1
+                self.count(client, "recomputed_backward")
         return encode({"grad": g.detach().to(t["hidden"].dtype)}, {"recomputed": "0" if entry else "1"})
 
     def _expire_activations(self) -> None:
@@ -470,7 +509,7 @@ class SplitService:
             raise ApiError(400, "bad_beam_idx", f"beam_idx must be [{b}] (one source row per new row), values >= 0.")
         h, mask, pos = self._to_device(t)
         sid = meta.get("session", "")
-        with self._computing(deadline):
+        with self._computing(client, deadline):
             self._close(client, [s for s in meta.get("close", "").split(",") if s])
             if not sid:
                 if past != 0:
