@@ -94,6 +94,8 @@ def test_item_table_is_projection_of_vectors_plus_id_embedding():
     with torch.no_grad():
         direct = base.title_vectors @ base.item_out.weight.T + base.id_emb.weight[:7] @ base.id_proj.weight.T
         assert torch.allclose(model.item_table(), direct, atol=1e-6)
+        states = torch.randn(5, 32)
+        assert torch.allclose(model.scores(states), states @ direct.T, atol=1e-5)  # never projects the catalogue
         # at the start the item projections are the identity: items enter as their vectors (+ a small id part)
         assert torch.equal(base.item_in.weight, torch.eye(32))
 

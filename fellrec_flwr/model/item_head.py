@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fellrec_flwr.config import ItemHeadSettings, LoraSettings, TrainSettings
+from fellrec_flwr.data.collate import bucketed_batches
 from fellrec_flwr.eval.grounding import TitleGroups
 from fellrec_flwr.eval.metrics import DEFAULT_KS, ranking_metrics, target_ranks_from_scores
 from fellrec_flwr.progress import tqdm
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 VECTOR_METHOD = "mean-pool-at-cut-without-bos-v1"  # part of the cache key: change it when the method changes
 TRAINABLE_MODULES = ("item_in", "item_out", "id_emb", "id_proj")  # besides LoRA: peft's modules_to_save
 IGNORE = -100
+BUCKET_BATCHES = 50  # with train.length-bucketing: batches sorted by length within groups of this many
 
 
 class ItemHeadError(ValueError):
@@ -192,6 +194,14 @@ class ItemSequenceModel(nn.Module):
         every = torch.arange(self.num_groups, device=self.title_vectors.device)
         return self.item_out(self.title_vectors) + self.id_proj(self.id_emb(every))
 
+    def scores(self, states: torch.Tensor) -> torch.Tensor:
+        """(P, hidden) states -> (P, G) logits, equal to ``states @ item_table().T`` but computed as
+        ``(states W_out) V^T + (states W_id) E^T``: the catalogue is never projected (that projection,
+        G x d x d per step, cost more than the rest of a training step)."""
+        text = (states @ self.item_out.weight) @ self.title_vectors.T
+        ids = (states @ self.id_proj.weight) @ self.id_emb.weight[: self.num_groups].T
+        return text + ids
+
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         """[B, T] right-padded group indices -> [B, T, hidden] normed states (causal: padding after
         a row's items is never attended to by them)."""
@@ -272,7 +282,7 @@ def chunk_loss(model: Any, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[
     device = model_device(model)
     states = model(inputs.to(device))
     picked = labels.to(device) != IGNORE
-    logits = states[picked] @ model.item_table().T
+    logits = model.scores(states[picked])
     return F.cross_entropy(logits.float(), labels.to(device)[picked], reduction="sum"), int(picked.sum())
 
 
@@ -296,6 +306,7 @@ def train_item_head(model: Any, sequences: Sequence[Sequence[int]], train_cfg: T
         raise TrainingError("train_item_head got no training window: a client needs a user with at least two "
                             "training items.")
     windows = sum(len(y) - first for _, y, first in chunks)
+    lengths = [len(x) for x, _, _ in chunks]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr * lr_scale, weight_decay=train_cfg.weight_decay)
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
@@ -313,11 +324,14 @@ def train_item_head(model: Any, sequences: Sequence[Sequence[int]], train_cfg: T
         with seeded_torch(derive_seed(seed, "dropout")):
             for _ in range(train_cfg.local_epochs):
                 order = torch.randperm(len(chunks), generator=shuffle).tolist()
-                for start in range(0, len(order), size):
+                # train.length-bucketing: chunks of similar length together (less padding through the layers)
+                batches = bucketed_batches(lengths, order, size, BUCKET_BATCHES if train_cfg.length_bucketing else 1,
+                                           shuffle)
+                for batch in batches:
                     for group in optimizer.param_groups:
                         group["lr"] = train_cfg.lr * lr_scale * lr_factor(len(losses), total, train_cfg.warmup_steps,
                                                                           train_cfg.lr_schedule)
-                    inputs, labels = pad_chunks([chunks[i] for i in order[start:start + size]], model.num_groups)
+                    inputs, labels = pad_chunks([chunks[i] for i in batch], model.num_groups)
                     optimizer.zero_grad(set_to_none=True)
                     loss_sum, count = chunk_loss(model, inputs, labels)
                     loss = loss_sum / count
@@ -365,7 +379,7 @@ def user_states(model: Any, histories: Sequence[Sequence[int]], batch_size: int 
 def item_scores(model: Any, histories: Sequence[Sequence[int]], batch_size: int = 256) -> np.ndarray:
     """(U, G) float32 scores of every title group for each history (title-group sequences)."""
     states = user_states(model, histories, batch_size)
-    return (states @ model.item_table().float().T).cpu().numpy()
+    return model.scores(states).float().cpu().numpy()
 
 
 def evaluate_item_head(model: Any, examples: Sequence[Any], groups: TitleGroups, ks: Sequence[int] = DEFAULT_KS,
