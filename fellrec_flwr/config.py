@@ -162,7 +162,7 @@ class SasrecSettings:
     lr: float = 1e-3
     batch_size: int = 128
     max_epochs: int = 200
-    patience: int = 5  # stop after this many epochs without a better valid metric (0 = run max-epochs)
+    patience: int = 3  # stop after this many epochs without a better valid metric (0 = run max-epochs)
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     weight_decay: float = 0.0
     init_std: float = 0.02

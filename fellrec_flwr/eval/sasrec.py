@@ -52,7 +52,7 @@ from fellrec_flwr.progress import tqdm
 
 log = logging.getLogger("flwr")  # the logger a run's console shows (ServerApp and the CLI)
 
-CACHE_VERSION = "sasrec-v1"  # part of the cache key: change it when the model or training changes
+CACHE_VERSION = "sasrec-v2"  # part of the cache key: change it when the model or training changes
 CACHE_FOLDER = "baselines"
 EVAL_BATCH = 512
 
@@ -242,6 +242,23 @@ def should_stop(curve: Sequence[float], patience: int) -> bool:
     return max(curve[-patience:]) <= max(curve[:-patience])
 
 
+def length_batches(lengths: np.ndarray, batch_size: int, generator: torch.Generator,
+                   chunk_batches: int = 64) -> list[list[int]]:
+    """Every index once, in batches of similar length (less padding), in a random order.
+
+    Shuffle, sort each chunk of `chunk_batches` batches by length, cut it into batches, then
+    shuffle the batches: most Games windows hold 3 items, a few 50, and a batch costs its longest.
+    """
+    order = torch.randperm(len(lengths), generator=generator).numpy()
+    batches = []
+    chunk = batch_size * chunk_batches
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size].tolist() for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def train_sasrec(train_sequences: Any, groups: TitleGroups, s: SasrecSettings, seed: int,
                  evaluate: Callable[[SASRec], float]) -> tuple[SASRec, TrainingRecord]:
     """Train on every next-item position; keep the epoch with the highest `evaluate(model)`.
@@ -252,6 +269,7 @@ def train_sasrec(train_sequences: Any, groups: TitleGroups, s: SasrecSettings, s
     windows = training_windows(train_sequences, groups, s.max_len)
     if not windows:
         raise SasrecError("no training sequence has two items: SASRec has nothing to learn from.")
+    lengths = np.array([len(w[0]) for w in windows])
     record = TrainingRecord(metric=s.select_metric)
     t0 = time.process_time()
     # a private RNG (CPU only: no CUDA context) for the init, shuffling and dropout
@@ -264,10 +282,9 @@ def train_sasrec(train_sequences: Any, groups: TitleGroups, s: SasrecSettings, s
         bar = tqdm(range(1, s.max_epochs + 1), desc="SASRec", unit="epoch")
         for epoch in bar:
             model.train()
-            order = torch.randperm(len(windows), generator=shuffle).tolist()
             total, count = 0.0, 0
-            for start in range(0, len(order), s.batch_size):
-                batch = [windows[i] for i in order[start:start + s.batch_size]]
+            for batch_ids in length_batches(lengths, s.batch_size, shuffle):
+                batch = [windows[i] for i in batch_ids]
                 loss = sasrec_loss(model, left_pad([w[0] for w in batch]), left_pad([w[1] for w in batch]))
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
