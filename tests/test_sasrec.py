@@ -278,3 +278,15 @@ def test_sasrec_command_writes_a_run_folder_with_sasrec_rows_and_intervals(tmp_p
     assert {"recall_by_round.png", "final_by_client.png", "config.json", "metrics.csv"} <= {
         p.name for p in run_dir.iterdir()}
     assert Path(summary["sasrec"]["cache"]).exists()
+
+
+def test_training_and_ranking_never_initialise_cuda(tmp_path, monkeypatch):
+    """The ServerApp trains SASRec on the CPU: it must not open a CUDA context on a GPU server."""
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("SASRec touched CUDA")
+
+    monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", no_cuda)
+    data = CycleData(tmp_path, users=20)
+    fitted = load_or_train(data, replace(FAST, max_epochs=1), seed=0)
+    assert rank_sasrec(fitted.model, data.split("test"), fitted.groups, k=5).shape == (20, 5)
