@@ -174,6 +174,26 @@ class ItemHeadSettings:
 
 
 @dataclass
+class SasrecSettings:
+    """The SASRec baseline (fellrec_flwr/eval/sasrec.py): trained once per prepared data set, cached."""
+
+    enabled: bool = True  # false: per_user.csv has popularity and Markov rows only
+    hidden: int = 64
+    blocks: int = 2
+    heads: int = 1
+    max_len: int = 50  # training windows of at most this many items (longer sequences are cut into windows)
+    dropout: float = 0.2
+    lr: float = 1e-3
+    batch_size: int = 128
+    max_epochs: int = 200
+    patience: int = 3  # stop after this many epochs without a better valid metric (0 = run max-epochs)
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    weight_decay: float = 0.0
+    init_std: float = 0.02
+    select_metric: str = "ndcg@10"  # the valid metric that picks the kept epoch: ndcg@10 | recall@10
+
+
+@dataclass
 class FellRecSettings:
     alpha: float = 0.7
     beta: float = 1.0
@@ -220,6 +240,7 @@ class FellRecConfig:
     split: SplitSettings = field(default_factory=SplitSettings)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
     item_head: ItemHeadSettings = field(default_factory=ItemHeadSettings)
+    sasrec: SasrecSettings = field(default_factory=SasrecSettings)
 
     def validate(self) -> "FellRecConfig":
         _choice("strategy", self.strategy, STRATEGIES)
@@ -252,6 +273,7 @@ class FellRecConfig:
         if self.model.head == "item" and self.lora.layers.strip():
             raise ConfigError("lora.layers does not apply to model.head='item' (LoRA sits on the item-head.layers "
                               "top layers); leave lora.layers empty.")
+        _check_sasrec(self.sasrec)
         _choice("split.wire-dtype", self.split.wire_dtype, ("float32", "float16", "bfloat16"))
         _positive("num-server-rounds", self.num_server_rounds)
         _positive("data.num-clients", self.data.num_clients)
@@ -288,6 +310,23 @@ class FellRecConfig:
     def to_run_config(self) -> dict[str, Any]:
         """Flatten back to Flower's dotted, dashed keys (inverse of from_run_config)."""
         return dict(_flatten(self))
+
+
+def _check_sasrec(s: SasrecSettings) -> None:
+    for key in ("hidden", "blocks", "heads", "max-len", "batch-size", "max-epochs"):
+        _positive(f"sasrec.{key}", getattr(s, key.replace("-", "_")))
+    if s.hidden % s.heads:
+        raise ConfigError(f"sasrec.hidden={s.hidden} must be a multiple of sasrec.heads={s.heads} "
+                          "(each attention head gets hidden/heads dimensions).")
+    if not 0.0 <= s.dropout < 1.0:
+        raise ConfigError(f"sasrec.dropout={s.dropout} must be in [0, 1) (the literature: 0.2-0.5).")
+    if not s.lr > 0:
+        raise ConfigError(f"sasrec.lr={s.lr} must be > 0 (the literature: 0.001).")
+    if s.patience < 0 or s.grad_clip < 0 or s.weight_decay < 0:
+        raise ConfigError("sasrec.patience, sasrec.grad-clip and sasrec.weight-decay must be >= 0 (0 = off).")
+    if not s.init_std > 0:
+        raise ConfigError(f"sasrec.init-std={s.init_std} must be > 0 (the literature: 0.02).")
+    _choice("sasrec.select-metric", s.select_metric, ("ndcg@10", "recall@10"))
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

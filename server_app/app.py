@@ -144,7 +144,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def server_side_user_data(cfg: FellRecConfig) -> tuple[list[dict[str, Any]], tuple[dict[int, str] | None, ...]]:
     """per_user.csv extras the server can add when it holds the prepared data (simulation):
-    the baselines' rows on the run's validation and final users, and (user ids, item ids) ->
+    popularity, Markov and SASRec rows on the run's validation and final users, and (user ids, item ids) ->
     ids in the source data. In a deployment whose data live only on the clients the run goes on
     without them: they are a convenience, never a reason to fail a run.
     """
@@ -152,9 +152,10 @@ def server_side_user_data(cfg: FellRecConfig) -> tuple[list[dict[str, Any]], tup
 
     try:
         data = prepare_data(cfg)
-        return baseline_rows(data, ["valid", cfg.eval.final_split]), (data.original_user_ids, data.original_item_ids)
+        return (baseline_rows(data, ["valid", cfg.eval.final_split], sasrec=cfg.sasrec, seed=cfg.seed),
+                (data.original_user_ids, data.original_item_ids))
     except Exception as err:  # noqa: BLE001 -- see the docstring
-        log(WARNING, "No popularity/Markov baselines or original user and item ids in this run folder: %s", err)
+        log(WARNING, "No popularity/Markov/SASRec baselines or original user and item ids in this run folder: %s", err)
         return [], (None, None)
 
 

@@ -74,16 +74,17 @@ def test_run_folder_has_metrics_summary_plots_and_adapters(tmp_path):
     assert set(map(tuple, timing[["metric", "client"]].values)) == {("round-seconds", -1), ("train-seconds", 0),
                                                                    ("train-seconds", 1)}
     assert (timing["value"] > 0).all() and "peak-gpu-mb" not in set(rows["metric"])
-    # per-user target ranks of the run and of both baselines on the same test users, and their intervals
+    # per-user target ranks of the run and of every baseline on the same test users, and their intervals
     per_user = pd.read_csv(run_dir / "per_user.csv")
     test = per_user[per_user["split"] == "test"]
-    assert set(test["method"]) == {"fellrec", "popularity", "markov"}
+    assert set(test["method"]) == {"fellrec", "popularity", "markov", "sasrec"}
     users = {m: set(part["user_id"]) for m, part in test.groupby("method")}
-    assert users["fellrec"] == users["popularity"] == users["markov"] and len(users["fellrec"]) == 16
+    assert users["fellrec"] == users["popularity"] == users["markov"] == users["sasrec"] and len(users["fellrec"]) == 16
     own = test[test["method"] == "fellrec"]
     hits = ((own["target_rank"] >= 0) & (own["target_rank"] < 10)).mean()
     assert summary["overall"]["recall@10"] == pytest.approx(hits)
     low, high = summary["intervals"]["recall@10 - popularity"][1:]
+    assert "recall@10 - sasrec" in summary["intervals"]
     assert summary["intervals"]["n_users"] == 16 and low <= high
 
     from peft import PeftModel

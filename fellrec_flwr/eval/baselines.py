@@ -1,4 +1,4 @@
-"""Non-LLM baselines on the same training interactions the LLM sees: popularity and Markov.
+"""Non-LLM baselines on the same training interactions the LLM sees: popularity, Markov, SASRec.
 
 First-order Markov ("item-to-item transitions"): count, over every user's training
 sequence, how often title group b directly follows title group a. A user is recommended
@@ -6,6 +6,8 @@ the groups that most often followed the title group of their LAST history item; 
 fewer than K such groups remain (after masking the user's history), the list is filled
 in popularity order (`fellrec_flwr.eval.popularity`). Ties between equal transition counts
 are broken by popularity order, so with no transitions at all Markov *is* popularity.
+
+SASRec (`fellrec_flwr.eval.sasrec`) is trained once per prepared data set and cached in it.
 
 Title groups, history masking and hit semantics are those of `fellrec_flwr.eval.grounding`
 (items sharing a title are one group; a hit is at the group's position).
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -27,6 +29,10 @@ from fellrec_flwr.eval.grounding import TitleGroups
 from fellrec_flwr.eval.metrics import DEFAULT_KS, ranking_metrics, target_ranks
 from fellrec_flwr.eval.popularity import _sequences, popularity_order, popularity_scores, rank_popular
 from fellrec_flwr.eval.results import BASELINE_METHODS, per_user_rows
+
+if TYPE_CHECKING:
+    from fellrec_flwr.config import SasrecSettings
+    from fellrec_flwr.eval.sasrec import FittedSasrec
 
 BASELINES = BASELINE_METHODS  # one list of names, kept in results (per_user.csv)
 
@@ -67,18 +73,36 @@ def rank_markov(examples: Sequence[Any], transitions: Mapping[int, Counter[int]]
 
 @dataclass(frozen=True, eq=False)
 class FittedBaselines:
-    """Popularity counts and transitions of one training set, fitted once, ranked many times."""
+    """Popularity counts, transitions (and a trained SASRec) of one training set, ranked many times."""
 
     groups: TitleGroups
     counts: Counter[int]
     pop_order: np.ndarray
     transitions: dict[int, Counter[int]]
+    sasrec: "FittedSasrec | None" = None
 
     @classmethod
-    def fit(cls, train_sequences: Any, titles: Mapping[int, str]) -> "FittedBaselines":
-        groups = TitleGroups.from_titles(titles)
+    def fit(cls, train_sequences: Any, titles: Mapping[int, str],
+            sasrec: "FittedSasrec | None" = None) -> "FittedBaselines":
+        groups = sasrec.groups if sasrec is not None else TitleGroups.from_titles(titles)
         counts = popularity_scores(train_sequences)
-        return cls(groups, counts, popularity_order(counts, groups), transition_counts(train_sequences, groups))
+        return cls(groups, counts, popularity_order(counts, groups), transition_counts(train_sequences, groups),
+                   sasrec)
+
+    @classmethod
+    def fit_prepared(cls, data: Any, sasrec: "SasrecSettings | None" = None, seed: int = 0) -> "FittedBaselines":
+        """All baselines of a `PreparedData`; SASRec (from its cache, or trained) when `sasrec` is enabled."""
+        fitted_sasrec = None
+        if sasrec is not None and sasrec.enabled:
+            from fellrec_flwr.eval.sasrec import load_or_train
+
+            fitted_sasrec = load_or_train(data, sasrec, seed)
+        return cls.fit(data.train_sequences, data.titles, fitted_sasrec)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The baselines this object can rank (SASRec only when it holds a trained model)."""
+        return tuple(m for m in BASELINES if m != "sasrec" or self.sasrec is not None)
 
     def ranked(self, method: str, examples: Sequence[Any], k: int) -> np.ndarray:
         """(users, k) recommended item ids of `method`."""
@@ -86,6 +110,11 @@ class FittedBaselines:
             return rank_popular(examples, self.counts, self.groups, k)
         if method == "markov":
             return rank_markov(examples, self.transitions, self.pop_order, self.groups, k)
+        if method == "sasrec":
+            if self.sasrec is None:
+                raise ValueError("sasrec needs a trained model: fit with FittedBaselines.fit_prepared(data, cfg.sasrec, "
+                                 "cfg.seed) (or pass a FittedSasrec from fellrec_flwr.eval.sasrec.load_or_train).")
+            return self.sasrec.ranked(examples, k)
         raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}.")
 
     def ranks(self, method: str, examples: Sequence[Any], k: int = max(DEFAULT_KS)) -> np.ndarray:
@@ -116,7 +145,7 @@ def baseline_ranks(method: str, examples: Sequence[Any], train_sequences: Any, t
     """Per-user 0-based rank of the target in the baseline's top-k (-1 = not there)."""
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}.")
-    return FittedBaselines.fit(train_sequences, titles).ranks(method, examples, k)
+    return FittedBaselines.fit(train_sequences, titles).ranks(method, examples, k)  # sasrec: a clear error
 
 
 def evaluate_markov(examples: Sequence[Any], train_sequences: Any, titles: Mapping[int, str],
@@ -125,22 +154,25 @@ def evaluate_markov(examples: Sequence[Any], train_sequences: Any, titles: Mappi
     return ranking_metrics(baseline_ranks("markov", examples, train_sequences, titles, max(k_list)), k_list)
 
 
-def baseline_rows(data: Any, splits: Sequence[str], round_: int = 0) -> list[dict[str, Any]]:
+def baseline_rows(data: Any, splits: Sequence[str], round_: int = 0, sasrec: "SasrecSettings | None" = None,
+                  seed: int = 0, fitted: FittedBaselines | None = None) -> list[dict[str, Any]]:
     """per_user.csv rows of every baseline for every client's users of `splits`, with each
-    user's target and recommended items (the same columns for any baseline in BASELINES).
+    user's target and recommended items (the same columns for any baseline).
 
     data: a `PreparedData` (or anything with num_clients, split(name, client),
-    train_sequences and titles). Counts come from all users' training sequences, the
-    same interactions the federated clients train on.
+    train_sequences and titles; with `sasrec` also path and manifest). Counts come from all
+    users' training sequences, the same interactions the federated clients train on; so
+    does SASRec (settings `sasrec`, run seed `seed`; None or sasrec.enabled=false: no SASRec rows).
+    `fitted`: baselines already fitted on `data` (then `sasrec` and `seed` are not used).
     """
-    fitted = FittedBaselines.fit(data.train_sequences, data.titles)
+    fitted = fitted or FittedBaselines.fit_prepared(data, sasrec, seed)
     rows: list[dict[str, Any]] = []
     for split in dict.fromkeys(splits):  # unique, in order
         for client in range(data.num_clients):
             examples = data.split(split, client=client)
             if not examples:
                 continue
-            for method in BASELINES:
+            for method in fitted.methods:
                 ranked, ranks = fitted.ranked_with_ranks(method, examples)
                 rows += per_user_rows(method, round_, split, client, [ex.user_id for ex in examples], ranks,
                                       targets=[ex.target for ex in examples], top_items=ranked.tolist())

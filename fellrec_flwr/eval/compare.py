@@ -9,7 +9,7 @@ statistics) and comparison.png (per-client Recall@10 bars, one group per client)
 Where the runs hold per_user.csv (every evaluated user's target rank), it also reports,
 on the users EVERY method evaluated, each method's number of test users and a 95% paired
 bootstrap interval (over users) of Recall/NDCG@10/20 and of its difference to FedAvg,
-popularity and Markov (`fellrec_flwr.eval.bootstrap`); the popularity and Markov baselines come
+popularity, Markov and SASRec (`fellrec_flwr.eval.bootstrap`); these baselines come
 with every run folder, so one run alone is compared with them. The same numbers go to
 results.csv: method, profile, seed, metric, value, ci_low, ci_high, n_users, where metric
 is "recall@10" (the method's mean) or "recall@10 - fedavg" (method minus reference).
@@ -26,10 +26,10 @@ from typing import Any
 import pandas as pd
 
 from fellrec_flwr.atomic import atomic_write_bytes
-from fellrec_flwr.eval.results import final_ranks, interval_rows, read_per_user
+from fellrec_flwr.eval.results import BASELINE_METHODS, final_ranks, interval_rows, read_per_user
 
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
-REFERENCES = ("fedavg", "popularity", "markov")
+REFERENCES = ("fedavg", *BASELINE_METHODS)
 RESULTS_COLUMNS = ["method", "profile", "seed", "metric", "value", "ci_low", "ci_high", "n_users"]
 
 

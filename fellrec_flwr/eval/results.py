@@ -7,7 +7,7 @@ Layout of ``<out-dir>/<run-name>/``::
     per_user.csv         method, round, split, client, user_id, original_user_id (the id in
                          the source data), target_rank: every evaluated
                          user's 0-based target rank in the top 20 (-1 = not there), for the
-                         run's method and the popularity / Markov baselines on the same users
+                         run's method and the popularity / Markov / SASRec baselines on the same users
                          (paired bootstrap intervals in `python -m fellrec_flwr.eval.compare`);
                          target and top10 (item ids; top10 a JSON list, best first, one id
                          per title group) and original_target_item / original_top10 (the
@@ -43,7 +43,7 @@ TOP_ITEMS = 10
 PER_USER_FILE = "per_user.csv"
 # The non-LLM baselines written next to every run's own rows (fitted in fellrec_flwr.eval.baselines,
 # which imports this name: the dependency runs one way).
-BASELINE_METHODS = ("popularity", "markov")
+BASELINE_METHODS = ("popularity", "markov", "sasrec")
 
 
 def metrics_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
@@ -211,11 +211,11 @@ def run_per_user_rows(method: str, user_ranks: Iterable[Mapping[str, Any]]) -> l
 
 def final_intervals(per_user: pd.DataFrame, method: str, split: str) -> dict[str, Any]:
     """summary.json's "intervals": the method's final metrics and differences to the baselines, paired."""
-    ranks = {m: final_ranks(per_user, m, split) for m in dict.fromkeys([method, "popularity", "markov"])}
+    ranks = {m: final_ranks(per_user, m, split) for m in dict.fromkeys([method, *BASELINE_METHODS])}
     ranks = {m: r for m, r in ranks.items() if len(r)}
     if method not in ranks:
         return {}
-    rows, warnings = interval_rows(ranks, references=("popularity", "markov"))
+    rows, warnings = interval_rows(ranks, references=BASELINE_METHODS)
     out: dict[str, Any] = {"split": split, "n_users": rows[0]["n_users"] if rows else 0, "warnings": warnings}
     for row in rows:
         if row["method"] == method:
@@ -297,6 +297,9 @@ def plot_run(frame: pd.DataFrame, run_dir: str | Path, title: str, per_user: pd.
     return written
 
 
+_BASELINE_COLOURS = {"popularity": "grey", "markov": "black", "sasrec": "tab:blue"}
+
+
 def _plot_overall(ax: Any, per_user: pd.DataFrame | None) -> int:
     """Overall valid Recall@10 per round (thick) and baselines (dashed); returns the users of the last round."""
     if per_user is None or per_user.empty:
@@ -309,8 +312,8 @@ def _plot_overall(ax: Any, per_user: pd.DataFrame | None) -> int:
     n_users = 0
     for method, part in curves.groupby("method"):
         if method in BASELINE_METHODS:
-            ax.hlines(part["recall@10"].iloc[-1], *span, linestyles="--", colors="grey" if method == "popularity"
-                      else "black", label=f"{method} (same users)")
+            ax.hlines(part["recall@10"].iloc[-1], *span, linestyles="--", colors=_BASELINE_COLOURS.get(method, "black"),
+                      label=f"{method} (same users)")
         else:
             ax.plot(part["round"], part["recall@10"], marker="s", lw=2.5, color="tab:red", label=f"{method}, all users")
             n_users = int(part["n_users"].iloc[-1])

@@ -3,12 +3,15 @@
     python -m fellrec_flwr.train.centralized [--run-config "data.dataset='games' ..."]
     python -m fellrec_flwr.train.centralized --popularity [--run-config ...]
     python -m fellrec_flwr.train.centralized --markov [--run-config ...]
+    python -m fellrec_flwr.train.centralized --sasrec [--run-config ...]
 
 `centralized` trains one LoRA on the union of every client's training prompts, with the
 same budget as a federated run (num-server-rounds x train.local-epochs passes over the
 data), and evaluates it on each client's users. `--popularity` ranks the most popular
 training items not in the user's history, `--markov` the items that most often followed
-the user's last item (`fellrec_flwr.eval.baselines`). All write metrics.csv / summary.json / plots
+the user's last item (`fellrec_flwr.eval.baselines`), `--sasrec` the next items a SASRec
+trained on every training sequence scores highest (`fellrec_flwr.eval.sasrec`; trained once
+per prepared data set and cached there). All write metrics.csv / summary.json / plots
 under <out-dir>/<run-name>/ so `python -m fellrec_flwr.eval.compare` reads them beside the
 federated runs.
 """
@@ -108,15 +111,17 @@ def _mean_valid_loss(rows: list[dict[str, Any]]) -> float:
 
 
 def run_baseline(cfg: FellRecConfig, method: str = "popularity") -> Path:
-    """A non-LLM baseline ("popularity" or "markov") in the run-folder format."""
+    """A non-LLM baseline ("popularity", "markov" or "sasrec") in the run-folder format."""
     from fellrec_flwr.eval.baselines import BASELINES, FittedBaselines
     from fellrec_flwr.eval.metrics import ranking_metrics
 
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}.")
+    if method == "sasrec" and not cfg.sasrec.enabled:
+        raise ValueError("--sasrec with sasrec.enabled=false: drop the override or run another baseline.")
     run_dir = run_dir_for(cfg, f"{method}-{cfg.data.dataset}")
     data = prepare_data(cfg)
-    fitted = FittedBaselines.fit(data.train_sequences, data.titles)
+    fitted = FittedBaselines.fit_prepared(data, cfg.sasrec, cfg.seed)
     rows: list[dict[str, Any]] = []
     for split in ("valid", cfg.eval.final_split):
         for client in range(data.num_clients):
@@ -125,8 +130,9 @@ def run_baseline(cfg: FellRecConfig, method: str = "popularity") -> Path:
                        if k.startswith(("recall@", "ndcg@"))}
             metrics["num-examples"] = len(examples)
             rows += _client_rows(0 if split == "valid" else 1, client, split, metrics)
-    # Per-user ranks of both baselines, so this folder alone gives a paired comparison.
-    return _finish(cfg, run_dir, rows, method, _baseline_user_rows(data, cfg), data)
+    # Per-user ranks of every baseline, so this folder alone gives a paired comparison.
+    extra = {"sasrec": fitted.sasrec.summary()} if fitted.sasrec is not None else {}
+    return _finish(cfg, run_dir, rows, method, _baseline_user_rows(data, cfg, fitted), data, extra)
 
 
 def run_popularity(cfg: FellRecConfig) -> Path:
@@ -137,21 +143,26 @@ def run_markov(cfg: FellRecConfig) -> Path:
     return run_baseline(cfg, "markov")
 
 
-def _baseline_user_rows(data: Any, cfg: FellRecConfig) -> list[dict[str, Any]]:
+def run_sasrec(cfg: FellRecConfig) -> Path:
+    return run_baseline(cfg, "sasrec")
+
+
+def _baseline_user_rows(data: Any, cfg: FellRecConfig, fitted: Any = None) -> list[dict[str, Any]]:
     from fellrec_flwr.eval.baselines import baseline_rows
 
-    return baseline_rows(data, ["valid", cfg.eval.final_split])
+    return baseline_rows(data, ["valid", cfg.eval.final_split], sasrec=cfg.sasrec, seed=cfg.seed, fitted=fitted)
 
 
 def _finish(cfg: FellRecConfig, run_dir: Path, rows: list[dict[str, Any]], method: str,
-            user_rows: list[dict[str, Any]] | None = None, data: Any = None) -> Path:
+            user_rows: list[dict[str, Any]] | None = None, data: Any = None,
+            extra: dict[str, Any] | None = None) -> Path:
     """Write the run folder; with `data` (the PreparedData) per_user.csv has the source's own ids."""
     frame = write_metrics_csv(run_dir / "metrics.csv", rows)
     atomic_write_json(run_dir / "config.json", cfg.to_run_config())
     ids = (data.original_user_ids, data.original_item_ids) if data is not None else ()
     per_user = write_per_user_csv(run_dir / PER_USER_FILE, user_rows or [], *ids)
     summary = {"method": method, "run_name": run_dir.name, **summarise(frame, cfg.eval.final_split),
-               "intervals": final_intervals(per_user, method, cfg.eval.final_split)}
+               "intervals": final_intervals(per_user, method, cfg.eval.final_split), **(extra or {})}
     atomic_write_json(run_dir / "summary.json", summary)
     plot_run(frame, run_dir, f"{method} ({cfg.data.dataset})", per_user)
     print(f"[{method}] wrote {run_dir}; overall: {summary['overall']}")
@@ -164,11 +175,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="overrides in Flower's syntax, e.g. \"data.dataset='games' num-server-rounds=5\"")
     parser.add_argument("--popularity", action="store_true", help="evaluate the popularity baseline instead")
     parser.add_argument("--markov", action="store_true", help="evaluate the Markov (last item -> next) baseline instead")
+    parser.add_argument("--sasrec", action="store_true",
+                        help="evaluate the SASRec baseline instead (trained once per prepared data set, cached)")
     args = parser.parse_args(argv)
+    chosen = [m for m in ("popularity", "markov", "sasrec") if getattr(args, m)]
+    if len(chosen) > 1:
+        parser.error(f"choose one baseline, not {' and '.join('--' + m for m in chosen)}.")
     overrides = parse_config_args(args.run_config) if args.run_config else {}
     cfg = from_run_config(overrides)
-    if args.popularity or args.markov:
-        run_baseline(cfg, "popularity" if args.popularity else "markov")
+    if chosen:
+        run_baseline(cfg, chosen[0])
     else:
         run_centralized(cfg)
 
