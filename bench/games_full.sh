@@ -35,7 +35,7 @@ for step in $steps; do
       runs=(); for r in centralized fedavg fellrec; do [ -f "$OUT/$r/summary.json" ] && runs+=("$OUT/$r"); done
       python -m fellrec_flwr.eval.compare "${runs[@]}" --out "$OUT/compare"
       python -m fellrec_flwr.eval.breakdown "${runs[@]}" --out "$OUT" ;;
-    curve) python bench/item_head_curve.py --prepared-dir "$PREPARED" --all-users-dir "$ALL_USERS" --epochs 3 ;;
+    curve) python bench/item_head_curve.py --prepared-dir "$PREPARED" --all-users-dir "$ALL_USERS" --epochs 2 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
