@@ -29,6 +29,20 @@ from .personal import PersonalisedBase
 SIMILARITY_BASES = ("parameters", "updates", "delta-w")
 
 
+def _spread(values: np.ndarray, keys: list[int]) -> str:
+    low, high = int(np.argmin(values)), int(np.argmax(values))
+    return (f"min {values[low]:.3f} (client {keys[low]}) / median {float(np.median(values)):.3f} / "
+            f"max {values[high]:.3f} (client {keys[high]})")
+
+
+def balance_summary(keys: list[int], balance: fellrec_math.Balance) -> str:
+    """One short log line per round, whatever the number of clients (one entry per client was
+    unreadable at 100): the spread of the self-weights W_ii and of the warm weights. The full
+    matrix W goes to metrics.csv (split "balance", metrics "weight:<j>")."""
+    return (f"FELLRec balance over {len(keys)} clients: self-weight {_spread(np.diag(balance.weights), keys)}; "
+            f"warm weight {_spread(balance.warm, keys)}; full W in metrics.csv (split 'balance')")
+
+
 class MissingTrainLossError(ValueError):
     """A train reply lacks the "train-loss" metric the loss softmax needs."""
 
@@ -176,8 +190,7 @@ class FellRec(PersonalisedBase):
             for j, other in enumerate(keys):
                 self.records.append({"round": server_round, "client": key, "split": "balance",
                                      "metric": f"weight:{other}", "value": float(balance.weights[i, j])})
-        log(INFO, "\t└──> FELLRec warm weights: %s", ", ".join(
-            f"{k}: {balance.warm[i]:.3f} (self {balance.weights[i, i]:.3f})" for i, k in enumerate(keys)))
+        log(INFO, "\t└──> %s", balance_summary(keys, balance))
 
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()

@@ -478,3 +478,35 @@ def test_rounds_left_after_early_stop_send_nothing():
     assert sent_rounds == {1, 2, 3, 4} and strategy.failures == []
     # The stop lasts only for that start(): the final test evaluation still goes out.
     assert strategy.evaluate_all(grid, split="test") is not None
+
+
+# --------------------------------------------------------------------------- readable logs
+def test_fellrec_round_log_is_one_short_summary_at_100_clients():
+    """One line per round with the spread of self-weights (it used to list all 100 clients); the full
+    matrix W still goes to the records that become metrics.csv."""
+    import logging
+
+    from flwr.common.logger import FLOWER_LOGGER
+
+    n = 100
+    strategy = build("fellrec", n)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    FLOWER_LOGGER.addHandler(handler)
+    try:
+        strategy.start(InProcessGrid(app, n), initial_arrays(), num_rounds=1)
+    finally:
+        FLOWER_LOGGER.removeHandler(handler)
+    summaries = [line for line in lines if "FELLRec balance" in line]
+    assert len(summaries) == 1 and len(summaries[0]) < 250, summaries
+    assert "over 100 clients" in summaries[0]
+    self_weights = {r["client"]: r["value"] for r in strategy.records
+                    if r["split"] == "train" and r["metric"] == "self-weight"}
+    values = np.array(list(self_weights.values()))
+    for word, value in (("min", values.min()), ("median", np.median(values)), ("max", values.max())):
+        assert f"{word} {value:.3f}" in summaries[0]
+    low = min(self_weights, key=self_weights.get)
+    assert f"min {values.min():.3f} (client {low})" in summaries[0]
+    matrix = [r for r in strategy.records if r["split"] == "balance"]
+    assert len(matrix) == n * n  # every W_ij, for metrics.csv
