@@ -28,11 +28,11 @@ def derive_seed(*parts: Any) -> int:
 
 
 def prepare_data(cfg: FellRecConfig) -> PreparedData:
-    from data_prep.prepare import prepare
+    from fellrec_flwr.data.on_demand import prepare_folder
 
     key = json.dumps({"data": asdict(cfg.data), "seed": cfg.seed, "root": str(cache_root())}, sort_keys=True)
     if key not in _DATA:  # the ServerApp asks several times (LoRA shapes, baselines, adapters)
-        _DATA[key] = PreparedData.load(prepare(cfg.data, cache_root(), seed=cfg.seed))
+        _DATA[key] = PreparedData.load(prepare_folder(cfg.data, cache_root(), seed=cfg.seed))
     return _DATA[key]
 
 

@@ -296,14 +296,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from flwr.common.config import parse_config_args
 
-    from data_prep.prepare import prepare
     from fellrec_flwr.config import from_run_config
-    from fellrec_flwr.paths import cache_root
+    from fellrec_flwr.data.on_demand import prepare_folder
     from fellrec_flwr.data.prepared import PreparedData
+    from fellrec_flwr.paths import cache_root
 
     cfg = from_run_config(parse_config_args([args.run_config]) if args.run_config else {})
     # as runtime.prepare_data: converted models live in the prepared-data folder, where every process looks
-    data = PreparedData.load(prepare(cfg.data, cache_root(), seed=cfg.seed))
+    data = PreparedData.load(prepare_folder(cfg.data, cache_root(), seed=cfg.seed))
     print(checkpoint_for(cfg.model, data.titles, data.path))
 
 
