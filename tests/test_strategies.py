@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import time
@@ -11,7 +12,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fellrec_flwr.config import FellRecConfig
+from fellrec_flwr.config import FellRecConfig, FellRecSettings
 from fellrec_flwr.inprocess_grid import InProcessGrid
 from strategies import (
     FellRec,
@@ -95,7 +96,9 @@ def build(name: str, n: int, **kw):
         return RecordingFedProx(proximal_mu=0.1, **common)
     if name == "local":
         return LocalOnly(**common)
-    return FellRec(**common)
+    fellrec_keys = {f.name for f in dataclasses.fields(FellRecSettings)}
+    settings = FellRecSettings(**{k: common.pop(k) for k in list(common) if k in fellrec_keys})
+    return FellRec(settings, **common)
 
 
 def snapshot(strategy, keys) -> dict[int, dict[str, np.ndarray]]:
@@ -120,7 +123,7 @@ def test_make_strategy_picks_class_and_sampling():
     cfg = FellRecConfig(strategy="fellrec")
     cfg.fellrec.similarity_basis, cfg.fellrec.lr_scale = "updates", True
     strategy = make_strategy(cfg)
-    assert strategy.similarity_basis == "updates" and strategy.lr_scale
+    assert strategy.settings.similarity_basis == "updates" and strategy.settings.lr_scale
 
 
 def test_fraction_samples_fewer_nodes():
@@ -510,3 +513,29 @@ def test_fellrec_round_log_is_one_short_summary_at_100_clients():
     assert f"min {values.min():.3f} (client {low})" in summaries[0]
     matrix = [r for r in strategy.records if r["split"] == "balance"]
     assert len(matrix) == n * n  # every W_ij, for metrics.csv
+
+
+# --------------------------------------------------------------------------- one typed source per setting
+def test_fellrec_takes_its_settings_object_and_checks_it_as_the_config_does():
+    from fellrec_flwr.config import ConfigError
+
+    settings = FellRecSettings(similarity_basis="updates", alpha=0.4)
+    assert FellRec(settings).settings is settings
+    with pytest.raises(ConfigError, match="fellrec.similarity-kernel='cubic' is not one of linear, softmax"):
+        FellRec(FellRecSettings(similarity_kernel="cubic"))
+    with pytest.raises(TypeError, match="settings"):
+        FellRec(alpha=0.4)  # the loose keywords of old: one field at a time, defaults written twice
+
+
+def test_fellrec_math_has_no_defaults_of_its_own():
+    """The paper's values are FellRecSettings' defaults; the math takes them, it does not repeat them."""
+    import inspect
+
+    from strategies import fellrec_math
+
+    setting_like = {"alpha", "beta", "temperature", "heating", "exponent", "kernel", "similarity_temperature"}
+    repeated = [f"{name}({p.name}={p.default!r})" for name, fn in vars(fellrec_math).items()
+                if inspect.isfunction(fn) and fn.__module__ == fellrec_math.__name__
+                for p in inspect.signature(fn).parameters.values()
+                if p.name in setting_like and p.default is not inspect.Parameter.empty]
+    assert not repeated, repeated
