@@ -207,7 +207,7 @@ def start_service(model: Any, secret: bytes, front_k: int = 1, back_k: int = 1, 
 def start_service_for_run(cfg: Any, secret_file: str | Path | None = None) -> ServiceHandle:
     """Simulation convenience: serve this run's middle layers on loopback.
 
-    Only the middle layers are read from the checkpoint (`model_parts.load_server_part`; 8/4-bit
+    Only the middle layers are read from the checkpoint (`fellrec_flwr.model.parts.load_server_part`; 8/4-bit
     and `cuda:N` as configured). The secret is read from `secret_file` (default
     `<cache>/split-secret.txt`, created with mode 600 if absent); simulated clients on the same
     machine derive their tokens from it. In a deployment run the service as its own process.

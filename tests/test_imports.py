@@ -1,14 +1,18 @@
 """The project's import graph: `fellrec_flwr` never imports the apps, reaches `data_prep` through
-one door only, and no folder of the project (packages, bench/, deploy/, tests/) has an import cycle.
+one door only, no folder of the project (packages, bench/, deploy/, tests/) has an import cycle,
+and the map in docs/architecture.md is the one the code draws.
 
 Walks the source with `ast` (nothing is imported), counting module-level AND function-level
 imports: a lazy import inside a function still makes the two modules depend on each other.
+
+`python tests/test_imports.py` prints the map (rooms and their arrows) for docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -179,3 +183,77 @@ def test_the_walker_finds_what_it_should():
 def test_app_packages_exist(package):
     """Guard against a rename that would make the first test vacuous."""
     assert (ROOT / package).is_dir()
+
+
+# --------------------------------------------------------------------------- the map in docs/architecture.md
+MAP_PACKAGES = (LIBRARY, DATA_PREP, *APP_PACKAGES)  # bench/, deploy/ and tests/ stand above all of them
+MAP_BEGIN, MAP_END = "<!-- import map: begin (python tests/test_imports.py) -->", "<!-- import map: end -->"
+
+
+def room_of(module: str) -> str:
+    """A map room: a sub-package or top-level module of the library (named without "fellrec_flwr/"),
+    or a whole other package."""
+    parts = module.split(".")
+    if parts[0] != LIBRARY or len(parts) == 1:
+        return parts[0] + "/"
+    return f"{parts[1]}/" if (ROOT / LIBRARY / parts[1]).is_dir() else f"{parts[1]}.py"
+
+
+def room_graph() -> dict[str, dict[str, set[tuple[str, str]]]]:
+    """room -> {room it imports: the (module, module) arrows behind it}."""
+    rooms: dict[str, dict[str, set[tuple[str, str]]]] = {}
+    for module, deps in project_graph(list(MAP_PACKAGES)).items():
+        if module == LIBRARY:  # the package's empty __init__
+            continue
+        here = rooms.setdefault(room_of(module), {})
+        for dep in deps:
+            if room_of(dep) != room_of(module):
+                here.setdefault(room_of(dep), set()).add((module, dep))
+    return rooms
+
+
+def render_map() -> str:
+    """The rooms with what each imports, then every pair of rooms that import each other (with
+    the module arrows behind the pair: no module cycle, but a reader should know)."""
+    rooms = room_graph()
+    width = max(len(r) for r in rooms) + 2
+    lines = ["```", f"{'room':{width}}imports   (library rooms without their fellrec_flwr/ prefix)"]
+    for room in sorted(rooms):
+        lines.append(f"{room:{width}}{', '.join(sorted(rooms[room])) or '-'}".rstrip())
+    lines.append("```")
+    pairs = sorted((a, b) for a in rooms for b in rooms[a] if a < b and a in rooms.get(b, {}))
+    if pairs:
+        lines += ["", "Rooms that import each other (module by module there is no cycle):"]
+        for a, b in pairs:
+            arrows = sorted(rooms[a][b] | rooms[b][a])
+            lines.append(f"- `{a}` and `{b}`: " + "; ".join(f"{x} -> {y}" for x, y in arrows))
+    return "\n".join(lines)
+
+
+def test_architecture_map_is_the_one_the_code_draws():
+    doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    assert MAP_BEGIN in doc and MAP_END in doc, f"docs/architecture.md lost its map markers {MAP_BEGIN!r}"
+    drawn = doc.split(MAP_BEGIN, 1)[1].split(MAP_END, 1)[0].strip()
+    assert drawn == render_map(), ("docs/architecture.md's import map is stale: replace the block between its "
+                                   "markers with the output of `python tests/test_imports.py`.")
+
+
+STALE_MODULE_NAMES = re.compile(r"\b(split_client|model_parts|split_runtime)\.")  # before the rooms by role
+
+
+def test_no_stale_module_names_in_docs_and_code():
+    offenders = []
+    for path in [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md",
+                 *sorted(p for folder in MAP_PACKAGES for p in (ROOT / folder).rglob("*.py"))]:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if STALE_MODULE_NAMES.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}")
+    assert not offenders, ("old module names (split_client. -> fellrec_flwr.split.client., model_parts. -> "
+                           "fellrec_flwr.model.parts., split_runtime. -> fellrec_flwr.split.runtime.): "
+                           + ", ".join(offenders))
+
+
+if __name__ == "__main__":
+    print(MAP_BEGIN)
+    print(render_map())
+    print(MAP_END)

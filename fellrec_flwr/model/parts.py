@@ -160,7 +160,7 @@ def load_tokenizer(model_cfg: ModelConfig, folder: Path) -> Any:
 def load_client_part(model_cfg: ModelConfig, titles: Titles, work_dir: str | Path, front_k: int,
                      back_k: int) -> tuple[nn.Module, Any]:
     """The client's part only (embedding, first front_k and last back_k layers, norm, head) and the
-    tokenizer; the server layers are placeholders until `split_client.make_split_model`. Under
+    tokenizer; the server layers are placeholders until `fellrec_flwr.split.client.make_split_model`. Under
     8/4-bit the held decoder layers are quantised and the rest is in the compute dtype."""
     device, _, quant = settings(model_cfg)
     folder = checkpoint_for(model_cfg, titles, work_dir)

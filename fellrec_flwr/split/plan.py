@@ -7,7 +7,7 @@ A model with L decoder layers is cut into three parts:
     client tail  = layers L-back_k .. L-1 + final norm + LM head
 
 The client keeps a real `LlamaForCausalLM` whose server layers are replaced by a proxy
-(see `split_client.make_split_model`), so peft, `model(**batch).loss` and `generate` work
+(see `fellrec_flwr.split.client.make_split_model`), so peft, `model(**batch).loss` and `generate` work
 unchanged, and layer indices (hence LoRA key names and KV-cache slots) stay those of the
 unsplit model.
 
@@ -126,7 +126,7 @@ class ServerLayersMissing(PassThrough):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise SplitError("this client model has no server layers yet: connect it to the split service with "
-                         "split_client.make_split_model(model, plan, service_client).")
+                         "fellrec_flwr.split.client.make_split_model(model, plan, service_client).")
 
 
 def _causal_lm(model: Any) -> nn.Module:
@@ -316,7 +316,7 @@ class SplitParts:
 
 def split_model(model: Any, front_k: int, back_k: int) -> SplitParts:
     """Validate the cut for `model` and build the server body; the client side is made with
-    `split_client.make_split_model(model, parts.plan, service_client)`."""
+    `fellrec_flwr.split.client.make_split_model(model, parts.plan, service_client)`."""
     plan = plan_for_model(model, front_k, back_k)
     return SplitParts(plan, build_server_body(model, plan))
 
@@ -442,7 +442,7 @@ def load_client_model(path: str | Path, front_k: int, back_k: int, dtype: str | 
 
     The model is built on the meta device (no memory), the held tensors are read from the
     safetensors checkpoint and assigned, and the rotary buffers are rebuilt. Plug in the
-    service with `split_client.make_split_model(model, plan, service_client)`.
+    service with `fellrec_flwr.split.client.make_split_model(model, plan, service_client)`.
     """
     from transformers import GenerationConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding

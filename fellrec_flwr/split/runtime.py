@@ -2,7 +2,7 @@
 
 With `split.enabled`, the client's model holds only the embedding, the first `front_k` and
 last `back_k` decoder layers, the final norm, the LM head and its LoRA — read from the
-checkpoint by `model_parts.load_client_part`, the middle layers never loaded; a proxy that
+checkpoint by `fellrec_flwr.model.parts.load_client_part`, the middle layers never loaded; a proxy that
 calls the service (`fellrec_flwr.split.client`) takes their place. Training, the validation
 loss, generation and the grounding catalogue then run unchanged through the split.
 
