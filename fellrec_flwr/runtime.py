@@ -98,7 +98,8 @@ def get_runtime(cfg: FellRecConfig) -> Runtime:
 
         from fellrec_flwr.split.runtime import client_lora_settings
 
-        model = add_lora(base, client_lora_settings(cfg, base.config.num_hidden_layers), seed=cfg.seed)
+        # the plan load_client_part cut the model with (None without split)
+        model = add_lora(base, client_lora_settings(cfg.lora, getattr(base, "split_plan", None)), seed=cfg.seed)
         _CACHE[key] = Runtime(cfg=cfg, data=data, model=model, tokenizer=tokenizer,
                               initial_lora=get_lora_state(model))
     return _CACHE[key]
@@ -110,11 +111,21 @@ def get_runtime(cfg: FellRecConfig) -> Runtime:
 def server_lora_settings(cfg: FellRecConfig) -> tuple[Any, Any]:
     """(model config, LoRA settings as the clients apply them), from the config alone."""
     from fellrec_flwr.model.parts import base_config
+    from fellrec_flwr.split.plan import plan_from_settings
     from fellrec_flwr.split.runtime import client_lora_settings
 
     data = prepare_data(cfg)
     config = base_config(cfg.model, data.titles, data.path)
-    return config, client_lora_settings(cfg, config.num_hidden_layers)
+    return config, client_lora_settings(cfg.lora, plan_from_settings(cfg.split, config.num_hidden_layers))
+
+
+def model_checkpoint(cfg: FellRecConfig) -> Any:
+    """The safetensors folder of cfg.model (the tiny model and GGUF conversions live beside the
+    prepared data), prepared once: what a split service loads its middle layers from."""
+    from fellrec_flwr.model.parts import checkpoint_for
+
+    data = prepare_data(cfg)
+    return checkpoint_for(cfg.model, data.titles, data.path)
 
 
 def initial_lora(cfg: FellRecConfig) -> dict[str, Any]:

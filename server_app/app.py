@@ -30,7 +30,7 @@ from fellrec_flwr.eval.results import (
     PER_USER_FILE, atomic_write_json, final_intervals, plot_run, run_per_user_rows, summarise, write_metrics_csv,
     write_per_user_csv,
 )
-from fellrec_flwr.runtime import initial_lora, prepare_data, save_adapter
+from fellrec_flwr.runtime import initial_lora, model_checkpoint, prepare_data, save_adapter
 from strategies import make_strategy
 
 app = ServerApp()
@@ -61,7 +61,7 @@ def split_service(cfg: FellRecConfig) -> Iterator[FellRecConfig]:
         return
     from server_app.split_service import start_service_for_run
 
-    handle = start_service_for_run(cfg)
+    handle = start_service_for_run(cfg, model_checkpoint(cfg))  # the ServerApp prepares; the service loads
     log(INFO, "Split-inference service for this run at %s", handle.url)
     try:
         yield replace(cfg, split=replace(cfg.split, service_url=handle.url))

@@ -173,11 +173,11 @@ def load_client_part(model_cfg: ModelConfig, titles: Titles, work_dir: str | Pat
     return model, tokenizer
 
 
-def load_server_part(model_cfg: ModelConfig, titles: Titles, work_dir: str | Path, front_k: int,
-                     back_k: int) -> ServerBody:
-    """The server's middle layers only, with the compute dtype set from the config (never int8)."""
+def load_server_part(model_cfg: ModelConfig, folder: str | Path, front_k: int, back_k: int) -> ServerBody:
+    """The server's middle layers only, from the checkpoint `folder` (`checkpoint_for`), with the
+    compute dtype set from the config (never int8). No data is needed: a service finds its weights
+    from the folder it is given."""
     device, _, quant = settings(model_cfg)
-    folder = checkpoint_for(model_cfg, titles, work_dir)
     body = load_server_body(folder, front_k, back_k, dtype=compute_dtype_for(model_cfg),
                             device="cpu" if quant is not None else device)
     if quant is not None:

@@ -105,6 +105,22 @@ def plan_for_model(model: Any, front_k: int, back_k: int) -> SplitPlan:
     return plan_split(_causal_lm(model).config.num_hidden_layers, front_k, back_k)
 
 
+def plan_from_settings(split: Any, num_layers: int) -> SplitPlan | None:
+    """The run config's cut (`split.*`, a SplitSettings) for a model of `num_layers` decoder layers,
+    or None when split is off: where a run's plan comes from; the loaders keep it on what they build
+    (`model.split_plan`, `ServerBody.plan`) and everything after takes it from there."""
+    return plan_split(num_layers, split.front_k, split.back_k) if split.enabled else None
+
+
+def loaded_plan(model: Any) -> SplitPlan:
+    """The plan a client-only model was loaded with (`load_client_model` keeps it on the model)."""
+    plan = getattr(_causal_lm(model), "split_plan", None)
+    if plan is None:
+        raise SplitError("this model was not loaded as a split client (no split_plan): load it with "
+                         "fellrec_flwr.model.parts.load_client_part, or build a plan with plan_for_model.")
+    return plan
+
+
 # ---------------------------------------------------------------------------
 # Model plumbing
 # ---------------------------------------------------------------------------
