@@ -128,7 +128,7 @@ def main(grid: Grid, context: Context) -> None:
                **summarise(frame, cfg.eval.final_split),
                "intervals": final_intervals(per_user, cfg.strategy, cfg.eval.final_split)}
     summary["test_adapter"] = {"choice": cfg.eval.test_adapter,  # which round each client's tested adapter is from
-                               "best_valid_round": {str(k): r for k, (r, _) in sorted(strategy.client_best.items())}}
+                               "best_valid_round": {str(k): r for k, (r, _) in sorted(strategy.best.client_best.items())}}
     atomic_write_json(run_dir / "summary.json", summary)
     plot_run(frame, run_dir, cfg.resolved_run_name(), per_user)
     save_adapters(cfg, strategy, final_arrays, run_dir)

@@ -15,13 +15,14 @@ not meet:
   global ``random``), so a resumed run samples as an uninterrupted one would.
 - client identity (``client_key_of``, ``_identify_nodes``): state is keyed by the replies'
   "client-key" (the partition id), because node ids change when a SuperNode restarts.
-- ``_collect``: one row (round, client, split, metric, value) per reply metric, the
-  columns of ``fellrec_flwr.eval.results.METRIC_COLUMNS``, and failures traced to clients:
-  FedAvg keeps only the means, and an error reply's ``src_node_id`` may be the SuperLink,
-  so the sent messages are kept and matched through ``reply_to_message_id``.
+- ``_collect``: every reply's numbers to the ``recorder``
+  (``fellrec_flwr.eval.recorder.RunRecorder``: one row per metric, the columns of metrics.csv),
+  and failures traced to clients: FedAvg keeps only the means, and an error reply's
+  ``src_node_id`` may be the SuperLink, so the sent messages are kept and matched through
+  ``reply_to_message_id``.
 - ``aggregate_arrays``: the one step a strategy overrides to aggregate differently.
-- ``after_evaluate``: each client's best adapter, and early stopping on the
-  client-size-weighted validation loss.
+- ``after_evaluate``: feeds ``best`` (``strategies.best.BestAdapters``): each client's best
+  adapter, and early stopping on the client-size-weighted validation loss.
 - ``start``: calls Flower's ``Strategy.start`` for three things its 1.42 loop lacks:
   absolute rounds (Flower counts every ``start()`` from 1; ``absolute_round`` adds the
   rounds a resumed run already did), a round-end hook for checkpoints and metric files
@@ -34,7 +35,6 @@ not meet:
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -51,7 +51,10 @@ from flwr.serverapp.strategy.strategy_utils import (
     validate_message_reply_consistency,
 )
 
+from fellrec_flwr.eval.recorder import SERVER, RunRecorder
+
 from .arrays import from_numpy_dict, to_numpy_dict
+from .best import BestAdapters
 
 CLIENT_KEY = "client-key"
 TRAIN_LOSS = "train-loss"
@@ -118,24 +121,15 @@ class StrategyBase(FedAvg):
         if eval_interval < 0 or early_stop_patience < 0 or node_wait_timeout < 0:
             raise ValueError("eval_interval, early_stop_patience and node_wait_timeout must be >= 0.")
         self.eval_interval = eval_interval  # evaluate every n rounds; 0 = only the last round
-        self.early_stop_patience = early_stop_patience  # evaluations without improvement; 0 = off
+        self.best = BestAdapters(patience=early_stop_patience)  # each client's best adapter; early stop
         self.node_wait_timeout = node_wait_timeout
         self.node_poll_interval = node_poll_interval
         self.identify_timeout = identify_timeout
         self.round_offset = 0  # rounds already completed (advanced by end_round, set by load_state_dict)
-        self.records: list[dict[str, Any]] = []
-        # Per-user target ranks from evaluate replies (run folder's per_user.csv); not checkpointed.
-        self.user_ranks: list[dict[str, Any]] = []
-        self.failures: list[dict[str, Any]] = []
+        self.recorder = RunRecorder()  # every reply's numbers, per-user ranks and failures
         self.node_to_key: dict[int, int] = {}
         self.global_arrays: ArrayRecord | None = None
         self.initial_arrays: ArrayRecord | None = None
-        self.best_loss = math.inf
-        self.best_round = 0
-        self.evals_since_best = 0
-        self.stopped_early = False
-        self.client_best: dict[int, tuple[int, float]] = {}  # key -> (round, valid loss)
-        self._best_arrays: dict[int, ArrayRecord] = {}
         self._rng = random.Random(seed)
         # Set by start() for the length of Flower's loop.
         self._loop_offset = 0  # rounds done before this start(): Flower's round r is r + this
@@ -183,7 +177,7 @@ class StrategyBase(FedAvg):
         A ClientApp without a query handler answers with an error; such nodes get the
         fallback arrays, as new clients do.
         """
-        sends_best = self._send_best and bool(self._best_arrays)  # best adapters are per client, too
+        sends_best = self._send_best and bool(self.best.arrays)  # best adapters are per client, too
         if not sends_best and not self.has_personal_state():
             return
         unknown = [n for n in node_ids if n not in self.node_to_key and n not in self._unidentifiable]
@@ -266,13 +260,13 @@ class StrategyBase(FedAvg):
 
     def best_personal_arrays(self, client_key: int) -> ArrayRecord | None:
         """The client's adapter from the round with its lowest own valid loss (else its current one)."""
-        return self._best_arrays.get(client_key, self.personal_arrays(client_key))
+        return self.best.arrays.get(client_key, self.personal_arrays(client_key))
 
     def best_arrays_for_node(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
         """The node's client's best adapter by its own valid loss; its usual arrays if it has none."""
         key = self.node_to_key.get(node_id)
-        if key is not None and key in self._best_arrays:
-            return self._best_arrays[key]
+        if key is not None and key in self.best.arrays:
+            return self.best.arrays[key]
         return self.arrays_for_node(node_id, arrays)
 
     def add_train_config(self, config: ConfigRecord, node_id: int) -> None:
@@ -366,29 +360,17 @@ class StrategyBase(FedAvg):
         """
         if self._eval_split != "valid" or self._force_evaluate:
             return
-        total, weight = 0.0, 0.0
+        evaluations = []
         for key, node_id, reply in collected:
             metrics = metrics_of(reply.content)
             if EVAL_LOSS not in metrics:
-                return
-            loss_i = float(metrics[EVAL_LOSS])  # type: ignore[arg-type]
-            if loss_i < self.client_best.get(key, (0, math.inf))[1]:
-                self.client_best[key] = (server_round, loss_i)
-                self._best_arrays[key] = self._sent_arrays["evaluate"][node_id]
-            n = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
-            total += loss_i * n
-            weight += n
-        if weight <= 0:
-            return
-        loss = total / weight
-        if loss < self.best_loss:
-            self.best_loss, self.best_round, self.evals_since_best = loss, server_round, 0
-        else:
-            self.evals_since_best += 1
-        log(INFO, "\t└──> weighted valid loss %.5f (best %.5f at round %d)",
-            loss, self.best_loss, self.best_round)
-        if self.early_stop_patience and self.evals_since_best >= self.early_stop_patience:
-            self.stopped_early = True
+                return  # a strategy test app without losses: nothing to track
+            evaluations.append((key, float(metrics[EVAL_LOSS]), float(metrics[self.weighted_by_key]),  # type: ignore[arg-type]
+                                self._sent_arrays["evaluate"][node_id]))
+        loss = self.best.observe(server_round, evaluations)
+        if loss is not None:
+            log(INFO, "\t└──> weighted valid loss %.5f (best %.5f at round %d)",
+                loss, self.best.best_loss, self.best.best_round)
 
     # ------------------------------------------------------------------ replies: rows and failures
     def _collect(self, server_round: int, replies: Iterable[Message], stage: str) -> list[tuple[int, int, Message]]:
@@ -412,15 +394,11 @@ class StrategyBase(FedAvg):
             key = self.client_key_of(reply.content, node_id)
             self._remember(node_id, key)
             out.append((key, node_id, reply))
-            for metric, value in metrics_of(reply.content).items():
-                if metric != CLIENT_KEY and isinstance(value, (int, float)):
-                    self.records.append({"round": server_round, "client": key, "split": split,
-                                         "metric": metric, "value": float(value)})
+            self.recorder.add_metrics(server_round, key, split, metrics_of(reply.content), skip=(CLIENT_KEY,))
             per_user = reply.content.config_records.get(PER_USER)
             if stage != "train" and per_user is not None:
-                self.user_ranks.append({"round": server_round, "client": key, "split": split,
-                                        "user_ids": list(per_user["user-ids"]),  # type: ignore[arg-type]
-                                        "target_ranks": list(per_user["target-ranks"])})  # type: ignore[arg-type]
+                self.recorder.add_user_ranks(server_round, key, split, per_user["user-ids"],  # type: ignore[arg-type]
+                                             per_user["target-ranks"])  # type: ignore[arg-type]
         out.sort(key=lambda item: item[0])
         for (key_a, node_a, _), (key_b, node_b, _) in zip(out, out[1:]):
             if key_a == key_b:
@@ -447,29 +425,33 @@ class StrategyBase(FedAvg):
                 failed.append((message.metadata.dst_node_id, "no reply before the timeout"))
         for node_id, reason in failed:
             key = self.node_to_key.get(node_id)
-            self.failures.append({"round": server_round, "stage": stage, "node_id": node_id,
-                                  "client": key, "reason": reason})
+            self.recorder.add_failure(server_round, stage, node_id, key, reason)
             log(WARNING, "\t> %s failed in round %d for node %d (client-key %s): %s",
                 stage, server_round, node_id, key, reason)
 
+    # The recorder's rows, read where a run writes its files (and by tests).
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return self.recorder.records
+
+    @property
+    def user_ranks(self) -> list[dict[str, Any]]:
+        return self.recorder.user_ranks
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        return self.recorder.failures
+
     def failed_clients(self, server_round: int | None = None, stage: str = "train") -> Any:
-        """Client keys (None when never identified) that failed in a round; all rounds as {round: keys}."""
-        if server_round is not None:
-            return [f["client"] for f in self.failures if f["round"] == server_round and f["stage"] == stage]
-        by_round: dict[int, list[int | None]] = {}
-        for f in self.failures:
-            if f["stage"] == stage:
-                by_round.setdefault(f["round"], []).append(f["client"])
-        return by_round
+        return self.recorder.failed_clients(server_round, stage)
 
     def metric_rows(self) -> list[dict[str, Any]]:
         """All per-client rows so far (round, client, split, metric, value); restored on resume."""
-        return [dict(r) for r in self.records]
+        return self.recorder.metric_rows()
 
     def client_keys(self) -> list[int]:
         """Every client key seen in a reply (or restored from a checkpoint)."""
-        seen = {int(r["client"]) for r in self.records if int(r["client"]) >= 0}  # -1: server rows
-        return sorted(seen | set(self.node_to_key.values()))
+        return sorted(self.recorder.clients() | set(self.node_to_key.values()))
 
     # ------------------------------------------------------------------ the loop: Flower's
     def start(
@@ -529,15 +511,14 @@ class StrategyBase(FedAvg):
             return None
         server_round = self.absolute_round(server_round)
         metrics = self._evaluate_fn(server_round, arrays) if self._evaluate_fn else None
-        self.records.append({"round": server_round, "client": -1, "split": "server",
-                             "metric": "round-seconds", "value": time.time() - self._round_started})
+        self.recorder.add(server_round, SERVER, "server", "round-seconds", time.time() - self._round_started)
         self.round_offset = server_round
         if self._round_end is not None:
             self._round_end(server_round, self)
-        if self.stopped_early:
+        if self.best.stopped_early:
             log(INFO, "Early stop after round %d: no better weighted valid loss for %d evaluations (best %.5f at "
-                "round %d); the rounds left send nothing.", server_round, self.evals_since_best, self.best_loss,
-                self.best_round)
+                "round %d); the rounds left send nothing.", server_round, self.best.evals_since_best,
+                self.best.best_loss, self.best.best_round)
             self._skip_rest = True
         return metrics
 
@@ -576,27 +557,13 @@ class StrategyBase(FedAvg):
             "version": STATE_VERSION,
             "strategy": self.__class__.__name__,
             "round": self.round_offset,
-            "records": [dict(r) for r in self.records],
-            "failures": [dict(f) for f in self.failures],
+            **self.recorder.state(),
             "node_to_key": dict(self.node_to_key),
-            "best_loss": self.best_loss,
-            "best_round": self.best_round,
-            "evals_since_best": self.evals_since_best,
-            "stopped_early": self.stopped_early,
+            **self.best.state(),
             "rng_state": self._rng.getstate(),
             "global": to_numpy_dict(self.global_arrays),
             "initial": to_numpy_dict(self.initial_arrays),
         }
-        # Best adapters are often the same object (FedAvg's global): store each once.
-        unique: dict[int, int] = {}
-        best_arrays: list[dict[str, Any] | None] = []
-        best_index: dict[int, int] = {}
-        for key, record in self._best_arrays.items():
-            if id(record) not in unique:
-                unique[id(record)] = len(best_arrays)
-                best_arrays.append(to_numpy_dict(record))
-            best_index[key] = unique[id(record)]
-        state.update({"client_best": dict(self.client_best), "best_arrays": best_arrays, "best_index": best_index})
         state.update(self.extra_state())
         return state
 
@@ -612,19 +579,12 @@ class StrategyBase(FedAvg):
                 "resume with the same strategy setting."
             )
         self.round_offset = int(state["round"])
-        self.records = [dict(r) for r in state["records"]]
-        self.failures = [dict(f) for f in state["failures"]]
+        self.recorder.load(state)
         self.node_to_key = {int(n): int(k) for n, k in state["node_to_key"].items()}
-        self.best_loss = float(state["best_loss"])
-        self.best_round = int(state["best_round"])
-        self.evals_since_best = int(state["evals_since_best"])
-        self.stopped_early = bool(state["stopped_early"])
+        self.best.load(state)
         self._rng.setstate(state["rng_state"])
         self.global_arrays = from_numpy_dict(state["global"])
         self.initial_arrays = from_numpy_dict(state["initial"])
-        self.client_best = {int(k): (int(r), float(l)) for k, (r, l) in state["client_best"].items()}
-        restored = [from_numpy_dict(a) for a in state["best_arrays"]]
-        self._best_arrays = {int(k): restored[i] for k, i in state["best_index"].items()}  # type: ignore[misc]
         self.load_extra_state(state)
 
     def extra_state(self) -> dict[str, Any]:

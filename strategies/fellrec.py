@@ -159,13 +159,11 @@ class FellRec(PersonalisedBase):
 
     def _record_balance(self, server_round: int, keys: list[int], balance: fellrec_math.Balance) -> None:
         for i, key in enumerate(keys):
-            for metric, value in (("warm-weight", balance.warm[i]), ("self-weight", balance.weights[i, i]),
-                                  ("loss-prob", balance.loss_probs[i])):
-                self.records.append({"round": server_round, "client": key, "split": "train",
-                                     "metric": metric, "value": float(value)})
-            for j, other in enumerate(keys):
-                self.records.append({"round": server_round, "client": key, "split": "balance",
-                                     "metric": f"weight:{other}", "value": float(balance.weights[i, j])})
+            self.recorder.add_metrics(server_round, key, "train", {
+                "warm-weight": float(balance.warm[i]), "self-weight": float(balance.weights[i, i]),
+                "loss-prob": float(balance.loss_probs[i])})
+            self.recorder.add_metrics(server_round, key, "balance",
+                                      {f"weight:{other}": float(balance.weights[i, j]) for j, other in enumerate(keys)})
         log(INFO, "\t└──> %s", balance_summary(keys, balance))
 
     def extra_state(self) -> dict[str, Any]:

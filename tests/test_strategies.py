@@ -115,7 +115,7 @@ def test_make_strategy_picks_class_and_sampling():
         cfg = FellRecConfig(strategy=name)
         cfg.eval.early_stop_patience = 3
         strategy = make_strategy(cfg.validate())
-        assert type(strategy) is cls and strategy.early_stop_patience == 3
+        assert type(strategy) is cls and strategy.best.patience == 3
     cfg = FellRecConfig(strategy="fedprox", fraction_train=0.4, min_clients=5, proximal_mu=0.3)
     settings = sampling_settings(cfg)
     assert settings["min_train_nodes"] == 2 and settings["min_available_nodes"] == 5
@@ -356,7 +356,7 @@ def test_final_test_evaluation_records_split():
     metrics = strategy.evaluate_all(grid, split="test")
     assert metrics is not None and "eval-loss" in metrics
     assert {r["client"] for r in strategy.records if r["split"] == "test"} == {0, 1}
-    assert strategy.best_round == 1  # the test split does not feed early stopping
+    assert strategy.best.best_round == 1  # the test split does not feed early stopping
 
 
 def test_early_stop_on_weighted_valid_loss():
@@ -365,10 +365,10 @@ def test_early_stop_on_weighted_valid_loss():
     ended: list[int] = []
     strategy.on_round_end = lambda r, s: ended.append(r) if s is strategy else None  # the attribute form
     result = strategy.start(grid, initial_arrays(), num_rounds=10)
-    assert ended == [1, 2, 3, 4] and strategy.stopped_early
-    assert strategy.best_round == 2 and strategy.best_loss == pytest.approx(1.0)
+    assert ended == [1, 2, 3, 4] and strategy.best.stopped_early
+    assert strategy.best.best_round == 2 and strategy.best.best_loss == pytest.approx(1.0)
     assert sorted(result.train_metrics_clientapp) == [1, 2, 3, 4]
-    assert all(strategy.client_best[k] == (2, 1.0) for k in range(3))
+    assert all(strategy.best.client_best[k] == (2, 1.0) for k in range(3))
     assert strategy.best_personal_arrays(0) is not None
 
 
@@ -539,3 +539,37 @@ def test_fellrec_math_has_no_defaults_of_its_own():
                 for p in inspect.signature(fn).parameters.values()
                 if p.name in setting_like and p.default is not inspect.Parameter.empty]
     assert not repeated, repeated
+
+
+# --------------------------------------------------------------------------- base.py's pieces, alone
+def test_best_adapters_track_each_clients_own_best_and_stop_on_the_weighted_loss():
+    from strategies.best import BestAdapters
+
+    a1, a2, b1 = initial_arrays(), initial_arrays(), initial_arrays()
+    best = BestAdapters(patience=2)
+    assert best.observe(1, [(0, 2.0, 1.0, a1), (1, 1.0, 3.0, b1)]) == pytest.approx(1.25)
+    assert best.observe(2, [(0, 1.5, 1.0, a2), (1, 2.0, 3.0, initial_arrays())]) == pytest.approx(1.875)
+    assert best.client_best == {0: (2, 1.5), 1: (1, 1.0)} and best.arrays[0] is a2 and best.arrays[1] is b1
+    assert (best.best_round, best.evals_since_best, best.stopped_early) == (1, 1, False)
+    best.observe(3, [(0, 9.0, 1.0, a1), (1, 9.0, 3.0, a1)])
+    assert best.stopped_early  # two validation rounds without a better weighted loss
+    assert best.observe(4, [(0, 1.0, 0.0, a1)]) is None  # no examples: no weighted loss
+    again = BestAdapters()
+    again.load(best.state())
+    assert again.client_best == best.client_best and again.best_loss == best.best_loss and again.stopped_early
+    assert again.arrays[1]["bias"].numpy().tolist() == b1["bias"].numpy().tolist()
+
+
+def test_run_recorder_rows_failures_and_state():
+    from fellrec_flwr.eval.recorder import SERVER, RunRecorder
+
+    rec = RunRecorder()
+    rec.add_metrics(1, 3, "train", {"train-loss": 0.5, "client-key": 3, "note": "text"}, skip=("client-key",))
+    rec.add(1, SERVER, "server", "round-seconds", 2.0)
+    rec.add_failure(1, "train", node_id=9, client=None, reason="no reply before the timeout")
+    assert rec.metric_rows() == [{"round": 1, "client": 3, "split": "train", "metric": "train-loss", "value": 0.5},
+                                 {"round": 1, "client": -1, "split": "server", "metric": "round-seconds", "value": 2.0}]
+    assert rec.clients() == {3} and rec.failed_clients(1) == [None] and rec.failed_clients() == {1: [None]}
+    again = RunRecorder()
+    again.load(rec.state())
+    assert again.metric_rows() == rec.metric_rows() and again.failures == rec.failures
