@@ -104,7 +104,6 @@ def main(grid: Grid, context: Context) -> None:
         plot_run(frame, run_dir, cfg.resolved_run_name(), per_user)
         plot_balance(frame, run_dir, cfg.resolved_run_name())  # FELLRec's client x client weights
 
-    strategy.on_round_end = on_round_end
     remaining = cfg.num_server_rounds - start_round
     with split_service(cfg) as run_cfg:
         # Clients learn the URL of a service started for this run from every message.
@@ -114,6 +113,7 @@ def main(grid: Grid, context: Context) -> None:
                 grid=grid, initial_arrays=initial, num_rounds=remaining,
                 train_config=ConfigRecord({"seed": cfg.seed, **split_url}),
                 evaluate_config=ConfigRecord({"split": "valid", **split_url}),
+                on_round_end=on_round_end,
             )
             final_arrays = result.arrays if result.arrays is not None else initial
         else:

@@ -13,8 +13,8 @@ not meet:
 - ``_connected_nodes``: a node wait with a timeout; Flower's ``sample_nodes`` waits forever.
 - ``_sample``: a seeded sampler whose state is checkpointed (``sample_nodes`` draws from the
   global ``random``), so a resumed run samples as an uninterrupted one would.
-- client identity (``client_key_of``, ``_identify_nodes``): state is keyed by the replies'
-  "client-key" (the partition id), because node ids change when a SuperNode restarts.
+- client identity (``clients``, a ``strategies.clients.ClientRegistry``): state is keyed by the
+  replies' "client-key" (the partition id), because node ids change when a SuperNode restarts.
 - ``_collect``: every reply's numbers to the ``recorder``
   (``fellrec_flwr.eval.recorder.RunRecorder``: one row per metric, the columns of metrics.csv),
   and failures traced to clients: FedAvg keeps only the means, and an error reply's
@@ -38,6 +38,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -55,8 +56,8 @@ from fellrec_flwr.eval.recorder import SERVER, RunRecorder
 
 from .arrays import from_numpy_dict, to_numpy_dict
 from .best import BestAdapters
+from .clients import CLIENT_KEY, ClientRegistry
 
-CLIENT_KEY = "client-key"
 TRAIN_LOSS = "train-loss"
 # Wall-clock metrics: recorded like the others, but they differ from run to run.
 TIMING_METRICS = ("round-seconds", "train-seconds", "peak-gpu-mb")
@@ -66,6 +67,17 @@ STATE_VERSION = 1
 
 RoundEndHook = Callable[[int, "StrategyBase"], None]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation's mode: the split asked for, whether each client is sent its best adapter
+    (``evaluate_all(adapter="best")``) instead of its current one, and whether the losses feed
+    the best-adapter tracker and early stopping (the loop's validation only)."""
+
+    split: str
+    send_best: bool = False
+    tracks_best: bool = False
 
 
 class NoNodesConnectedError(RuntimeError):
@@ -101,9 +113,6 @@ class StrategyBase(FedAvg):
     state hooks (:class:`strategies.personal.PersonalisedBase` keeps one adapter per client).
     """
 
-    # Called as on_round_end(server_round, strategy) after every round, unless start() gets one.
-    on_round_end: RoundEndHook | None = None
-
     def __init__(
         self,
         *args: Any,
@@ -127,7 +136,7 @@ class StrategyBase(FedAvg):
         self.identify_timeout = identify_timeout
         self.round_offset = 0  # rounds already completed (advanced by end_round, set by load_state_dict)
         self.recorder = RunRecorder()  # every reply's numbers, per-user ranks and failures
-        self.node_to_key: dict[int, int] = {}
+        self.clients = ClientRegistry()  # node id -> client key
         self.global_arrays: ArrayRecord | None = None
         self.initial_arrays: ArrayRecord | None = None
         self._rng = random.Random(seed)
@@ -141,70 +150,26 @@ class StrategyBase(FedAvg):
         # Per stage: the messages of the current round (to trace error replies) and the arrays each node got.
         self._inflight: dict[str, list[Message]] = {"train": [], "evaluate": []}
         self._sent_arrays: dict[str, dict[int, ArrayRecord]] = {"train": {}, "evaluate": {}}
-        self._force_evaluate = False
-        self._eval_split = "valid"
-        self._send_best = False  # evaluate_all(adapter="best"): each client gets its best adapter
-        self._unidentifiable: set[int] = set()
+        # The evaluation in flight: Flower's aggregate_evaluate(round, replies) does not say which
+        # one its configure_evaluate started, so that one call leaves it here for the other.
+        self._evaluation = Evaluation("valid")
         self._degraded_to: int | None = None  # node count accepted after a wait timed out
-        self._warned_missing_key = False
 
     # ------------------------------------------------------------------ identities
-    def client_key_of(self, content: RecordDict, node_id: int) -> int:
-        """The reply's "client-key" metric; falls back to the node id (with one warning)."""
-        metrics = metrics_of(content)
-        if CLIENT_KEY in metrics:
-            return int(metrics[CLIENT_KEY])  # type: ignore[arg-type]
-        if not self._warned_missing_key:
-            log(WARNING, "Replies carry no %r metric: keying clients by node id (not stable across restarts).",
-                CLIENT_KEY)
-            self._warned_missing_key = True
-        return int(node_id)
-
-    def _remember(self, node_id: int, key: int) -> None:
-        for old in [n for n, k in self.node_to_key.items() if k == key and n != node_id]:
-            del self.node_to_key[old]  # the client came back under a new node id
-        self.node_to_key[node_id] = key
-        self._unidentifiable.discard(node_id)
+    @property
+    def node_to_key(self) -> dict[int, int]:
+        """node id -> client key, as far as known (:class:`strategies.clients.ClientRegistry`)."""
+        return self.clients.node_to_key
 
     def has_personal_state(self) -> bool:
         """True once clients have arrays of their own: nodes must then be identified before sending."""
         return False
 
-    def _identify_nodes(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
-        """Ask unknown nodes for their client-key (a QUERY message) before sending personal arrays.
-
-        Needed after a resume or a SuperNode restart: node ids are new, the keys are not.
-        A ClientApp without a query handler answers with an error; such nodes get the
-        fallback arrays, as new clients do.
-        """
-        sends_best = self._send_best and bool(self.best.arrays)  # best adapters are per client, too
-        if not sends_best and not self.has_personal_state():
-            return
-        unknown = [n for n in node_ids if n not in self.node_to_key and n not in self._unidentifiable]
-        if not unknown:
-            return
-        queries = [
-            Message(
-                content=RecordDict(
-                    {self.configrecord_key: ConfigRecord({"server-round": server_round, "want": CLIENT_KEY})}
-                ),
-                message_type=MessageType.QUERY,
-                dst_node_id=node_id,
-            )
-            for node_id in unknown
-        ]
-        for reply in grid.send_and_receive(queries, timeout=self.identify_timeout):
-            if reply.has_error() or not reply.content.metric_records:
-                continue
-            metrics = metrics_of(reply.content)
-            if CLIENT_KEY in metrics:
-                self._remember(reply.metadata.src_node_id, int(metrics[CLIENT_KEY]))  # type: ignore[arg-type]
-        missing = [n for n in unknown if n not in self.node_to_key]
-        if missing:
-            log(WARNING, "Could not identify nodes %s (no query reply with %r); they get the fallback arrays.",
-                missing, CLIENT_KEY)
-            self._unidentifiable.update(missing)
-        log(INFO, "Identified %d of %d new nodes by %r.", len(unknown) - len(missing), len(unknown), CLIENT_KEY)
+    def _identify_nodes(self, grid: Grid, node_ids: list[int], server_round: int, send_best: bool = False) -> None:
+        """Identify unknown nodes first when what they get depends on who they are."""
+        sends_best = send_best and bool(self.best.arrays)  # best adapters are per client, too
+        if sends_best or self.has_personal_state():
+            self.clients.identify(grid, node_ids, server_round, self.configrecord_key, self.identify_timeout)
 
     # ------------------------------------------------------------------ sampling
     def _connected_nodes(self, grid: Grid) -> list[int]:
@@ -274,17 +239,17 @@ class StrategyBase(FedAvg):
         config["lr-scale"] = 1.0
 
     def _build_messages(self, stage: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        node_ids: list[int]) -> list[Message]:
+                        node_ids: list[int], evaluation: Evaluation | None = None) -> list[Message]:
         message_type = MessageType.TRAIN if stage == "train" else MessageType.EVALUATE
         messages, sent = [], {}
         for node_id in node_ids:
             node_config = ConfigRecord(dict(config))  # never mutate the caller's record
             node_config["server-round"] = server_round
-            if stage == "train":
+            if evaluation is None:
                 self.add_train_config(node_config, node_id)
             else:
-                node_config["split"] = self._eval_split
-            node_arrays = (self.best_arrays_for_node(node_id, arrays) if self._send_best and stage == "evaluate"
+                node_config["split"] = evaluation.split
+            node_arrays = (self.best_arrays_for_node(node_id, arrays) if evaluation is not None and evaluation.send_best
                            else self.arrays_for_node(node_id, arrays))
             sent[node_id] = node_arrays
             content = RecordDict({self.arrayrecord_key: node_arrays, self.configrecord_key: node_config})
@@ -311,27 +276,34 @@ class StrategyBase(FedAvg):
         return self._build_messages("train", server_round, arrays, config, node_ids)
 
     def evaluation_due(self, server_round: int) -> bool:
-        """Every eval_interval rounds, in the last round, and in evaluate_all."""
-        if self._force_evaluate or server_round == self._final_round:
+        """In the loop: every eval_interval rounds, and in the last round."""
+        if server_round == self._final_round:
             return True
         return self.eval_interval > 0 and server_round % self.eval_interval == 0
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """The loop's evaluation (when due): the config's split; a "valid" one feeds ``best``."""
         server_round = self.absolute_round(server_round)
+        split = str(config.get("split", "valid"))
+        self._evaluation = Evaluation(split, tracks_best=split == "valid")
+        due = self.fraction_evaluate > 0.0 and not self._skip_rest and self.evaluation_due(server_round)
+        return self._configure_evaluation(server_round, arrays, config, grid, self._evaluation, sample=due)
+
+    def _configure_evaluation(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                              evaluation: Evaluation, sample: bool = True) -> list[Message]:
         node_ids: list[int] = []
-        if self.fraction_evaluate > 0.0 and not self._skip_rest and self.evaluation_due(server_round):
-            self._eval_split = str(config.get("split", "valid"))
+        if sample:
             node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate")
-            self._identify_nodes(grid, node_ids, server_round)
-        return self._build_messages("evaluate", server_round, arrays, config, node_ids)
+            self._identify_nodes(grid, node_ids, server_round, send_best=evaluation.send_best)
+        return self._build_messages("evaluate", server_round, arrays, config, node_ids, evaluation)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round = self.absolute_round(server_round)
-        collected = self._collect(server_round, replies, "train")
+        collected = self._collect(server_round, replies, "train", "train")
         if not collected:
             return None, None
         # Kept here, not taken from Flower's loop: this round's evaluation may already need it.
@@ -344,11 +316,15 @@ class StrategyBase(FedAvg):
         return aggregate_arrayrecords([reply.content for _, _, reply in collected], self.weighted_by_key)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        server_round = self.absolute_round(server_round)
-        collected = self._collect(server_round, replies, "evaluate")
+        return self._aggregate_evaluation(self.absolute_round(server_round), replies, self._evaluation)
+
+    def _aggregate_evaluation(self, server_round: int, replies: Iterable[Message],
+                              evaluation: Evaluation) -> MetricRecord | None:
+        collected = self._collect(server_round, replies, "evaluate", evaluation.split)
         if not collected:
             return None
-        self.after_evaluate(server_round, collected)
+        if evaluation.tracks_best:
+            self.after_evaluate(server_round, collected)
         contents = [reply.content for _, _, reply in collected]
         return self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key)
 
@@ -358,8 +334,6 @@ class StrategyBase(FedAvg):
         Each client keeps the arrays with its own lowest valid loss (the authors' protocol);
         early stopping looks at the loss weighted by each client's number of examples.
         """
-        if self._eval_split != "valid" or self._force_evaluate:
-            return
         evaluations = []
         for key, node_id, reply in collected:
             metrics = metrics_of(reply.content)
@@ -373,7 +347,8 @@ class StrategyBase(FedAvg):
                 loss, self.best.best_loss, self.best.best_round)
 
     # ------------------------------------------------------------------ replies: rows and failures
-    def _collect(self, server_round: int, replies: Iterable[Message], stage: str) -> list[tuple[int, int, Message]]:
+    def _collect(self, server_round: int, replies: Iterable[Message], stage: str,
+                 split: str = "train") -> list[tuple[int, int, Message]]:
         """Valid replies as (client_key, node_id, reply) sorted by key; records rows and failures."""
         replies = list(replies)
         if not replies and not self._inflight[stage]:
@@ -387,12 +362,11 @@ class StrategyBase(FedAvg):
                 weighted_by_key=self.weighted_by_key,
                 check_arrayrecord=stage == "train",
             )
-        split = "train" if stage == "train" else self._eval_split
         out = []
         for reply in valid:
             node_id = reply.metadata.src_node_id
-            key = self.client_key_of(reply.content, node_id)
-            self._remember(node_id, key)
+            key = self.clients.key_of(metrics_of(reply.content), node_id)
+            self.clients.remember(node_id, key)
             out.append((key, node_id, reply))
             self.recorder.add_metrics(server_round, key, split, metrics_of(reply.content), skip=(CLIENT_KEY,))
             per_user = reply.content.config_records.get(PER_USER)
@@ -469,7 +443,7 @@ class StrategyBase(FedAvg):
 
         Rounds are absolute everywhere (messages, records, checkpoints, Result keys); only
         Flower's "[ROUND r/N]" log line counts from 1. ``on_round_end(round, strategy)``
-        runs after every round (default: the ``on_round_end`` attribute); no round starts
+        runs after every round (the only way to set it); no round starts
         after ``stopped_early`` is set. ``initial_arrays``: a fresh run's starting point,
         or the checkpoint's global arrays on resume.
         """
@@ -482,7 +456,7 @@ class StrategyBase(FedAvg):
             self.global_arrays = initial_arrays
         self._loop_offset, self._final_round = offset, offset + num_rounds
         self._evaluate_fn = evaluate_fn
-        self._round_end = on_round_end if on_round_end is not None else self.on_round_end
+        self._round_end = on_round_end
         try:
             result = super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
                                    train_config=train_config, evaluate_config=evaluate_config,
@@ -539,16 +513,11 @@ class StrategyBase(FedAvg):
         if arrays is None:
             arrays = self.global_arrays if self.global_arrays is not None else ArrayRecord()
         config = ConfigRecord(dict(config or {}))
-        config["split"] = split
-        self._force_evaluate = True
-        self._send_best = adapter == "best"
-        try:
-            messages = list(self.configure_evaluate(server_round, arrays, config, grid))
-            replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
-            return self.aggregate_evaluate(server_round, replies)
-        finally:
-            self._force_evaluate = False
-            self._send_best = False
+        evaluation = Evaluation(split, send_best=adapter == "best")  # outside the loop: never feeds `best`
+        messages = (self._configure_evaluation(server_round, arrays, config, grid, evaluation)
+                    if self.fraction_evaluate > 0.0 else [])
+        replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
+        return self._aggregate_evaluation(server_round, replies, evaluation)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -558,7 +527,7 @@ class StrategyBase(FedAvg):
             "strategy": self.__class__.__name__,
             "round": self.round_offset,
             **self.recorder.state(),
-            "node_to_key": dict(self.node_to_key),
+            **self.clients.state(),
             **self.best.state(),
             "rng_state": self._rng.getstate(),
             "global": to_numpy_dict(self.global_arrays),
@@ -580,7 +549,7 @@ class StrategyBase(FedAvg):
             )
         self.round_offset = int(state["round"])
         self.recorder.load(state)
-        self.node_to_key = {int(n): int(k) for n, k in state["node_to_key"].items()}
+        self.clients.load(state)
         self.best.load(state)
         self._rng.setstate(state["rng_state"])
         self.global_arrays = from_numpy_dict(state["global"])

@@ -363,8 +363,8 @@ def test_early_stop_on_weighted_valid_loss():
     strategy = build("fedavg", 3, early_stop_patience=2)
     grid = InProcessGrid(app, 3, run_config={"eval-best-round": 2})
     ended: list[int] = []
-    strategy.on_round_end = lambda r, s: ended.append(r) if s is strategy else None  # the attribute form
-    result = strategy.start(grid, initial_arrays(), num_rounds=10)
+    result = strategy.start(grid, initial_arrays(), num_rounds=10,
+                            on_round_end=lambda r, s: ended.append(r) if s is strategy else None)
     assert ended == [1, 2, 3, 4] and strategy.best.stopped_early
     assert strategy.best.best_round == 2 and strategy.best.best_loss == pytest.approx(1.0)
     assert sorted(result.train_metrics_clientapp) == [1, 2, 3, 4]
@@ -573,3 +573,19 @@ def test_run_recorder_rows_failures_and_state():
     again = RunRecorder()
     again.load(rec.state())
     assert again.metric_rows() == rec.metric_rows() and again.failures == rec.failures
+
+
+def test_evaluate_modes_are_explicit_and_the_round_end_hook_has_one_door():
+    """evaluate_all's mode travels as an Evaluation, not as flags left on the strategy; the hook is
+    start()'s parameter only (an attribute of the same name was a second way to set it)."""
+    from strategies.base import Evaluation, StrategyBase
+
+    strategy = build("fedavg", 2)
+    grid = InProcessGrid(app, 2)
+    strategy.start(grid, initial_arrays(), num_rounds=1)
+    before = dict(vars(strategy))
+    strategy.evaluate_all(grid, split="test", adapter="best")
+    assert not any(name.startswith(("_force", "_send_best", "_eval_split")) for name in vars(strategy))
+    assert strategy._evaluation == before["_evaluation"]  # the loop's evaluation is left as it was
+    assert Evaluation("test", send_best=True) != Evaluation("test")
+    assert not hasattr(StrategyBase, "on_round_end")
