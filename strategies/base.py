@@ -30,7 +30,8 @@ not meet:
   round), and early stopping (``should_stop`` comes in 1.43; once stopped, the rounds left
   in Flower's loop send no messages).
 - ``evaluate_all``: one evaluation outside the loop (the final test split, best or last adapter).
-- ``state_dict()`` / ``load_state_dict()``: checkpoints in plain python/numpy.
+- ``state_dict()`` / ``load_state_dict()``: checkpoints in plain python/numpy, assembled by
+  ``StrategyState`` from the pieces above (each piece saves and loads its own keys).
 """
 
 from __future__ import annotations
@@ -67,6 +68,43 @@ STATE_VERSION = 1
 
 RoundEndHook = Callable[[int, "StrategyBase"], None]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+@dataclass
+class StrategyState:
+    """A strategy's checkpoint, by piece: its loop's own (round, sampler, global and initial
+    arrays), then each piece's state (recorder, client registry, best adapters) and the
+    subclass's (``extra_state``: personal adapters, FELLRec's losses). :meth:`as_dict` is the
+    format saved (version ``STATE_VERSION``: the pieces' keys side by side, plain python and
+    numpy); each piece reads its own keys back (``load``)."""
+
+    strategy: str
+    round: int
+    rng_state: Any
+    global_arrays: dict[str, Any] | None
+    initial_arrays: dict[str, Any] | None
+    recorder: dict[str, Any]
+    clients: dict[str, Any]
+    best: dict[str, Any]
+    extra: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "strategy": self.strategy, "round": self.round,
+                **self.recorder, **self.clients, **self.best, "rng_state": self.rng_state,
+                "global": self.global_arrays, "initial": self.initial_arrays, **self.extra}
+
+    @staticmethod
+    def check(state: dict[str, Any], strategy: str) -> None:
+        """Refuse a checkpoint of another format or strategy, naming the fix."""
+        if state.get("version") != STATE_VERSION:
+            raise CheckpointMismatchError(
+                f"checkpoint format {state.get('version')!r}; this code reads format {STATE_VERSION}."
+            )
+        if state.get("strategy") != strategy:
+            raise CheckpointMismatchError(
+                f"checkpoint was written by strategy {state.get('strategy')!r}, not {strategy!r}: "
+                "resume with the same strategy setting."
+            )
 
 
 @dataclass(frozen=True)
@@ -522,31 +560,16 @@ class StrategyBase(FedAvg):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run; plain python and numpy (picklable)."""
-        state = {
-            "version": STATE_VERSION,
-            "strategy": self.__class__.__name__,
-            "round": self.round_offset,
-            **self.recorder.state(),
-            **self.clients.state(),
-            **self.best.state(),
-            "rng_state": self._rng.getstate(),
-            "global": to_numpy_dict(self.global_arrays),
-            "initial": to_numpy_dict(self.initial_arrays),
-        }
-        state.update(self.extra_state())
-        return state
+        return StrategyState(
+            strategy=self.__class__.__name__, round=self.round_offset, rng_state=self._rng.getstate(),
+            global_arrays=to_numpy_dict(self.global_arrays), initial_arrays=to_numpy_dict(self.initial_arrays),
+            recorder=self.recorder.state(), clients=self.clients.state(), best=self.best.state(),
+            extra=self.extra_state(),
+        ).as_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the next :meth:`start` continues after ``state["round"]``."""
-        if state.get("version") != STATE_VERSION:
-            raise CheckpointMismatchError(
-                f"checkpoint format {state.get('version')!r}; this code reads format {STATE_VERSION}."
-            )
-        if state.get("strategy") != self.__class__.__name__:
-            raise CheckpointMismatchError(
-                f"checkpoint was written by strategy {state.get('strategy')!r}, not {self.__class__.__name__!r}: "
-                "resume with the same strategy setting."
-            )
+        StrategyState.check(state, self.__class__.__name__)
         self.round_offset = int(state["round"])
         self.recorder.load(state)
         self.clients.load(state)

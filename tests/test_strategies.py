@@ -589,3 +589,13 @@ def test_evaluate_modes_are_explicit_and_the_round_end_hook_has_one_door():
     assert strategy._evaluation == before["_evaluation"]  # the loop's evaluation is left as it was
     assert Evaluation("test", send_best=True) != Evaluation("test")
     assert not hasattr(StrategyBase, "on_round_end")
+
+
+def test_checkpoint_format_is_unchanged_by_the_pieces():
+    """Old checkpoints still load: the pieces' keys side by side, as before base.py was split."""
+    strategy = build("fedavg", 2)
+    strategy.start(InProcessGrid(app, 2), initial_arrays(), num_rounds=1)
+    assert set(strategy.state_dict()) == {
+        "version", "strategy", "round", "records", "failures", "node_to_key", "best_loss", "best_round",
+        "evals_since_best", "stopped_early", "rng_state", "global", "initial", "client_best", "best_arrays",
+        "best_index"}
