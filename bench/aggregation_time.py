@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fellrec_flwr.config import SIMILARITY_BASES, FellRecSettings  # noqa: E402
 from strategies import fellrec_math  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "aggregation_time.csv"
@@ -83,7 +84,7 @@ def time_records(n: int, d: int, rng: np.random.Generator) -> tuple[float, float
     layout = FlatLayout.of(records[0])
     x = layout.stack(records)
     t1 = time.perf_counter()
-    balance = fellrec_math.dynamic_balance(x, 1.0 + 0.1 * rng.random(n), 0)
+    balance = fellrec_math.dynamic_balance(x, 1.0 + 0.1 * rng.random(n), 0, FellRecSettings())
     t2 = time.perf_counter()
     y = fellrec_math.aggregate(balance.weights, x)
     t3 = time.perf_counter()
@@ -97,11 +98,12 @@ def time_one(n: int, d: int, basis: str, repeats: int, rng: np.random.Generator)
     x = rng.standard_normal((n, d), dtype=np.float32)
     reference = rng.standard_normal((n, d), dtype=np.float32) if basis == "updates" else None
     losses = 1.0 + 0.1 * rng.random(n)
+    settings = FellRecSettings(similarity_basis=basis)
     out = np.empty_like(x)
     balance_times, aggregate_times = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        balance = fellrec_math.dynamic_balance(x, losses, 0, reference=reference)
+        balance = fellrec_math.dynamic_balance(x, losses, 0, settings, reference=reference)
         t1 = time.perf_counter()
         fellrec_math.aggregate(balance.weights, x, out=out)
         t2 = time.perf_counter()
@@ -190,10 +192,10 @@ def time_end_to_end(n: int, d: int, basis: str, repeats: int, rng: np.random.Gen
     replies = reply_messages(n, d, rng)
     # Memory first, in a fresh first-round pass (untimed): the peak resident memory the call
     # adds (Linux: VmHWM after resetting it; sees the mmap'd matrix too).
-    peak = peak_rss_during(lambda: FellRec(similarity_basis=basis).aggregate_train(1, replies))
+    peak = peak_rss_during(lambda: FellRec(FellRecSettings(similarity_basis=basis)).aggregate_train(1, replies))
     release_memory()
     times, cpu, steps = [], [], []
-    strategy = FellRec(similarity_basis=basis)
+    strategy = FellRec(FellRecSettings(similarity_basis=basis))
     for _ in range(repeats):  # one server, several rounds: the first allocates, later ones reuse
         timer = _StepTimer()
         timer.wrap(FlatLayout, "stack", "stack_s")
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="10,50,100,200", help="comma-separated client counts")
     parser.add_argument("--params", default="18432,460800,4194304", help="comma-separated LoRA sizes")
-    parser.add_argument("--basis", default="parameters", choices=["parameters", "updates", "delta-w"],
+    parser.add_argument("--basis", default="parameters", choices=SIMILARITY_BASES,
                         help="similarity basis (delta-w only with --end-to-end)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--max-gb", type=float, default=6.0, help="skip combinations needing more RAM")

@@ -22,11 +22,11 @@ Phases:
 - train: `fellrec_flwr.model.retrieval.train_retrieval_states` runs only the top 4 layers.
   Federated methods: R rounds; in each, every client trains one local epoch over its pool from
   the adapter it received (a fresh AdamW per round, as a Flower client does), then the server
-  aggregates with the pure functions the strategies call (`strategies.fellrec_math`):
-  FedAvg = the example-weighted mean; FELLRec = `dynamic_balance` with the paper's defaults
-  (`FellRecSettings()`), applied with `aggregate`; FELLRec+ = the same with the preset of
-  `strategies.fellrec_plus.PRESET` (delta-w cosine via `delta_w_cosine`, softmax kernel, tau
-  0.5); local = no aggregation. Round 1 starts from the same seeded LoRA init with the same
+  aggregates with the functions the strategies call: FedAvg = the example-weighted mean;
+  FELLRec = `strategies.fellrec.round_balance` with the paper's defaults (`FellRecSettings()`),
+  applied with `fellrec_math.aggregate`; FELLRec+ = the same with the preset of
+  `strategies.fellrec_plus.PRESET` (delta-w basis, softmax kernel, tau 0.5); local = no
+  aggregation. Round 1 starts from the same seeded LoRA init with the same
   batches for every federated method, so it is trained once and shared. Centralized: one
   adapter, one epoch over the union of the pools per "round" (the same examples per client).
   Adapters per round are kept (safetensors) under --states-cache;
@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 SHARED = Path(os.environ.get("FELLREC_SHARED", ROOT.parent / "shared"))
 KS = (10, 20)
+from fellrec_flwr.config import PARTITIONERS  # noqa: E402
 from games_retrieval import add_model_args  # noqa: E402 (bench/ is on the path above)
 
 METHODS = ("centralized", "local", "fedavg", "fellrec", "fellrec+")
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--games", default=str(SHARED / "data" / "amazon-games"))
     ap.add_argument("--model", default=str(SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "games_federated"))
-    ap.add_argument("--partitioner", default="iid", choices=("iid", "kmeans", "dirichlet"))
+    ap.add_argument("--partitioner", default="iid", choices=PARTITIONERS)
     ap.add_argument("--num-clients", type=int, default=5)
     ap.add_argument("--test-users", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=2024)
@@ -328,12 +329,16 @@ def unstack(row: np.ndarray, keys: list[str], shapes: dict) -> dict:
     return out
 
 
-def aggregate(method: str, states: list[dict], losses: list[float], examples: list[int], t: int):
-    """The server step of `method` on this round's uploads: (per-client states, weight matrix W)."""
-    from dataclasses import asdict
+def aggregate(method: str, states: list[dict], losses: list[float], examples: list[int], t: int,
+              received: list[dict]):
+    """The server step of `method` on this round's uploads (`received`: what each client trained
+    from): (per-client states, weight matrix W). FELLRec's is the strategy's own `round_balance`."""
+    from flwr.app import Array, ArrayRecord
 
     from fellrec_flwr.config import FellRecSettings
     from strategies import fellrec_math
+    from strategies.arrays import FlatLayout
+    from strategies.fellrec import round_balance
     from strategies.fellrec_plus import preset_settings
 
     n = len(states)
@@ -345,22 +350,9 @@ def aggregate(method: str, states: list[dict], losses: list[float], examples: li
         weights = np.tile(w, (n, 1))
     else:
         settings = FellRecSettings() if method == "fellrec" else preset_settings(FellRecSettings())
-        s = asdict(settings)
-        cosine = None
-        if s["similarity_basis"] == "delta-w":
-            pairs = []
-            for k in keys:
-                if "lora_A" in k:
-                    b = k.replace("lora_A", "lora_B")
-                    pairs.append((np.stack([x[k] for x in states]), np.stack([x[b] for x in states])))
-            cosine = fellrec_math.delta_w_cosine(pairs)
-        elif s["similarity_basis"] != "parameters":
-            raise SystemExit(f"similarity basis {s['similarity_basis']} is not wired in this bench")
-        balance = fellrec_math.dynamic_balance(
-            None if cosine is not None else stacked, np.asarray(losses), t, alpha=s["alpha"], beta=s["beta"],
-            temperature=s["temperature"], heating=s["heating"], exponent=s["heating_exponent"],
-            kernel=s["similarity_kernel"], similarity_temperature=s["similarity_temperature"], cosine=cosine)
-        weights = balance.weights
+        layout = FlatLayout.of(ArrayRecord({k: Array(states[0][k]) for k in keys}))  # stack()'s order
+        weights = round_balance(settings, layout, stacked, np.asarray(losses), t,
+                                received=lambda: stack(received)[0]).weights
     mixed = fellrec_math.aggregate(weights.astype(np.float32), stacked)
     return [unstack(row, keys, shapes) for row in mixed], weights
 
@@ -408,7 +400,8 @@ def phase_train(setup: Setup, methods: list[str]) -> None:
                 entries[c] = entry
             t0 = time.process_time()
             states, weights = aggregate(method, trained, [entries[c]["loss"] for c in range(args.num_clients)],
-                                        [entries[c]["examples"] for c in range(args.num_clients)], r - 1)
+                                        [entries[c]["examples"] for c in range(args.num_clients)], r - 1,
+                                        received=states)
             for p, s in zip(paths, states):
                 save_adapter(p, s)
             log["rounds"].append({"round": r, "clients": {str(c): entries[c] for c in entries},

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fellrec_flwr.config import LoraSettings, ModelConfig  # noqa: E402
+from fellrec_flwr.config import QUANTIZATIONS, LoraSettings, ModelConfig  # noqa: E402
 from fellrec_flwr.model.loading import add_lora, load_base_model  # noqa: E402
 from fellrec_flwr.train.trainer import model_device, optimizer_step  # noqa: E402
 
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"],
+    ap.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                     help="bitsandbytes base model (needs --device cuda)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--work-dir", default=str(ROOT / "bench" / "results" / "tmp"))

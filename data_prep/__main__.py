@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_prep.errors import DataPrepError
     from data_prep.prepare import prepare
     from fellrec_flwr.data.prepared import PreparedData, PreparedDataError
-    from fellrec_flwr.runtime import cache_root
+    from fellrec_flwr.paths import cache_root
 
     settings = DataSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataSettings)})
     started = time.perf_counter()

@@ -11,7 +11,7 @@ from datasets import Dataset
 from flwr_datasets.partitioner import IidPartitioner, Partitioner
 
 from data_prep.errors import DataPrepError
-from data_prep.partitioners import KMEANS_N_INIT, kmeans_labels
+from data_prep.kmeans import KMEANS_N_INIT, kmeans_labels
 
 
 def _column(dataset: Dataset, name: str) -> np.ndarray:

@@ -26,22 +26,12 @@ if TYPE_CHECKING:  # imported where used: flwr-datasets, datasets and scikit-lea
     from flwr_datasets.partitioner import Partitioner
 
 from data_prep.errors import DataPrepError
+from data_prep.kmeans import kmeans_labels
 
-KMEANS_N_INIT = 10
 DIRICHLET_CATEGORIES = 10
 # A Dirichlet client must hold at least this share of an even split of the users
 # (flwr-datasets redraws the proportions up to 10 times otherwise).
 DIRICHLET_MIN_SHARE = 0.1
-
-
-def kmeans_labels(vectors: np.ndarray, k: int, seed: int, n_init: int = KMEANS_N_INIT) -> np.ndarray:
-    """Seeded K-means labels. One BLAS/OpenMP thread: on a shared 2-core machine more threads
-    made it 4x slower, and a single thread is deterministic."""
-    from sklearn.cluster import KMeans  # imported when used: ~100 MB a data reader does not need
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        return KMeans(k, n_init=n_init, random_state=seed).fit_predict(np.asarray(vectors, dtype=np.float64))
 
 
 def item_categories(item_embeddings: np.ndarray, seed: int, num_categories: int = DIRICHLET_CATEGORIES) -> np.ndarray:

@@ -32,13 +32,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from data_prep import bpr, partitioners, readers, splits
+from data_prep import bpr, kmeans, partitioners, readers, splits
 from data_prep.demo import DEMO_VERSION, read_demo
 from data_prep.errors import DataPrepError
 from data_prep.readers import SourceData, TableColumns
 from fellrec_flwr.atomic import atomic_dir, atomic_to_parquet, atomic_write_json
 from fellrec_flwr.config import DATA_ORDERS, DATASETS, PARTITIONERS, DataSettings
-from fellrec_flwr.data.prepared import FORMAT_VERSION, MANIFEST, PreparedData, PreparedDataError, sha256_file
+from fellrec_flwr.data.prepared import (FORMAT_VERSION, MANIFEST, PreparedData, PreparedDataError, adopt_settings,
+                                        resolved_path, sha256_file)
 
 CREATED_BY = f"fellrec-flwr data_prep (format {FORMAT_VERSION})"
 
@@ -64,7 +65,7 @@ def recipe() -> dict[str, Any]:
         "min_sequence": splits.MIN_SEQUENCE,
         "amazon_core": readers.AMAZON_CORE,
         "bpr": dataclasses.asdict(bpr.BprRecipe()),
-        "kmeans_n_init": partitioners.KMEANS_N_INIT,
+        "kmeans_n_init": kmeans.KMEANS_N_INIT,
         "dirichlet_categories": partitioners.DIRICHLET_CATEGORIES,
         "dirichlet_min_share": partitioners.DIRICHLET_MIN_SHARE,
         "demo_version": DEMO_VERSION,
@@ -82,15 +83,11 @@ def table_columns(settings: DataSettings) -> TableColumns:
                         settings.sep, settings.order, settings.interactions_file, settings.items_file)
 
 
-def _resolved_path(settings: DataSettings) -> str:
-    return str(Path(settings.path).expanduser().resolve()) if settings.dataset != "demo" and settings.path else ""
-
-
 def data_settings_dict(settings: DataSettings) -> dict[str, Any]:
     """The data settings that shape this source's content (path resolved, unused keys out)."""
     out = dataclasses.asdict(settings)
     out.pop("prepared_dir")  # where it is written, not what
-    out["path"] = _resolved_path(settings)
+    out["path"] = resolved_path(settings)
     if settings.dataset != "table":
         for key in TABLE_ONLY:
             out.pop(key)
@@ -290,45 +287,6 @@ def _lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _key(name: str) -> str:
-    return "data." + name.replace("_", "-")
-
-
-def adopt_settings(settings: DataSettings, manifest: dict[str, Any]) -> tuple[DataSettings, list[str]]:
-    """The run's data settings made to agree with a prepared folder's, or an error naming each
-    setting that differs.
-
-    A setting the run leaves at its default is taken from the folder (returned as a note);
-    one the run sets to another value than the folder's is a conflict; ``data.num-clients``
-    must always match (the federation has that many clients). The seed and the pipeline's
-    recipe are not compared: the folder is the data.
-    """
-    recorded = {k: v for k, v in manifest.get("settings", {}).items() if k not in ("seed", "recipe")}
-    defaults = dataclasses.asdict(DataSettings())
-    run = dataclasses.asdict(settings)
-    adopted: dict[str, Any] = {}
-    conflicts: list[str] = []
-    for name in ("dataset", *sorted(set(recorded) - {"dataset"})):  # dataset first: it decides the rest
-        if name not in run or name not in recorded:
-            continue
-        current = _resolved_path(dataclasses.replace(settings, **adopted)) if name == "path" else run[name]
-        if current == recorded[name]:
-            continue
-        if run[name] == defaults[name] and name != "num_clients":
-            adopted[name] = recorded[name]
-        else:
-            default = " (the default)" if run[name] == defaults[name] else ""
-            conflicts.append(f"{_key(name)}: this run {run[name]!r}{default}, the folder {recorded[name]!r}")
-    if conflicts:
-        raise DataPrepError(
-            f"{settings.prepared_dir} was prepared with other settings: " + "; ".join(conflicts) + ". Use the "
-            "folder's values (a data.* key left out takes the folder's value; data.num-clients must match, and "
-            "min-clients and the number of SuperNodes with it), or set data.prepared-dir to a new folder to "
-            "prepare these settings there.")
-    notes = [f"{_key(k)}={v!r} (from the folder)" for k, v in adopted.items()]
-    return dataclasses.replace(settings, **adopted), notes
-
-
 def _stale_source(settings: DataSettings, manifest: dict[str, Any]) -> str:
     """Which recorded source file changed since preparation ("" if none, or if the sources are
     not reachable here: a prepared folder may travel without them)."""
@@ -353,7 +311,10 @@ def _reusable(folder: Path, settings: DataSettings, content: dict[str, Any], exp
     if manifest is not None:
         if not explicit:  # a settings-keyed cache folder: exactly these settings and sources
             return manifest.get("settings") == content and manifest.get("source") == source_fingerprint(settings)
-        effective, _notes = adopt_settings(settings, manifest)
+        try:
+            effective, _notes = adopt_settings(settings, manifest)
+        except PreparedDataError as err:  # raised by the library, where runs adopt a folder's settings too
+            raise DataPrepError(str(err)) from None
         stale = _stale_source(effective, manifest)
         if stale:
             raise DataPrepError(f"{folder} is out of date: {stale}. Prepare again (delete the folder and rerun), "

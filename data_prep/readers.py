@@ -49,6 +49,7 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+from fellrec_flwr.config import DATA_ORDERS
 from fellrec_flwr.progress import tqdm
 
 from data_prep.errors import DataPrepError
@@ -425,8 +426,8 @@ def read_table(path: str | Path, columns: TableColumns = TableColumns(), k: int 
     item has no (non-empty) title, the k-core filter (`k`, 0 = off) and titles of items nobody
     interacted with.
     """
-    if columns.order not in ("time", "file"):
-        raise DataPrepError(f"data.order={columns.order!r} is not one of time, file.")
+    if columns.order not in DATA_ORDERS:
+        raise DataPrepError(f"data.order={columns.order!r} is not one of {', '.join(DATA_ORDERS)}.")
     files = table_files(path, columns)
     sep = columns.csv_sep()
     inter = _read_frame(files["interactions"], sep)

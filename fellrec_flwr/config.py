@@ -206,6 +206,20 @@ class FellRecSettings:
     lr_scale: bool = False  # also scale each client's lr by its warm weight
     heating_loss: str = "raw"  # loss in the heating softmax: raw (authors) or normalised (/ own first-round loss)
 
+    def validate(self) -> "FellRecSettings":
+        """The fellrec.* checks, here once: FellRecConfig.validate and the FellRec strategy both call it."""
+        _choice("fellrec.heating-exponent", self.heating_exponent, HEATING_EXPONENTS)
+        _choice("fellrec.similarity-basis", self.similarity_basis, SIMILARITY_BASES)
+        _choice("fellrec.similarity-kernel", self.similarity_kernel, SIMILARITY_KERNELS)
+        _choice("fellrec.heating-loss", self.heating_loss, HEATING_LOSSES)
+        if self.beta <= 0:
+            raise ConfigError("fellrec.beta must be > 0 (the exponent uses 1/beta).")
+        for key, value in (("alpha", self.alpha), ("temperature", self.temperature),
+                           ("similarity-temperature", self.similarity_temperature)):
+            if not value > 0:
+                raise ConfigError(f"fellrec.{key}={value} must be > 0.")
+        return self
+
 
 @dataclass
 class SplitSettings:
@@ -247,10 +261,7 @@ class FellRecConfig:
         _choice("data.partitioner", self.data.partitioner, PARTITIONERS)
         _choice("data.dataset", self.data.dataset, DATASETS)
         _choice("data.order", self.data.order, DATA_ORDERS)
-        _choice("fellrec.heating-exponent", self.fellrec.heating_exponent, HEATING_EXPONENTS)
-        _choice("fellrec.similarity-basis", self.fellrec.similarity_basis, SIMILARITY_BASES)
-        _choice("fellrec.similarity-kernel", self.fellrec.similarity_kernel, SIMILARITY_KERNELS)
-        _choice("fellrec.heating-loss", self.fellrec.heating_loss, HEATING_LOSSES)
+        self.fellrec.validate()
         _choice("model.quantization", self.model.quantization, QUANTIZATIONS)
         _choice("eval.decoding", self.eval.decoding, DECODINGS)
         _positive("eval.constrained-beams", self.eval.constrained_beams)
@@ -293,8 +304,6 @@ class FellRecConfig:
                 f"min-clients={self.min_clients} exceeds data.num-clients={self.data.num_clients}; "
                 "lower min-clients or raise data.num-clients."
             )
-        if self.fellrec.beta <= 0:
-            raise ConfigError("fellrec.beta must be > 0 (the exponent uses 1/beta).")
         if self.split.enabled and (self.split.front_k < 1 or self.split.back_k < 1):
             raise ConfigError("split.front-k and split.back-k must be >= 1 when split.enabled.")
         _plain_name("run-name", self.run_name)

@@ -28,11 +28,11 @@ def derive_seed(*parts: Any) -> int:
 
 
 def prepare_data(cfg: FellRecConfig) -> PreparedData:
-    from data_prep.prepare import prepare
+    from fellrec_flwr.data.on_demand import prepare_folder
 
     key = json.dumps({"data": asdict(cfg.data), "seed": cfg.seed, "root": str(cache_root())}, sort_keys=True)
     if key not in _DATA:  # the ServerApp asks several times (LoRA shapes, baselines, adapters)
-        _DATA[key] = PreparedData.load(prepare(cfg.data, cache_root(), seed=cfg.seed))
+        _DATA[key] = PreparedData.load(prepare_folder(cfg.data, cache_root(), seed=cfg.seed))
     return _DATA[key]
 
 
@@ -113,7 +113,8 @@ def get_runtime(cfg: FellRecConfig) -> Runtime:
 
         from fellrec_flwr.split.runtime import client_lora_settings
 
-        model = add_lora(base, client_lora_settings(cfg, base.config.num_hidden_layers), seed=cfg.seed)
+        # the plan load_client_part cut the model with (None without split)
+        model = add_lora(base, client_lora_settings(cfg.lora, getattr(base, "split_plan", None)), seed=cfg.seed)
         from fellrec_flwr.model.precision import use_tf32
 
         use_tf32(cfg.train.tf32, next(model.parameters()).device)
@@ -164,11 +165,21 @@ def _item_head_model(cfg: FellRecConfig, data: PreparedData) -> Any:
 def server_lora_settings(cfg: FellRecConfig) -> tuple[Any, Any]:
     """(model config, LoRA settings as the clients apply them), from the config alone."""
     from fellrec_flwr.model.parts import base_config
+    from fellrec_flwr.split.plan import plan_from_settings
     from fellrec_flwr.split.runtime import client_lora_settings
 
     data = prepare_data(cfg)
     config = base_config(cfg.model, data.titles, data.path)
-    return config, client_lora_settings(cfg, config.num_hidden_layers)
+    return config, client_lora_settings(cfg.lora, plan_from_settings(cfg.split, config.num_hidden_layers))
+
+
+def model_checkpoint(cfg: FellRecConfig) -> Any:
+    """The safetensors folder of cfg.model (the tiny model and GGUF conversions live beside the
+    prepared data), prepared once: what a split service loads its middle layers from."""
+    from fellrec_flwr.model.parts import checkpoint_for
+
+    data = prepare_data(cfg)
+    return checkpoint_for(cfg.model, data.titles, data.path)
 
 
 def initial_lora(cfg: FellRecConfig) -> dict[str, Any]:

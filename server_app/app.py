@@ -30,7 +30,7 @@ from fellrec_flwr.eval.results import (
     PER_USER_FILE, atomic_write_json, final_intervals, plot_run, run_per_user_rows, summarise, write_metrics_csv,
     write_per_user_csv,
 )
-from fellrec_flwr.runtime import initial_lora, prepare_data, save_adapter
+from fellrec_flwr.runtime import initial_lora, model_checkpoint, prepare_data, save_adapter
 from strategies import make_strategy
 
 app = ServerApp()
@@ -61,7 +61,7 @@ def split_service(cfg: FellRecConfig) -> Iterator[FellRecConfig]:
         return
     from server_app.split_service import start_service_for_run
 
-    handle = start_service_for_run(cfg)
+    handle = start_service_for_run(cfg, model_checkpoint(cfg))  # the ServerApp prepares; the service loads
     log(INFO, "Split-inference service for this run at %s", handle.url)
     try:
         yield replace(cfg, split=replace(cfg.split, service_url=handle.url))
@@ -110,7 +110,6 @@ def main(grid: Grid, context: Context) -> None:
         plot_run(frame, run_dir, cfg.resolved_run_name(), per_user)
         plot_balance(frame, run_dir, cfg.resolved_run_name())  # FELLRec's client x client weights
 
-    strategy.on_round_end = on_round_end
     remaining = cfg.num_server_rounds - start_round
     with split_service(cfg) as run_cfg:
         # Clients learn the URL of a service started for this run from every message.
@@ -120,6 +119,7 @@ def main(grid: Grid, context: Context) -> None:
                 grid=grid, initial_arrays=initial, num_rounds=remaining,
                 train_config=ConfigRecord({"seed": cfg.seed, **split_url}),
                 evaluate_config=ConfigRecord({"split": "valid", **split_url}),
+                on_round_end=on_round_end,
             )
             final_arrays = result.arrays if result.arrays is not None else initial
         else:
@@ -134,7 +134,7 @@ def main(grid: Grid, context: Context) -> None:
                **summarise(frame, cfg.eval.final_split),
                "intervals": final_intervals(per_user, cfg.strategy, cfg.eval.final_split)}
     summary["test_adapter"] = {"choice": cfg.eval.test_adapter,  # which round each client's tested adapter is from
-                               "best_valid_round": {str(k): r for k, (r, _) in sorted(strategy.client_best.items())}}
+                               "best_valid_round": {str(k): r for k, (r, _) in sorted(strategy.best.client_best.items())}}
     atomic_write_json(run_dir / "summary.json", summary)
     plot_run(frame, run_dir, cfg.resolved_run_name(), per_user)
     save_adapters(cfg, strategy, final_arrays, run_dir)

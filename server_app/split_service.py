@@ -293,10 +293,12 @@ def start_service(model: Any, secret: bytes, front_k: int = 1, back_k: int = 1, 
     return ServiceHandle(url, host, int(bound), service, server)
 
 
-def start_service_for_run(cfg: Any, secret_file: str | Path | None = None) -> ServiceHandle:
-    """Simulation convenience: serve this run's middle layers on loopback.
+def start_service_for_run(cfg: Any, checkpoint: str | Path, secret_file: str | Path | None = None) -> ServiceHandle:
+    """Simulation convenience: serve this run's middle layers on loopback, from `checkpoint` (the
+    model's safetensors folder, `fellrec_flwr.runtime.model_checkpoint(cfg)`; the service itself
+    prepares no data).
 
-    Only the middle layers are read from the checkpoint (`model_parts.load_server_part`; 8/4-bit
+    Only the middle layers are read from the checkpoint (`fellrec_flwr.model.parts.load_server_part`; 8/4-bit
     as configured), onto `split.service-device` (not `model.device`, the clients'). The secret is read
     from `secret_file` (default
     `<cache>/split-secret.txt`, created with mode 600 if absent); simulated clients on the same
@@ -307,19 +309,17 @@ def start_service_for_run(cfg: Any, secret_file: str | Path | None = None) -> Se
     from fellrec_flwr.model.loading import resolve_device
     from fellrec_flwr.model.parts import load_server_part
     from fellrec_flwr.model.precision import use_tf32
-    from fellrec_flwr.runtime import prepare_data
     from fellrec_flwr.split.auth import write_secret
 
     resolve_device(cfg.split.service_device, key="split.service-device")  # a bad value named as such
     path = Path(secret_file or default_secret_file())
     if not path.exists():
         write_secret(path)
-    data = prepare_data(cfg)  # the tiny model's tokenizer and converted checkpoints live in this folder
-    body = load_server_part(replace(cfg.model, device=cfg.split.service_device), data.titles, data.path,
-                            cfg.split.front_k, cfg.split.back_k)
+    body = load_server_part(replace(cfg.model, device=cfg.split.service_device), checkpoint, cfg.split.front_k,
+                            cfg.split.back_k)
     device = next(body.parameters()).device
     use_tf32(cfg.train.tf32, device)
-    return start_service(body, load_secret(path), cfg.split.front_k, cfg.split.back_k, device=str(device))
+    return start_service(body, load_secret(path), body.plan.front_k, body.plan.back_k, device=str(device))
 
 
 def _tiny_model(args: argparse.Namespace) -> Any:

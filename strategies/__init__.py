@@ -82,19 +82,6 @@ def make_strategy(cfg: FellRecConfig) -> StrategyBase:
     if cfg.strategy == "fedsa-lora":
         return FedSaLora(**common)
     if cfg.strategy in ("fellrec", "fellrec+"):
-        f = cfg.fellrec if cfg.strategy == "fellrec" else preset_settings(cfg.fellrec)
-        return FellRec(
-            **common,
-            alpha=f.alpha,
-            beta=f.beta,
-            temperature=f.temperature,
-            heating=f.heating,
-            heating_exponent=f.heating_exponent,
-            similarity_basis=f.similarity_basis,
-            similarity_kernel=f.similarity_kernel,
-            similarity_temperature=f.similarity_temperature,
-            lr_scale=f.lr_scale,
-            heating_loss=f.heating_loss,
-        )
+        return FellRec(cfg.fellrec if cfg.strategy == "fellrec" else preset_settings(cfg.fellrec), **common)
     raise ValueError(f"strategy={cfg.strategy!r} is not one of fellrec, fellrec+, fedavg, fedprox, ffa-lora, "
                      "fedsa-lora, local.")

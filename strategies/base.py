@@ -13,15 +13,16 @@ not meet:
 - ``_connected_nodes``: a node wait with a timeout; Flower's ``sample_nodes`` waits forever.
 - ``_sample``: a seeded sampler whose state is checkpointed (``sample_nodes`` draws from the
   global ``random``), so a resumed run samples as an uninterrupted one would.
-- client identity (``client_key_of``, ``_identify_nodes``): state is keyed by the replies'
-  "client-key" (the partition id), because node ids change when a SuperNode restarts.
-- ``_collect``: one row (round, client, split, metric, value) per reply metric, the
-  columns of ``fellrec_flwr.eval.results.METRIC_COLUMNS``, and failures traced to clients:
-  FedAvg keeps only the means, and an error reply's ``src_node_id`` may be the SuperLink,
-  so the sent messages are kept and matched through ``reply_to_message_id``.
+- client identity (``clients``, a ``strategies.clients.ClientRegistry``): state is keyed by the
+  replies' "client-key" (the partition id), because node ids change when a SuperNode restarts.
+- ``_collect``: every reply's numbers to the ``recorder``
+  (``fellrec_flwr.eval.recorder.RunRecorder``: one row per metric, the columns of metrics.csv),
+  and failures traced to clients: FedAvg keeps only the means, and an error reply's
+  ``src_node_id`` may be the SuperLink, so the sent messages are kept and matched through
+  ``reply_to_message_id``.
 - ``aggregate_arrays``: the one step a strategy overrides to aggregate differently.
-- ``after_evaluate``: each client's best adapter, and early stopping on the
-  client-size-weighted validation loss.
+- ``after_evaluate``: feeds ``best`` (``strategies.best.BestAdapters``): each client's best
+  adapter, and early stopping on the client-size-weighted validation loss.
 - ``start``: calls Flower's ``Strategy.start`` for three things its 1.42 loop lacks:
   absolute rounds (Flower counts every ``start()`` from 1; ``absolute_round`` adds the
   rounds a resumed run already did), a round-end hook for checkpoints and metric files
@@ -29,15 +30,16 @@ not meet:
   round), and early stopping (``should_stop`` comes in 1.43; once stopped, the rounds left
   in Flower's loop send no messages).
 - ``evaluate_all``: one evaluation outside the loop (the final test split, best or last adapter).
-- ``state_dict()`` / ``load_state_dict()``: checkpoints in plain python/numpy.
+- ``state_dict()`` / ``load_state_dict()``: checkpoints in plain python/numpy, assembled by
+  ``StrategyState`` from the pieces above (each piece saves and loads its own keys).
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -51,9 +53,12 @@ from flwr.serverapp.strategy.strategy_utils import (
     validate_message_reply_consistency,
 )
 
-from .arrays import from_numpy_dict, to_numpy_dict
+from fellrec_flwr.eval.recorder import SERVER, RunRecorder
 
-CLIENT_KEY = "client-key"
+from .arrays import from_numpy_dict, to_numpy_dict
+from .best import BestAdapters
+from .clients import CLIENT_KEY, ClientRegistry
+
 TRAIN_LOSS = "train-loss"
 # Wall-clock metrics: recorded like the others, but they differ from run to run.
 TIMING_METRICS = ("round-seconds", "train-seconds", "peak-gpu-mb", "held-gpu-mb")
@@ -63,6 +68,54 @@ STATE_VERSION = 1
 
 RoundEndHook = Callable[[int, "StrategyBase"], None]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+@dataclass
+class StrategyState:
+    """A strategy's checkpoint, by piece: its loop's own (round, sampler, global and initial
+    arrays), then each piece's state (recorder, client registry, best adapters) and the
+    subclass's (``extra_state``: personal adapters, FELLRec's losses). :meth:`as_dict` is the
+    format saved (version ``STATE_VERSION``: the pieces' keys side by side, plain python and
+    numpy); each piece reads its own keys back (``load``)."""
+
+    strategy: str
+    round: int
+    rng_state: Any
+    global_arrays: dict[str, Any] | None
+    initial_arrays: dict[str, Any] | None
+    recorder: dict[str, Any]
+    clients: dict[str, Any]
+    best: dict[str, Any]
+    extra: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "strategy": self.strategy, "round": self.round,
+                **self.recorder, **self.clients, **self.best, "rng_state": self.rng_state,
+                "global": self.global_arrays, "initial": self.initial_arrays, **self.extra}
+
+    @staticmethod
+    def check(state: dict[str, Any], strategy: str) -> None:
+        """Refuse a checkpoint of another format or strategy, naming the fix."""
+        if state.get("version") != STATE_VERSION:
+            raise CheckpointMismatchError(
+                f"checkpoint format {state.get('version')!r}; this code reads format {STATE_VERSION}."
+            )
+        if state.get("strategy") != strategy:
+            raise CheckpointMismatchError(
+                f"checkpoint was written by strategy {state.get('strategy')!r}, not {strategy!r}: "
+                "resume with the same strategy setting."
+            )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation's mode: the split asked for, whether each client is sent its best adapter
+    (``evaluate_all(adapter="best")``) instead of its current one, and whether the losses feed
+    the best-adapter tracker and early stopping (the loop's validation only)."""
+
+    split: str
+    send_best: bool = False
+    tracks_best: bool = False
 
 
 class NoNodesConnectedError(RuntimeError):
@@ -98,9 +151,6 @@ class StrategyBase(FedAvg):
     state hooks (:class:`strategies.personal.PersonalisedBase` keeps one adapter per client).
     """
 
-    # Called as on_round_end(server_round, strategy) after every round, unless start() gets one.
-    on_round_end: RoundEndHook | None = None
-
     def __init__(
         self,
         *args: Any,
@@ -118,24 +168,15 @@ class StrategyBase(FedAvg):
         if eval_interval < 0 or early_stop_patience < 0 or node_wait_timeout < 0:
             raise ValueError("eval_interval, early_stop_patience and node_wait_timeout must be >= 0.")
         self.eval_interval = eval_interval  # evaluate every n rounds; 0 = only the last round
-        self.early_stop_patience = early_stop_patience  # evaluations without improvement; 0 = off
+        self.best = BestAdapters(patience=early_stop_patience)  # each client's best adapter; early stop
         self.node_wait_timeout = node_wait_timeout
         self.node_poll_interval = node_poll_interval
         self.identify_timeout = identify_timeout
         self.round_offset = 0  # rounds already completed (advanced by end_round, set by load_state_dict)
-        self.records: list[dict[str, Any]] = []
-        # Per-user target ranks from evaluate replies (run folder's per_user.csv); not checkpointed.
-        self.user_ranks: list[dict[str, Any]] = []
-        self.failures: list[dict[str, Any]] = []
-        self.node_to_key: dict[int, int] = {}
+        self.recorder = RunRecorder()  # every reply's numbers, per-user ranks and failures
+        self.clients = ClientRegistry()  # node id -> client key
         self.global_arrays: ArrayRecord | None = None
         self.initial_arrays: ArrayRecord | None = None
-        self.best_loss = math.inf
-        self.best_round = 0
-        self.evals_since_best = 0
-        self.stopped_early = False
-        self.client_best: dict[int, tuple[int, float]] = {}  # key -> (round, valid loss)
-        self._best_arrays: dict[int, ArrayRecord] = {}
         self._rng = random.Random(seed)
         # Set by start() for the length of Flower's loop.
         self._loop_offset = 0  # rounds done before this start(): Flower's round r is r + this
@@ -147,70 +188,26 @@ class StrategyBase(FedAvg):
         # Per stage: the messages of the current round (to trace error replies) and the arrays each node got.
         self._inflight: dict[str, list[Message]] = {"train": [], "evaluate": []}
         self._sent_arrays: dict[str, dict[int, ArrayRecord]] = {"train": {}, "evaluate": {}}
-        self._force_evaluate = False
-        self._eval_split = "valid"
-        self._send_best = False  # evaluate_all(adapter="best"): each client gets its best adapter
-        self._unidentifiable: set[int] = set()
+        # The evaluation in flight: Flower's aggregate_evaluate(round, replies) does not say which
+        # one its configure_evaluate started, so that one call leaves it here for the other.
+        self._evaluation = Evaluation("valid")
         self._degraded_to: int | None = None  # node count accepted after a wait timed out
-        self._warned_missing_key = False
 
     # ------------------------------------------------------------------ identities
-    def client_key_of(self, content: RecordDict, node_id: int) -> int:
-        """The reply's "client-key" metric; falls back to the node id (with one warning)."""
-        metrics = metrics_of(content)
-        if CLIENT_KEY in metrics:
-            return int(metrics[CLIENT_KEY])  # type: ignore[arg-type]
-        if not self._warned_missing_key:
-            log(WARNING, "Replies carry no %r metric: keying clients by node id (not stable across restarts).",
-                CLIENT_KEY)
-            self._warned_missing_key = True
-        return int(node_id)
-
-    def _remember(self, node_id: int, key: int) -> None:
-        for old in [n for n, k in self.node_to_key.items() if k == key and n != node_id]:
-            del self.node_to_key[old]  # the client came back under a new node id
-        self.node_to_key[node_id] = key
-        self._unidentifiable.discard(node_id)
+    @property
+    def node_to_key(self) -> dict[int, int]:
+        """node id -> client key, as far as known (:class:`strategies.clients.ClientRegistry`)."""
+        return self.clients.node_to_key
 
     def has_personal_state(self) -> bool:
         """True once clients have arrays of their own: nodes must then be identified before sending."""
         return False
 
-    def _identify_nodes(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
-        """Ask unknown nodes for their client-key (a QUERY message) before sending personal arrays.
-
-        Needed after a resume or a SuperNode restart: node ids are new, the keys are not.
-        A ClientApp without a query handler answers with an error; such nodes get the
-        fallback arrays, as new clients do.
-        """
-        sends_best = self._send_best and bool(self._best_arrays)  # best adapters are per client, too
-        if not sends_best and not self.has_personal_state():
-            return
-        unknown = [n for n in node_ids if n not in self.node_to_key and n not in self._unidentifiable]
-        if not unknown:
-            return
-        queries = [
-            Message(
-                content=RecordDict(
-                    {self.configrecord_key: ConfigRecord({"server-round": server_round, "want": CLIENT_KEY})}
-                ),
-                message_type=MessageType.QUERY,
-                dst_node_id=node_id,
-            )
-            for node_id in unknown
-        ]
-        for reply in grid.send_and_receive(queries, timeout=self.identify_timeout):
-            if reply.has_error() or not reply.content.metric_records:
-                continue
-            metrics = metrics_of(reply.content)
-            if CLIENT_KEY in metrics:
-                self._remember(reply.metadata.src_node_id, int(metrics[CLIENT_KEY]))  # type: ignore[arg-type]
-        missing = [n for n in unknown if n not in self.node_to_key]
-        if missing:
-            log(WARNING, "Could not identify nodes %s (no query reply with %r); they get the fallback arrays.",
-                missing, CLIENT_KEY)
-            self._unidentifiable.update(missing)
-        log(INFO, "Identified %d of %d new nodes by %r.", len(unknown) - len(missing), len(unknown), CLIENT_KEY)
+    def _identify_nodes(self, grid: Grid, node_ids: list[int], server_round: int, send_best: bool = False) -> None:
+        """Identify unknown nodes first when what they get depends on who they are."""
+        sends_best = send_best and bool(self.best.arrays)  # best adapters are per client, too
+        if sends_best or self.has_personal_state():
+            self.clients.identify(grid, node_ids, server_round, self.configrecord_key, self.identify_timeout)
 
     # ------------------------------------------------------------------ sampling
     def _connected_nodes(self, grid: Grid) -> list[int]:
@@ -266,13 +263,13 @@ class StrategyBase(FedAvg):
 
     def best_personal_arrays(self, client_key: int) -> ArrayRecord | None:
         """The client's adapter from the round with its lowest own valid loss (else its current one)."""
-        return self._best_arrays.get(client_key, self.personal_arrays(client_key))
+        return self.best.arrays.get(client_key, self.personal_arrays(client_key))
 
     def best_arrays_for_node(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
         """The node's client's best adapter by its own valid loss; its usual arrays if it has none."""
         key = self.node_to_key.get(node_id)
-        if key is not None and key in self._best_arrays:
-            return self._best_arrays[key]
+        if key is not None and key in self.best.arrays:
+            return self.best.arrays[key]
         return self.arrays_for_node(node_id, arrays)
 
     def add_train_config(self, config: ConfigRecord, node_id: int) -> None:
@@ -280,17 +277,17 @@ class StrategyBase(FedAvg):
         config["lr-scale"] = 1.0
 
     def _build_messages(self, stage: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        node_ids: list[int]) -> list[Message]:
+                        node_ids: list[int], evaluation: Evaluation | None = None) -> list[Message]:
         message_type = MessageType.TRAIN if stage == "train" else MessageType.EVALUATE
         messages, sent = [], {}
         for node_id in node_ids:
             node_config = ConfigRecord(dict(config))  # never mutate the caller's record
             node_config["server-round"] = server_round
-            if stage == "train":
+            if evaluation is None:
                 self.add_train_config(node_config, node_id)
             else:
-                node_config["split"] = self._eval_split
-            node_arrays = (self.best_arrays_for_node(node_id, arrays) if self._send_best and stage == "evaluate"
+                node_config["split"] = evaluation.split
+            node_arrays = (self.best_arrays_for_node(node_id, arrays) if evaluation is not None and evaluation.send_best
                            else self.arrays_for_node(node_id, arrays))
             sent[node_id] = node_arrays
             content = RecordDict({self.arrayrecord_key: node_arrays, self.configrecord_key: node_config})
@@ -317,27 +314,34 @@ class StrategyBase(FedAvg):
         return self._build_messages("train", server_round, arrays, config, node_ids)
 
     def evaluation_due(self, server_round: int) -> bool:
-        """Every eval_interval rounds, in the last round, and in evaluate_all."""
-        if self._force_evaluate or server_round == self._final_round:
+        """In the loop: every eval_interval rounds, and in the last round."""
+        if server_round == self._final_round:
             return True
         return self.eval_interval > 0 and server_round % self.eval_interval == 0
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """The loop's evaluation (when due): the config's split; a "valid" one feeds ``best``."""
         server_round = self.absolute_round(server_round)
+        split = str(config.get("split", "valid"))
+        self._evaluation = Evaluation(split, tracks_best=split == "valid")
+        due = self.fraction_evaluate > 0.0 and not self._skip_rest and self.evaluation_due(server_round)
+        return self._configure_evaluation(server_round, arrays, config, grid, self._evaluation, sample=due)
+
+    def _configure_evaluation(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                              evaluation: Evaluation, sample: bool = True) -> list[Message]:
         node_ids: list[int] = []
-        if self.fraction_evaluate > 0.0 and not self._skip_rest and self.evaluation_due(server_round):
-            self._eval_split = str(config.get("split", "valid"))
+        if sample:
             node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate")
-            self._identify_nodes(grid, node_ids, server_round)
-        return self._build_messages("evaluate", server_round, arrays, config, node_ids)
+            self._identify_nodes(grid, node_ids, server_round, send_best=evaluation.send_best)
+        return self._build_messages("evaluate", server_round, arrays, config, node_ids, evaluation)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round = self.absolute_round(server_round)
-        collected = self._collect(server_round, replies, "train")
+        collected = self._collect(server_round, replies, "train", "train")
         if not collected:
             return None, None
         # Kept here, not taken from Flower's loop: this round's evaluation may already need it.
@@ -350,11 +354,15 @@ class StrategyBase(FedAvg):
         return aggregate_arrayrecords([reply.content for _, _, reply in collected], self.weighted_by_key)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        server_round = self.absolute_round(server_round)
-        collected = self._collect(server_round, replies, "evaluate")
+        return self._aggregate_evaluation(self.absolute_round(server_round), replies, self._evaluation)
+
+    def _aggregate_evaluation(self, server_round: int, replies: Iterable[Message],
+                              evaluation: Evaluation) -> MetricRecord | None:
+        collected = self._collect(server_round, replies, "evaluate", evaluation.split)
         if not collected:
             return None
-        self.after_evaluate(server_round, collected)
+        if evaluation.tracks_best:
+            self.after_evaluate(server_round, collected)
         contents = [reply.content for _, _, reply in collected]
         return self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key)
 
@@ -364,34 +372,21 @@ class StrategyBase(FedAvg):
         Each client keeps the arrays with its own lowest valid loss (the authors' protocol);
         early stopping looks at the loss weighted by each client's number of examples.
         """
-        if self._eval_split != "valid" or self._force_evaluate:
-            return
-        total, weight = 0.0, 0.0
+        evaluations = []
         for key, node_id, reply in collected:
             metrics = metrics_of(reply.content)
             if EVAL_LOSS not in metrics:
-                return
-            loss_i = float(metrics[EVAL_LOSS])  # type: ignore[arg-type]
-            if loss_i < self.client_best.get(key, (0, math.inf))[1]:
-                self.client_best[key] = (server_round, loss_i)
-                self._best_arrays[key] = self._sent_arrays["evaluate"][node_id]
-            n = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
-            total += loss_i * n
-            weight += n
-        if weight <= 0:
-            return
-        loss = total / weight
-        if loss < self.best_loss:
-            self.best_loss, self.best_round, self.evals_since_best = loss, server_round, 0
-        else:
-            self.evals_since_best += 1
-        log(INFO, "\t└──> weighted valid loss %.5f (best %.5f at round %d)",
-            loss, self.best_loss, self.best_round)
-        if self.early_stop_patience and self.evals_since_best >= self.early_stop_patience:
-            self.stopped_early = True
+                return  # a strategy test app without losses: nothing to track
+            evaluations.append((key, float(metrics[EVAL_LOSS]), float(metrics[self.weighted_by_key]),  # type: ignore[arg-type]
+                                self._sent_arrays["evaluate"][node_id]))
+        loss = self.best.observe(server_round, evaluations)
+        if loss is not None:
+            log(INFO, "\t└──> weighted valid loss %.5f (best %.5f at round %d)",
+                loss, self.best.best_loss, self.best.best_round)
 
     # ------------------------------------------------------------------ replies: rows and failures
-    def _collect(self, server_round: int, replies: Iterable[Message], stage: str) -> list[tuple[int, int, Message]]:
+    def _collect(self, server_round: int, replies: Iterable[Message], stage: str,
+                 split: str = "train") -> list[tuple[int, int, Message]]:
         """Valid replies as (client_key, node_id, reply) sorted by key; records rows and failures."""
         replies = list(replies)
         if not replies and not self._inflight[stage]:
@@ -405,26 +400,18 @@ class StrategyBase(FedAvg):
                 weighted_by_key=self.weighted_by_key,
                 check_arrayrecord=stage == "train",
             )
-        split = "train" if stage == "train" else self._eval_split
         out = []
         for reply in valid:
             node_id = reply.metadata.src_node_id
-            key = self.client_key_of(reply.content, node_id)
-            self._remember(node_id, key)
+            key = self.clients.key_of(metrics_of(reply.content), node_id)
+            self.clients.remember(node_id, key)
             out.append((key, node_id, reply))
-            for metric, value in metrics_of(reply.content).items():
-                if metric != CLIENT_KEY and isinstance(value, (int, float)):
-                    self.records.append({"round": server_round, "client": key, "split": split,
-                                         "metric": metric, "value": float(value)})
+            self.recorder.add_metrics(server_round, key, split, metrics_of(reply.content), skip=(CLIENT_KEY,))
             per_user = reply.content.config_records.get(PER_USER)
             if stage != "train" and per_user is not None:
-                ranks = {"round": server_round, "client": key, "split": split,
-                         "user_ids": list(per_user["user-ids"]),  # type: ignore[arg-type]
-                         "target_ranks": list(per_user["target-ranks"])}  # type: ignore[arg-type]
-                if "targets" in per_user and "top10" in per_user:  # per_user.csv's item columns
-                    ranks["targets"] = list(per_user["targets"])  # type: ignore[arg-type]
-                    ranks["top10"] = list(per_user["top10"])  # type: ignore[arg-type]
-                self.user_ranks.append(ranks)
+                self.recorder.add_user_ranks(server_round, key, split, per_user["user-ids"],  # type: ignore[arg-type]
+                                             per_user["target-ranks"],  # type: ignore[arg-type]
+                                             per_user.get("targets"), per_user.get("top10"))  # per_user.csv's items
         out.sort(key=lambda item: item[0])
         for (key_a, node_a, _), (key_b, node_b, _) in zip(out, out[1:]):
             if key_a == key_b:
@@ -451,29 +438,33 @@ class StrategyBase(FedAvg):
                 failed.append((message.metadata.dst_node_id, "no reply before the timeout"))
         for node_id, reason in failed:
             key = self.node_to_key.get(node_id)
-            self.failures.append({"round": server_round, "stage": stage, "node_id": node_id,
-                                  "client": key, "reason": reason})
+            self.recorder.add_failure(server_round, stage, node_id, key, reason)
             log(WARNING, "\t> %s failed in round %d for node %d (client-key %s): %s",
                 stage, server_round, node_id, key, reason)
 
+    # The recorder's rows, read where a run writes its files (and by tests).
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return self.recorder.records
+
+    @property
+    def user_ranks(self) -> list[dict[str, Any]]:
+        return self.recorder.user_ranks
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        return self.recorder.failures
+
     def failed_clients(self, server_round: int | None = None, stage: str = "train") -> Any:
-        """Client keys (None when never identified) that failed in a round; all rounds as {round: keys}."""
-        if server_round is not None:
-            return [f["client"] for f in self.failures if f["round"] == server_round and f["stage"] == stage]
-        by_round: dict[int, list[int | None]] = {}
-        for f in self.failures:
-            if f["stage"] == stage:
-                by_round.setdefault(f["round"], []).append(f["client"])
-        return by_round
+        return self.recorder.failed_clients(server_round, stage)
 
     def metric_rows(self) -> list[dict[str, Any]]:
         """All per-client rows so far (round, client, split, metric, value); restored on resume."""
-        return [dict(r) for r in self.records]
+        return self.recorder.metric_rows()
 
     def client_keys(self) -> list[int]:
         """Every client key seen in a reply (or restored from a checkpoint)."""
-        seen = {int(r["client"]) for r in self.records if int(r["client"]) >= 0}  # -1: server rows
-        return sorted(seen | set(self.node_to_key.values()))
+        return sorted(self.recorder.clients() | set(self.node_to_key.values()))
 
     # ------------------------------------------------------------------ the loop: Flower's
     def start(
@@ -491,7 +482,7 @@ class StrategyBase(FedAvg):
 
         Rounds are absolute everywhere (messages, records, checkpoints, Result keys); only
         Flower's "[ROUND r/N]" log line counts from 1. ``on_round_end(round, strategy)``
-        runs after every round (default: the ``on_round_end`` attribute); no round starts
+        runs after every round (the only way to set it); no round starts
         after ``stopped_early`` is set. ``initial_arrays``: a fresh run's starting point,
         or the checkpoint's global arrays on resume.
         """
@@ -504,7 +495,7 @@ class StrategyBase(FedAvg):
             self.global_arrays = initial_arrays
         self._loop_offset, self._final_round = offset, offset + num_rounds
         self._evaluate_fn = evaluate_fn
-        self._round_end = on_round_end if on_round_end is not None else self.on_round_end
+        self._round_end = on_round_end
         try:
             result = super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
                                    train_config=train_config, evaluate_config=evaluate_config,
@@ -533,15 +524,14 @@ class StrategyBase(FedAvg):
             return None
         server_round = self.absolute_round(server_round)
         metrics = self._evaluate_fn(server_round, arrays) if self._evaluate_fn else None
-        self.records.append({"round": server_round, "client": -1, "split": "server",
-                             "metric": "round-seconds", "value": time.time() - self._round_started})
+        self.recorder.add(server_round, SERVER, "server", "round-seconds", time.time() - self._round_started)
         self.round_offset = server_round
         if self._round_end is not None:
             self._round_end(server_round, self)
-        if self.stopped_early:
+        if self.best.stopped_early:
             log(INFO, "Early stop after round %d: no better weighted valid loss for %d evaluations (best %.5f at "
-                "round %d); the rounds left send nothing.", server_round, self.evals_since_best, self.best_loss,
-                self.best_round)
+                "round %d); the rounds left send nothing.", server_round, self.best.evals_since_best,
+                self.best.best_loss, self.best.best_round)
             self._skip_rest = True
         return metrics
 
@@ -562,73 +552,32 @@ class StrategyBase(FedAvg):
         if arrays is None:
             arrays = self.global_arrays if self.global_arrays is not None else ArrayRecord()
         config = ConfigRecord(dict(config or {}))
-        config["split"] = split
-        self._force_evaluate = True
-        self._send_best = adapter == "best"
-        try:
-            messages = list(self.configure_evaluate(server_round, arrays, config, grid))
-            replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
-            return self.aggregate_evaluate(server_round, replies)
-        finally:
-            self._force_evaluate = False
-            self._send_best = False
+        evaluation = Evaluation(split, send_best=adapter == "best")  # outside the loop: never feeds `best`
+        messages = (self._configure_evaluation(server_round, arrays, config, grid, evaluation)
+                    if self.fraction_evaluate > 0.0 else [])
+        replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
+        return self._aggregate_evaluation(server_round, replies, evaluation)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run; plain python and numpy (picklable)."""
-        state = {
-            "version": STATE_VERSION,
-            "strategy": self.__class__.__name__,
-            "round": self.round_offset,
-            "records": [dict(r) for r in self.records],
-            "failures": [dict(f) for f in self.failures],
-            "node_to_key": dict(self.node_to_key),
-            "best_loss": self.best_loss,
-            "best_round": self.best_round,
-            "evals_since_best": self.evals_since_best,
-            "stopped_early": self.stopped_early,
-            "rng_state": self._rng.getstate(),
-            "global": to_numpy_dict(self.global_arrays),
-            "initial": to_numpy_dict(self.initial_arrays),
-        }
-        # Best adapters are often the same object (FedAvg's global): store each once.
-        unique: dict[int, int] = {}
-        best_arrays: list[dict[str, Any] | None] = []
-        best_index: dict[int, int] = {}
-        for key, record in self._best_arrays.items():
-            if id(record) not in unique:
-                unique[id(record)] = len(best_arrays)
-                best_arrays.append(to_numpy_dict(record))
-            best_index[key] = unique[id(record)]
-        state.update({"client_best": dict(self.client_best), "best_arrays": best_arrays, "best_index": best_index})
-        state.update(self.extra_state())
-        return state
+        return StrategyState(
+            strategy=self.__class__.__name__, round=self.round_offset, rng_state=self._rng.getstate(),
+            global_arrays=to_numpy_dict(self.global_arrays), initial_arrays=to_numpy_dict(self.initial_arrays),
+            recorder=self.recorder.state(), clients=self.clients.state(), best=self.best.state(),
+            extra=self.extra_state(),
+        ).as_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the next :meth:`start` continues after ``state["round"]``."""
-        if state.get("version") != STATE_VERSION:
-            raise CheckpointMismatchError(
-                f"checkpoint format {state.get('version')!r}; this code reads format {STATE_VERSION}."
-            )
-        if state.get("strategy") != self.__class__.__name__:
-            raise CheckpointMismatchError(
-                f"checkpoint was written by strategy {state.get('strategy')!r}, not {self.__class__.__name__!r}: "
-                "resume with the same strategy setting."
-            )
+        StrategyState.check(state, self.__class__.__name__)
         self.round_offset = int(state["round"])
-        self.records = [dict(r) for r in state["records"]]
-        self.failures = [dict(f) for f in state["failures"]]
-        self.node_to_key = {int(n): int(k) for n, k in state["node_to_key"].items()}
-        self.best_loss = float(state["best_loss"])
-        self.best_round = int(state["best_round"])
-        self.evals_since_best = int(state["evals_since_best"])
-        self.stopped_early = bool(state["stopped_early"])
+        self.recorder.load(state)
+        self.clients.load(state)
+        self.best.load(state)
         self._rng.setstate(state["rng_state"])
         self.global_arrays = from_numpy_dict(state["global"])
         self.initial_arrays = from_numpy_dict(state["initial"])
-        self.client_best = {int(k): (int(r), float(l)) for k, (r, l) in state["client_best"].items()}
-        restored = [from_numpy_dict(a) for a in state["best_arrays"]]
-        self._best_arrays = {int(k): restored[i] for k, i in state["best_index"].items()}  # type: ignore[misc]
         self.load_extra_state(state)
 
     def extra_state(self) -> dict[str, Any]:

@@ -14,11 +14,13 @@ self-weight W_ii (split "train"), and the full row of W as metrics "weight:<j>" 
 from __future__ import annotations
 
 from logging import INFO
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common import log
+
+from fellrec_flwr.config import FellRecSettings
 
 from . import fellrec_math
 from .arrays import FlatLayout
@@ -26,73 +28,88 @@ from .base import TRAIN_LOSS, metrics_of
 from .personal import PersonalisedBase
 
 
-SIMILARITY_BASES = ("parameters", "updates", "delta-w")
+def _spread(values: np.ndarray, keys: list[int]) -> str:
+    low, high = int(np.argmin(values)), int(np.argmax(values))
+    return (f"min {values[low]:.3f} (client {keys[low]}) / median {float(np.median(values)):.3f} / "
+            f"max {values[high]:.3f} (client {keys[high]})")
+
+
+def balance_summary(keys: list[int], balance: fellrec_math.Balance) -> str:
+    """One short log line per round, whatever the number of clients (one entry per client was
+    unreadable at 100): the spread of the self-weights W_ii and of the warm weights. The full
+    matrix W goes to metrics.csv (split "balance", metrics "weight:<j>")."""
+    return (f"FELLRec balance over {len(keys)} clients: self-weight {_spread(np.diag(balance.weights), keys)}; "
+            f"warm weight {_spread(balance.warm, keys)}; full W in metrics.csv (split 'balance')")
 
 
 class MissingTrainLossError(ValueError):
     """A train reply lacks the "train-loss" metric the loss softmax needs."""
 
 
+def round_balance(
+    settings: FellRecSettings,
+    layout: FlatLayout,
+    stacked: np.ndarray,
+    losses: np.ndarray,
+    t: int,
+    received: Callable[[], np.ndarray] | None = None,
+) -> fellrec_math.Balance:
+    """One round's weights W, with the similarity basis decided here and nowhere else.
+
+    "parameters": the cosines of the uploads `stacked` (N, D); "updates": of the uploads minus
+    what each client received (`received()`, stacked like the uploads; asked for only on this
+    basis, so the other bases never build it); "delta-w": of the LoRA products B_i A_i, from
+    views on `stacked` (tensors named lora_A / lora_B in `layout`).
+    """
+    reference = cosine = None
+    if settings.similarity_basis == "updates":
+        if received is None:
+            raise ValueError("fellrec.similarity-basis='updates' needs the arrays each client received; "
+                             "pass `received`, or use the 'parameters' or 'delta-w' basis.")
+        reference = received()
+    elif settings.similarity_basis == "delta-w":
+        pairs, others = layout.lora_pairs()
+        if not pairs:
+            raise ValueError("fellrec.similarity-basis='delta-w' needs LoRA tensors named lora_A / lora_B; "
+                             f"the uploads hold {list(layout.keys)[:3]}. Use 'parameters' instead.")
+        cosine = fellrec_math.delta_w_cosine(
+            [(layout.tensor(stacked, a), layout.tensor(stacked, b)) for a, b in pairs],
+            [layout.tensor(stacked, k).reshape(stacked.shape[0], -1) for k in others],
+        )
+    return fellrec_math.dynamic_balance(None if cosine is not None else stacked, losses, t, settings,
+                                        reference=reference, cosine=cosine)
+
+
 class FellRec(PersonalisedBase):
     """Personalised similarity-weighted aggregation with curriculum heating.
 
-    Parameters follow ``FellRecSettings`` in fellrec_flwr/config.py: ``alpha``, ``beta``,
-    ``temperature`` (loss softmax T), ``heating``, ``heating_exponent``,
-    ``similarity_basis`` ("parameters", "updates" = theta_i - what client i received, or
-    "delta-w" = the LoRA products B_i A_i), ``similarity_kernel``, ``similarity_temperature``,
-    ``lr_scale`` (send w_i as the client's "lr-scale"; otherwise 1.0), ``heating_loss``
-    ("raw", or "normalised" = each loss divided by the client's loss in its first round).
+    ``settings`` are the ``fellrec.*`` keys (``FellRecSettings`` in fellrec_flwr/config.py,
+    where their meaning, allowed values and defaults are written once); every other keyword
+    goes to Flower's FedAvg and :class:`strategies.base.StrategyBase`.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        alpha: float = 0.7,
-        beta: float = 1.0,
-        temperature: float = 0.05,
-        heating: bool = True,
-        heating_exponent: str = "t+1/beta",
-        similarity_basis: str = "parameters",
-        similarity_kernel: str = "linear",
-        similarity_temperature: float = 0.1,
-        lr_scale: bool = False,
-        heating_loss: str = "raw",
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, settings: FellRecSettings, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(settings, FellRecSettings):
+            raise TypeError(f"FellRec takes a FellRecSettings (the fellrec.* keys) first, got {type(settings).__name__}.")
         super().__init__(*args, **kwargs)
-        if similarity_basis not in SIMILARITY_BASES:
-            raise ValueError(f"similarity_basis={similarity_basis!r} must be one of {SIMILARITY_BASES}.")
-        if heating_loss not in fellrec_math.HEATING_LOSSES:
-            raise ValueError(f"heating_loss={heating_loss!r} must be one of {fellrec_math.HEATING_LOSSES}.")
-        fellrec_math.heating_exponent(0, beta, heating_exponent)  # validates beta and the form early
-        if similarity_kernel not in fellrec_math.KERNELS:
-            raise ValueError(f"similarity_kernel={similarity_kernel!r} must be one of {fellrec_math.KERNELS}.")
-        self.alpha = alpha
-        self.beta = beta
-        self.temperature = temperature
-        self.heating = heating
-        self.heating_exponent = heating_exponent
-        self.similarity_basis = similarity_basis
-        self.similarity_kernel = similarity_kernel
-        self.similarity_temperature = similarity_temperature
-        self.lr_scale = lr_scale
-        self.heating_loss = heating_loss
+        self.settings = settings.validate()
         self.first_loss: dict[int, float] = {}  # each client's training loss in its first round
         self.last_loss: dict[int, float] = {}
         self.warm: dict[int, float] = {}
 
     def summary(self) -> None:
         log(INFO, "\t├──> FELLRec settings:")
+        s = self.settings
         log(INFO, "\t│\t├── alpha %s | beta %s | loss T %s | heating %s (%s)",
-            self.alpha, self.beta, self.temperature, self.heating, self.heating_exponent)
+            s.alpha, s.beta, s.temperature, s.heating, s.heating_exponent)
         log(INFO, "\t│\t└── similarity on %s, %s kernel | lr-scale %s | heating loss %s",
-            self.similarity_basis, self.similarity_kernel, self.lr_scale, self.heating_loss)
+            s.similarity_basis, s.similarity_kernel, s.lr_scale, s.heating_loss)
         super().summary()  # type: ignore[misc]
 
     def add_train_config(self, config: ConfigRecord, node_id: int) -> None:
         key = self.node_to_key.get(node_id)
         # The warm weight from the client's last aggregation; 1.0 before it has one.
-        config["lr-scale"] = float(self.warm.get(key, 1.0)) if self.lr_scale and key is not None else 1.0
+        config["lr-scale"] = float(self.warm.get(key, 1.0)) if self.settings.lr_scale and key is not None else 1.0
 
     def personalise(
         self,
@@ -103,20 +120,8 @@ class FellRec(PersonalisedBase):
     ) -> dict[int, ArrayRecord]:
         keys = [key for key, _, _ in collected]
         losses = self._losses(collected)
-        balance = fellrec_math.dynamic_balance(
-            stacked,
-            self._heating_losses(keys, losses),
-            server_round - 1,
-            alpha=self.alpha,
-            beta=self.beta,
-            temperature=self.temperature,
-            heating=self.heating,
-            exponent=self.heating_exponent,
-            kernel=self.similarity_kernel,
-            similarity_temperature=self.similarity_temperature,
-            reference=self._reference(collected, layout, stacked),
-            cosine=self._delta_w_cosine(layout, stacked),
-        )
+        balance = round_balance(self.settings, layout, stacked, self._heating_losses(keys, losses), server_round - 1,
+                                received=lambda: self._received(collected, layout, stacked))
         # W and the size-weighted mean (for the logging-only "global" arrays) in one pass over X.
         mixed = layout.mix(np.vstack([balance.weights, self.mean_weights[None, :]]), stacked)
         self.round_mean = mixed[-1]
@@ -142,42 +147,24 @@ class FellRec(PersonalisedBase):
         """The losses the softmax sees: raw, or relative to each client's first-round loss."""
         for key, loss in zip(keys, losses):
             self.first_loss.setdefault(key, float(loss))
-        if self.heating_loss == "raw":
+        if self.settings.heating_loss == "raw":
             return losses
         return fellrec_math.normalised_losses(losses, np.array([self.first_loss[k] for k in keys]))
 
-    def _reference(self, collected: list[tuple[int, int, Message]], layout: FlatLayout,
-                   stacked: np.ndarray) -> np.ndarray | None:
-        """For the "updates" basis: the arrays each client received, stacked like its upload."""
-        if self.similarity_basis != "updates":
-            return None
+    def _received(self, collected: list[tuple[int, int, Message]], layout: FlatLayout,
+                  stacked: np.ndarray) -> np.ndarray:
+        """The arrays each client received this round, stacked like its upload."""
         sent = [self._sent_arrays["train"][node_id] for _, node_id, _ in collected]
         return layout.stack(sent, dtype=stacked.dtype)
 
-    def _delta_w_cosine(self, layout: FlatLayout, stacked: np.ndarray) -> np.ndarray | None:
-        """For the "delta-w" basis: cosines of the clients' B A products, from views on stacked."""
-        if self.similarity_basis != "delta-w":
-            return None
-        pairs, others = layout.lora_pairs()
-        if not pairs:
-            raise ValueError("fellrec.similarity-basis='delta-w' needs LoRA tensors named lora_A / lora_B; "
-                             f"the uploads hold {list(layout.keys)[:3]}. Use 'parameters' instead.")
-        return fellrec_math.delta_w_cosine(
-            [(layout.tensor(stacked, a), layout.tensor(stacked, b)) for a, b in pairs],
-            [layout.tensor(stacked, k).reshape(stacked.shape[0], -1) for k in others],
-        )
-
     def _record_balance(self, server_round: int, keys: list[int], balance: fellrec_math.Balance) -> None:
         for i, key in enumerate(keys):
-            for metric, value in (("warm-weight", balance.warm[i]), ("self-weight", balance.weights[i, i]),
-                                  ("loss-prob", balance.loss_probs[i])):
-                self.records.append({"round": server_round, "client": key, "split": "train",
-                                     "metric": metric, "value": float(value)})
-            for j, other in enumerate(keys):
-                self.records.append({"round": server_round, "client": key, "split": "balance",
-                                     "metric": f"weight:{other}", "value": float(balance.weights[i, j])})
-        log(INFO, "\t└──> FELLRec warm weights: %s", ", ".join(
-            f"{k}: {balance.warm[i]:.3f} (self {balance.weights[i, i]:.3f})" for i, k in enumerate(keys)))
+            self.recorder.add_metrics(server_round, key, "train", {
+                "warm-weight": float(balance.warm[i]), "self-weight": float(balance.weights[i, i]),
+                "loss-prob": float(balance.loss_probs[i])})
+            self.recorder.add_metrics(server_round, key, "balance",
+                                      {f"weight:{other}": float(balance.weights[i, j]) for j, other in enumerate(keys)})
+        log(INFO, "\t└──> %s", balance_summary(keys, balance))
 
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()

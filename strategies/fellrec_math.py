@@ -39,9 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-KERNELS = ("linear", "softmax")
-EXPONENTS = ("t+1/beta", "(t+1)/beta")
-HEATING_LOSSES = ("raw", "normalised")
+# The allowed values and the paper's defaults are the config's (fellrec.* keys), nowhere else.
+from fellrec_flwr.config import HEATING_EXPONENTS, SIMILARITY_KERNELS, FellRecSettings
 
 # Columns per Gram block: 2**16 float32 columns x 200 clients = 50 MB per temporary
 # (only materialised for the "updates" basis); large enough for BLAS to run at full speed.
@@ -192,8 +191,8 @@ def normalised_losses(losses: np.ndarray, first_losses: np.ndarray) -> np.ndarra
 
 def similarity_matrix(
     vectors: np.ndarray,
-    kernel: str = "linear",
-    temperature: float = 0.1,
+    kernel: str,
+    temperature: float,
     reference: np.ndarray | None = None,
 ) -> np.ndarray:
     """Client-to-client similarity S (N, N) with S_ii = 1.
@@ -208,7 +207,7 @@ def similarity_matrix(
     return kernel_similarity(cosine_matrix(vectors, reference), kernel, temperature)
 
 
-def kernel_similarity(cos: np.ndarray, kernel: str = "linear", temperature: float = 0.1) -> np.ndarray:
+def kernel_similarity(cos: np.ndarray, kernel: str, temperature: float) -> np.ndarray:
     """S from a cosine matrix with the kernel of :func:`similarity_matrix`."""
     if kernel == "linear":
         return (cos + 1.0) / 2.0
@@ -217,10 +216,10 @@ def kernel_similarity(cos: np.ndarray, kernel: str = "linear", temperature: floa
             raise FellRecMathError(f"temperature={temperature} must be > 0 for the softmax kernel.")
         # cos - 1 <= 0, so exp never overflows: this is the stable form of the softmax.
         return np.exp((cos - 1.0) / temperature)
-    raise FellRecMathError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}.")
+    raise FellRecMathError(f"kernel={kernel!r} is not one of {', '.join(SIMILARITY_KERNELS)}.")
 
 
-def loss_softmax(losses: np.ndarray, temperature: float = 0.05) -> np.ndarray:
+def loss_softmax(losses: np.ndarray, temperature: float) -> np.ndarray:
     """p = softmax(losses / temperature), computed stably (shifted by the maximum)."""
     losses = np.asarray(losses, dtype=np.float64)
     if losses.ndim != 1 or losses.size == 0:
@@ -235,7 +234,7 @@ def loss_softmax(losses: np.ndarray, temperature: float = 0.05) -> np.ndarray:
     return e / e.sum()
 
 
-def heating_exponent(t: int, beta: float, exponent: str = "t+1/beta") -> float:
+def heating_exponent(t: int, beta: float, exponent: str) -> float:
     """e = t + 1/beta (the authors' code) or (t + 1)/beta; t counts rounds from 0."""
     if t < 0:
         raise FellRecMathError(f"round t={t} must be >= 0 (rounds are counted from 0).")
@@ -245,16 +244,10 @@ def heating_exponent(t: int, beta: float, exponent: str = "t+1/beta") -> float:
         return t + 1.0 / beta
     if exponent == "(t+1)/beta":
         return (t + 1.0) / beta
-    raise FellRecMathError(f"exponent={exponent!r} is not one of {', '.join(EXPONENTS)}.")
+    raise FellRecMathError(f"exponent={exponent!r} is not one of {', '.join(HEATING_EXPONENTS)}.")
 
 
-def warm_weights(
-    p: np.ndarray,
-    t: int,
-    alpha: float = 0.7,
-    beta: float = 1.0,
-    exponent: str = "t+1/beta",
-) -> np.ndarray:
+def warm_weights(p: np.ndarray, t: int, alpha: float, beta: float, exponent: str) -> np.ndarray:
     """Curriculum-heating weights w_i = tanh(alpha / p_i ** e), in (0, 1]."""
     p = np.asarray(p, dtype=np.float64)
     if np.any(p < 0) or np.any(p > 1) or not np.all(np.isfinite(p)):
@@ -268,7 +261,7 @@ def warm_weights(
     return np.tanh(ratio)
 
 
-def personalised_weights(similarity: np.ndarray, warm: np.ndarray | None = None, heating: bool = True) -> np.ndarray:
+def personalised_weights(similarity: np.ndarray, warm: np.ndarray | None, heating: bool) -> np.ndarray:
     """Row-normalised aggregation weights W (N, N): W_ii = 1, W_ij = w_i * s_ij for j != i.
 
     With heating off (or warm=None) w_i = 1, i.e. W is the row-normalised similarity.
@@ -311,33 +304,31 @@ class Balance:
 
 
 def dynamic_balance(
-    vectors: np.ndarray,
+    vectors: np.ndarray | None,
     losses: np.ndarray,
     t: int,
+    settings: FellRecSettings,
     *,
-    alpha: float = 0.7,
-    beta: float = 1.0,
-    temperature: float = 0.05,
-    heating: bool = True,
-    exponent: str = "t+1/beta",
-    kernel: str = "linear",
-    similarity_temperature: float = 0.1,
     reference: np.ndarray | None = None,
     cosine: np.ndarray | None = None,
 ) -> Balance:
-    """Steps 1-4 of the module docstring; apply the result with :func:`aggregate`.
+    """Steps 1-4 of the module docstring with the ``fellrec.*`` settings (alpha, beta, T,
+    heating and its exponent, kernel and its temperature); apply the result with :func:`aggregate`.
 
-    cosine: precomputed client cosines (e.g. :func:`delta_w_cosine`); then `vectors` and
-    `reference` are not used for the similarity and `vectors` may be None.
+    reference: for the "updates" basis, what each client received (the similarity is then of
+    vectors - reference). cosine: precomputed client cosines (e.g. :func:`delta_w_cosine`);
+    then `vectors` and `reference` are not used and `vectors` may be None. Which of the two
+    a basis needs is decided by the strategy (:func:`strategies.fellrec.round_balance`).
     """
     losses = np.asarray(losses, dtype=np.float64)
     n = cosine.shape[0] if cosine is not None else vectors.shape[0]
     if losses.shape != (n,):
         raise FellRecMathError(f"{losses.shape[0] if losses.ndim else 0} losses for {n} clients.")
+    kernel, tau = settings.similarity_kernel, settings.similarity_temperature
     if cosine is None:
-        s = similarity_matrix(vectors, kernel, similarity_temperature, reference)
+        s = similarity_matrix(vectors, kernel, tau, reference)
     else:
-        s = kernel_similarity(np.asarray(cosine, dtype=np.float64), kernel, similarity_temperature)
-    p = loss_softmax(losses, temperature)
-    w = warm_weights(p, t, alpha, beta, exponent)
-    return Balance(similarity=s, loss_probs=p, warm=w, weights=personalised_weights(s, w, heating))
+        s = kernel_similarity(np.asarray(cosine, dtype=np.float64), kernel, tau)
+    p = loss_softmax(losses, settings.temperature)
+    w = warm_weights(p, t, settings.alpha, settings.beta, settings.heating_exponent)
+    return Balance(similarity=s, loss_probs=p, warm=w, weights=personalised_weights(s, w, settings.heating))

@@ -88,3 +88,46 @@ def test_split_runs_keep_constrained_decoding_but_refuse_the_title_prior():
     assert from_run_config({"split.enabled": True}).eval.decoding == "constrained"
     with pytest.raises(ConfigError, match="eval.prior-weight=0"):
         from_run_config({"split.enabled": True, "eval.prior-weight": 0.5})
+
+
+# --------------------------------------------------------------------------- one source per setting
+def _allowed_value_tuples() -> dict[str, frozenset[str]]:
+    """config.py's module-level tuples of allowed string values (STRATEGIES, SIMILARITY_BASES, ...)."""
+    import ast
+
+    tree = ast.parse((ROOT / "fellrec_flwr" / "config.py").read_text())
+    out = {}
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name) and len(node.value.elts) > 1
+                and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.value.elts)):
+            out[node.targets[0].id] = frozenset(e.value for e in node.value.elts)
+    return out
+
+
+def test_allowed_values_are_listed_only_in_config():
+    """A second tuple of the same allowed values (strategies/fellrec.py and fellrec_math.py had
+    three) drifts from config.py's; code checks against the config's tuple instead."""
+    import ast
+
+    allowed = _allowed_value_tuples()
+    assert {"SIMILARITY_BASES", "SIMILARITY_KERNELS", "HEATING_EXPONENTS", "HEATING_LOSSES"} <= set(allowed)
+    copies = []
+    for folder in ("fellrec_flwr", "strategies", "server_app", "client_app", "data_prep", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == ROOT / "fellrec_flwr" / "config.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) > 1 and all(
+                        isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+                    values = frozenset(e.value for e in node.elts)
+                    copies += [f"{path.relative_to(ROOT)}:{node.lineno} repeats {name}"
+                               for name, known in allowed.items() if values == known]
+    assert not copies, "; ".join(copies)
+
+
+@pytest.mark.parametrize("key, value", [("fellrec.alpha", 0), ("fellrec.temperature", -1.0),
+                                        ("fellrec.similarity-temperature", 0.0), ("fellrec.beta", 0)])
+def test_fellrec_numbers_are_checked_in_the_config(key, value):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        from_run_config({key: value})

@@ -20,7 +20,7 @@ from data_prep.__main__ import main as cli_main
 from data_prep.errors import DataPrepError
 from data_prep.prepare import DATA_FILES, prepare, target_folder
 from fellrec_flwr.config import DataSettings
-from fellrec_flwr.data.prepared import PreparedData
+from fellrec_flwr.data.prepared import PreparedData, adopt_settings
 
 FAST = dict(bpr_epochs=10, bpr_dim=16)
 
@@ -221,7 +221,7 @@ def test_cli_folder_is_reused_by_a_run_that_names_only_the_folder(tmp_path, caps
     monkeypatch.setattr(prep, "build", lambda *a, **k: pytest.fail("a compatible folder was prepared again"))
     # data settings left at their defaults come from the folder; the run's seed does not matter
     run = DataSettings(prepared_dir=str(out), num_clients=2)
-    adopted, notes = prep.adopt_settings(run, json.loads((out / "manifest.json").read_text()))
+    adopted, notes = adopt_settings(run, json.loads((out / "manifest.json").read_text()))
     assert (adopted.dataset, adopted.user_col, adopted.path) == ("table", "who", str(src.resolve()))
     assert "data.dataset='table' (from the folder)" in notes
     assert prepare(run, "unused", seed=99, progress=False) == out

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from fellrec_flwr.config import FellRecSettings
 from strategies import fellrec_math as fm
 
 
@@ -67,8 +68,9 @@ LOSSES = np.array([0.9, 1.0, 0.95, 1.2])
 @pytest.mark.parametrize("t,beta", [(0, 1.0), (2, 2.0)])
 def test_dynamic_balance_matches_reference(vectors, heating, exponent, kernel, t, beta):
     s, p, w, W = ref_weights(vectors, LOSSES.tolist(), t, 0.7, beta, 0.05, heating, exponent, kernel, 0.2)
-    got = fm.dynamic_balance(vectors, LOSSES, t, alpha=0.7, beta=beta, temperature=0.05, heating=heating,
-                             exponent=exponent, kernel=kernel, similarity_temperature=0.2)
+    settings = FellRecSettings(alpha=0.7, beta=beta, temperature=0.05, heating=heating, heating_exponent=exponent,
+                               similarity_kernel=kernel, similarity_temperature=0.2)
+    got = fm.dynamic_balance(vectors, LOSSES, t, settings)
     np.testing.assert_allclose(got.similarity, s, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got.loss_probs, p, rtol=1e-10)
     np.testing.assert_allclose(got.warm, w, rtol=1e-10)
@@ -78,7 +80,7 @@ def test_dynamic_balance_matches_reference(vectors, heating, exponent, kernel, t
 
 
 def test_linear_similarity_range_and_diagonal(vectors):
-    s = fm.similarity_matrix(vectors)
+    s = fm.similarity_matrix(vectors, "linear", 0.1)
     assert np.allclose(np.diag(s), 1.0) and np.allclose(s, s.T)
     assert s.min() >= 0 and s.max() <= 1
     assert s[0, 2] > 0.6 and s[0, 1] < 0.4  # same direction vs opposite direction
@@ -88,14 +90,14 @@ def test_softmax_kernel_without_heating_is_row_softmax(vectors):
     tau = 0.3
     cos = np.array([[1.0 if i == j else ref_cos(vectors[i], vectors[j]) for j in range(4)] for i in range(4)])
     soft = np.exp(cos / tau) / np.exp(cos / tau).sum(axis=1, keepdims=True)
-    W = fm.personalised_weights(fm.similarity_matrix(vectors, "softmax", tau), heating=False)
+    W = fm.personalised_weights(fm.similarity_matrix(vectors, "softmax", tau), None, heating=False)
     np.testing.assert_allclose(W, soft, rtol=1e-6)
 
 
 def test_updates_basis_uses_difference(vectors):
     ref = np.ones_like(vectors)
-    np.testing.assert_allclose(fm.similarity_matrix(vectors, reference=ref),
-                               fm.similarity_matrix(vectors - ref), rtol=1e-6)
+    np.testing.assert_allclose(fm.similarity_matrix(vectors, "linear", 0.1, reference=ref),
+                               fm.similarity_matrix(vectors - ref, "linear", 0.1), rtol=1e-6)
 
 
 def test_gram_blocks_give_the_same_result(vectors):
@@ -103,25 +105,25 @@ def test_gram_blocks_give_the_same_result(vectors):
 
 
 def test_heating_off_ignores_warm_weights(vectors):
-    s = fm.similarity_matrix(vectors)
+    s = fm.similarity_matrix(vectors, "linear", 0.1)
     w = np.array([0.1, 0.5, 0.9, 1.0])
     off = fm.personalised_weights(s, w, heating=False)
     on = fm.personalised_weights(s, w, heating=True)
-    assert np.allclose(off, fm.personalised_weights(s, None))
+    assert np.allclose(off, fm.personalised_weights(s, None, heating=True))
     assert np.all(np.diag(on)[:3] > np.diag(off)[:3])  # w < 1 puts more weight on the client itself
     assert np.diag(on)[3] == pytest.approx(np.diag(off)[3])  # w = 1 changes nothing
 
 
 def test_warm_weight_behaviour():
-    p = fm.loss_softmax(np.array([0.50, 0.52, 0.55]))
-    w0 = fm.warm_weights(p, 0)
+    p = fm.loss_softmax(np.array([0.50, 0.52, 0.55]), 0.05)
+    w0 = fm.warm_weights(p, 0, 0.7, 1.0, "t+1/beta")
     assert np.all(np.diff(w0) < 0)  # higher loss -> smaller warm weight
-    w5 = fm.warm_weights(p, 5)
+    w5 = fm.warm_weights(p, 5, 0.7, 1.0, "t+1/beta")
     assert np.all(w5 >= w0) and w5.max() == pytest.approx(1.0)  # heating: w -> 1 as t grows
     # A client far below the others underflows p to 0: limit w = 1, no warning or NaN.
-    p = fm.loss_softmax(np.array([0.0, 100.0]))
+    p = fm.loss_softmax(np.array([0.0, 100.0]), 0.05)
     assert p[0] == 0.0
-    np.testing.assert_allclose(fm.warm_weights(p, 0), [1.0, math.tanh(0.7)], rtol=1e-12)
+    np.testing.assert_allclose(fm.warm_weights(p, 0, 0.7, 1.0, "t+1/beta"), [1.0, math.tanh(0.7)], rtol=1e-12)
 
 
 def test_loss_softmax_is_stable():
@@ -131,14 +133,14 @@ def test_loss_softmax_is_stable():
 
 def test_single_client_keeps_its_upload():
     x = np.arange(6, dtype=np.float32).reshape(1, 6)
-    b = fm.dynamic_balance(x, np.array([1.3]), 0)
+    b = fm.dynamic_balance(x, np.array([1.3]), 0, FellRecSettings())
     assert b.weights.tolist() == [[1.0]]
     assert np.array_equal(fm.aggregate(b.weights, x), x)
 
 
 def test_zero_vector_is_orthogonal():
     x = np.array([[1.0, 0.0], [0.0, 0.0], [2.0, 0.0]], dtype=np.float32)
-    s = fm.similarity_matrix(x)
+    s = fm.similarity_matrix(x, "linear", 0.1)
     assert s[0, 1] == 0.5 and s[1, 2] == 0.5 and s[1, 1] == 1.0 and s[0, 2] == 1.0
 
 
@@ -150,15 +152,15 @@ def test_aggregate_keeps_float32():
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: fm.similarity_matrix(np.ones(3)),
-        lambda: fm.similarity_matrix(np.array([[np.nan, 1.0], [1.0, 1.0]])),
-        lambda: fm.similarity_matrix(np.ones((2, 2)), kernel="cubic"),
-        lambda: fm.loss_softmax(np.array([1.0, np.inf])),
-        lambda: fm.warm_weights(np.array([0.5, 0.5]), -1),
-        lambda: fm.warm_weights(np.array([0.5, 0.5]), 0, exponent="t"),
-        lambda: fm.warm_weights(np.array([0.5, 0.5]), 0, beta=0),
-        lambda: fm.personalised_weights(np.ones((2, 3))),
-        lambda: fm.personalised_weights(np.ones((2, 2)), np.ones(3)),
+        lambda: fm.similarity_matrix(np.ones(3), "linear", 0.1),
+        lambda: fm.similarity_matrix(np.array([[np.nan, 1.0], [1.0, 1.0]]), "linear", 0.1),
+        lambda: fm.similarity_matrix(np.ones((2, 2)), "cubic", 0.1),
+        lambda: fm.loss_softmax(np.array([1.0, np.inf]), 0.05),
+        lambda: fm.warm_weights(np.array([0.5, 0.5]), -1, 0.7, 1.0, "t+1/beta"),
+        lambda: fm.warm_weights(np.array([0.5, 0.5]), 0, 0.7, 1.0, "t"),
+        lambda: fm.warm_weights(np.array([0.5, 0.5]), 0, 0.7, 0, "t+1/beta"),
+        lambda: fm.personalised_weights(np.ones((2, 3)), None, True),
+        lambda: fm.personalised_weights(np.ones((2, 2)), np.ones(3), True),
         lambda: fm.aggregate(np.ones((2, 2)), np.ones((3, 4), dtype=np.float32)),
     ],
 )
@@ -240,8 +242,9 @@ def test_delta_w_zero_b_is_orthogonal_to_everyone():
 
 def test_dynamic_balance_with_precomputed_cosine_equals_vector_route(vectors):
     cos = fm.cosine_matrix(vectors)
-    a = fm.dynamic_balance(vectors, LOSSES, 1, kernel="softmax", similarity_temperature=0.2)
-    b = fm.dynamic_balance(None, LOSSES, 1, kernel="softmax", similarity_temperature=0.2, cosine=cos)
+    settings = FellRecSettings(similarity_kernel="softmax", similarity_temperature=0.2)
+    a = fm.dynamic_balance(vectors, LOSSES, 1, settings)
+    b = fm.dynamic_balance(None, LOSSES, 1, settings, cosine=cos)
     np.testing.assert_allclose(b.weights, a.weights, rtol=1e-12)
 
 
@@ -250,8 +253,8 @@ def test_normalised_losses_judge_progress_not_level():
     now = np.array([1.0, 0.5, 0.9])  # client 0 is intrinsically harder but improved as much as client 1
     rel = fm.normalised_losses(now, first)
     np.testing.assert_allclose(rel, [0.5, 0.5, 0.9])
-    w_raw = fm.warm_weights(fm.loss_softmax(now, 0.05), 1, alpha=0.3)
-    w_rel = fm.warm_weights(fm.loss_softmax(rel, 0.05), 1, alpha=0.3)
+    w_raw = fm.warm_weights(fm.loss_softmax(now, 0.05), 1, 0.3, 1.0, "t+1/beta")
+    w_rel = fm.warm_weights(fm.loss_softmax(rel, 0.05), 1, 0.3, 1.0, "t+1/beta")
     assert w_raw[0] < w_raw[1]  # raw: the hard client is damped more than the equally improving one
     assert w_rel[0] == pytest.approx(w_rel[1])  # normalised: the same progress, the same warm weight
     assert w_rel[2] < w_rel[1]  # the client that did not improve is the one held back

@@ -12,7 +12,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fellrec_flwr.config import ConfigError, FellRecConfig, from_run_config
+from fellrec_flwr.config import ConfigError, FellRecConfig, FellRecSettings, from_run_config
 from fellrec_flwr.inprocess_grid import InProcessGrid
 from strategies import FedSaLora, FellRec, FfaLora, make_strategy
 from strategies import fellrec_math as fm
@@ -73,8 +73,12 @@ def lora_app(respect_freeze: bool = True) -> tuple[ClientApp, dict]:
 
 
 def build(cls, n: int = 3, **kw):
-    return cls(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n,
-               min_available_nodes=n, node_wait_timeout=0.5, node_poll_interval=0.01, **kw)
+    """`cls` with Flower's sampling for n clients; for FellRec, `kw` are fellrec.* settings."""
+    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n,
+                  min_available_nodes=n, node_wait_timeout=0.5, node_poll_interval=0.01)
+    if cls is FellRec:
+        return FellRec(FellRecSettings(**kw), **common)
+    return cls(**common, **kw)
 
 
 def weighted_mean(values: dict[int, np.ndarray]) -> np.ndarray:
@@ -184,7 +188,7 @@ def test_fellrec_delta_w_basis_equals_formula_on_products():
                           for m in ("m0", "m1")]) for p in range(n)]
     cos = np.array([[dw[i] @ dw[j] / np.sqrt((dw[i] @ dw[i]) * (dw[j] @ dw[j])) for j in range(n)] for i in range(n)])
     losses = np.array([0.5 + 0.1 * p for p in range(n)])
-    w = fm.warm_weights(fm.loss_softmax(losses, 0.05), 0)
+    w = fm.warm_weights(fm.loss_softmax(losses, 0.05), 0, 0.7, 1.0, "t+1/beta")
     weights = np.exp((cos - 1) / 0.5) * w[:, None]
     np.fill_diagonal(weights, 1.0)
     weights /= weights.sum(axis=1, keepdims=True)
@@ -220,11 +224,11 @@ def test_config_and_factory_for_the_new_strategies():
     assert isinstance(make_strategy(from_run_config({"strategy": "ffa-lora"})), FfaLora)
     assert isinstance(make_strategy(from_run_config({"strategy": "fedsa-lora"})), FedSaLora)
     plus = make_strategy(from_run_config({"strategy": "fellrec+", "fellrec.alpha": 0.3}))
-    assert isinstance(plus, FellRec) and plus.alpha == 0.3  # other fellrec.* keys still apply
-    assert all(getattr(plus, k) == v for k, v in PRESET.items())
-    paper = make_strategy(FellRecConfig())  # the default stays the paper's method
+    assert isinstance(plus, FellRec) and plus.settings.alpha == 0.3  # other fellrec.* keys still apply
+    assert all(getattr(plus.settings, k) == v for k, v in PRESET.items())
+    paper = make_strategy(FellRecConfig()).settings  # the default stays the paper's method
     assert (paper.similarity_basis, paper.similarity_kernel, paper.heating_loss) == ("parameters", "linear", "raw")
-    assert make_strategy(from_run_config({"fellrec.similarity-basis": "delta-w"})).similarity_basis == "delta-w"
+    assert make_strategy(from_run_config({"fellrec.similarity-basis": "delta-w"})).settings.similarity_basis == "delta-w"
     with pytest.raises(ConfigError, match="heating-loss"):
         from_run_config({"fellrec.heating-loss": "relative"})
 

@@ -60,7 +60,7 @@ def test_client_part_holds_only_its_layers_and_equals_the_full_model(work_dir):
 
 @pytest.mark.parametrize("front_k,back_k", [(1, 1), (1, 2)])
 def test_service_part_holds_only_the_middle_layers(work_dir, front_k, back_k):
-    body = load_server_part(tiny_cfg(), TITLES, work_dir, front_k, back_k)
+    body = load_server_part(tiny_cfg(), checkpoint_for(tiny_cfg(), TITLES, work_dir), front_k, back_k)
     names = [n for n, _ in body.named_parameters()]
     plan = plan_split(LAYERS, front_k, back_k)
     assert len(body.layers) == len(plan.server_layers)
@@ -77,7 +77,7 @@ def test_a_client_without_middle_layers_still_checks_the_service_weights(work_di
     from fellrec_flwr.split.plan import SplitError, check_service_probe, checkpoint_probe
 
     folder = checkpoint_for(tiny_cfg(), TITLES, work_dir)
-    probe = load_server_part(tiny_cfg(), TITLES, work_dir, 1, 1).probe()
+    probe = load_server_part(tiny_cfg(), folder, 1, 1).probe()
     assert checkpoint_probe(folder, probe) == probe  # float32 checkpoint, float32 service: exact
     check_service_probe(folder, probe, "http://svc")  # same weights: no error
     other = {k: [v + 0.5 for v in values] for k, values in probe.items()}
@@ -201,7 +201,7 @@ def test_quantised_parts_use_the_config_compute_dtype_on_both_sides(work_dir, mo
     monkeypatch.setattr(model_parts, "quantization_config", lambda cfg, device: quant)
     monkeypatch.setattr(model_parts, "quantize_decoder_linears", fake_quantise)
     cfg = tiny_cfg(quantization="4bit", dtype="bfloat16")
-    body = load_server_part(cfg, TITLES, work_dir, 1, 1)
+    body = load_server_part(cfg, checkpoint_for(cfg, TITLES, work_dir), 1, 1)
     assert body.layers[0].self_attn.q_proj.weight.dtype == torch.int8
     assert body.compute_dtype == torch.bfloat16
     client, _ = load_client_part(cfg, TITLES, work_dir, 1, 1)
@@ -228,7 +228,7 @@ def test_quantised_part_on_cpu_is_refused_clearly(work_dir):
 def test_quantised_split_parts_on_gpu(work_dir, quant):
     pytest.importorskip("bitsandbytes")
     cfg = tiny_cfg(quantization=quant, dtype="bfloat16", device=f"cuda:{torch.cuda.device_count() - 1}")
-    body = load_server_part(cfg, TITLES, work_dir, 1, 1)
+    body = load_server_part(cfg, checkpoint_for(cfg, TITLES, work_dir), 1, 1)
     client, _ = load_client_part(cfg, TITLES, work_dir, 1, 1)
     want = torch.device(cfg.device)
     assert body.compute_dtype == torch.bfloat16 and next(body.parameters()).device == want
@@ -302,3 +302,36 @@ def test_split_demo_runs_without_ever_constructing_a_full_model(tmp_path, monkey
     (body,) = bodies
     body_names = [n for n, _ in body.named_parameters()]
     assert layer_indices(body_names) == {0, 1} and not any("embed" in n or "lm_head" in n for n in body_names)
+
+
+# --------------------------------------------------------------------------- one plan, one checkpoint
+def test_the_run_service_loads_its_checkpoint_without_preparing_data(work_dir, tmp_path, monkeypatch):
+    """The ServerApp hands the service the checkpoint folder; the service prepares no data to find it."""
+    from fellrec_flwr import runtime
+    from fellrec_flwr.config import FellRecConfig, SplitSettings
+    from server_app.split_service import start_service_for_run
+
+    folder = checkpoint_for(tiny_cfg(), TITLES, work_dir)
+    monkeypatch.setattr(runtime, "prepare_data", lambda cfg: pytest.fail("the split service prepared data"))
+    cfg = FellRecConfig(model=tiny_cfg(), split=SplitSettings(enabled=True, front_k=1, back_k=2))
+    handle = start_service_for_run(cfg, folder, secret_file=tmp_path / "secret.txt")
+    try:
+        assert handle.service.body.plan == plan_split(LAYERS, 1, 2)
+    finally:
+        handle.stop()
+
+
+def test_the_client_plan_travels_with_the_loaded_model(work_dir):
+    """LoRA layers and the split come from the plan the client part was cut with, not a rebuilt one."""
+    from fellrec_flwr.config import SplitSettings
+    from fellrec_flwr.split.plan import SplitError, loaded_plan, plan_from_settings
+    from fellrec_flwr.split.runtime import client_lora_settings
+
+    client, _ = load_client_part(tiny_cfg(), TITLES, work_dir, 1, 2)
+    plan = loaded_plan(client)
+    assert plan == plan_from_settings(SplitSettings(enabled=True, front_k=1, back_k=2), LAYERS)
+    assert plan_from_settings(SplitSettings(enabled=False), LAYERS) is None
+    assert client_lora_settings(LoraSettings(), plan).layer_list() == plan.client_layers
+    assert client_lora_settings(LoraSettings(), None) == LoraSettings()
+    with pytest.raises(SplitError, match="not loaded as a split client"):
+        loaded_plan(load_base_model(tiny_cfg(), TITLES, work_dir)[0])

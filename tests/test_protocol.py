@@ -113,9 +113,9 @@ def _run(strategy_name: str, adapter: str) -> tuple[dict[int, float], dict[int, 
 @pytest.mark.parametrize("strategy_name", ["fellrec", "local", "fedavg"])
 def test_the_best_adapter_by_own_valid_loss_is_tested(strategy_name):
     tested, last, strategy = _run(strategy_name, "best")
-    assert {k: r for k, (r, _) in strategy.client_best.items()} == {0: BEST_ROUND, 1: BEST_ROUND + 1}
+    assert {k: r for k, (r, _) in strategy.best.client_best.items()} == {0: BEST_ROUND, 1: BEST_ROUND + 1}
     for key in (0, 1):
-        best_round = strategy.client_best[key][0]
+        best_round = strategy.best.client_best[key][0]
         best_value = float(strategy.best_personal_arrays(key)["w"].numpy()[0])
         assert tested[key] == pytest.approx(best_value)  # the test evaluation got the best adapter
         assert tested[key] != pytest.approx(last[key])  # ... which is not the last round's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import time
@@ -11,7 +12,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fellrec_flwr.config import FellRecConfig
+from fellrec_flwr.config import FellRecConfig, FellRecSettings
 from fellrec_flwr.inprocess_grid import InProcessGrid
 from strategies import (
     FellRec,
@@ -95,7 +96,9 @@ def build(name: str, n: int, **kw):
         return RecordingFedProx(proximal_mu=0.1, **common)
     if name == "local":
         return LocalOnly(**common)
-    return FellRec(**common)
+    fellrec_keys = {f.name for f in dataclasses.fields(FellRecSettings)}
+    settings = FellRecSettings(**{k: common.pop(k) for k in list(common) if k in fellrec_keys})
+    return FellRec(settings, **common)
 
 
 def snapshot(strategy, keys) -> dict[int, dict[str, np.ndarray]]:
@@ -112,7 +115,7 @@ def test_make_strategy_picks_class_and_sampling():
         cfg = FellRecConfig(strategy=name)
         cfg.eval.early_stop_patience = 3
         strategy = make_strategy(cfg.validate())
-        assert type(strategy) is cls and strategy.early_stop_patience == 3
+        assert type(strategy) is cls and strategy.best.patience == 3
     cfg = FellRecConfig(strategy="fedprox", fraction_train=0.4, min_clients=5, proximal_mu=0.3)
     settings = sampling_settings(cfg)
     assert settings["min_train_nodes"] == 2 and settings["min_available_nodes"] == 5
@@ -120,7 +123,7 @@ def test_make_strategy_picks_class_and_sampling():
     cfg = FellRecConfig(strategy="fellrec")
     cfg.fellrec.similarity_basis, cfg.fellrec.lr_scale = "updates", True
     strategy = make_strategy(cfg)
-    assert strategy.similarity_basis == "updates" and strategy.lr_scale
+    assert strategy.settings.similarity_basis == "updates" and strategy.settings.lr_scale
 
 
 def test_fraction_samples_fewer_nodes():
@@ -353,19 +356,19 @@ def test_final_test_evaluation_records_split():
     metrics = strategy.evaluate_all(grid, split="test")
     assert metrics is not None and "eval-loss" in metrics
     assert {r["client"] for r in strategy.records if r["split"] == "test"} == {0, 1}
-    assert strategy.best_round == 1  # the test split does not feed early stopping
+    assert strategy.best.best_round == 1  # the test split does not feed early stopping
 
 
 def test_early_stop_on_weighted_valid_loss():
     strategy = build("fedavg", 3, early_stop_patience=2)
     grid = InProcessGrid(app, 3, run_config={"eval-best-round": 2})
     ended: list[int] = []
-    strategy.on_round_end = lambda r, s: ended.append(r) if s is strategy else None  # the attribute form
-    result = strategy.start(grid, initial_arrays(), num_rounds=10)
-    assert ended == [1, 2, 3, 4] and strategy.stopped_early
-    assert strategy.best_round == 2 and strategy.best_loss == pytest.approx(1.0)
+    result = strategy.start(grid, initial_arrays(), num_rounds=10,
+                            on_round_end=lambda r, s: ended.append(r) if s is strategy else None)
+    assert ended == [1, 2, 3, 4] and strategy.best.stopped_early
+    assert strategy.best.best_round == 2 and strategy.best.best_loss == pytest.approx(1.0)
     assert sorted(result.train_metrics_clientapp) == [1, 2, 3, 4]
-    assert all(strategy.client_best[k] == (2, 1.0) for k in range(3))
+    assert all(strategy.best.client_best[k] == (2, 1.0) for k in range(3))
     assert strategy.best_personal_arrays(0) is not None
 
 
@@ -478,3 +481,121 @@ def test_rounds_left_after_early_stop_send_nothing():
     assert sent_rounds == {1, 2, 3, 4} and strategy.failures == []
     # The stop lasts only for that start(): the final test evaluation still goes out.
     assert strategy.evaluate_all(grid, split="test") is not None
+
+
+# --------------------------------------------------------------------------- readable logs
+def test_fellrec_round_log_is_one_short_summary_at_100_clients():
+    """One line per round with the spread of self-weights (it used to list all 100 clients); the full
+    matrix W still goes to the records that become metrics.csv."""
+    import logging
+
+    from flwr.common.logger import FLOWER_LOGGER
+
+    n = 100
+    strategy = build("fellrec", n)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    FLOWER_LOGGER.addHandler(handler)
+    try:
+        strategy.start(InProcessGrid(app, n), initial_arrays(), num_rounds=1)
+    finally:
+        FLOWER_LOGGER.removeHandler(handler)
+    summaries = [line for line in lines if "FELLRec balance" in line]
+    assert len(summaries) == 1 and len(summaries[0]) < 250, summaries
+    assert "over 100 clients" in summaries[0]
+    self_weights = {r["client"]: r["value"] for r in strategy.records
+                    if r["split"] == "train" and r["metric"] == "self-weight"}
+    values = np.array(list(self_weights.values()))
+    for word, value in (("min", values.min()), ("median", np.median(values)), ("max", values.max())):
+        assert f"{word} {value:.3f}" in summaries[0]
+    low = min(self_weights, key=self_weights.get)
+    assert f"min {values.min():.3f} (client {low})" in summaries[0]
+    matrix = [r for r in strategy.records if r["split"] == "balance"]
+    assert len(matrix) == n * n  # every W_ij, for metrics.csv
+
+
+# --------------------------------------------------------------------------- one typed source per setting
+def test_fellrec_takes_its_settings_object_and_checks_it_as_the_config_does():
+    from fellrec_flwr.config import ConfigError
+
+    settings = FellRecSettings(similarity_basis="updates", alpha=0.4)
+    assert FellRec(settings).settings is settings
+    with pytest.raises(ConfigError, match="fellrec.similarity-kernel='cubic' is not one of linear, softmax"):
+        FellRec(FellRecSettings(similarity_kernel="cubic"))
+    with pytest.raises(TypeError, match="settings"):
+        FellRec(alpha=0.4)  # the loose keywords of old: one field at a time, defaults written twice
+
+
+def test_fellrec_math_has_no_defaults_of_its_own():
+    """The paper's values are FellRecSettings' defaults; the math takes them, it does not repeat them."""
+    import inspect
+
+    from strategies import fellrec_math
+
+    setting_like = {"alpha", "beta", "temperature", "heating", "exponent", "kernel", "similarity_temperature"}
+    repeated = [f"{name}({p.name}={p.default!r})" for name, fn in vars(fellrec_math).items()
+                if inspect.isfunction(fn) and fn.__module__ == fellrec_math.__name__
+                for p in inspect.signature(fn).parameters.values()
+                if p.name in setting_like and p.default is not inspect.Parameter.empty]
+    assert not repeated, repeated
+
+
+# --------------------------------------------------------------------------- base.py's pieces, alone
+def test_best_adapters_track_each_clients_own_best_and_stop_on_the_weighted_loss():
+    from strategies.best import BestAdapters
+
+    a1, a2, b1 = initial_arrays(), initial_arrays(), initial_arrays()
+    best = BestAdapters(patience=2)
+    assert best.observe(1, [(0, 2.0, 1.0, a1), (1, 1.0, 3.0, b1)]) == pytest.approx(1.25)
+    assert best.observe(2, [(0, 1.5, 1.0, a2), (1, 2.0, 3.0, initial_arrays())]) == pytest.approx(1.875)
+    assert best.client_best == {0: (2, 1.5), 1: (1, 1.0)} and best.arrays[0] is a2 and best.arrays[1] is b1
+    assert (best.best_round, best.evals_since_best, best.stopped_early) == (1, 1, False)
+    best.observe(3, [(0, 9.0, 1.0, a1), (1, 9.0, 3.0, a1)])
+    assert best.stopped_early  # two validation rounds without a better weighted loss
+    assert best.observe(4, [(0, 1.0, 0.0, a1)]) is None  # no examples: no weighted loss
+    again = BestAdapters()
+    again.load(best.state())
+    assert again.client_best == best.client_best and again.best_loss == best.best_loss and again.stopped_early
+    assert again.arrays[1]["bias"].numpy().tolist() == b1["bias"].numpy().tolist()
+
+
+def test_run_recorder_rows_failures_and_state():
+    from fellrec_flwr.eval.recorder import SERVER, RunRecorder
+
+    rec = RunRecorder()
+    rec.add_metrics(1, 3, "train", {"train-loss": 0.5, "client-key": 3, "note": "text"}, skip=("client-key",))
+    rec.add(1, SERVER, "server", "round-seconds", 2.0)
+    rec.add_failure(1, "train", node_id=9, client=None, reason="no reply before the timeout")
+    assert rec.metric_rows() == [{"round": 1, "client": 3, "split": "train", "metric": "train-loss", "value": 0.5},
+                                 {"round": 1, "client": -1, "split": "server", "metric": "round-seconds", "value": 2.0}]
+    assert rec.clients() == {3} and rec.failed_clients(1) == [None] and rec.failed_clients() == {1: [None]}
+    again = RunRecorder()
+    again.load(rec.state())
+    assert again.metric_rows() == rec.metric_rows() and again.failures == rec.failures
+
+
+def test_evaluate_modes_are_explicit_and_the_round_end_hook_has_one_door():
+    """evaluate_all's mode travels as an Evaluation, not as flags left on the strategy; the hook is
+    start()'s parameter only (an attribute of the same name was a second way to set it)."""
+    from strategies.base import Evaluation, StrategyBase
+
+    strategy = build("fedavg", 2)
+    grid = InProcessGrid(app, 2)
+    strategy.start(grid, initial_arrays(), num_rounds=1)
+    before = dict(vars(strategy))
+    strategy.evaluate_all(grid, split="test", adapter="best")
+    assert not any(name.startswith(("_force", "_send_best", "_eval_split")) for name in vars(strategy))
+    assert strategy._evaluation == before["_evaluation"]  # the loop's evaluation is left as it was
+    assert Evaluation("test", send_best=True) != Evaluation("test")
+    assert not hasattr(StrategyBase, "on_round_end")
+
+
+def test_checkpoint_format_is_unchanged_by_the_pieces():
+    """Old checkpoints still load: the pieces' keys side by side, as before base.py was split."""
+    strategy = build("fedavg", 2)
+    strategy.start(InProcessGrid(app, 2), initial_arrays(), num_rounds=1)
+    assert set(strategy.state_dict()) == {
+        "version", "strategy", "round", "records", "failures", "node_to_key", "best_loss", "best_round",
+        "evals_since_best", "stopped_early", "rng_state", "global", "initial", "client_best", "best_arrays",
+        "best_index"}

@@ -24,16 +24,11 @@ def load_audit_data(data: str, data_path: str | Path = "", eval_users: int = 100
     """(catalogue item id -> title, ``eval_users`` sampled real users' (user, history, target))."""
     if data == "prepared":
         return _from_prepared(Path(data_path), eval_users, seed)
-    if data == "demo":
-        from data_prep.demo import read_demo
-
-        source = read_demo()
-    elif data == "games":
-        from data_prep.readers import read_games
-
-        source = read_games(data_path or DEFAULT_GAMES)
-    else:
+    if data not in ("demo", "games"):
         raise AuditError(f"--data {data!r} is not one of games, demo, prepared.")
+    from fellrec_flwr.data.on_demand import read_raw_source
+
+    source = read_raw_source(data, data_path or DEFAULT_GAMES)
     titles = dict(zip(source.items["item_id"].tolist(), source.items["title"].tolist()))
     return titles, real_examples(source.sequences, eval_users, history_len, seed)
 

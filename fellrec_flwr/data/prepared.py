@@ -12,6 +12,7 @@ on any id whose title equals the target's title.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from fellrec_flwr.config import DataSettings
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid", "test")
@@ -175,16 +178,59 @@ class PreparedData:
         return {int(u): tuple(int(i) for i in s) for u, s in zip(frame["user_id"], frame["items"])}
 
 
+def resolved_path(settings: DataSettings) -> str:
+    """A data source's path as recorded in a manifest: absolute, "" for the generated demo."""
+    return str(Path(settings.path).expanduser().resolve()) if settings.dataset != "demo" and settings.path else ""
+
+
+def _key(name: str) -> str:
+    return "data." + name.replace("_", "-")
+
+
+def adopt_settings(settings: DataSettings, manifest: dict[str, Any]) -> tuple[DataSettings, list[str]]:
+    """The run's data settings made to agree with a prepared folder's, or an error naming each
+    setting that differs.
+
+    A setting the run leaves at its default is taken from the folder (returned as a note);
+    one the run sets to another value than the folder's is a conflict; ``data.num-clients``
+    must always match (the federation has that many clients). The seed and the pipeline's
+    recipe are not compared: the folder is the data.
+    """
+    recorded = {k: v for k, v in manifest.get("settings", {}).items() if k not in ("seed", "recipe")}
+    defaults = dataclasses.asdict(DataSettings())
+    run = dataclasses.asdict(settings)
+    adopted: dict[str, Any] = {}
+    conflicts: list[str] = []
+    for name in ("dataset", *sorted(set(recorded) - {"dataset"})):  # dataset first: it decides the rest
+        if name not in run or name not in recorded:
+            continue
+        current = resolved_path(dataclasses.replace(settings, **adopted)) if name == "path" else run[name]
+        if current == recorded[name]:
+            continue
+        if run[name] == defaults[name] and name != "num_clients":
+            adopted[name] = recorded[name]
+        else:
+            default = " (the default)" if run[name] == defaults[name] else ""
+            conflicts.append(f"{_key(name)}: this run {run[name]!r}{default}, the folder {recorded[name]!r}")
+    if conflicts:
+        raise PreparedDataError(
+            f"{settings.prepared_dir} was prepared with other settings: " + "; ".join(conflicts) + ". Use the "
+            "folder's values (a data.* key left out takes the folder's value; data.num-clients must match, and "
+            "min-clients and the number of SuperNodes with it), or set data.prepared-dir to a new folder to "
+            "prepare these settings there.")
+    notes = [f"{_key(k)}={v!r} (from the folder)" for k, v in adopted.items()]
+    return dataclasses.replace(settings, **adopted), notes
+
+
 def with_prepared_settings(cfg: Any) -> Any:
     """`cfg` (a FellRecConfig) with the data settings of its existing ``data.prepared-dir``.
 
     A folder prepared once (``python -m data_prep --out DIR``) is then run with only
     ``data.prepared-dir`` set: data settings left at their defaults take the folder's values,
     so the run's name, config.json and caches describe the data really used. A setting the
-    run sets differently raises, naming it (see ``data_prep.prepare.adopt_settings``). Without
+    run sets differently raises, naming it (see :func:`adopt_settings`). Without
     a finished folder there, `cfg` is returned unchanged (the run prepares it).
     """
-    import dataclasses
     from logging import INFO, getLogger
 
     manifest_path = Path(cfg.data.prepared_dir).expanduser() / MANIFEST if cfg.data.prepared_dir else None
@@ -194,13 +240,7 @@ def with_prepared_settings(cfg: Any) -> Any:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except ValueError:
         return cfg  # unfinished or damaged: prepare() rebuilds it
-    from data_prep.errors import DataPrepError
-    from data_prep.prepare import adopt_settings
-
-    try:
-        data, notes = adopt_settings(cfg.data, manifest)
-    except DataPrepError as err:
-        raise PreparedDataError(str(err)) from None
+    data, notes = adopt_settings(cfg.data, manifest)
     if notes:
         getLogger("flwr").log(INFO, "Prepared data %s: %s", cfg.data.prepared_dir, ", ".join(notes))
     return dataclasses.replace(cfg, data=data)

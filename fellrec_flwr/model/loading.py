@@ -267,7 +267,7 @@ def resolve_checkpoint(name: str | Path, work_dir: str | Path) -> Path:
     """A folder of safetensors for `name`: a safetensors folder as is, or a GGUF file converted once.
 
     The conversion de-quantises the whole model once (a preparation step); later partial
-    loads (`model_parts`) read only the tensors they need from the copy.
+    loads (`fellrec_flwr.model.parts`) read only the tensors they need from the copy.
     """
     gguf = find_gguf(str(name))
     if gguf is None:

@@ -160,7 +160,7 @@ def load_tokenizer(model_cfg: ModelConfig, folder: Path) -> Any:
 def load_client_part(model_cfg: ModelConfig, titles: Titles, work_dir: str | Path, front_k: int,
                      back_k: int) -> tuple[nn.Module, Any]:
     """The client's part only (embedding, first front_k and last back_k layers, norm, head) and the
-    tokenizer; the server layers are placeholders until `split_client.make_split_model`. Under
+    tokenizer; the server layers are placeholders until `fellrec_flwr.split.client.make_split_model`. Under
     8/4-bit the held decoder layers are quantised and the rest is in the compute dtype."""
     device, _, quant = settings(model_cfg)
     folder = checkpoint_for(model_cfg, titles, work_dir)
@@ -173,11 +173,11 @@ def load_client_part(model_cfg: ModelConfig, titles: Titles, work_dir: str | Pat
     return model, tokenizer
 
 
-def load_server_part(model_cfg: ModelConfig, titles: Titles, work_dir: str | Path, front_k: int,
-                     back_k: int) -> ServerBody:
-    """The server's middle layers only, with the compute dtype set from the config (never int8)."""
+def load_server_part(model_cfg: ModelConfig, folder: str | Path, front_k: int, back_k: int) -> ServerBody:
+    """The server's middle layers only, from the checkpoint `folder` (`checkpoint_for`), with the
+    compute dtype set from the config (never int8). No data is needed: a service finds its weights
+    from the folder it is given."""
     device, _, quant = settings(model_cfg)
-    folder = checkpoint_for(model_cfg, titles, work_dir)
     body = load_server_body(folder, front_k, back_k, dtype=compute_dtype_for(model_cfg),
                             device="cpu" if quant is not None else device)
     if quant is not None:
@@ -287,14 +287,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from flwr.common.config import parse_config_args
 
-    from data_prep.prepare import prepare
     from fellrec_flwr.config import from_run_config
-    from fellrec_flwr.paths import cache_root
+    from fellrec_flwr.data.on_demand import prepare_folder
     from fellrec_flwr.data.prepared import PreparedData
+    from fellrec_flwr.paths import cache_root
 
     cfg = from_run_config(parse_config_args([args.run_config]) if args.run_config else {})
     # as runtime.prepare_data: converted models live in the prepared-data folder, where every process looks
-    data = PreparedData.load(prepare(cfg.data, cache_root(), seed=cfg.seed))
+    data = PreparedData.load(prepare_folder(cfg.data, cache_root(), seed=cfg.seed))
     print(checkpoint_for(cfg.model, data.titles, data.path))
 
 

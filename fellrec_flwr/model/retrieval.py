@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from fellrec_flwr.progress import tqdm
 
 from fellrec_flwr.data.collate import lookup_titles, pad_token_id_of, prompt_token_ids
-from fellrec_flwr.config import RetrievalSettings, TrainSettings
+from fellrec_flwr.config import RETRIEVAL_POOLINGS, RetrievalSettings, TrainSettings
 from fellrec_flwr.eval.grounding import Catalogue, TitleGroups, _decoder
 from fellrec_flwr.eval.metrics import DEFAULT_KS, ranking_metrics, target_ranks, target_ranks_from_scores
 from fellrec_flwr.data.prompts import GAMES, PromptDomain, format_response, history_input
@@ -44,8 +44,6 @@ from fellrec_flwr.seeding import derive_seed, seeded_torch, torch_generator
 from fellrec_flwr.model.speed import autocast
 from fellrec_flwr.train.trainer import (TrainingError, TrainResult, _check_factors, loss_scaler, model_device,
                                          proximal_term)
-
-POOLINGS = ("mean", "last")
 
 
 class RetrievalError(ValueError):
@@ -83,8 +81,8 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
     ``mean``: average over each row's first ``lengths[i]`` positions; ``last``: position
     ``lengths[i] - 1``.
     """
-    if pooling not in POOLINGS:
-        raise RetrievalError(f"pooling={pooling!r} is not one of {', '.join(POOLINGS)}.")
+    if pooling not in RETRIEVAL_POOLINGS:
+        raise RetrievalError(f"pooling={pooling!r} is not one of {', '.join(RETRIEVAL_POOLINGS)}.")
     if pooling == "last":
         pooled = hidden[torch.arange(len(hidden), device=hidden.device), lengths.to(hidden.device) - 1]
     else:

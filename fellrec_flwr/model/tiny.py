@@ -114,10 +114,10 @@ def demo_public_sequences(titles: Mapping[int, str], num_users: int, seed: int =
     catalogue and behaviour rules (series followed in order, genres), no taste groups, and
     never the clients' users. Titles the prepared catalogue lacks are dropped.
     """
-    from data_prep.demo import PUBLIC_SEED, public_title_sequences
+    from fellrec_flwr.data.on_demand import public_demo_title_sequences
 
     ids = _title_ids(titles)
-    sequences = public_title_sequences(num_users, seed=PUBLIC_SEED + seed)
+    sequences = public_demo_title_sequences(num_users, seed_offset=seed)
     known = sum(t in ids for s in sequences for t in s) / max(1, sum(len(s) for s in sequences))
     if known < 0.9:  # another catalogue (e.g. Games): the demo world says nothing about it
         return None

@@ -7,7 +7,7 @@ A model with L decoder layers is cut into three parts:
     client tail  = layers L-back_k .. L-1 + final norm + LM head
 
 The client keeps a real `LlamaForCausalLM` whose server layers are replaced by a proxy
-(see `split_client.make_split_model`), so peft, `model(**batch).loss` and `generate` work
+(see `fellrec_flwr.split.client.make_split_model`), so peft, `model(**batch).loss` and `generate` work
 unchanged, and layer indices (hence LoRA key names and KV-cache slots) stay those of the
 unsplit model.
 
@@ -107,6 +107,22 @@ def plan_for_model(model: Any, front_k: int, back_k: int) -> SplitPlan:
     return plan_split(_causal_lm(model).config.num_hidden_layers, front_k, back_k)
 
 
+def plan_from_settings(split: Any, num_layers: int) -> SplitPlan | None:
+    """The run config's cut (`split.*`, a SplitSettings) for a model of `num_layers` decoder layers,
+    or None when split is off: where a run's plan comes from; the loaders keep it on what they build
+    (`model.split_plan`, `ServerBody.plan`) and everything after takes it from there."""
+    return plan_split(num_layers, split.front_k, split.back_k) if split.enabled else None
+
+
+def loaded_plan(model: Any) -> SplitPlan:
+    """The plan a client-only model was loaded with (`load_client_model` keeps it on the model)."""
+    plan = getattr(_causal_lm(model), "split_plan", None)
+    if plan is None:
+        raise SplitError("this model was not loaded as a split client (no split_plan): load it with "
+                         "fellrec_flwr.model.parts.load_client_part, or build a plan with plan_for_model.")
+    return plan
+
+
 # ---------------------------------------------------------------------------
 # Model plumbing
 # ---------------------------------------------------------------------------
@@ -128,7 +144,7 @@ class ServerLayersMissing(PassThrough):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise SplitError("this client model has no server layers yet: connect it to the split service with "
-                         "split_client.make_split_model(model, plan, service_client).")
+                         "fellrec_flwr.split.client.make_split_model(model, plan, service_client).")
 
 
 def _causal_lm(model: Any) -> nn.Module:
@@ -333,7 +349,7 @@ class SplitParts:
 
 def split_model(model: Any, front_k: int, back_k: int) -> SplitParts:
     """Validate the cut for `model` and build the server body; the client side is made with
-    `split_client.make_split_model(model, parts.plan, service_client)`."""
+    `fellrec_flwr.split.client.make_split_model(model, parts.plan, service_client)`."""
     plan = plan_for_model(model, front_k, back_k)
     return SplitParts(plan, build_server_body(model, plan))
 
@@ -459,7 +475,7 @@ def load_client_model(path: str | Path, front_k: int, back_k: int, dtype: str | 
 
     The model is built on the meta device (no memory), the held tensors are read from the
     safetensors checkpoint and assigned, and the rotary buffers are rebuilt. Plug in the
-    service with `split_client.make_split_model(model, plan, service_client)`.
+    service with `fellrec_flwr.split.client.make_split_model(model, plan, service_client)`.
     """
     from transformers import GenerationConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding

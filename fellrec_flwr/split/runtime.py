@@ -2,7 +2,7 @@
 
 With `split.enabled`, the client's model holds only the embedding, the first `front_k` and
 last `back_k` decoder layers, the final norm, the LM head and its LoRA — read from the
-checkpoint by `model_parts.load_client_part`, the middle layers never loaded; a proxy that
+checkpoint by `fellrec_flwr.model.parts.load_client_part`, the middle layers never loaded; a proxy that
 calls the service (`fellrec_flwr.split.client`) takes their place. Training, the validation
 loss, generation and the grounding catalogue then run unchanged through the split.
 
@@ -14,26 +14,28 @@ machine as the service and derive their tokens from its secret file.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from fellrec_flwr.config import ConfigError, FellRecConfig, LoraSettings
 
+if TYPE_CHECKING:
+    from fellrec_flwr.split.plan import SplitPlan
 
-def client_lora_settings(cfg: FellRecConfig, num_layers: int) -> LoraSettings:
-    """LoRA restricted to the client-held layers: the server's middle layers stay frozen and shared."""
-    if not cfg.split.enabled:
-        return cfg.lora
-    from fellrec_flwr.split.plan import plan_split
 
-    held = plan_split(num_layers, cfg.split.front_k, cfg.split.back_k).client_layers
-    wanted = cfg.lora.layer_list()
+def client_lora_settings(lora: LoraSettings, plan: SplitPlan | None) -> LoraSettings:
+    """LoRA restricted to the client-held layers of `plan` (None: no split, `lora` as it is): the
+    server's middle layers stay frozen and shared."""
+    if plan is None:
+        return lora
+    held = plan.client_layers
+    wanted = lora.layer_list()
     if wanted is None:
-        return replace(cfg.lora, layers=",".join(str(i) for i in held))
+        return replace(lora, layers=",".join(str(i) for i in held))
     outside = sorted(set(wanted) - set(held))
     if outside:
         raise ConfigError(f"lora.layers includes {outside}, which the split service runs (the client holds "
                           f"{held}); LoRA must live on client-held layers.")
-    return cfg.lora
+    return lora
 
 
 def attach_split(rt: Any, cfg: FellRecConfig, node_config: Mapping[str, Any], message_config: Mapping[str, Any]) -> None:
@@ -41,7 +43,7 @@ def attach_split(rt: Any, cfg: FellRecConfig, node_config: Mapping[str, Any], me
     if not cfg.split.enabled:
         return
     from fellrec_flwr.train.client_state import node_settings
-    from fellrec_flwr.split.plan import _causal_lm, check_service_probe, plan_for_model
+    from fellrec_flwr.split.plan import _causal_lm, check_service_probe, loaded_plan
     from fellrec_flwr.split.client import RemoteBody, make_split_model, service_client
 
     url = cfg.split.service_url or str(message_config.get("split-url", ""))
@@ -65,5 +67,4 @@ def attach_split(rt: Any, cfg: FellRecConfig, node_config: Mapping[str, Any], me
     if checkpoint:
         check_service_probe(checkpoint, client.info().get("probe", {}), url)
     # the catalogue (grounding) is embedded later, through the split: this process holds no middle layer
-    make_split_model(rt.model, plan_for_model(rt.model, cfg.split.front_k, cfg.split.back_k), client,
-                     wire=cfg.split.wire_dtype)
+    make_split_model(rt.model, loaded_plan(rt.model), client, wire=cfg.split.wire_dtype)
