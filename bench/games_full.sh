@@ -3,6 +3,7 @@
 # app's own code path — the centralized command and `flwr run` (python -m fellrec_flwr.run) — on 5 K-means
 # clients, every training window, 10,000 test users; run folders under docs/results/games-full/.
 #   nice bash bench/games_full.sh [step ...]     steps: data baselines centralized fedavg fellrec report curve
+#   FED_ROUNDS=1 bash bench/games_full.sh fedavg   (override the file's num-server-rounds for the federated runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-$(cd .. && pwd)/shared}
@@ -30,7 +31,9 @@ for step in $steps; do
       done ;;
     centralized) python -m fellrec_flwr.train.centralized --run-config "$RC run-name='centralized'" ;;
     fedavg|fellrec|fellrec+|fedprox|local)
-      python -m fellrec_flwr.run --run-config "$RC strategy='$step' run-name='$step'" --federation-config "$FED" ;;
+      FRC="$(python bench/item_head_settings.py ${FED_ROUNDS:+num-server-rounds=$FED_ROUNDS}) model.name='$MODEL'"
+      FRC="$FRC data.prepared-dir='$PREPARED' out-dir='$OUT'"
+      python -m fellrec_flwr.run --run-config "$FRC strategy='$step' run-name='$step'" --federation-config "$FED" ;;
     report)
       runs=(); for r in centralized fedavg fellrec; do [ -f "$OUT/$r/summary.json" ] && runs+=("$OUT/$r"); done
       python -m fellrec_flwr.eval.compare "${runs[@]}" --out "$OUT/compare"

@@ -17,4 +17,9 @@ def as_run_config(settings: dict | None = None) -> str:
 
 
 if __name__ == "__main__":
-    print(as_run_config())
+    import sys
+
+    from flwr.common.config import parse_config_args
+
+    # KEY=VALUE arguments replace the file's values (Flower refuses a key given twice)
+    print(as_run_config({**VERDICT_SETTINGS, **parse_config_args(sys.argv[1:])}))
