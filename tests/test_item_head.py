@@ -24,7 +24,7 @@ def tiny_config(layers: int = 3):
     return config
 
 
-def head_model(k: int = 2, seed: int = 0, groups: int = 7):
+def head_model(k: int = 2, seed: int = 0, groups: int = 7, trained: bool = True):
     """An item head over random frozen layers and random item vectors."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -36,7 +36,12 @@ def head_model(k: int = 2, seed: int = 0, groups: int = 7):
             tensor.normal_(0, 0.2)
     norm = {"weight": torch.rand(config.hidden_size) + 0.5}
     vectors = torch.randn(groups, config.hidden_size)
-    return ih.build_item_model(config, layers, norm, vectors, ItemHeadSettings(layers=k, id_dim=8), LORA, seed)
+    model = ih.build_item_model(config, layers, norm, vectors, ItemHeadSettings(layers=k, id_dim=8), LORA, seed)
+    if trained:  # item_out starts at zero (every item equally likely); give the scores some shape
+        with torch.no_grad():
+            model.get_base_model().item_out.weight.normal_(0, 0.3)
+            model.get_base_model().item_in.weight.normal_(0, 0.3)
+    return model
 
 
 # --------------------------------------------------------------------------- windows
@@ -92,12 +97,20 @@ def test_item_table_is_projection_of_vectors_plus_id_embedding():
     model = head_model()
     base = model.get_base_model()
     with torch.no_grad():
-        direct = base.title_vectors @ base.item_out.weight.T + base.id_emb.weight[:7] @ base.id_proj.weight.T
+        with torch.no_grad():  # a trained item_out, not the zero start
+            base.item_out.weight.normal_()
+        keys = (base.title_vectors - base.title_vectors.mean(0)) / base.title_vectors.std(0)
+        direct = keys @ base.item_out.weight.T + base.id_emb.weight[:7] @ base.id_proj.weight.T
         assert torch.allclose(model.item_table(), direct, atol=1e-6)
         states = torch.randn(5, 32)
         assert torch.allclose(model.scores(states), states @ direct.T, atol=1e-5)  # never projects the catalogue
-        # at the start the item projections are the identity: items enter as their vectors (+ a small id part)
-        assert torch.equal(base.item_in.weight, torch.eye(32))
+        # at the start items enter as their vectors (+ a small id part) and every item is equally likely
+        start = head_model(trained=False).get_base_model()
+        assert not start.item_in.weight.any() and not start.item_out.weight.any()
+        index = torch.tensor([[0, 3, 7]])  # 7 = padding: a zero vector, the padding id row is zero
+        assert torch.allclose(start.item_inputs(index)[0, :2], start.title_vectors[[0, 3]]
+                              + start.id_emb.weight[[0, 3]] @ start.id_proj.weight.T)
+        assert not start.item_inputs(index)[0, 2].any()
 
 
 def test_ranking_and_eval_loss_equal_a_direct_computation():
@@ -132,14 +145,14 @@ def test_order_of_the_history_matters():
 
 
 def test_training_lowers_the_loss_and_moves_only_trainable_parameters():
-    model = head_model()
+    model = head_model(trained=False)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     sequences = [[0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0], [0, 2, 4, 6, 1, 3, 5]] * 4
     cfg = TrainSettings(local_epochs=30, lr=0.01, batch_size=4)
     result = ih.train_item_head(model, sequences, cfg, ItemHeadSettings(layers=2, id_dim=8, window=4), seed=0,
                                 progress=False)
     assert result.num_examples == 12 * 6  # every window of every sequence
-    first = ih.train_item_head(head_model(), sequences, TrainSettings(local_epochs=1, lr=0.01, batch_size=4),
+    first = ih.train_item_head(head_model(trained=False), sequences, TrainSettings(local_epochs=1, lr=0.01, batch_size=4),
                                ItemHeadSettings(layers=2, id_dim=8, window=4), seed=0, progress=False).loss
     assert result.loss < first * 0.5
     for n, p in model.named_parameters():
@@ -152,12 +165,12 @@ def test_training_lowers_the_loss_and_moves_only_trainable_parameters():
 def test_same_seed_same_start_and_state_travels_through_set_lora_state():
     from fellrec_flwr.model.lora_state import get_lora_state, set_lora_state
 
-    a, b = get_lora_state(head_model(seed=3)), get_lora_state(head_model(seed=3))
+    a, b = get_lora_state(head_model(seed=3, trained=False)), get_lora_state(head_model(seed=3, trained=False))
     assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert any(k.endswith("id_emb.weight") for k in a) and any("lora_B" in k for k in a)
-    c = get_lora_state(head_model(seed=4))
+    c = get_lora_state(head_model(seed=4, trained=False))
     assert not all(np.array_equal(a[k], c[k]) for k in a)
-    target = head_model(seed=4)
+    target = head_model(seed=4, trained=False)
     set_lora_state(target, a)
     assert all(np.array_equal(get_lora_state(target)[k], a[k]) for k in a)
 

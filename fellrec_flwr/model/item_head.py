@@ -11,10 +11,11 @@ style, with RecFormer's frozen item vectors and SASRec's full-softmax cross-entr
   the vectors are cached on disk, keyed by the model's weights, the catalogue and the method
   (:func:`catalogue_vectors`);
 - a user's history enters the **top k decoder layers** (pretrained, frozen, LoRA on them) as one
-  position per item: ``item_in(vector) + id_proj(id_emb[item])`` — the text vector plus a learned
-  collaborative (item-id) embedding, LLaRA's hybrid;
+  position per item: ``vector + item_in(key) + id_proj(id_emb[item])`` — the text vector plus
+  trainable corrections and a learned collaborative (item-id) embedding, LLaRA's hybrid;
 - the final norm's output at each position scores every title group against the item table
-  ``item_out(vector) + id_proj(id_emb[item])`` (input and output share the id embedding, as
+  ``item_out(key) + id_proj(id_emb[item])``, where a key is the item vector with every dimension
+  standardised over the catalogue (:func:`standardised`; deep hidden states are anisotropic) (input and output share the id embedding, as
   SASRec ties its item embedding);
 - training is causal over a user's whole training sequence: one forward gives the loss of every
   window (``data.history-len`` items of history at most, :func:`sequence_chunks`), so every window
@@ -158,6 +159,10 @@ class ItemSequenceModel(nn.Module):
         self.layers, self.norm = layers, norm
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.register_buffer("title_vectors", title_vectors.float(), persistent=False)
+        # the scoring side sees each dimension standardised over the catalogue: deep hidden states are
+        # anisotropic (on SmolLM2 at layer 28 a few dimensions reach 10^4 and the catalogue mean dominates
+        # every dot product), which made raw-vector logits of 10^2-10^3 and a model that learned nothing
+        self.register_buffer("title_keys", standardised(title_vectors.float()), persistent=False)
         self.item_in = nn.Linear(text_dim, hidden, bias=False)
         self.item_out = nn.Linear(text_dim, hidden, bias=False)
         self.id_emb = nn.Embedding(num_groups + 1, id_dim, padding_idx=num_groups)
@@ -169,14 +174,12 @@ class ItemSequenceModel(nn.Module):
         return int(self.title_vectors.shape[0])
 
     def reset_trainable(self) -> None:
-        """The seeded start (call under `seeded_torch`): the item projections are the identity (so
-        an item enters the top layers as the state they were trained on), the id parts are small."""
+        """The seeded start (call under `seeded_torch`): `item_in` and `item_out` are zero (an item
+        enters the top layers as its raw vector, the state they were trained on, and every item starts
+        equally likely: the loss at log G); the id parts are small."""
         with torch.no_grad():
-            for linear in (self.item_in, self.item_out):
-                if linear.in_features == linear.out_features:
-                    linear.weight.copy_(torch.eye(linear.out_features))
-                else:  # vectors of another width than the layers (not built here, but keep it sound)
-                    nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
+            self.item_in.weight.zero_()
+            self.item_out.weight.zero_()
             nn.init.normal_(self.id_emb.weight, std=0.02)
             self.id_emb.weight[self.num_groups].zero_()
             nn.init.normal_(self.id_proj.weight, std=0.02)
@@ -186,19 +189,22 @@ class ItemSequenceModel(nn.Module):
         return padded[index]
 
     def item_inputs(self, index: torch.Tensor) -> torch.Tensor:
-        """[B, T] title-group indices (G = padding) -> [B, T, hidden] inputs of the top layers."""
-        return self.item_in(self._vectors(index)) + self.id_proj(self.id_emb(index))
+        """[B, T] title-group indices (G = padding) -> [B, T, hidden] inputs of the top layers: the raw
+        item vector (the state these layers were trained on) plus trainable corrections computed from
+        the standardised key (well conditioned: a raw dimension reaches 10^4) and from the id embedding."""
+        keys = torch.cat([self.title_keys, self.title_keys.new_zeros(1, self.title_keys.shape[1])])[index]
+        return self._vectors(index) + self.item_in(keys) + self.id_proj(self.id_emb(index))
 
     def item_table(self) -> torch.Tensor:
         """(G, hidden) output embedding of every title group."""
         every = torch.arange(self.num_groups, device=self.title_vectors.device)
-        return self.item_out(self.title_vectors) + self.id_proj(self.id_emb(every))
+        return self.item_out(self.title_keys) + self.id_proj(self.id_emb(every))
 
     def scores(self, states: torch.Tensor) -> torch.Tensor:
         """(P, hidden) states -> (P, G) logits, equal to ``states @ item_table().T`` but computed as
         ``(states W_out) V^T + (states W_id) E^T``: the catalogue is never projected (that projection,
         G x d x d per step, cost more than the rest of a training step)."""
-        text = (states @ self.item_out.weight) @ self.title_vectors.T
+        text = (states @ self.item_out.weight) @ self.title_keys.T
         ids = (states @ self.id_proj.weight) @ self.id_emb.weight[: self.num_groups].T
         return text + ids
 
@@ -219,6 +225,12 @@ class ItemSequenceModel(nn.Module):
             out = layer(hidden, attention_mask=bias, position_ids=positions, position_embeddings=position_embeddings)
             hidden = out[0] if isinstance(out, tuple) else out
         return self.norm(hidden)
+
+
+def standardised(vectors: torch.Tensor) -> torch.Tensor:
+    """Each dimension centred and scaled to unit variance over the rows (a constant dimension stays 0)."""
+    centred = vectors - vectors.mean(0, keepdim=True)
+    return centred / centred.std(0, keepdim=True).clamp_min(1e-6)
 
 
 def peft_item_config(lora: LoraSettings) -> Any:
