@@ -278,6 +278,12 @@ def test_sasrec_command_writes_a_run_folder_with_sasrec_rows_and_intervals(tmp_p
     assert {"recall_by_round.png", "final_by_client.png", "config.json", "metrics.csv"} <= {
         p.name for p in run_dir.iterdir()}
     assert Path(summary["sasrec"]["cache"]).exists()
+    # a run on the prepared folder alone records the folder's data settings in config.json
+    prepared = Path(summary["sasrec"]["cache"]).parent.parent
+    main(["--popularity", "--run-config", f"out-dir='{tmp_path / 'out'}' run-name='p' data.prepared-dir='{prepared}' "
+          "data.num-clients=2 min-clients=2 sasrec.max-epochs=2 sasrec.hidden=16"])
+    config = json.loads((tmp_path / "out" / "p" / "config.json").read_text())
+    assert (config["data.valid-users"], config["data.train-samples"], config["data.bpr-epochs"]) == (16, 48, 2)
 
 
 def test_training_and_ranking_never_initialise_cuda(tmp_path, monkeypatch):

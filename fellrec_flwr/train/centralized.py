@@ -27,6 +27,7 @@ from typing import Any
 from flwr.common.config import parse_config_args
 
 from fellrec_flwr.config import FellRecConfig, from_run_config
+from fellrec_flwr.data.prepared import with_prepared_settings
 from fellrec_flwr.model.lora_state import set_lora_state
 from fellrec_flwr.eval.results import (
     PER_USER_FILE, atomic_write_json, final_intervals, per_user_rows, plot_run, summarise, write_metrics_csv,
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(chosen) > 1:
         parser.error(f"choose one baseline, not {' and '.join('--' + m for m in chosen)}.")
     overrides = parse_config_args(args.run_config) if args.run_config else {}
-    cfg = from_run_config(overrides)
+    # as the ServerApp does: a prepared folder's own data settings, so config.json says what was run
+    cfg = with_prepared_settings(from_run_config(overrides))
     if chosen:
         run_baseline(cfg, chosen[0])
     else:
