@@ -27,8 +27,9 @@ Phases:
   (`bench_client_app`) trains one local epoch over the client's pool from the adapter it
   received (a fresh AdamW per round, as a Flower client does). So the aggregation is the
   strategies' code, not a copy of it (tests/test_bench_strategy_path.py). A round's end saves
-  every client's adapter and the strategy's checkpoint (resumable). Round 1 starts from the same seeded LoRA init with the same
-  batches for every federated method, so it is trained once and shared. Centralized: one
+  every client's adapter and the strategy's checkpoint (resumable). Round 1 starts from the
+  same seeded LoRA init with the same batches for every federated method, so it is trained once
+  and shared (FedProx and an lr-scale other than 1 train it anew). Centralized: one
   adapter, one epoch over the union of the pools per "round" (the same examples per client).
   Adapters per round are kept (safetensors) under --states-cache;
 - eval: per method and round, the catalogue's top layers are re-encoded with each adapter and
@@ -409,7 +410,7 @@ def strategy_config(setup: Setup, method: str):
 def phase_train(setup: Setup, methods: list[str]) -> None:
     from fellrec_flwr.inprocess_grid import InProcessGrid
     from fellrec_flwr.model.lora_state import record_to_state
-    from fellrec_flwr.train.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
+    from fellrec_flwr.train.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 
     args = setup.args
     item_states, _ = load_states(part_path(setup, "catalogue", _item_ids(setup)))
@@ -439,6 +440,7 @@ def phase_train(setup: Setup, methods: list[str]) -> None:
             # round 1 starts from the shared init with the same batches for every federated method
             shared = adapter_path(setup, f"round1-c{c}")
             shared_log = Path(args.out) / "train" / f"round1-c{c}.json"
+            c0 = time.process_time()
             if r == 1 and shared.exists() and lr_scale == 1.0 and proximal_mu == 0.0:
                 new, entry = load_adapter(shared), json.loads(shared_log.read_text())
             else:
@@ -448,16 +450,17 @@ def phase_train(setup: Setup, methods: list[str]) -> None:
                     save_adapter(shared, new)
                     write_json(shared_log, entry)
             entries[c] = entry
+            client_cpu[0] += time.process_time() - c0
             return new, entry
 
         checkpoint_dir = setup.cache / "strategies" / method
-        round_cpu = [time.process_time()]
+        round_cpu, client_cpu = [time.process_time()], [0.0]  # this round's, and its clients' part of it
 
         def on_round_end(r: int, strategy) -> None:
             for c in clients:
                 save_adapter(adapter_path(setup, f"{method}-r{r}-c{c}"), record_to_state(strategy.personal_arrays(c)))
             weights = recorded_weights(strategy, r, clients)
-            server_cpu = time.process_time() - round_cpu[0] - sum(e["cpu"] for e in entries.values())
+            server_cpu = time.process_time() - round_cpu[0] - client_cpu[0]  # aggregation and messages
             log["rounds"].append({"round": r, "clients": {str(c): entries[c] for c in sorted(entries)},
                                   **({"weights": weights.tolist()} if weights is not None else {}),
                                   "server_cpu": server_cpu})
@@ -467,19 +470,14 @@ def phase_train(setup: Setup, methods: list[str]) -> None:
             if weights is not None:
                 print(f"[{method}] round {r}: self-weights {np.round(np.diag(weights), 3).tolist()}", flush=True)
             entries.clear()
-            round_cpu[0] = time.process_time()
+            round_cpu[0], client_cpu[0] = time.process_time(), 0.0
 
         resume = checkpoint_dir if (checkpoint_dir / CHECKPOINT_NAME).exists() else None
-        log["rounds"] = [e for e in log["rounds"] if resume is not None and e["round"] <= _checkpoint_round(resume)]
+        done = load_checkpoint(resume).round if resume is not None else 0  # rounds the log keeps
+        log["rounds"] = [e for e in log["rounds"] if e["round"] <= done]
         federated_rounds(strategy_config(setup, method), setup.init_state,
                          InProcessGrid(bench_client_app(train_client), args.num_clients), args.rounds,
                          on_round_end=on_round_end, resume_from=resume)
-
-
-def _checkpoint_round(folder: Path) -> int:
-    from fellrec_flwr.train.checkpoint import load_checkpoint
-
-    return load_checkpoint(folder).round
 
 
 def _item_ids(setup: Setup):
