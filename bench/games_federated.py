@@ -20,14 +20,16 @@ Phases:
   safetensors under --states-cache (never pickled; the previous games_retrieval cache, a torch
   file, is read once with weights_only=True when its key matches);
 - train: `fellrec_flwr.model.retrieval.train_retrieval_states` runs only the top 4 layers.
-  Federated methods: R rounds; in each, every client trains one local epoch over its pool from
-  the adapter it received (a fresh AdamW per round, as a Flower client does), then the server
-  aggregates with the functions the strategies call: FedAvg = the example-weighted mean;
-  FELLRec = `strategies.fellrec.round_balance` with the paper's defaults (`FellRecSettings()`),
-  applied with `fellrec_math.aggregate`; FELLRec+ = the same with the preset of
-  `strategies.fellrec_plus.PRESET` (delta-w basis, softmax kernel, tau 0.5); local = no
-  aggregation. Round 1 starts from the same seeded LoRA init with the same
-  batches for every federated method, so it is trained once and shared. Centralized: one
+  Federated methods: R rounds of the project's own strategy class (`strategies.make_strategy`,
+  as the ServerApp builds it: FedAvg, FELLRec with the paper's defaults, FELLRec+ =
+  the preset of `strategies.fellrec_plus.PRESET`, local) in Flower's own round loop
+  (`StrategyBase.start`) over an in-process Grid (`fellrec_flwr.inprocess_grid`); its ClientApp
+  (`bench_client_app`) trains one local epoch over the client's pool from the adapter it
+  received (a fresh AdamW per round, as a Flower client does). So the aggregation is the
+  strategies' code, not a copy of it (tests/test_bench_strategy_path.py). A round's end saves
+  every client's adapter and the strategy's checkpoint (resumable). Round 1 starts from the
+  same seeded LoRA init with the same batches for every federated method, so it is trained once
+  and shared (FedProx and an lr-scale other than 1 train it anew). Centralized: one
   adapter, one epoch over the union of the pools per "round" (the same examples per client).
   Adapters per round are kept (safetensors) under --states-cache;
 - eval: per method and round, the catalogue's top layers are re-encoded with each adapter and
@@ -109,7 +111,7 @@ class Setup:
         from fellrec_flwr.runtime import prepare_data
 
         self.args = args
-        self.cfg = from_run_config({
+        self.run_config = {
             "model.name": args.model, "model.head": "retrieval", "seed": args.seed,
             "data.dataset": "games", "data.path": args.games, "data.partitioner": args.partitioner,
             "data.num-clients": args.num_clients, "min-clients": 1, "data.train-samples": 0,
@@ -117,7 +119,8 @@ class Setup:
             "train.lr": args.lr, "train.batch-size": args.batch_size, "train.local-epochs": 1,
             "retrieval.negatives": args.negatives, "retrieval.pooling": args.pooling,
             "retrieval.temperature": args.temperature,
-        })
+        }
+        self.cfg = from_run_config(self.run_config)
         self.data = prepare_data(self.cfg)
         base, self.tok = load_base_model(self.cfg.model, self.data.titles, self.data.path)
         self.model = add_lora(base, self.cfg.lora, seed=self.cfg.seed)
@@ -294,7 +297,8 @@ def load_adapter(path: Path) -> dict:
     return load_file(str(path))
 
 
-def train_once(setup: Setup, state: dict, pool, seed_tags: tuple, item_states) -> tuple[dict, dict]:
+def train_once(setup: Setup, state: dict, pool, seed_tags: tuple, item_states, lr_scale: float = 1.0,
+               proximal_mu: float = 0.0) -> tuple[dict, dict]:
     """One local epoch over `pool` from `state`; returns the new state and its log."""
     from fellrec_flwr.model.lora_state import get_lora_state, set_lora_state
     from fellrec_flwr.model.retrieval import train_retrieval_states
@@ -306,6 +310,7 @@ def train_once(setup: Setup, state: dict, pool, seed_tags: tuple, item_states) -
     t0, c0 = time.time(), time.process_time()
     result = train_retrieval_states(setup.model, setup.start, states, targets, histories, item_states,
                                     setup.cfg.train, setup.cfg.retrieval, seed=derive_seed(setup.args.seed, *seed_tags),
+                                    proximal_mu=proximal_mu, lr_scale=lr_scale,
                                     on_step=lambda step, loss: curve.append(loss), autocast_to=setup.dtype)
     log = {"loss": result.loss, "steps": result.steps, "examples": len(states), "wall": time.time() - t0,
            "cpu": time.process_time() - c0, "curve": curve}
@@ -314,53 +319,103 @@ def train_once(setup: Setup, state: dict, pool, seed_tags: tuple, item_states) -
     return get_lora_state(setup.model), log
 
 
-def stack(states: list[dict]) -> tuple[np.ndarray, list[str], dict]:
-    keys = sorted(states[0])
-    shapes = {k: states[0][k].shape for k in keys}
-    return np.stack([np.concatenate([s[k].ravel() for k in keys]) for s in states]).astype(np.float32), keys, shapes
+# --------------------------------------------------------------------------- the server: the strategy classes
+# The federated methods run through the project's strategies in Flower's own round loop
+# (`StrategyBase.start`), with an in-process Grid in place of the SuperLink: the same code
+# `flwr run` runs, so a change to a strategy moves this benchmark's numbers
+# (tests/test_bench_strategy_path.py checks one round against the in-process ServerApp).
 
 
-def unstack(row: np.ndarray, keys: list[str], shapes: dict) -> dict:
-    out, at = {}, 0
-    for k in keys:
-        size = int(np.prod(shapes[k]))
-        out[k] = row[at:at + size].reshape(shapes[k]).copy()
-        at += size
-    return out
+def bench_client_app(train_client):
+    """A Flower ClientApp whose training is `train_client(client, server_round, state, lr_scale,
+    proximal_mu) -> (new_state, log)` (the bench's cached-prefix training; the log has "loss" and
+    "examples"). It answers train messages as client_app/app.py does (arrays, "train-loss",
+    "num-examples", "client-key") and identification queries; there is no evaluate: the bench
+    evaluates every round's adapters itself (phase eval)."""
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fellrec_flwr.model.lora_state import record_to_state, state_to_record
+
+    app = ClientApp()
+
+    @app.query()
+    def query(msg, context):
+        return Message(RecordDict({"metrics": MetricRecord({"client-key": int(context.node_config["partition-id"])})}),
+                       reply_to=msg)
+
+    @app.train()
+    def train(msg, context):
+        key = int(context.node_config["partition-id"])
+        config = msg.content["config"]
+        if config.get("freeze-lora-a", False):
+            raise ValueError("this benchmark's training does not freeze LoRA A (FFA-LoRA); run that strategy "
+                             "with flwr run.")
+        new, entry = train_client(key, int(config["server-round"]), record_to_state(msg.content["arrays"]),
+                                  float(config.get("lr-scale", 1.0)), float(config.get("proximal-mu", 0.0)))
+        metrics = MetricRecord({"train-loss": float(entry["loss"]), "num-examples": int(entry["examples"]),
+                                "client-key": key})
+        return Message(RecordDict({"arrays": state_to_record(new), "metrics": metrics}), reply_to=msg)
+
+    return app
 
 
-def aggregate(method: str, states: list[dict], losses: list[float], examples: list[int], t: int,
-              received: list[dict]):
-    """The server step of `method` on this round's uploads (`received`: what each client trained
-    from): (per-client states, weight matrix W). FELLRec's is the strategy's own `round_balance`."""
-    from flwr.app import Array, ArrayRecord
+def federated_rounds(cfg, initial_state: dict, grid, rounds: int, on_round_end=None, resume_from: Path | None = None):
+    """Rounds 1..`rounds` of strategy `cfg.strategy` (built by `strategies.make_strategy(cfg)`, as
+    the ServerApp builds it) over `grid`, starting from `initial_state` or, with `resume_from`, from
+    that checkpoint (``fellrec_flwr.train.checkpoint``). Returns the strategy: its
+    ``personal_arrays(client)`` are each client's adapter, its recorder the per-round metrics
+    (FELLRec's weights under split "balance"). No evaluation rounds: the bench evaluates apart."""
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
 
-    from fellrec_flwr.config import FellRecSettings
-    from strategies import fellrec_math
-    from strategies.arrays import FlatLayout
-    from strategies.fellrec import round_balance
-    from strategies.fellrec_plus import preset_settings
+    from fellrec_flwr.model.lora_state import state_to_record
+    from fellrec_flwr.train.checkpoint import load_checkpoint
+    from strategies import make_strategy
 
-    n = len(states)
-    if method == "local":
-        return states, np.eye(n)
-    stacked, keys, shapes = stack(states)
-    if method == "fedavg":  # Flower FedAvg: the example-weighted mean, sent to every client
-        w = np.asarray(examples, dtype=np.float64) / sum(examples)
-        weights = np.tile(w, (n, 1))
-    else:
-        settings = FellRecSettings() if method == "fellrec" else preset_settings(FellRecSettings())
-        layout = FlatLayout.of(ArrayRecord({k: Array(states[0][k]) for k in keys}))  # stack()'s order
-        weights = round_balance(settings, layout, stacked, np.asarray(losses), t,
-                                received=lambda: stack(received)[0]).weights
-    mixed = fellrec_math.aggregate(weights.astype(np.float32), stacked)
-    return [unstack(row, keys, shapes) for row in mixed], weights
+    # Flower refuses to build a Message outside a Flower process without a task identity (bench/quality.py)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    strategy = make_strategy(cfg)
+    strategy.fraction_evaluate = 0.0  # the bench's eval phase scores every round's adapters on its own users
+    initial = state_to_record(initial_state)
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        strategy.load_state_dict(ckpt.strategy_state)
+        initial = state_to_record(ckpt.global_arrays)
+    remaining = rounds - strategy.round_offset
+    if remaining > 0:
+        strategy.start(grid, initial, num_rounds=remaining, train_config=ConfigRecord({"seed": cfg.seed}),
+                       on_round_end=on_round_end)
+    return strategy
+
+
+def recorded_weights(strategy, server_round: int, clients: list[int]) -> np.ndarray | None:
+    """W of `server_round` as the strategy recorded it (FELLRec: split "balance", "weight:<j>"); None
+    for strategies that record none (FedAvg: the size-weighted mean; local: no mixing)."""
+    rows = {(r["client"], r["metric"]): r["value"] for r in strategy.records
+            if r["round"] == server_round and r["split"] == "balance"}
+    if not rows:
+        return None
+    return np.array([[rows[(i, f"weight:{j}")] for j in clients] for i in clients])
+
+
+def strategy_config(setup: Setup, method: str):
+    """The bench's run config with `strategy` = this method: its strategy settings (fellrec.*,
+    proximal-mu...) are what `flwr run` would use with the same keys."""
+    from fellrec_flwr.config import from_run_config
+
+    return from_run_config({**setup.run_config, "strategy": method})
 
 
 def phase_train(setup: Setup, methods: list[str]) -> None:
+    from fellrec_flwr.inprocess_grid import InProcessGrid
+    from fellrec_flwr.model.lora_state import record_to_state
+    from fellrec_flwr.train.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+
     args = setup.args
     item_states, _ = load_states(part_path(setup, "catalogue", _item_ids(setup)))
     pools = [windows_of(setup, c) for c in range(args.num_clients)]
+    clients = list(range(args.num_clients))
     for method in methods:
         log_file = Path(args.out) / "train" / f"{method}.json"
         log = json.loads(log_file.read_text()) if log_file.exists() else {"method": method, "rounds": []}
@@ -377,37 +432,52 @@ def phase_train(setup: Setup, methods: list[str]) -> None:
                 log["rounds"].append({"round": r, "clients": {"all": entry}})
                 write_json(log_file, log)
             continue
-        states = [setup.init_state] * args.num_clients
-        for r in range(1, args.rounds + 1):
-            paths = [adapter_path(setup, f"{method}-r{r}-c{c}") for c in range(args.num_clients)]
-            if all(p.exists() for p in paths):
-                states = [load_adapter(p) for p in paths]
-                continue
-            trained, entries = [], {}
-            for c in range(args.num_clients):
-                # round 1 starts from the shared init with the same batches for every federated method
-                shared = adapter_path(setup, f"round1-c{c}")
-                shared_log = Path(args.out) / "train" / f"round1-c{c}.json"
-                if r == 1 and shared.exists():
-                    trained.append(load_adapter(shared))
-                    entries[c] = json.loads(shared_log.read_text())
-                    continue
-                new, entry = train_once(setup, states[c], pools[c], ("round", r, "client", c), item_states)
-                if r == 1:
+        if all(adapter_path(setup, f"{method}-r{r}-c{c}").exists() for r in range(1, args.rounds + 1) for c in clients):
+            continue
+        entries: dict[int, dict] = {}
+
+        def train_client(c: int, r: int, state: dict, lr_scale: float, proximal_mu: float) -> tuple[dict, dict]:
+            # round 1 starts from the shared init with the same batches for every federated method
+            shared = adapter_path(setup, f"round1-c{c}")
+            shared_log = Path(args.out) / "train" / f"round1-c{c}.json"
+            c0 = time.process_time()
+            if r == 1 and shared.exists() and lr_scale == 1.0 and proximal_mu == 0.0:
+                new, entry = load_adapter(shared), json.loads(shared_log.read_text())
+            else:
+                new, entry = train_once(setup, state, pools[c], ("round", r, "client", c), item_states,
+                                        lr_scale=lr_scale, proximal_mu=proximal_mu)
+                if r == 1 and lr_scale == 1.0 and proximal_mu == 0.0:
                     save_adapter(shared, new)
                     write_json(shared_log, entry)
-                trained.append(new)
-                entries[c] = entry
-            t0 = time.process_time()
-            states, weights = aggregate(method, trained, [entries[c]["loss"] for c in range(args.num_clients)],
-                                        [entries[c]["examples"] for c in range(args.num_clients)], r - 1,
-                                        received=states)
-            for p, s in zip(paths, states):
-                save_adapter(p, s)
-            log["rounds"].append({"round": r, "clients": {str(c): entries[c] for c in entries},
-                                  "weights": weights.tolist(), "aggregation_cpu": time.process_time() - t0})
+            entries[c] = entry
+            client_cpu[0] += time.process_time() - c0
+            return new, entry
+
+        checkpoint_dir = setup.cache / "strategies" / method
+        round_cpu, client_cpu = [time.process_time()], [0.0]  # this round's, and its clients' part of it
+
+        def on_round_end(r: int, strategy) -> None:
+            for c in clients:
+                save_adapter(adapter_path(setup, f"{method}-r{r}-c{c}"), record_to_state(strategy.personal_arrays(c)))
+            weights = recorded_weights(strategy, r, clients)
+            server_cpu = time.process_time() - round_cpu[0] - client_cpu[0]  # aggregation and messages
+            log["rounds"].append({"round": r, "clients": {str(c): entries[c] for c in sorted(entries)},
+                                  **({"weights": weights.tolist()} if weights is not None else {}),
+                                  "server_cpu": server_cpu})
             write_json(log_file, log)
-            print(f"[{method}] round {r}: self-weights {np.round(np.diag(weights), 3).tolist()}", flush=True)
+            save_checkpoint(checkpoint_dir, Checkpoint(round=r, strategy_state=strategy.state_dict(),
+                                                       global_arrays=record_to_state(strategy.global_arrays)))
+            if weights is not None:
+                print(f"[{method}] round {r}: self-weights {np.round(np.diag(weights), 3).tolist()}", flush=True)
+            entries.clear()
+            round_cpu[0], client_cpu[0] = time.process_time(), 0.0
+
+        resume = checkpoint_dir if (checkpoint_dir / CHECKPOINT_NAME).exists() else None
+        done = load_checkpoint(resume).round if resume is not None else 0  # rounds the log keeps
+        log["rounds"] = [e for e in log["rounds"] if e["round"] <= done]
+        federated_rounds(strategy_config(setup, method), setup.init_state,
+                         InProcessGrid(bench_client_app(train_client), args.num_clients), args.rounds,
+                         on_round_end=on_round_end, resume_from=resume)
 
 
 def _item_ids(setup: Setup):
