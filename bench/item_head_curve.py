@@ -70,7 +70,7 @@ def retrieval_points() -> tuple[list[dict], list[int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prepared-dir", required=True, type=Path)
+    ap.add_argument("--prepared-dir", type=Path, help="the verdict's prepared folder (needed unless --from-log)")
     ap.add_argument("--all-users-dir", required=True, type=Path, help="prepared with --test-users 0")
     ap.add_argument("--model", default=str(SMOLLM))
     ap.add_argument("--epochs", type=int, default=3)
@@ -79,7 +79,12 @@ def main() -> None:
                     help="a run folder whose per_user.csv names the verdict's test users")
     ap.add_argument("--run-config", default="", help="extra overrides (Flower syntax) for the head's settings")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--from-log", type=Path, help="redraw curve.csv/.png from the JSON lines an earlier run printed "
+                                                  "(e.g. one stopped early), without training")
     args = ap.parse_args()
+    if args.from_log:
+        redraw(args.from_log, args.out, curve_baselines(args.all_users_dir))
+        return
 
     import torch
     from flwr.common.config import parse_config_args
@@ -180,6 +185,35 @@ def main() -> None:
     pd.DataFrame(rows + retrieval).to_csv(args.out / "curve.csv", index=False, float_format="%.5f")
     plot(rows, retrieval, baselines, args.out / "curve.png", len(curve_examples))
     print(json.dumps({k: v for k, v in summary.items() if not k.endswith("points")}, indent=2))
+
+
+def curve_baselines(all_users_dir: Path) -> dict[str, float]:
+    """Popularity and Markov Recall@10 on the retrieval head's 1,000 test users (no model needed)."""
+    from fellrec_flwr.data.prepared import PreparedData
+    from fellrec_flwr.eval.baselines import FittedBaselines
+    from fellrec_flwr.eval.metrics import ranking_metrics
+
+    every = PreparedData.load(all_users_dir)
+    _, users = retrieval_points()
+    test = {ex.user_id: ex for ex in every.split("test")}
+    examples = [test[u] for u in users]
+    fitted = FittedBaselines.fit(every.train_sequences, every.titles)
+    return {m: float(ranking_metrics(fitted.ranks(m, examples))["recall@10"]) for m in ("popularity", "markov")}
+
+
+def redraw(log: Path, out: Path, baselines: dict[str, float]) -> None:
+    """curve.csv/.png from the item points a run printed (JSON lines), with the retrieval head's points
+    and the baselines on the same users; writes curve.json with what is known without the run's costs."""
+    import pandas as pd
+
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"head": "item"')]
+    retrieval, _ = retrieval_points()
+    pd.DataFrame(rows + retrieval).to_csv(out / "curve.csv", index=False, float_format="%.5f")
+    (out / "curve.json").write_text(json.dumps({"cpu": cpu_model(), "from_log": str(log.name),
+                                                "baselines_on_curve_users": baselines, "retrieval_points": retrieval,
+                                                "item_points": rows}, indent=2))
+    plot(rows, retrieval, baselines, out / "curve.png", rows[0]["n_users"] if rows else 0)
+    print(f"wrote {out / 'curve.csv'} and curve.png from {len(rows)} points of {log}")
 
 
 def plot(item: list[dict], retrieval: list[dict], baselines: dict, path: Path, n_users: int) -> None:
