@@ -99,3 +99,29 @@ def test_curve_settings_and_cli_errors(demo, capsys):
         CurveSettings(noise_sigmas=(-1.0,)).validate(4)
     assert audit_main(["--data", "games", "--finetune-epochs", "1", "--curve", "--out", "/tmp/never"]) == 2
     assert "--finetune-epochs needs --curve and --data demo or prepared" in capsys.readouterr().err
+
+
+def test_defended_at_noises_the_back_cut_gradient_in_training(demo):
+    _, _, model, tok = demo
+    model = copy.deepcopy(model)
+    ids = tok(["Halo 3 and Minecraft", "Zelda"], return_tensors="pt", padding=True)
+    labels = ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)
+    grads_at = {}
+
+    def grads(defence):
+        model.zero_grad()
+        with defended_at(model, 1, defence, grad_layer=3):
+            def keep_grad(module, args, kwargs):
+                (args[0] if args else kwargs["hidden_states"]).register_hook(
+                    lambda g: grads_at.__setitem__("back", g.clone()))
+
+            h = decoder_layers(model)[3].register_forward_pre_hook(keep_grad, with_kwargs=True)
+            model(**ids, labels=labels).loss.backward()
+            h.remove()
+        return model.model.embed_tokens.weight.grad.clone(), grads_at["back"]
+
+    clean, _ = grads(WireDefence())
+    zero, _ = grads(WireDefence("noise", 0.0, 1.0))
+    noisy, _ = grads(WireDefence("noise", 1.0, 1.0, seed=2))
+    assert torch.equal(clean, zero)
+    assert not torch.allclose(clean, noisy)  # the client's layers learned from the noisy returned gradient
