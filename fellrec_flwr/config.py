@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -28,6 +29,7 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 DECODINGS = ("beam-l2", "constrained")
 HEADS = ("generative", "retrieval", "item")
 RETRIEVAL_POOLINGS = ("mean", "last")
+WIRE_DEFENCES = ("none", "noise")  # split.defence (fellrec_flwr/split/defence.py)
 
 
 # Run-config keys that name files or folders. Flower's apps run in the SuperLink's working folder,
@@ -231,6 +233,12 @@ class SplitSettings:
     # where the ServerApp's loopback service runs the middle layers, apart from model.device (the clients'):
     # auto | cpu | cuda | cuda:N. Ray does not count this memory: keep it off the clients' GPUs (docs/gpu.md)
     service_device: str = "auto"
+    # what the client does to what it sends (fellrec_flwr/split/defence.py, docs/privacy_audit.md):
+    # none | noise (clip each position to noise-clip x the median position norm, then Gaussian noise
+    # of expected norm noise-sigma x that bound on activations sent and gradients returned)
+    defence: str = "none"
+    noise_sigma: float = 0.0  # 0 = the split without a defence, bit for bit
+    noise_clip: float = 1.0
 
 
 @dataclass
@@ -306,6 +314,16 @@ class FellRecConfig:
             )
         if self.split.enabled and (self.split.front_k < 1 or self.split.back_k < 1):
             raise ConfigError("split.front-k and split.back-k must be >= 1 when split.enabled.")
+        _choice("split.defence", self.split.defence, WIRE_DEFENCES)
+        if not (math.isfinite(self.split.noise_sigma) and self.split.noise_sigma >= 0):
+            raise ConfigError(f"split.noise-sigma={self.split.noise_sigma} must be a finite number >= 0 "
+                              "(0 = no noise; 1 = noise as large as the clip bound).")
+        if not (math.isfinite(self.split.noise_clip) and self.split.noise_clip > 0):
+            raise ConfigError(f"split.noise-clip={self.split.noise_clip} must be > 0 (the per-position clip bound "
+                              "as a multiple of the median position norm; 1 = the median).")
+        if self.split.noise_sigma > 0 and self.split.defence != "noise":
+            raise ConfigError(f"split.noise-sigma={self.split.noise_sigma} has no effect with "
+                              f"split.defence={self.split.defence!r}; set split.defence='noise'.")
         _plain_name("run-name", self.run_name)
         if self.split.enabled and self.eval.decoding == "constrained" and self.eval.prior_weight > 0:
             # the title prior copies a prompt's KV cache, which a split session (held by the service) cannot be

@@ -1,7 +1,9 @@
 """CLI: ``python -m fellrec_flwr.audit --model tiny --data demo --cuts 0,1,2 --out docs/results/audit/demo``.
 
 Writes audit.csv (one row per cut, direction and observed kind), audit.png, report.md and
-settings.json under --out. Same arguments and seed -> the same numbers.
+settings.json under --out. With ``--curve`` it writes the wire defences' privacy-quality curve
+instead (curve.csv, curve-detail.csv, curve.png, report.md, settings.json; see audit/curve.py).
+Same arguments and seed -> the same numbers.
 """
 
 from __future__ import annotations
@@ -79,6 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--noise-sigmas", type=_floats, default=(), help="defence sweep, e.g. 0.1,0.3,1")
     p.add_argument("--noise-cut", type=int, default=1, help="front cut of the defence sweep")
     p.add_argument("--noise-loss-users", type=int, default=32, help="users the defence's price is measured on")
+    p.add_argument("--curve", action="store_true",
+                   help="the defences' privacy-quality curve (split.defence=noise at --curve-front-k with sigmas "
+                        "--noise-sigmas, and deeper front cuts --curve-deeper-cuts) instead of the cut table")
+    p.add_argument("--curve-front-k", type=int, default=1, help="--curve: the cut of the noise line (split.front-k)")
+    p.add_argument("--curve-back-k", type=int, default=1, help="--curve: split.back-k")
+    p.add_argument("--curve-deeper-cuts", type=_ints, default=(2,), help="--curve: the front-k line's cuts")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="--curve: first train the client's LoRA (its held layers) this many epochs on the prepared "
+                        "train split (--data demo prepares the demo with the config defaults; or --data prepared)")
+    p.add_argument("--noise-clip", type=float, default=1.0, help="--curve: split.noise-clip")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and BLAS (0 = their default); "
                                                           "1 is much faster on a crowded machine")
     p.add_argument("--work-dir", default=os.environ.get("FELLREC_CACHE", str(Path.home() / ".cache" / "fellrec-flwr")),
@@ -101,11 +113,28 @@ def main(argv: list[str] | None = None) -> int:
                                  train_on_inputs=not args.response_only_loss, seed=args.seed,
                                  noise_cut=args.noise_cut, noise_sigmas=noise,
                                  noise_loss_users=args.noise_loss_users)
-        titles, examples = load_audit_data(args.data, args.data_path, args.eval_users, args.history_len,
+        data, data_path = args.data, args.data_path
+        if args.finetune_epochs > 0:
+            if not args.curve or data not in ("demo", "prepared"):
+                raise AuditError("--finetune-epochs needs --curve and --data demo or prepared (a train split).")
+            if data == "demo":  # the demo as a run prepares it (config defaults), cached under --work-dir
+                from fellrec_flwr.config import DataSettings, FellRecConfig
+                from fellrec_flwr.data.on_demand import prepare_folder
+
+                data_path = str(prepare_folder(DataSettings(), Path(args.work_dir), seed=FellRecConfig().seed))
+            data = "prepared"
+        titles, examples = load_audit_data(data, data_path, args.eval_users, args.history_len,
                                            derive_seed(args.seed, "eval-users"))
         started = time.time()
         model, tokenizer = load_base_model(ModelConfig(name=args.model, device="cpu", tiny_pretrain_prompts=args.tiny_pretrain_prompts), titles,
                                            Path(args.work_dir) / "audit")
+        if args.curve:
+            train = ()
+            if args.finetune_epochs > 0:
+                from fellrec_flwr.data.prepared import PreparedData
+
+                train = PreparedData.load(Path(data_path)).split("train")
+            return _curve(args, argv, settings, model, tokenizer, titles, examples, train, started)
         with torch.random.fork_rng(), cpu_threads(args.threads):
             df = run_audit(model, tokenizer, titles, examples, settings)
     except AuditError as err:
@@ -118,6 +147,27 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_results(args.out, df, record, command, f"{Path(args.model).name} on {args.data}")
     print(markdown_table(df, ["k", "direction", "observed", "noise_sigma", "token_acc", "history_item_recall",
                               "target_item_recall"]))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _curve(args: argparse.Namespace, argv: list[str] | None, settings: AuditSettings, model, tokenizer, titles,
+           examples, train, started: float) -> int:
+    from fellrec_flwr.audit.curve import CurveSettings, run_curve
+    from fellrec_flwr.audit.report import write_curve
+
+    sigmas = tuple(s for s in args.noise_sigmas if s > 0) or CurveSettings.noise_sigmas
+    curve = CurveSettings(front_k=args.curve_front_k, back_k=args.curve_back_k, noise_sigmas=sigmas,
+                          noise_clip=args.noise_clip, deeper_front_ks=args.curve_deeper_cuts)
+    with torch.random.fork_rng(), cpu_threads(args.threads):
+        df, detail = run_curve(model, tokenizer, titles, examples, args.data, settings, curve,
+                               train_examples=train, finetune_epochs=args.finetune_epochs)
+    record = {**asdict(settings), **{f"curve_{k}": v for k, v in asdict(curve).items()}, "model": args.model,
+              "data": args.data, "finetune_epochs": args.finetune_epochs, "eval_users": len(examples), "num_layers": int(model.config.num_hidden_layers),
+              "seconds": round(time.time() - started, 1), "threads": args.threads or torch.get_num_threads()}
+    command = "python -m fellrec_flwr.audit " + shlex.join(argv if argv is not None else sys.argv[1:])
+    paths = write_curve(args.out, df, detail, record, command, f"{Path(args.model).name} on {args.data}")
+    print(markdown_table(df, list(df.columns), digits=3))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 

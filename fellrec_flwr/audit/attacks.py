@@ -20,7 +20,7 @@ price ``lm_loss`` (the model's loss on the real sequences when the noise is appl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -111,12 +111,18 @@ def _targets(sequences: Sequence[AuditSequence]) -> _Targets:
                     spans)
 
 
-def _features(observed: Observed, targets: _Targets, window: int, noise: tuple[float, int] | None = None) -> np.ndarray:
+Defend = Callable[[np.ndarray, int], np.ndarray]  # (vectors of sequence i, i) -> what the server sees
+
+
+def _features(observed: Observed, targets: _Targets, window: int, noise: tuple[float, int] | None = None,
+              defend: Defend | None = None) -> np.ndarray:
     blocks = []
     for i, pos in enumerate(targets.positions):
         raw = observed.raw(i)
         if noise is not None:
             raw = add_relative_noise(raw, noise[0], derive_seed(noise[1], i))
+        if defend is not None:
+            raw = defend(raw, i)
         blocks.append(window_features(raw, pos - observed.offset[i], window))
     return np.concatenate(blocks) if blocks else np.zeros((0, 0), dtype=np.float32)
 
@@ -133,30 +139,42 @@ def _score(predicted: np.ndarray, targets: _Targets, tokenizer, matcher: TitleMa
     hist = ~targets.is_target
     spans = [(i, *sp) for i, user in enumerate(targets.spans) for sp in user]
     texts = [tokenizer.decode(predicted[lo:hi].tolist()) for _, lo, hi, _, _ in spans]
-    found = matcher.identified(texts, [item for _, _, _, item, _ in spans]) if spans else np.zeros(0, bool)
+    items = [item for _, _, _, item, _ in spans]
+    found = matcher.identified(texts, items) if spans else np.zeros(0, bool)
+    top5 = (found | matcher.in_top(texts, items, 5)) if spans else np.zeros(0, bool)
     per_user: dict[int, list[bool]] = {}
+    per_user_top5: dict[int, list[bool]] = {}
     target_found = []
-    for (i, _, _, _, is_tgt), hit in zip(spans, found):
+    for (i, _, _, _, is_tgt), hit, hit5 in zip(spans, found, top5):
         (target_found if is_tgt else per_user.setdefault(i, [])).append(bool(hit))
+        if not is_tgt:
+            per_user_top5.setdefault(i, []).append(bool(hit5))
     return {
         "token_acc": float(correct[hist].mean()) if hist.any() else float("nan"),
         "target_token_acc": float(correct[~hist].mean()) if (~hist).any() else float("nan"),
         "history_item_recall": float(np.mean([np.mean(v) for v in per_user.values()])) if per_user else float("nan"),
         "target_item_recall": float(np.mean(target_found)) if target_found else float("nan"),
         "n_history_items": int(sum(len(v) for v in per_user.values())),
+        # the item among the attacker's 5 best catalogue guesses for the span (identify.TitleMatcher.in_top)
+        "history_item_recall_top5": (float(np.mean([np.mean(v) for v in per_user_top5.values()]))
+                                     if per_user_top5 else float("nan")),
     }
 
 
 def _attack(train_obs: Observed, eval_obs: Observed, train_t: _Targets, eval_t: _Targets, embeddings: np.ndarray,
             candidates: np.ndarray, settings: AuditSettings, tokenizer, matcher: TitleMatcher,
-            noise: float = 0.0) -> dict[str, float]:
+            noise: float = 0.0, defend_train: Defend | None = None, defend_eval: Defend | None = None
+            ) -> dict[str, float]:
+    """Fit the inverter on the attacker's observations, score it on the victims'. ``defend_*``
+    change what the server sees (the attacker's own copy of the defence for training, the
+    client's for the victims)."""
     noise_train = (noise, derive_seed(settings.seed, "noise-train", noise)) if noise else None
     noise_eval = (noise, derive_seed(settings.seed, "noise-eval", noise)) if noise else None
-    x_train = _features(train_obs, train_t, settings.window, noise_train)
+    x_train = _features(train_obs, train_t, settings.window, noise_train, defend_train)
     inverter = fit_inverter(x_train, train_t.tokens, embeddings, candidates, train_t.seq_of, settings.alphas,
                             seed=derive_seed(settings.seed, "holdout"))
     del x_train
-    predicted = inverter.tokens(_features(eval_obs, eval_t, settings.window, noise_eval), candidates,
+    predicted = inverter.tokens(_features(eval_obs, eval_t, settings.window, noise_eval, defend_eval), candidates,
                                 embeddings[candidates])
     return {**_score(predicted, eval_t, tokenizer, matcher), "ridge_alpha": inverter.alpha}
 

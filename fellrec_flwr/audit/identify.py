@@ -53,3 +53,19 @@ class TitleMatcher:
             mine = scores[np.arange(len(scores)), truth[i:i + chunk]]
             out[i:i + chunk] = (mine >= threshold) & (mine >= best)
         return out
+
+    def in_top(self, texts: Sequence[str], item_ids: Sequence[int], k: int = 5, chunk: int = 256) -> np.ndarray:
+        """Bool per text: is the item's title group among the attacker's ``k`` best guesses?
+
+        The guesses are the title groups ranked by word-set F1 with the text; the item counts when it
+        overlaps the text at all and fewer than ``k`` other groups score at least as high (ties go
+        against the attacker here, so a word shared by many titles does not count as a hit).
+        """
+        truth = self.groups.group_index(item_ids)
+        out = np.zeros(len(texts), dtype=bool)
+        for i in range(0, len(texts), chunk):
+            scores = self.f1(texts[i:i + chunk])
+            mine = scores[np.arange(len(scores)), truth[i:i + chunk]]
+            others = (scores >= mine[:, None]).sum(1) - 1
+            out[i:i + chunk] = (mine > 0) & (others < k)
+        return out

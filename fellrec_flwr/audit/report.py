@@ -92,3 +92,68 @@ def write_results(out_dir: str | Path, df: pd.DataFrame, settings: Mapping[str, 
     atomic_write_text(paths["report"], render_report(df, settings, command, title))
     atomic_write_text(paths["settings"], json.dumps(dict(settings), indent=2, default=str) + "\n")
     return paths
+
+
+# -- the defences' privacy-quality curve (audit/curve.py) ---------------------------------------------
+
+GOAL_RECOVERY, GOAL_RELATIVE_LOSS = 0.10, 0.05  # issue 25: recovery <= 10 % at <= 5 % relative Recall@10 loss
+
+
+def relative_loss(df: pd.DataFrame) -> pd.Series:
+    """Per row, 1 - recall@10 / recall@10 at strength 0 (0 where that baseline is 0)."""
+    base = float(df.loc[df["strength"] == 0, "recall@10"].iloc[0])
+    return (1 - df["recall@10"] / base) if base > 0 else df["recall@10"] * 0.0
+
+
+def plot_curve(df: pd.DataFrame, title: str = "") -> bytes:
+    """PNG: history items recovered (top-1 solid, top-5 dotted) against Recall@10, one line per defence,
+    each starting at strength 0; the shaded box is the issue's goal."""
+    base = df[df["strength"] == 0].iloc[0]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, defence in enumerate(d for d in dict.fromkeys(df["defence"]) if d != "none"):
+        part = pd.concat([df[df["strength"] == 0].head(1), df[df["defence"] == defence].sort_values("strength")])
+        color = f"C{i}"
+        ax.plot(part["recall@10"], part["recovery_top1"], "-o", color=color, label=f"{defence}: top-1")
+        ax.plot(part["recall@10"], part["recovery_top5"], ":", color=color, alpha=0.7, label=f"{defence}: top-5")
+        for _, row in part.iloc[1:].iterrows():
+            ax.annotate(f"{row['strength']:g}", (row["recall@10"], row["recovery_top1"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points", color=color)
+    r0 = float(base["recall@10"])
+    ax.axhspan(0, GOAL_RECOVERY, xmin=0, xmax=1, color="green", alpha=0.08)
+    ax.axvline(r0 * (1 - GOAL_RELATIVE_LOSS), color="green", ls="--", lw=0.8,
+               label="goal: recovery <= 10 % at <= 5 % recall loss")
+    ax.set_xlabel("Recall@10 (quality)")
+    ax.set_ylabel("history items recovered by the server")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_curve(out_dir: str | Path, df: pd.DataFrame, detail: pd.DataFrame, settings: Mapping[str, Any],
+                command: str, title: str) -> dict[str, Path]:
+    """curve.csv (the issue's columns), curve-detail.csv (per channel), curve.png, report.md, settings.json."""
+    out = Path(out_dir)
+    paths = {"csv": out / "curve.csv", "detail": out / "curve-detail.csv", "png": out / "curve.png",
+             "report": out / "report.md", "settings": out / "settings.json"}
+    atomic_write_text(paths["csv"], df.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(paths["detail"], detail.to_csv(index=False, float_format="%.6g"))
+    atomic_write_bytes(paths["png"], plot_curve(df, f"wire defences: {title}"))
+    shown = df.assign(relative_loss=relative_loss(df))
+    report = "\n".join([
+        f"# Wire defences, privacy vs quality: {title}", "", f"Command: `{command}`", "",
+        "recovery = history items the server identifies (the larger of its two channels, front activation "
+        "and back gradient); recall_ci = 95 % paired-bootstrap interval of recall@10 minus recall@10 at "
+        "strength 0; relative_loss = 1 - recall@10 / recall@10 at strength 0.", "",
+        markdown_table(shown, [*df.columns, "relative_loss"]), "", "Per channel:", "",
+        markdown_table(detail, list(detail.columns)), "",
+        "Settings:", "", "```json", json.dumps(dict(settings), indent=2, default=str), "```", ""])
+    atomic_write_text(paths["report"], report)
+    atomic_write_text(paths["settings"], json.dumps(dict(settings), indent=2, default=str) + "\n")
+    return paths

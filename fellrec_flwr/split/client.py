@@ -6,7 +6,8 @@ unchanged Hugging Face model: peft LoRA, `model(**batch).loss`, `model.generate`
 sampling, beam search) and the grounding embeddings keep working, with layer indices (so
 LoRA key names and KV-cache slots) identical to the unsplit model.
 
-What crosses the network: hidden states at the cut, the 2-D padding mask, position ids,
+What crosses the network (after the client's wire defence, if any: `fellrec_flwr.split.defence`):
+hidden states at the cut, the 2-D padding mask, position ids,
 gradients w.r.t. the returned hidden states, and (in beam search) beam indices. Token ids,
 labels, the embedding and the LM head never leave the client.
 
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from fellrec_flwr.split.auth import auth_metadata, channel_credentials, issue_token, load_secret
+from fellrec_flwr.split.defence import WireDefence
 from fellrec_flwr.split.plan import PassThrough, SplitError, SplitPlan, _causal_lm, server_layer_adapters
 from fellrec_flwr.split.wire import ERROR_CODE_KEY, ERROR_STATUS_KEY, METHODS, decode, encode, method_path, wire_dtype
 
@@ -322,7 +324,7 @@ class _RemoteMiddle(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, body: "RemoteBody", mask: torch.Tensor | None,
                 positions: torch.Tensor) -> torch.Tensor:
-        wire_h = hidden.detach().to(body.wire_dtype)
+        wire_h = body.defence.protect(hidden.detach(), mask).to(body.wire_dtype)
         out, activation_id = body.client.forward(wire_h, mask, positions, keep_graph=True)
         ctx.body, ctx.sent = body, (wire_h, mask, positions, activation_id)
         return out.to(device=hidden.device, dtype=hidden.dtype)
@@ -330,7 +332,8 @@ class _RemoteMiddle(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         wire_h, mask, positions, activation_id = ctx.sent
-        g = ctx.body.client.backward(wire_h, mask, positions, grad.detach().to(wire_h.dtype), activation_id)
+        sent = ctx.body.defence.protect(grad.detach(), mask).to(wire_h.dtype)
+        g = ctx.body.client.backward(wire_h, mask, positions, sent, activation_id)
         return g.to(device=grad.device, dtype=grad.dtype), None, None, None
 
 
@@ -348,11 +351,14 @@ class _SessionState:
 
 class RemoteBody(nn.Module):
     """Stands in for decoder layer `front_k`: sends the hidden states to the service and returns the
-    output of layer L-back_k-1. Called by LlamaModel exactly like a decoder layer."""
+    output of layer L-back_k-1. Called by LlamaModel exactly like a decoder layer. `defence`
+    (`fellrec_flwr.split.defence`) changes every hidden state and gradient before it is sent."""
 
-    def __init__(self, client: SplitServiceClient, plan: SplitPlan, wire: str = "float32", replay: bool = True):
+    def __init__(self, client: SplitServiceClient, plan: SplitPlan, wire: str = "float32", replay: bool = True,
+                 defence: WireDefence | None = None):
         super().__init__()
         self.client, self.plan, self.wire_dtype, self.replay = client, plan, wire_dtype(wire), replay
+        self.defence = defence or WireDefence()
         self.padding_mask: torch.Tensor | None = None  # set by a pre-hook on LlamaModel
         self._sessions: "weakref.WeakKeyDictionary[Any, _SessionState]" = weakref.WeakKeyDictionary()
 
@@ -379,7 +385,8 @@ class RemoteBody(nn.Module):
                 return _RemoteMiddle.apply(hidden_states, self, mask, positions)
         elif kv_cache is not None and use_cache:
             return self._session_step(kv_cache, hidden_states, mask, positions)
-        out, _ = self.client.forward(hidden_states.detach().to(self.wire_dtype), mask, positions)
+        out, _ = self.client.forward(self.defence.protect(hidden_states.detach(), mask).to(self.wire_dtype), mask,
+                                     positions)
         return out.to(device=hidden_states.device, dtype=hidden_states.dtype)
 
     # -- inference sessions -----------------------------------------------------------------
@@ -402,7 +409,7 @@ class RemoteBody(nn.Module):
             raise SplitError(f"the client KV cache holds {seen} tokens but the split session {state.past_len} + {q}: "
                              "the cache was changed outside forward/reorder (crop, batch_select, ...), which the "
                              "split does not support; use greedy, sampling or beam search.")
-        wire_h = hidden.detach().to(self.wire_dtype)
+        wire_h = self.defence.protect(hidden.detach(), mask).to(self.wire_dtype)
         beam, state.pending_beam = state.pending_beam, None
         step_mask = mask if mask is not None else torch.ones(b, q, dtype=torch.bool)
         if beam is not None and self.replay:
@@ -466,7 +473,7 @@ def _capture_padding_mask(body: RemoteBody) -> Callable:
 
 
 def make_split_model(model: Any, plan: SplitPlan, service_client: SplitServiceClient, wire: str = "float32",
-                     check_weights: bool = True, replay: bool = True) -> Any:
+                     check_weights: bool = True, replay: bool = True, defence: WireDefence | None = None) -> Any:
     """Turn `model` (a full or client-only LlamaForCausalLM, or a PeftModel around one) into a split
     client, in place, and return it. The server-held layers are dropped from it.
 
@@ -492,7 +499,7 @@ def make_split_model(model: Any, plan: SplitPlan, service_client: SplitServiceCl
         raise SplitError(f"the split service at {service_client.url} serves {theirs}; this client needs {mine}.")
     if check_weights:
         _check_probe(lm, info.get("probe", {}), service_client.url)
-    body = RemoteBody(service_client, plan, wire, replay)
+    body = RemoteBody(service_client, plan, wire, replay, defence)
     layers = lm.model.layers
     layers[plan.front_k] = body
     for i in list(plan.server_layers)[1:]:

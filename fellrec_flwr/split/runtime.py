@@ -57,9 +57,14 @@ def attach_split(rt: Any, cfg: FellRecConfig, node_config: Mapping[str, Any], me
         from fellrec_flwr.paths import default_secret_file
 
         client = service_client(url, node.split_key(), secret_file=default_secret_file())
+    from fellrec_flwr.seeding import derive_seed
+    from fellrec_flwr.split.defence import WireDefence
+
+    # each client its own noise stream, reproducible from the run's seed
+    defence = WireDefence.from_settings(cfg.split, derive_seed(cfg.seed, "split-defence", node.split_key()))
     body = next((m for m in rt.model.modules() if isinstance(m, RemoteBody)), None)
     if body is not None:  # one simulation process serves many clients: switch identity
-        body.client = client
+        body.client, body.defence = client, defence
         return
     # a client-only model cannot compare the service's weight probe with its own layers: read the
     # probed tensors' first values from the checkpoint instead
@@ -67,4 +72,4 @@ def attach_split(rt: Any, cfg: FellRecConfig, node_config: Mapping[str, Any], me
     if checkpoint:
         check_service_probe(checkpoint, client.info().get("probe", {}), url)
     # the catalogue (grounding) is embedded later, through the split: this process holds no middle layer
-    make_split_model(rt.model, loaded_plan(rt.model), client, wire=cfg.split.wire_dtype)
+    make_split_model(rt.model, loaded_plan(rt.model), client, wire=cfg.split.wire_dtype, defence=defence)
