@@ -2,6 +2,7 @@
 retrieval head's published points on the same 1,000 test users.
 
     nice python bench/item_head_curve.py --prepared-dir DIR --all-users-dir DIR2 [--epochs 3] [--threads 1]
+    python bench/item_head_curve.py --prepared-dir DIR --all-users-dir DIR2 --epochs 0 --out /tmp/costs   # costs only
 
 What it measures, on the library's own trainer and evaluator (`train_item_head`,
 `evaluate_item_head`; the verdict table itself comes from the centralized command and
@@ -172,8 +173,8 @@ def main() -> None:
     summary = {
         "cpu": cpu_model(), "threads": args.threads, "windows_per_epoch": total, "epochs": args.epochs,
         "settings": overrides, "setup_cpu_seconds": setup_cpu,
-        "train_cpu_seconds_per_window": train_cpu / done,
-        "train_cpu_minutes_per_epoch": train_cpu / args.epochs / 60,
+        "train_cpu_seconds_per_window": train_cpu / done if done else None,
+        "train_cpu_minutes_per_epoch": train_cpu / args.epochs / 60 if args.epochs else None,
         "eval_cpu_seconds_per_user": costs["eval_cpu"] / max(1, costs["eval_users"]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "baselines_on_curve_users": baselines, "retrieval_points": retrieval, "item_points": rows,
