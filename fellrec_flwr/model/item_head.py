@@ -184,16 +184,17 @@ class ItemSequenceModel(nn.Module):
             self.id_emb.weight[self.num_groups].zero_()
             nn.init.normal_(self.id_proj.weight, std=0.02)
 
-    def _vectors(self, index: torch.Tensor) -> torch.Tensor:
-        padded = torch.cat([self.title_vectors, self.title_vectors.new_zeros(1, self.title_vectors.shape[1])])
-        return padded[index]
+    def _rows(self, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Rows of a (G, d) table at `index`, zero for the padding index G (no padded copy of the table)."""
+        real = (index < self.num_groups).unsqueeze(-1).to(table.dtype)
+        return table[index.clamp(max=self.num_groups - 1)] * real
 
     def item_inputs(self, index: torch.Tensor) -> torch.Tensor:
         """[B, T] title-group indices (G = padding) -> [B, T, hidden] inputs of the top layers: the raw
         item vector (the state these layers were trained on) plus trainable corrections computed from
         the standardised key (well conditioned: a raw dimension reaches 10^4) and from the id embedding."""
-        keys = torch.cat([self.title_keys, self.title_keys.new_zeros(1, self.title_keys.shape[1])])[index]
-        return self._vectors(index) + self.item_in(keys) + self.id_proj(self.id_emb(index))
+        keys = self._rows(self.title_keys, index)
+        return self._rows(self.title_vectors, index) + self.item_in(keys) + self.id_proj(self.id_emb(index))
 
     def item_table(self) -> torch.Tensor:
         """(G, hidden) output embedding of every title group."""
