@@ -87,17 +87,20 @@ def test_the_loopback_service_runs_on_split_service_device_not_model_device(monk
 
     def fake_server_part(model_cfg, *args):
         seen["device"] = model_cfg.device
-        return torch.nn.Linear(2, 2)
+        body = torch.nn.Linear(2, 2)
+        body.plan = types.SimpleNamespace(front_k=1, back_k=1)  # what a ServerBody carries
+        return body
 
     monkeypatch.setattr(parts, "load_server_part", fake_server_part)
-    monkeypatch.setattr(runtime, "prepare_data", lambda cfg: types.SimpleNamespace(titles={}, path=tmp_path))
+    monkeypatch.setattr(runtime, "prepare_data", lambda cfg: pytest.fail("the service must not prepare data"))
     monkeypatch.setattr(split_service, "start_service", lambda body, *a, **k: ("started", k.get("device")))
     cfg = from_run_config({"split.enabled": True, "model.device": "cuda", "split.service-device": "cpu"})
-    assert split_service.start_service_for_run(cfg, tmp_path / "secret") == ("started", "cpu")
+    checkpoint = tmp_path / "checkpoint"
+    assert split_service.start_service_for_run(cfg, checkpoint, tmp_path / "secret") == ("started", "cpu")
     assert seen["device"] == "cpu"  # not the clients' model.device
     cfg = from_run_config({"split.enabled": True, "model.device": "cpu", "split.service-device": "cuda:0"})
     with pytest.raises(ModelLoadError, match="split.service-device='cuda:0' but CUDA is not available"):
-        split_service.start_service_for_run(cfg, tmp_path / "secret")
+        split_service.start_service_for_run(cfg, checkpoint, tmp_path / "secret")
 
 
 def test_the_serverapps_initial_lora_opens_no_cuda_context(monkeypatch, tmp_path):

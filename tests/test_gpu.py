@@ -93,7 +93,7 @@ def test_quantised_service_trains_a_split_step_on_cuda(tmp_path, quant):
     from server_app.split_service import SplitService
 
     cfg = ModelConfig(tiny_pretrain_prompts=0, quantization=quant, dtype="bfloat16", device="cuda")
-    body = load_server_part(cfg, TITLES, tmp_path, 1, 1)
+    body = load_server_part(cfg, checkpoint_for(cfg, TITLES, tmp_path), 1, 1)
     check_service_probe(checkpoint_for(cfg, TITLES, tmp_path), body.probe(), "loopback")  # the client's check
     service = SplitService(body, b"s" * 32)
     hidden = torch.randn(2, 5, body.hidden_size)

@@ -87,14 +87,14 @@ def _inv_freqs(module):
 @pytest.mark.parametrize("dtype", HALF)
 def test_rotary_frequencies_stay_float32_when_the_weights_are_cast(work_dir, dtype):
     """model.to(bf16) rounded inv_freq (up to 0.4 % relative error in each token's rotation angle)."""
-    from fellrec_flwr.model.parts import load_client_part, load_server_part
+    from fellrec_flwr.model.parts import checkpoint_for, load_client_part, load_server_part
 
     cfg = ModelConfig(tiny_pretrain_prompts=0, dtype=dtype, device="cpu")
     reference = _inv_freqs(load_base_model(ModelConfig(tiny_pretrain_prompts=0), TITLES, work_dir)[0])
     whole = load_base_model(cfg, TITLES, work_dir)[0]
     assert next(whole.parameters()).dtype == getattr(torch, dtype)  # the weights were cast
     client, _ = load_client_part(cfg, TITLES, work_dir, 1, 1)
-    body = load_server_part(cfg, TITLES, work_dir, 1, 1)
+    body = load_server_part(cfg, checkpoint_for(cfg, TITLES, work_dir), 1, 1)
     for model in (whole, client, body):
         found = _inv_freqs(model)
         assert found

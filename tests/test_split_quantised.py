@@ -41,7 +41,8 @@ def quantised_body(request, work_dir, monkeypatch):
     monkeypatch.setattr(model_parts, "quantization_config", lambda cfg, device: quant)
     monkeypatch.setattr(model_parts, "quantize_decoder_linears",
                         fake_quantise if request.param == "8bit" else fake_packed_4bit)
-    body = load_server_part(tiny_cfg(quantization=request.param, dtype="bfloat16"), TITLES, work_dir, 1, 1)
+    cfg = tiny_cfg(quantization=request.param, dtype="bfloat16")
+    body = load_server_part(cfg, checkpoint_for(cfg, TITLES, work_dir), 1, 1)
     assert not body.layers[0].self_attn.q_proj.weight.dtype.is_floating_point  # really quantised
     return body
 
@@ -70,7 +71,7 @@ def test_a_client_attaches_to_a_quantised_service(work_dir, quantised_body, monk
     cfg = from_run_config({"split.enabled": True, "split.service-url": "http://svc", "model.tiny-layers": 4,
                            "model.tiny-pretrain-prompts": 0})
     client, _ = load_client_part(tiny_cfg(), TITLES, work_dir, 1, 1)
-    rt = types.SimpleNamespace(model=add_lora(client, client_lora_settings(cfg, 4), seed=1))
+    rt = types.SimpleNamespace(model=add_lora(client, client_lora_settings(cfg.lora, client.split_plan), seed=1))
     attach_split(rt, cfg, {"partition-id": 0, "num-partitions": 1}, {})
     assert any(isinstance(m, RemoteBody) for m in rt.model.modules())
 
@@ -83,7 +84,7 @@ def tiny_service(work_dir):
     from fellrec_flwr.split.engine import ServiceLimits
     from server_app.split_service import SplitService
 
-    body = load_server_part(tiny_cfg(), TITLES, work_dir, 1, 1)
+    body = load_server_part(tiny_cfg(), checkpoint_for(tiny_cfg(), TITLES, work_dir), 1, 1)
     grad_modes = []
     body.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
     return SplitService(body, b"s" * 32, ServiceLimits()), grad_modes
