@@ -122,7 +122,9 @@ def test_per_user_csv_gives_every_methods_items_by_the_tables_own_ids(tmp_path):
     tops = [rng.permutation(data.num_items)[:10].tolist() for _ in test]  # some method's top 10s
     reply = {"round": 1, "client": 0, "split": "test", "user_ids": [ex.user_id for ex in test],
              "target_ranks": [-1] * len(test), "targets": [ex.target for ex in test], "top10": flat_top_items(tops)}
-    rows = run_per_user_rows("my-method", [reply]) + baseline_rows(data, ["test"])
+    from fellrec_flwr.config import SasrecSettings
+
+    rows = run_per_user_rows("my-method", [reply]) + baseline_rows(data, ["test"], sasrec=SasrecSettings(max_epochs=2))
     write_per_user_csv(tmp_path / "per_user.csv", rows, data.original_user_ids, data.original_item_ids)
 
     # the README's three lines
@@ -163,7 +165,7 @@ def test_a_row_shuffled_table_reproduces_the_run(tmp_path):
                       pd.read_csv(run / "per_user.csv"))
     pd.testing.assert_frame_equal(runs["original"][0], runs["shuffled"][0])
     pd.testing.assert_frame_equal(runs["original"][1], runs["shuffled"][1])
-    assert set(runs["original"][1]["method"]) == {"fellrec", "popularity", "markov"}
+    assert set(runs["original"][1]["method"]) == {"fellrec", "popularity", "markov", "sasrec"}
 
 
 def test_an_undeclared_key_is_refused_by_flower_and_named_by_our_check(capsys):

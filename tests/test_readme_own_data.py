@@ -125,7 +125,7 @@ def test_every_command_of_the_section_runs(tmp_path, monkeypatch):
     scope: dict = {}
     exec(code, scope)
     final = scope["recs"][scope["recs"]["split"] == "test"]
-    assert set(final["method"]) == {"fellrec", "popularity", "markov"}
+    assert set(final["method"]) == {"fellrec", "popularity", "markov", "sasrec"}
     raw = pd.read_csv(work / "mydata" / "interactions.csv")
     last = raw.sort_values(["customer", "ts", "product"]).groupby("customer")["product"].last()
     assert (final["original_target_item"] == final["original_user_id"].map(last)).all()
