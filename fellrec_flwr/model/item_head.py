@@ -305,7 +305,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 def train_item_head(model: Any, sequences: Sequence[Sequence[int]], train_cfg: TrainSettings,
                     settings: ItemHeadSettings, seed: int, proximal_mu: float = 0.0, lr_scale: float = 1.0,
-                    progress: bool = True, max_seconds: float | None = None,
+                    progress: bool = True,
                     on_step: Callable[[int, float, int], None] | None = None) -> TrainResult:
     """`train.local-epochs` passes over every window of `sequences` (title-group sequences).
 
@@ -331,7 +331,6 @@ def train_item_head(model: Any, sequences: Sequence[Sequence[int]], train_cfg: T
     model.train()
     losses: list[float] = []
     seen = 0
-    deadline = None if max_seconds is None else time.monotonic() + max_seconds
     bar = tqdm(total=total, desc="item-head training", disable=not progress, leave=False)
     try:
         with seeded_torch(derive_seed(seed, "dropout")):
@@ -358,10 +357,6 @@ def train_item_head(model: Any, sequences: Sequence[Sequence[int]], train_cfg: T
                     bar.update(1)
                     if on_step is not None:
                         on_step(len(losses), losses[-1], seen)
-                    if deadline is not None and time.monotonic() > deadline:
-                        break
-                if deadline is not None and time.monotonic() > deadline:
-                    break
     finally:
         bar.close()
         model.train(was_training)
