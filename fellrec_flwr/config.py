@@ -86,6 +86,9 @@ class LoraSettings:
 @dataclass
 class TrainSettings:
     local_epochs: int = 2
+    # Share of the local training data (users' sequences for model.head='item', prompts otherwise) drawn
+    # afresh each round from the round's seed; 1.0 = all. Many short rounds over the same examples budget.
+    data_fraction: float = 1.0
     lr: float = 3e-3
     batch_size: int = 8
     grad_accum: int = 1
@@ -193,6 +196,9 @@ class SasrecSettings:
     weight_decay: float = 0.0
     init_std: float = 0.02
     select_metric: str = "ndcg@10"  # the valid metric that picks the kept epoch: ndcg@10 | recall@10
+    # SASRec's own seed, not the run's: runs of every seed on one data set rank against the same
+    # baseline (paired comparisons), and it is trained once per data set
+    seed: int = 2024
 
 
 @dataclass
@@ -298,6 +304,9 @@ class FellRecConfig:
         _positive("data.num-clients", self.data.num_clients)
         _positive("train.batch-size", self.train.batch_size)
         _positive("train.grad-accum", self.train.grad_accum)
+        if not (math.isfinite(self.train.data_fraction) and 0.0 < self.train.data_fraction <= 1.0):
+            raise ConfigError(f"train.data-fraction={self.train.data_fraction} must be in (0, 1] (the share of a "
+                              "client's training data drawn each round; 1 = all of it).")
         _choice("train.lr-schedule", self.train.lr_schedule, ("constant", "linear"))
         _choice("train.autocast", self.train.autocast, ("auto", "bf16", "off"))
         _choice("train.checkpoint-layers", self.train.checkpoint_layers, ("split", "on", "off"))

@@ -10,23 +10,40 @@ so a head means the same thing in both:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 from fellrec_flwr.config import FellRecConfig
+from fellrec_flwr.seeding import derive_seed
+
+T = TypeVar("T")
+
+
+def round_share(items: Sequence[T], fraction: float, seed: int) -> list[T]:
+    """`train.data-fraction` of `items` (at least one), drawn without replacement from `seed`, in their order.
+
+    A new seed each round draws a new share, so rounds cover the data like shuffled passes do."""
+    if fraction >= 1.0 or not items:
+        return list(items)
+    import numpy as np
+
+    count = max(1, round(fraction * len(items)))
+    picked = np.random.default_rng(derive_seed(seed, "data-fraction")).choice(len(items), size=count, replace=False)
+    return [items[i] for i in sorted(picked.tolist())]
 
 
 def train_head(cfg: FellRecConfig, rt: Any, client: int | None, seed: int, proximal_mu: float = 0.0,
                lr_scale: float = 1.0) -> Any:
-    """One local training call (`train.local-epochs` passes) on `client`'s data (None = everyone's).
+    """One local training call (`train.local-epochs` passes) on `client`'s data (None = everyone's), or on
+    the round's `train.data-fraction` share of it.
 
     Returns the trainer's `TrainResult` (loss, steps, num_examples)."""
     if cfg.model.head == "item":
         from fellrec_flwr.model.item_head import group_sequences, train_item_head
 
-        sequences = group_sequences(rt.data.sequences(client), rt.groups)
+        sequences = round_share(group_sequences(rt.data.sequences(client), rt.groups), cfg.train.data_fraction, seed)
         return train_item_head(rt.model, sequences, cfg.train, cfg.item_head, seed=seed, proximal_mu=proximal_mu,
                                lr_scale=lr_scale)
-    examples = rt.data.split("train", client=client)
+    examples = round_share(rt.data.split("train", client=client), cfg.train.data_fraction, seed)
     if cfg.model.head == "retrieval":
         from fellrec_flwr.model.retrieval import train_retrieval
 

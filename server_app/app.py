@@ -152,7 +152,7 @@ def server_side_user_data(cfg: FellRecConfig) -> tuple[list[dict[str, Any]], tup
 
     try:
         data = prepare_data(cfg)
-        return (baseline_rows(data, ["valid", cfg.eval.final_split], sasrec=cfg.sasrec, seed=cfg.seed),
+        return (baseline_rows(data, ["valid", cfg.eval.final_split], sasrec=cfg.sasrec),
                 (data.original_user_ids, data.original_item_ids))
     except Exception as err:  # noqa: BLE001 -- see the docstring
         log(WARNING, "No popularity/Markov/SASRec baselines or original user and item ids in this run folder: %s", err)

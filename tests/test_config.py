@@ -50,6 +50,8 @@ def test_overrides_are_typed_and_nested():
         ({"fellrec.heating": "maybe"}, "must be true or false"),
         ({"min-clients": 9}, "exceeds data.num-clients"),
         ({"fraction-train": 0.0}, "fraction-train=0.0 must be in (0, 1]"),
+        ({"train.data-fraction": 1.5}, "train.data-fraction=1.5 must be in (0, 1]"),
+        ({"train.data-fraction": 0.0}, "train.data-fraction=0.0 must be in (0, 1]"),
         ({"split.enabled": True, "split.front-k": 0}, "split.front-k and split.back-k must be >= 1"),
     ],
 )

@@ -213,10 +213,50 @@ def test_the_cache_is_reused_and_invalidated_by_data_settings_or_seed(tmp_path, 
     for name, value in first.model.state_dict().items():
         torch.testing.assert_close(value, second.model.state_dict()[name])
     assert second.record.curve == first.record.curve and second.record.best_epoch == first.record.best_epoch
-    load_or_train(CycleData(tmp_path, users=40, tag="b"), s, seed=0)  # another data set (checksums)
+    load_or_train(CycleData(tmp_path, users=41), s, seed=0)  # another data set
     load_or_train(data, replace(s, hidden=8), seed=0)  # another setting
     load_or_train(data, s, seed=1)  # another seed
     assert len(trained) == 4 and len(list((tmp_path / "baselines").glob("sasrec-*.safetensors"))) == 4
+
+
+def test_the_cache_key_follows_what_sasrec_reads_not_the_partition():
+    from fellrec_flwr.eval.sasrec import cache_key, data_digest
+
+    def frame(clients, last_item=3):
+        return pd.DataFrame({"user_id": [7, 3], "client": clients, "items": [[1, 2, last_item], [2, 4]]})
+
+    class Data:
+        def __init__(self, seqs, titles=None, valid=(Ex(3, (2,), 4),)):
+            self.train_sequences, self.titles, self._valid = seqs, titles or {i: f"t{i}" for i in range(6)}, valid
+
+        def split(self, name, client=None):
+            assert name == "valid"
+            return list(self._valid)
+
+    base = data_digest(Data(frame([0, 1])))
+    assert data_digest(Data(frame([1, 1]))) == base  # another partition of the same users: one SASRec
+    assert data_digest(Data(frame([0, 1]).iloc[::-1])) == base  # row order does not matter
+    assert data_digest(Data(frame([0, 1], last_item=5))) != base  # a training sequence differs
+    assert data_digest(Data(frame([0, 1]), titles={i: f"u{i}" for i in range(6)})) != base
+    assert data_digest(Data(frame([0, 1]), valid=(Ex(3, (2,), 5),))) != base
+    s = SasrecSettings()
+    assert cache_key(base, s, 1) != cache_key(base, s, 2)
+    assert cache_key(base, s, 1) == cache_key(base, replace(s, seed=99, enabled=False), 1)  # seed passed resolved
+
+
+def test_sasrec_uses_its_own_seed_not_the_runs(tmp_path, monkeypatch):
+    import fellrec_flwr.eval.sasrec as sasrec_module
+
+    seeds = []
+
+    def record_seed(train_sequences, groups, settings, seed, *rest, **kwargs):
+        seeds.append(seed)
+        raise RuntimeError("stop")  # the seed is all this test needs
+
+    monkeypatch.setattr(sasrec_module, "train_sasrec", record_seed)
+    with pytest.raises(RuntimeError, match="stop"):
+        load_or_train(CycleData(tmp_path, users=20), replace(FAST, seed=123))
+    assert seeds == [123]
 
 
 def test_a_corrupt_or_foreign_cache_file_is_rebuilt_with_a_log_line(tmp_path, caplog):

@@ -90,7 +90,8 @@ class FittedBaselines:
                    sasrec)
 
     @classmethod
-    def fit_prepared(cls, data: Any, sasrec: "SasrecSettings | None" = None, seed: int = 0) -> "FittedBaselines":
+    def fit_prepared(cls, data: Any, sasrec: "SasrecSettings | None" = None,
+                     seed: int | None = None) -> "FittedBaselines":
         """All baselines of a `PreparedData`; SASRec (from its cache, or trained) when `sasrec` is enabled."""
         fitted_sasrec = None
         if sasrec is not None and sasrec.enabled:
@@ -112,8 +113,8 @@ class FittedBaselines:
             return rank_markov(examples, self.transitions, self.pop_order, self.groups, k)
         if method == "sasrec":
             if self.sasrec is None:
-                raise ValueError("sasrec needs a trained model: fit with FittedBaselines.fit_prepared(data, cfg.sasrec, "
-                                 "cfg.seed) (or pass a FittedSasrec from fellrec_flwr.eval.sasrec.load_or_train).")
+                raise ValueError("sasrec needs a trained model: fit with FittedBaselines.fit_prepared(data, "
+                                 "cfg.sasrec) (or pass a FittedSasrec from fellrec_flwr.eval.sasrec.load_or_train).")
             return self.sasrec.ranked(examples, k)
         raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}.")
 
@@ -155,14 +156,14 @@ def evaluate_markov(examples: Sequence[Any], train_sequences: Any, titles: Mappi
 
 
 def baseline_rows(data: Any, splits: Sequence[str], round_: int = 0, sasrec: "SasrecSettings | None" = None,
-                  seed: int = 0, fitted: FittedBaselines | None = None) -> list[dict[str, Any]]:
+                  seed: int | None = None, fitted: FittedBaselines | None = None) -> list[dict[str, Any]]:
     """per_user.csv rows of every baseline for every client's users of `splits`, with each
     user's target and recommended items (the same columns for any baseline).
 
     data: a `PreparedData` (or anything with num_clients, split(name, client),
     train_sequences and titles; with `sasrec` also path and manifest). Counts come from all
     users' training sequences, the same interactions the federated clients train on; so
-    does SASRec (settings `sasrec`, run seed `seed`; None or sasrec.enabled=false: no SASRec rows).
+    does SASRec (settings `sasrec`, its seed `seed`, None = sasrec.seed; None or sasrec.enabled=false: no SASRec rows).
     `fitted`: baselines already fitted on `data` (then `sasrec` and `seed` are not used).
     """
     fitted = fitted or FittedBaselines.fit_prepared(data, sasrec, seed)

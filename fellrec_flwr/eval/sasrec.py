@@ -21,10 +21,12 @@ scores do not depend on how much padding its batch has: the last real item alway
 at position ``max-len - 1``.
 
 Everything runs on the CPU (the ServerApp must not open a CUDA context for a baseline) with
-the process's torch thread setting, from a private RNG seeded by the run seed: the same
-data, settings and seed give the same model. `load_or_train` caches the trained model in
-``<prepared>/baselines/sasrec-<key>.safetensors``; the key covers the prepared data's
-checksums, the settings and the seed.
+the process's torch thread setting, from a private RNG seeded by ``sasrec.seed`` (not the run
+seed, so runs of every seed compare with one baseline): the same data, settings and seed give
+the same model. `load_or_train` caches the trained model in
+``<prepared>/baselines/sasrec-<key>.safetensors``; the key covers what SASRec reads (the users'
+training sequences, the valid split and the titles, not how users are partitioned into clients),
+the settings and the seed.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from fellrec_flwr.progress import tqdm
 
 log = logging.getLogger("flwr")  # the logger a run's console shows (ServerApp and the CLI)
 
-CACHE_VERSION = "sasrec-v2"  # part of the cache key: change it when the model or training changes
+CACHE_VERSION = "sasrec-v3"  # part of the cache key: change it when the model or training changes
 CACHE_FOLDER = "baselines"
 EVAL_BATCH = 512
 
@@ -344,11 +346,26 @@ class FittedSasrec:
                 "cache": str(self.path) if self.path else ""}
 
 
-def cache_key(checksums: dict[str, str], s: SasrecSettings, seed: int) -> str:
-    """A digest of everything the trained model depends on."""
-    settings = {k: v for k, v in asdict(s).items() if k != "enabled"}
-    text = json.dumps({"version": CACHE_VERSION, "data": dict(sorted(checksums.items())), "settings": settings,
-                       "seed": int(seed)}, sort_keys=True)
+def data_digest(data: Any) -> str:
+    """A digest of what SASRec reads from a prepared data set: each user's training sequence, the
+    valid split (it picks the epoch) and the titles (they make the title groups). The client column
+    is left out: two partitions of the same users share one SASRec."""
+    h = hashlib.sha256()
+    seqs = data.train_sequences
+    pairs = zip(seqs["user_id"], seqs["items"]) if hasattr(seqs, "columns") else enumerate(seqs)
+    for user, items in sorted((int(u), [int(i) for i in s]) for u, s in pairs):
+        h.update(json.dumps([user, items]).encode())
+    for ex in sorted(data.split("valid"), key=lambda e: int(e.user_id)):
+        h.update(json.dumps([int(ex.user_id), [int(i) for i in ex.history], int(ex.target)]).encode())
+    h.update(json.dumps(sorted((int(k), str(v)) for k, v in data.titles.items())).encode())
+    return h.hexdigest()
+
+
+def cache_key(digest: str, s: SasrecSettings, seed: int) -> str:
+    """A digest of everything the trained model depends on (`digest`: `data_digest` of the data)."""
+    settings = {k: v for k, v in asdict(s).items() if k not in ("enabled", "seed")}
+    text = json.dumps({"version": CACHE_VERSION, "data": digest, "settings": settings, "seed": int(seed)},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -385,13 +402,16 @@ def load_cached(path: Path, key: str, groups: TitleGroups, s: SasrecSettings) ->
     return FittedSasrec(model, groups, record, path)
 
 
-def load_or_train(data: Any, s: SasrecSettings, seed: int, groups: TitleGroups | None = None) -> FittedSasrec:
+def load_or_train(data: Any, s: SasrecSettings, seed: int | None = None,
+                  groups: TitleGroups | None = None) -> FittedSasrec:
     """The SASRec of a prepared data set (`PreparedData`): from its cache, or trained and cached.
+    `seed` None: ``sasrec.seed``.
 
     A cache file that cannot be used (corrupt, or another key inside) is replaced, with a log line.
     """
     groups = groups or TitleGroups.from_titles(data.titles)
-    key = cache_key(data.manifest["checksums"], s, seed)
+    seed = s.seed if seed is None else seed
+    key = cache_key(data_digest(data), s, seed)
     path = cache_path(data.path, key)
     if path.exists():
         try:

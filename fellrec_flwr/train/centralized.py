@@ -122,7 +122,7 @@ def run_baseline(cfg: FellRecConfig, method: str = "popularity") -> Path:
         raise ValueError("--sasrec with sasrec.enabled=false: drop the override or run another baseline.")
     run_dir = run_dir_for(cfg, f"{method}-{cfg.data.dataset}")
     data = prepare_data(cfg)
-    fitted = FittedBaselines.fit_prepared(data, cfg.sasrec, cfg.seed)
+    fitted = FittedBaselines.fit_prepared(data, cfg.sasrec)
     rows: list[dict[str, Any]] = []
     for split in ("valid", cfg.eval.final_split):
         for client in range(data.num_clients):
@@ -151,7 +151,7 @@ def run_sasrec(cfg: FellRecConfig) -> Path:
 def _baseline_user_rows(data: Any, cfg: FellRecConfig, fitted: Any = None) -> list[dict[str, Any]]:
     from fellrec_flwr.eval.baselines import baseline_rows
 
-    return baseline_rows(data, ["valid", cfg.eval.final_split], sasrec=cfg.sasrec, seed=cfg.seed, fitted=fitted)
+    return baseline_rows(data, ["valid", cfg.eval.final_split], sasrec=cfg.sasrec, fitted=fitted)
 
 
 def _finish(cfg: FellRecConfig, run_dir: Path, rows: list[dict[str, Any]], method: str,
