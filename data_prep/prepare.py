@@ -123,11 +123,25 @@ def split_order(settings: DataSettings, files: dict[str, Path]) -> str:
     return f"time: column {column!r}; equal times by item id"
 
 
-def source_fingerprint(settings: DataSettings) -> list[dict[str, Any]]:
-    """Name, size and mtime of each source file (cheap; no parsing)."""
+def source_fingerprint(settings: DataSettings, content: bool = False) -> list[dict[str, Any]]:
+    """Name, size and mtime of each source file (cheap; no parsing); with `content` also its sha256
+    (recorded once, at preparation: a copy with new modification times is then recognised)."""
     files = readers.source_files(settings.dataset, settings.path, table_columns(settings))
-    return [{"role": role, "name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
-            for role, p in sorted(files.items())]
+    return [{"role": role, "name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns,
+             **({"sha256": file_sha256(p)} if content else {})} for role, p in sorted(files.items())]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _same_file(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Name, size and mtime agree (the sha256, recorded at preparation only, is not compared here)."""
+    return all(recorded.get(k) == now.get(k) for k in ("role", "name", "size", "mtime_ns"))
 
 
 def cache_key(content: dict[str, Any], fingerprint: list[dict[str, Any]]) -> str:
@@ -294,11 +308,19 @@ def _stale_source(settings: DataSettings, manifest: dict[str, Any]) -> str:
         now = {f["role"]: f for f in source_fingerprint(settings)}
     except DataPrepError:
         return ""
+    files = None
     for old in manifest.get("source", []):
         new = now.get(old["role"])
-        if new is not None and new != old:
-            return (f"{new['name']} changed since preparation (size {old['size']} -> {new['size']} bytes, or its "
-                    "modification time)")
+        if new is None or _same_file(old, new):
+            continue
+        if old.get("sha256") and new["size"] == old["size"] and new["name"] == old["name"]:
+            # only the modification time moved (a fresh copy or checkout): the content decides
+            files = files or readers.source_files(settings.dataset, settings.path, table_columns(settings))
+            if file_sha256(files[old["role"]]) == old["sha256"]:
+                continue
+            return f"{new['name']} changed since preparation (same size, other content)"
+        return (f"{new['name']} changed since preparation (size {old['size']} -> {new['size']} bytes, or its "
+                "modification time)")
     return ""
 
 
@@ -310,7 +332,9 @@ def _reusable(folder: Path, settings: DataSettings, content: dict[str, Any], exp
     manifest = read_manifest(folder)
     if manifest is not None:
         if not explicit:  # a settings-keyed cache folder: exactly these settings and sources
-            return manifest.get("settings") == content and manifest.get("source") == source_fingerprint(settings)
+            recorded, now = manifest.get("source", []), source_fingerprint(settings)
+            return (manifest.get("settings") == content and len(recorded) == len(now)
+                    and all(_same_file(a, b) for a, b in zip(recorded, now)))
         try:
             effective, _notes = adopt_settings(settings, manifest)
         except PreparedDataError as err:  # raised by the library, where runs adopt a folder's settings too
@@ -354,7 +378,7 @@ def prepare(settings: DataSettings, cache_root: str | Path, seed: int = 2024, *,
             return folder
         started = time.perf_counter()
         files = readers.source_files(settings.dataset, settings.path, table_columns(settings))
-        fingerprint = source_fingerprint(settings)  # before reading: a later change shows as stale
+        fingerprint = source_fingerprint(settings, content=True)  # before reading: a later change shows as stale
         frames, info = build(settings, seed, progress)
         with atomic_dir(folder, overwrite=True) as tmp:
             for name, frame in frames.items():

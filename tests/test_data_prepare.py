@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from itertools import combinations
 
@@ -232,6 +233,16 @@ def test_cli_folder_is_reused_by_a_run_that_names_only_the_folder(tmp_path, caps
         prepare(dataclasses.replace(run, time_col="when", test_users=5), "unused", progress=False)
     with pytest.raises(DataPrepError, match=r"data.num-clients: this run 5 \(the default\), the folder 2"):
         prepare(DataSettings(prepared_dir=str(out)), "unused", progress=False)
+    # a fresh copy of the same files (new modification times, same content) is the same data
+    for f in src.iterdir():
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert prepare(run, "unused", progress=False) == out
+    # the same size but other content: stale, said so
+    text = (src / "interactions.csv").read_text()
+    assert "u0," in text
+    (src / "interactions.csv").write_text(text.replace("u0,", "v0,", 1))
+    with pytest.raises(DataPrepError, match="out of date: interactions.csv changed since preparation .same size"):
+        prepare(run, "unused", progress=False)
     # a source file changed since preparation: stale, said so
     (src / "interactions.csv").write_text((src / "interactions.csv").read_text() + "u0,i8,99999\n")
     with pytest.raises(DataPrepError, match="out of date: interactions.csv changed since preparation"):
