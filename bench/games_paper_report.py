@@ -118,10 +118,11 @@ def partition_report(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     methods = [m for m in ORDER if m in set(runs["method"])] + sorted(set(runs["method"]) - set(ORDER))
     rows = []
     for method in methods + [b for b in BASELINE_METHODS if (b, "all") in values]:
-        own_seeds = [s for s in seeds if (method, s) in values] or ["all"]
-        for seed in own_seeds + (["all"] if len(own_seeds) > 1 else []):
-            row = {"method": method, "seed": seed, "n_users": len(common)}
+        own_seeds = [s for s in seeds if (method, s) in values]
+        for seed in own_seeds + ["all"]:  # a baseline has the "all" row only
             pick = own_seeds if seed == "all" else [seed]
+            pick = pick or ["all"]
+            row = {"method": method, "seed": seed, "n_users": len(common)}
             for metric in HEADLINE:
                 mine = np.mean([values[(method, s)][metric].loc[common].to_numpy() for s in pick], axis=0)
                 ref_seeds = [s for s in pick if (REFERENCE, s) in values]

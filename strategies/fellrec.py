@@ -53,13 +53,18 @@ def round_balance(
     losses: np.ndarray,
     t: int,
     received: Callable[[], np.ndarray] | None = None,
+    initial: Callable[[], np.ndarray] | None = None,
 ) -> fellrec_math.Balance:
     """One round's weights W, with the similarity basis decided here and nowhere else.
 
     "parameters": the cosines of the uploads `stacked` (N, D); "updates": of the uploads minus
     what each client received (`received()`, stacked like the uploads; asked for only on this
-    basis, so the other bases never build it); "delta-w": of the LoRA products B_i A_i, from
-    views on `stacked` (tensors named lora_A / lora_B in `layout`).
+    basis, so the other bases never build it); "delta-w": of what each client learned since the
+    run's start: the LoRA products B_i A_i (B starts at 0), from views on `stacked` (tensors named
+    lora_A / lora_B in `layout`), and for every other trainable tensor (e.g. the item head's
+    modules_to_save) its change from the run's initial arrays (`initial()`, one (1, D) row). Raw,
+    such a tensor would dominate the cosine with the initialisation all clients share (an item-id
+    table of 1 M entries: every cosine about 1, a uniform average).
     """
     reference = cosine = None
     if settings.similarity_basis == "updates":
@@ -72,9 +77,13 @@ def round_balance(
         if not pairs:
             raise ValueError("fellrec.similarity-basis='delta-w' needs LoRA tensors named lora_A / lora_B; "
                              f"the uploads hold {list(layout.keys)[:3]}. Use 'parameters' instead.")
+        if others and initial is None:
+            raise ValueError(f"fellrec.similarity-basis='delta-w' compares tensors outside LoRA pairs ({others[:3]}) "
+                             "by their change since the start: pass `initial`, the run's initial arrays.")
+        start = initial() if others else None
         cosine = fellrec_math.delta_w_cosine(
             [(layout.tensor(stacked, a), layout.tensor(stacked, b)) for a, b in pairs],
-            [layout.tensor(stacked, k).reshape(stacked.shape[0], -1) for k in others],
+            [(layout.tensor(stacked, k) - layout.tensor(start, k)).reshape(stacked.shape[0], -1) for k in others],
         )
     return fellrec_math.dynamic_balance(None if cosine is not None else stacked, losses, t, settings,
                                         reference=reference, cosine=cosine)
@@ -121,7 +130,8 @@ class FellRec(PersonalisedBase):
         keys = [key for key, _, _ in collected]
         losses = self._losses(collected)
         balance = round_balance(self.settings, layout, stacked, self._heating_losses(keys, losses), server_round - 1,
-                                received=lambda: self._received(collected, layout, stacked))
+                                received=lambda: self._received(collected, layout, stacked),
+                                initial=lambda: layout.stack([self.initial_arrays], dtype=stacked.dtype))
         # W and the size-weighted mean (for the logging-only "global" arrays) in one pass over X.
         mixed = layout.mix(np.vstack([balance.weights, self.mean_weights[None, :]]), stacked)
         self.round_mean = mixed[-1]

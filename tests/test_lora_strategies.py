@@ -206,6 +206,36 @@ def test_fellrec_delta_w_basis_equals_formula_on_products():
     assert self_rows == pytest.approx({i: weights[i, i] for i in range(n)})
 
 
+def test_fellrec_delta_w_compares_other_tensors_by_their_change_since_the_start():
+    """A trainable tensor outside any LoRA pair (the item head's id table, a modules_to_save copy) enters the
+    delta-w cosine as x_i - x_initial: its shared, large initialisation must not make every client alike."""
+    n = 3
+    table = "item_head.id_emb.modules_to_save.weight"
+    init = initial_arrays()
+    init[table] = Array((100 * np.ones((8, 4))).astype(np.float32))  # large, the same for every client
+    app, log = lora_app()
+    strategy = build(FellRec, n, similarity_basis="delta-w", similarity_kernel="softmax", similarity_temperature=0.5)
+    strategy.start(InProcessGrid(app, n), init, num_rounds=1)
+    up = {p: log["uploaded"][1, p] for p in range(n)}
+    start = init[table].numpy().astype(np.float64)
+    learned = [np.concatenate([*((up[p][f"{m}.lora_B.weight"].astype(np.float64) @ up[p][f"{m}.lora_A.weight"]).ravel()
+                                 for m in ("m0", "m1")), (up[p][table] - start).ravel()]) for p in range(n)]
+    cos = np.array([[a @ b / np.sqrt((a @ a) * (b @ b)) for b in learned] for a in learned])
+    w = fm.warm_weights(fm.loss_softmax(np.array([0.5 + 0.1 * p for p in range(n)]), 0.05), 0, 0.7, 1.0, "t+1/beta")
+    weights = np.exp((cos - 1) / 0.5) * w[:, None]
+    np.fill_diagonal(weights, 1.0)
+    weights /= weights.sum(axis=1, keepdims=True)
+    self_rows = {r["client"]: r["value"] for r in strategy.records if r["metric"] == "self-weight"}
+    assert self_rows == pytest.approx({i: weights[i, i] for i in range(n)})
+    assert min(self_rows.values()) > 0.45  # engaged; with the raw table every cosine is ~1 and W_ii ~ 1/3
+    with pytest.raises(ValueError, match="pass `initial`"):
+        layout = FlatLayout.of(init)
+        stacked = layout.stack([init] * n)
+        from strategies.fellrec import round_balance
+
+        round_balance(FellRecSettings(similarity_basis="delta-w"), layout, stacked, np.ones(n), 0)
+
+
 def test_fellrec_normalised_heating_loss_uses_first_round_loss_and_survives_resume():
     n = 3
     app, _ = lora_app()
