@@ -19,7 +19,8 @@ def as_run_config(settings: dict | None = None) -> str:
 if __name__ == "__main__":
     import sys
 
-    from flwr.common.config import parse_config_args
+    from fellrec_flwr.config import parse_overrides
 
-    # KEY=VALUE arguments replace the file's values (Flower refuses a key given twice)
-    print(as_run_config({**VERDICT_SETTINGS, **parse_config_args(sys.argv[1:])}))
+    # KEY=VALUE arguments replace the file's values (read as one string: Flower's parser, given them one by one,
+    # keeps only the last argument's keys of a table, e.g. of train.*)
+    print(as_run_config({**VERDICT_SETTINGS, **parse_overrides(sys.argv[1:])}))

@@ -148,7 +148,7 @@ def table(rows: list[dict]) -> pd.DataFrame:
 
 
 def main() -> None:
-    from flwr.common.config import parse_config_args
+    from fellrec_flwr.config import parse_overrides
 
     from fellrec_flwr.eval.compare import compare
 
@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    overrides = parse_overrides(args.run_config)
     rows = []
     results: list[pd.DataFrame] = []
     for seed in [int(s) for s in args.seeds.split(",")]:

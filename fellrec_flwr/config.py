@@ -15,7 +15,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 STRATEGIES = ("fellrec", "fedavg", "fedprox", "local", "ffa-lora", "fedsa-lora", "fellrec+")
 PARTITIONERS = ("kmeans", "iid", "dirichlet")
@@ -512,15 +512,43 @@ def resolved_paths(cfg: FellRecConfig, cwd: str | None = None) -> list[str]:
     return lines
 
 
-def check_overrides(args: list[str]) -> FellRecConfig:
-    """Parse `flwr run --run-config` arguments exactly as flwr does, then check them here.
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE overrides in Flower's syntax from one or several strings (or one .toml file), flat.
 
-    Flower refuses a key that pyproject.toml does not declare with only ``[code: 15] Invalid
-    run configuration`` (the SuperLink checks before the app starts); this names the key.
+    Flower's ``parse_config_args`` reads each string into a nested table and ``update``s the
+    result, so a later string with the same table drops the earlier one's keys ("train.lr=1"
+    then "train.batch-size=2" keeps only train.batch-size). The strings are read as one here.
     """
     from flwr.common.config import parse_config_args  # Flower's own parser: same reading of quotes
 
-    return from_run_config(parse_config_args(args))
+    items = [item for item in items if item]
+    if len(items) == 1 and items[0].endswith(".toml"):
+        return parse_config_args(items)
+    return parse_config_args([" ".join(items)]) if items else {}
+
+
+def keys_flower_drops(items: Sequence[str]) -> list[str]:
+    """The keys `flwr run` would silently lose from several --run-config strings (see parse_overrides)."""
+    from flwr.common.config import parse_config_args
+
+    if len([i for i in items if i]) < 2:
+        return []
+    return sorted(set(parse_overrides(items)) - set(parse_config_args(list(items))))
+
+
+def check_overrides(args: list[str]) -> FellRecConfig:
+    """Parse `flwr run --run-config` arguments as flwr does, then check them here.
+
+    Flower refuses a key that pyproject.toml does not declare with only ``[code: 15] Invalid
+    run configuration`` (the SuperLink checks before the app starts); this names the key. Keys
+    that Flower's parser would drop (several strings with one table) are an error too.
+    """
+    dropped = keys_flower_drops(args)
+    if dropped:
+        raise ConfigError(f"flwr would drop {', '.join(dropped)}: several --run-config strings that set keys of one "
+                          "table (e.g. train.*) keep only the last string's keys of that table. Pass all overrides "
+                          "in one --run-config string.")
+    return from_run_config(parse_overrides(args))
 
 
 def main(argv: list[str] | None = None) -> int:

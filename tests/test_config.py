@@ -133,3 +133,18 @@ def test_allowed_values_are_listed_only_in_config():
 def test_fellrec_numbers_are_checked_in_the_config(key, value):
     with pytest.raises(ConfigError, match=re.escape(key)):
         from_run_config({key: value})
+
+
+def test_overrides_in_several_strings_keep_every_key():
+    from fellrec_flwr.config import check_overrides, keys_flower_drops, parse_overrides
+
+    items = ["train.data-fraction=0.075 num-server-rounds=4", "train.batch-size=16"]
+    assert parse_overrides(items) == {"train.data-fraction": 0.075, "num-server-rounds": 4, "train.batch-size": 16}
+    assert parse_overrides([" ".join(items)]) == parse_overrides(items)
+    assert parse_overrides([]) == {}
+    # Flower's own parser, given the strings one by one, loses train.data-fraction: `flwr run` is refused here
+    assert keys_flower_drops(items) == ["train.data-fraction"]
+    assert keys_flower_drops(["train.lr=0.1", "lora.r=4"]) == []  # other tables: nothing lost
+    with pytest.raises(ConfigError, match="flwr would drop train.data-fraction.*one --run-config string"):
+        check_overrides(items)
+    assert check_overrides([" ".join(items)]).train.data_fraction == 0.075

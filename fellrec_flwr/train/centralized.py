@@ -24,9 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from flwr.common.config import parse_config_args
 
-from fellrec_flwr.config import FellRecConfig, from_run_config
+from fellrec_flwr.config import FellRecConfig, from_run_config, parse_overrides
 from fellrec_flwr.data.prepared import with_prepared_settings
 from fellrec_flwr.model.lora_state import set_lora_state
 from fellrec_flwr.eval.results import (
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [m for m in ("popularity", "markov", "sasrec") if getattr(args, m)]
     if len(chosen) > 1:
         parser.error(f"choose one baseline, not {' and '.join('--' + m for m in chosen)}.")
-    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    overrides = parse_overrides(args.run_config)  # several -c strings: read as one (Flower's drops keys)
     # as the ServerApp does: a prepared folder's own data settings, so config.json says what was run
     cfg = with_prepared_settings(from_run_config(overrides))
     if chosen:
