@@ -1,0 +1,239 @@
+"""Server memory and aggregation time of FELLRec with many clients (issue 23).
+
+Each setting (registered clients K, clients sampled per round M, personal-state) runs R
+rounds of the app's own strategy (``strategies.make_strategy`` on a run config: FELLRec,
+``data.partitioner = "dirichlet"``, ``data.num-clients = K``, ``fraction-train = M / K``) in
+Flower's loop (``Strategy.start``) over an in-process Grid of K nodes, in a fresh process of
+its own, so that its peak resident memory (VmHWM) is its own. What is real and what is not:
+
+- real: the strategy classes and Flower's loop (per-node messages, node identification,
+  each client's adapter read from the personal store, the streamed aggregation, checkpoints
+  of the strategy state each round), the tiny model's LoRA layout (``initial_lora(cfg)``,
+  the ServerApp's own start), the clients' sizes (users per client of a Dirichlet(alpha)
+  partition of demo users, by the project's partitioner);
+- synthetic: the ClientApps do not train; each uploads what it received plus seeded noise
+  with a made-up train-loss. A ``flwr run`` with 1,000 SuperNodes that train the tiny model is
+  beyond this 2-core box shared with other jobs (each round would train M models);
+  evaluation is off (Flower's loop with fraction-evaluate = 1 would send all K adapters at once).
+
+    nice -n 19 python bench/scale_run.py                  # the default grid below, ~10 min
+    # -> docs/results/scale/scale_run.{csv,json,png}
+
+Memory: ``peak_rss_mb`` is the process's peak resident memory (Python, numpy, torch imported
+by the LoRA init, Flower: ~0.4 GB before any round); ``rounds_peak_mb`` what the rounds added
+on top of the memory after setup (VmHWM reset after setup, Linux only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "docs" / "results" / "scale"
+COLUMNS = ["registered", "per_round", "personal_state", "params", "rounds", "aggregate_s_median",
+           "aggregate_s_max", "round_s_median", "peak_rss_mb", "rounds_peak_mb", "disk_mb", "load_avg"]
+# (registered, per round): per-round sweep at 1,000 registered; registered sweep at 10 and 100 per round
+GRID = [(1000, 10), (1000, 50), (1000, 100), (1000, 200), (100, 10), (100, 50), (100, 100)]
+
+
+def status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def dirichlet_sizes(num_clients: int, alpha: float, seed: int, users_per_client: int = 20) -> np.ndarray:
+    """Users per client of the project's Dirichlet partition of demo users (taste group = category)."""
+    from data_prep.demo import generate_users
+    from data_prep.partitioners import assign_clients, make_partitioner, user_dataset
+
+    sequences, groups = generate_users(num_users=users_per_client * num_clients)
+    ids = list(sequences)
+    partitioner = make_partitioner("dirichlet", num_clients, seed, alpha, len(ids))
+    client_of = assign_clients(partitioner, user_dataset(ids, np.zeros((len(ids), 1)), groups))
+    return np.bincount([client_of[u] for u in ids], minlength=num_clients)
+
+
+def synthetic_client_app(sizes: np.ndarray):
+    """A ClientApp that 'trains' by adding seeded noise to what it received (no model)."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        server_round = int(msg.content["config"]["server-round"])
+        rng = np.random.default_rng([pid, server_round])
+        arrays = {k: Array((a.numpy() + 0.01 * rng.standard_normal(a.shape)).astype(np.float32))
+                  for k, a in msg.content["arrays"].items()}
+        metrics = MetricRecord({"train-loss": float(1.0 + 0.2 * rng.random()), "num-examples": int(sizes[pid]),
+                                "client-key": pid})
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
+
+    @app.query()
+    def _query(msg: Message, context) -> Message:  # node identification (strategies.clients)
+        return Message(RecordDict({"metrics": MetricRecord({"client-key": int(context.node_config["partition-id"])})}),
+                       reply_to=msg)
+
+    return app
+
+
+def run_one(registered: int, per_round: int, state: str, rounds: int, hidden: int, layers: int,
+            block_mb: float, alpha: float) -> dict:
+    import logging
+
+    from fellrec_flwr.config import from_run_config
+    from fellrec_flwr.inprocess_grid import InProcessGrid
+    from fellrec_flwr.model.lora_state import state_to_record
+    from fellrec_flwr.runtime import initial_lora
+    from fellrec_flwr.train.checkpoint import Checkpoint, save_checkpoint
+    from strategies import make_strategy
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    cfg = from_run_config({
+        "strategy": "fellrec", "data.partitioner": "dirichlet", "data.num-clients": registered,
+        "data.dirichlet-alpha": alpha, "min-clients": registered, "fraction-train": per_round / registered,
+        "personal-state": state, "aggregation-block-mb": block_mb, "num-server-rounds": rounds,
+        "model.tiny-hidden": hidden, "model.tiny-layers": layers, "node-wait-timeout": 5.0,
+    })
+    sizes = dirichlet_sizes(registered, alpha, cfg.seed)
+    # The tiny model's LoRA (its tokenizer comes from the demo data prepared with the default 5 clients:
+    # the LoRA's shapes do not depend on the partition).
+    initial = state_to_record(initial_lora(from_run_config({"model.tiny-hidden": hidden, "model.tiny-layers": layers})))
+    params = sum(int(np.prod(a.shape)) for a in initial.values())
+    run_dir = Path(tempfile.mkdtemp(prefix="scale-run-", dir=os.environ.get("SCALE_RUN_TMP")))
+    strategy = make_strategy(cfg, run_dir)
+    strategy.fraction_evaluate = 0.0  # training rounds only (see the module doc)
+    grid = InProcessGrid(synthetic_client_app(sizes), registered)
+    times: list[float] = []
+    aggregate = strategy.aggregate_train
+
+    def timed_aggregate(server_round, replies):
+        t0 = time.perf_counter()
+        try:
+            return aggregate(server_round, replies)
+        finally:
+            times.append(time.perf_counter() - t0)
+
+    strategy.aggregate_train = timed_aggregate  # type: ignore[method-assign]
+    round_seconds: list[float] = []
+
+    def on_round_end(server_round: int, strat) -> None:
+        grid.sent.clear()  # the test grid keeps every message for assertions; a SuperLink does not
+        save_checkpoint(run_dir, Checkpoint(round=server_round, strategy_state=strat.state_dict(),
+                                            global_arrays={}, metric_rows=[], config={}))
+        round_seconds.append(time.perf_counter() - started[0])
+        started[0] = time.perf_counter()
+
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the rounds' own peak from here
+    before = status_kb("VmRSS")
+    started = [time.perf_counter()]
+    strategy.start(grid, initial, num_rounds=rounds, on_round_end=on_round_end)
+    peak = status_kb("VmHWM")
+    disk = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
+    return {"registered": registered, "per_round": per_round, "personal_state": state, "params": params,
+            "rounds": rounds, "aggregate_s_median": round(float(np.median(times)), 3),
+            "aggregate_s_max": round(max(times), 3), "round_s_median": round(float(np.median(round_seconds)), 3),
+            "peak_rss_mb": round(peak / 1024), "rounds_peak_mb": round((peak - before) / 1024),
+            "disk_mb": round(disk / 2**20, 1), "load_avg": round(os.getloadavg()[0], 1)}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for state, marker in (("memory", "o"), ("disk", "s")):
+        for registered, style in ((1000, "-"), (100, "--")):
+            sel = sorted((r for r in rows if r["personal_state"] == state and r["registered"] == registered),
+                         key=lambda r: r["per_round"])
+            if not sel:
+                continue
+            x = [r["per_round"] for r in sel]
+            label = f"{state}, {registered} registered"
+            axes[0].plot(x, [r["rounds_peak_mb"] for r in sel], style, marker=marker, label=label)
+            axes[1].plot(x, [r["aggregate_s_median"] for r in sel], style, marker=marker, label=label)
+    for state, marker in (("memory", "o"), ("disk", "s")):
+        for per_round in sorted({r["per_round"] for r in rows}):
+            sel = sorted((r for r in rows if r["personal_state"] == state and r["per_round"] == per_round),
+                         key=lambda r: r["registered"])
+            if len(sel) > 1:
+                axes[2].plot([r["registered"] for r in sel], [r["rounds_peak_mb"] for r in sel], marker=marker,
+                             label=f"{state}, {per_round} per round")
+    axes[0].set(xlabel="clients per round", ylabel="server memory added by the rounds (MB)",
+                title="peak RSS vs clients per round")
+    axes[1].set(xlabel="clients per round", ylabel="aggregate_train (s, median)", title="aggregation time")
+    axes[2].set(xlabel="registered clients", ylabel="server memory added by the rounds (MB)",
+                title="peak RSS vs registered clients")
+    axes[2].set_xscale("log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    params = rows[0]["params"]
+    fig.suptitle(f"FELLRec server, {params:,} LoRA parameters per client (tiny model), synthetic uploads", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", default=",".join(f"{k}x{m}" for k, m in GRID),
+                        help="registered x per-round settings, comma-separated")
+    parser.add_argument("--states", default="memory,disk")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tiny-hidden", type=int, default=512, help="model.tiny-hidden (LoRA size = 32 x hidden x layers)")
+    parser.add_argument("--tiny-layers", type=int, default=8)
+    parser.add_argument("--block-mb", type=float, default=64.0)
+    parser.add_argument("--alpha", type=float, default=0.5, help="data.dirichlet-alpha")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a JSON setting, run in this process
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(**json.loads(args.one))), flush=True)
+        return
+    rows = []
+    for item in args.grid.split(","):
+        registered, per_round = (int(v) for v in item.split("x"))
+        for state in args.states.split(","):
+            one = dict(registered=registered, per_round=per_round, state=state, rounds=args.rounds,
+                       hidden=args.tiny_hidden, layers=args.tiny_layers, block_mb=args.block_mb, alpha=args.alpha)
+            done = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True,
+                                  text=True, check=False)
+            if done.returncode:
+                sys.exit(f"setting {one} failed:\n{done.stderr[-3000:]}")
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(", ".join(f"{k} {row[k]}" for k in COLUMNS), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    import pandas as pd
+
+    from fellrec_flwr.atomic import atomic_write_json, atomic_write_text
+
+    atomic_write_text(args.out / "scale_run.csv", pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False), mode=0o644)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    atomic_write_json(args.out / "scale_run.json", {"cpu": cpu, "cpus": os.cpu_count(), "args": {
+        k: str(v) for k, v in vars(args).items() if k != "one"}, "rows": rows})
+    plot(rows, args.out / "scale_run.png")
+    print(f"written: {args.out}/scale_run.{{csv,json,png}}")
+
+
+if __name__ == "__main__":
+    main()
