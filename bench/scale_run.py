@@ -9,8 +9,8 @@ its own, so that its peak resident memory (VmHWM) is its own. What is real and w
 - real: the strategy classes and Flower's loop (per-node messages, node identification,
   each client's adapter read from the personal store, the streamed aggregation, checkpoints
   of the strategy state each round), the tiny model's LoRA layout (``initial_lora(cfg)``,
-  the ServerApp's own start), the clients' sizes (users per client of a Dirichlet(alpha)
-  partition of demo users, by the project's partitioner);
+  the ServerApp's own start), the clients' sizes (users per client of a Dirichlet(alpha = 1)
+  partition of 20 demo users per client, by the project's partitioner);
 - synthetic: the ClientApps do not train; each uploads what it received plus seeded noise
   with a made-up train-loss. A ``flwr run`` with 1,000 SuperNodes that train the tiny model is
   beyond this 2-core box shared with other jobs (each round would train M models);
@@ -93,7 +93,7 @@ def synthetic_client_app(sizes: np.ndarray):
 
 
 def run_one(registered: int, per_round: int, state: str, rounds: int, hidden: int, layers: int,
-            block_mb: float, alpha: float) -> dict:
+            block_mb: float, alpha: float, sizes_file: str) -> dict:
     import logging
 
     from fellrec_flwr.config import from_run_config
@@ -103,14 +103,17 @@ def run_one(registered: int, per_round: int, state: str, rounds: int, hidden: in
     from fellrec_flwr.train.checkpoint import Checkpoint, save_checkpoint
     from strategies import make_strategy
 
+    from flwr.supercore.task_identity import TaskIdentity
+
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # set by a SuperLink's ServerApp process
     cfg = from_run_config({
         "strategy": "fellrec", "data.partitioner": "dirichlet", "data.num-clients": registered,
         "data.dirichlet-alpha": alpha, "min-clients": registered, "fraction-train": per_round / registered,
         "personal-state": state, "aggregation-block-mb": block_mb, "num-server-rounds": rounds,
         "model.tiny-hidden": hidden, "model.tiny-layers": layers, "node-wait-timeout": 5.0,
     })
-    sizes = dirichlet_sizes(registered, alpha, cfg.seed)
+    sizes = np.load(sizes_file)  # dirichlet_sizes(registered, alpha, cfg.seed), drawn once by main()
     # The tiny model's LoRA (its tokenizer comes from the demo data prepared with the default 5 clients:
     # the LoRA's shapes do not depend on the partition).
     initial = state_to_record(initial_lora(from_run_config({"model.tiny-hidden": hidden, "model.tiny-layers": layers})))
@@ -201,19 +204,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny-hidden", type=int, default=512, help="model.tiny-hidden (LoRA size = 32 x hidden x layers)")
     parser.add_argument("--tiny-layers", type=int, default=8)
     parser.add_argument("--block-mb", type=float, default=64.0)
-    parser.add_argument("--alpha", type=float, default=0.5, help="data.dirichlet-alpha")
+    parser.add_argument("--alpha", type=float, default=1.0,
+                        help="data.dirichlet-alpha (0.5 fails for 1,000 clients: flwr-datasets' DirichletPartitioner "
+                             "gives up after 10 draws with a client below the project's minimum share)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a JSON setting, run in this process
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(**json.loads(args.one))), flush=True)
         return
+    from fellrec_flwr.config import FellRecConfig
+
     rows = []
-    for item in args.grid.split(","):
-        registered, per_round = (int(v) for v in item.split("x"))
+    settings = [tuple(int(v) for v in item.split("x")) for item in args.grid.split(",")]
+    sizes_dir = Path(tempfile.mkdtemp(prefix="scale-run-sizes-"))
+    sizes_files = {}
+    for registered in sorted({k for k, _ in settings}):  # the partition once per K (demo users: slow)
+        sizes_files[registered] = str(sizes_dir / f"sizes-{registered}.npy")
+        np.save(sizes_files[registered], dirichlet_sizes(registered, args.alpha, FellRecConfig().seed))
+    for registered, per_round in settings:
         for state in args.states.split(","):
             one = dict(registered=registered, per_round=per_round, state=state, rounds=args.rounds,
-                       hidden=args.tiny_hidden, layers=args.tiny_layers, block_mb=args.block_mb, alpha=args.alpha)
+                       hidden=args.tiny_hidden, layers=args.tiny_layers, block_mb=args.block_mb, alpha=args.alpha,
+                       sizes_file=sizes_files[registered])
             done = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True,
                                   text=True, check=False)
             if done.returncode:

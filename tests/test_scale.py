@@ -216,3 +216,15 @@ def test_make_strategy_puts_disk_state_in_the_run_folder(tmp_path):
                        "personal")  # FedAvg keeps no adapter per client
     with pytest.raises(ValueError, match="pass run_dir"):
         make_strategy(cfg)
+
+
+def test_aggregation_bench_end_to_end_runs_in_memory_and_on_disk(tmp_path):
+    """bench/aggregation_time.py --end-to-end drives FellRec.aggregate_train (both personal states)."""
+    from bench.aggregation_time import time_end_to_end
+
+    for state_dir in (None, tmp_path):
+        rows = time_end_to_end(3, 65536, "parameters", 2, np.random.default_rng(0), block_mb=0.5, state_dir=state_dir)
+        assert [r["round"] for r in rows] == ["first", "later (median of 1)"]
+        assert all(r["end_to_end_s"] > 0 and r["balance_s"] > 0 for r in rows)
+    # the untimed memory pass (3 clients, round 1) and the timed server (3 clients, rounds 1 and 2)
+    assert len(list(tmp_path.rglob("client-*.safetensors"))) == 3 + 3 * 2
