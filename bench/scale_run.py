@@ -16,12 +16,16 @@ its own, so that its peak resident memory (VmHWM) is its own. What is real and w
   beyond this 2-core box shared with other jobs (each round would train M models);
   evaluation is off (Flower's loop with fraction-evaluate = 1 would send all K adapters at once).
 
-    nice -n 19 python bench/scale_run.py                  # the default grid below, ~10 min
+    nice -n 19 python bench/scale_run.py --sizes-dir /tmp   # the default grid below
     # -> docs/results/scale/scale_run.{csv,json,png}
 
-Memory: ``peak_rss_mb`` is the process's peak resident memory (Python, numpy, torch imported
-by the LoRA init, Flower: ~0.4 GB before any round); ``rounds_peak_mb`` what the rounds added
-on top of the memory after setup (VmHWM reset after setup, Linux only).
+Every registered client starts with an adapter of its own in the personal store (``--no-prefill``
+to start empty): the steady state of a long run, where a memory store holds K adapters and a
+disk store K files. Memory: ``peak_rss_mb`` is the process's peak resident memory (Python,
+numpy, torch imported by the LoRA init, Flower: ~0.3 GB before any round, plus a memory
+store's adapters); ``rounds_peak_mb`` what the rounds added on top of the memory after setup
+(VmHWM reset after setup, Linux only). Aggregation: wall and process CPU seconds of
+``aggregate_train`` (the CPU time does not count waiting for a core on a shared machine).
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "docs" / "results" / "scale"
-COLUMNS = ["registered", "per_round", "personal_state", "params", "rounds", "aggregate_s_median",
-           "aggregate_s_max", "round_s_median", "peak_rss_mb", "rounds_peak_mb", "disk_mb", "load_avg"]
+COLUMNS = ["registered", "per_round", "personal_state", "prefilled", "params", "rounds", "aggregate_s_median",
+           "aggregate_s_max", "aggregate_cpu_s_median", "round_s_median", "peak_rss_mb", "rounds_peak_mb", "disk_mb", "load_avg"]
 # (registered, per round): per-round sweep at 1,000 registered; registered sweep at 10 and 100 per round
 GRID = [(1000, 10), (1000, 50), (1000, 100), (1000, 200), (100, 10), (100, 50), (100, 100)]
 
@@ -93,7 +97,7 @@ def synthetic_client_app(sizes: np.ndarray):
 
 
 def run_one(registered: int, per_round: int, state: str, rounds: int, hidden: int, layers: int,
-            block_mb: float, alpha: float, sizes_file: str) -> dict:
+            block_mb: float, alpha: float, sizes_file: str, prefill: bool) -> dict:
     import logging
 
     from fellrec_flwr.config import from_run_config
@@ -122,15 +126,24 @@ def run_one(registered: int, per_round: int, state: str, rounds: int, hidden: in
     strategy = make_strategy(cfg, run_dir)
     strategy.fraction_evaluate = 0.0  # training rounds only (see the module doc)
     grid = InProcessGrid(synthetic_client_app(sizes), registered)
+    if prefill:  # the steady state of a long run: every registered client has an adapter of its own
+        from flwr.app import Array, ArrayRecord
+
+        rng = np.random.default_rng(0)
+        for key in range(registered):
+            strategy.personal.put(key, ArrayRecord({k: Array((a.numpy() + 0.01 * rng.standard_normal(a.shape))
+                                                             .astype(np.float32)) for k, a in initial.items()}), 0)
     times: list[float] = []
+    cpu: list[float] = []
     aggregate = strategy.aggregate_train
 
     def timed_aggregate(server_round, replies):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return aggregate(server_round, replies)
         finally:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
 
     strategy.aggregate_train = timed_aggregate  # type: ignore[method-assign]
     round_seconds: list[float] = []
@@ -150,7 +163,8 @@ def run_one(registered: int, per_round: int, state: str, rounds: int, hidden: in
     disk = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
     return {"registered": registered, "per_round": per_round, "personal_state": state, "params": params,
             "rounds": rounds, "aggregate_s_median": round(float(np.median(times)), 3),
-            "aggregate_s_max": round(max(times), 3), "round_s_median": round(float(np.median(round_seconds)), 3),
+            "aggregate_s_max": round(max(times), 3), "aggregate_cpu_s_median": round(float(np.median(cpu)), 3),
+            "prefilled": prefill, "round_s_median": round(float(np.median(round_seconds)), 3),
             "peak_rss_mb": round(peak / 1024), "rounds_peak_mb": round((peak - before) / 1024),
             "disk_mb": round(disk / 2**20, 1), "load_avg": round(os.getloadavg()[0], 1)}
 
@@ -170,19 +184,20 @@ def plot(rows: list[dict], path: Path) -> None:
                 continue
             x = [r["per_round"] for r in sel]
             label = f"{state}, {registered} registered"
-            axes[0].plot(x, [r["rounds_peak_mb"] for r in sel], style, marker=marker, label=label)
-            axes[1].plot(x, [r["aggregate_s_median"] for r in sel], style, marker=marker, label=label)
+            axes[0].plot(x, [r["peak_rss_mb"] for r in sel], style, marker=marker, label=label)
+            axes[1].plot(x, [r["aggregate_cpu_s_median"] for r in sel], style, marker=marker, label=label)
     for state, marker in (("memory", "o"), ("disk", "s")):
         for per_round in sorted({r["per_round"] for r in rows}):
             sel = sorted((r for r in rows if r["personal_state"] == state and r["per_round"] == per_round),
                          key=lambda r: r["registered"])
             if len(sel) > 1:
-                axes[2].plot([r["registered"] for r in sel], [r["rounds_peak_mb"] for r in sel], marker=marker,
+                axes[2].plot([r["registered"] for r in sel], [r["peak_rss_mb"] for r in sel], marker=marker,
                              label=f"{state}, {per_round} per round")
-    axes[0].set(xlabel="clients per round", ylabel="server memory added by the rounds (MB)",
+    axes[0].set(xlabel="clients per round", ylabel="server peak RSS (MB)",
                 title="peak RSS vs clients per round")
-    axes[1].set(xlabel="clients per round", ylabel="aggregate_train (s, median)", title="aggregation time")
-    axes[2].set(xlabel="registered clients", ylabel="server memory added by the rounds (MB)",
+    axes[1].set(xlabel="clients per round", ylabel="aggregate_train CPU s (median round)",
+                title="aggregation time (process CPU)")
+    axes[2].set(xlabel="registered clients", ylabel="server peak RSS (MB)",
                 title="peak RSS vs registered clients")
     axes[2].set_xscale("log")
     for ax in axes:
@@ -200,13 +215,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", default=",".join(f"{k}x{m}" for k, m in GRID),
                         help="registered x per-round settings, comma-separated")
     parser.add_argument("--states", default="memory,disk")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tiny-hidden", type=int, default=512, help="model.tiny-hidden (LoRA size = 32 x hidden x layers)")
-    parser.add_argument("--tiny-layers", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tiny-hidden", type=int, default=128, help="model.tiny-hidden (LoRA size = 32 x hidden x layers)")
+    parser.add_argument("--tiny-layers", type=int, default=4)
     parser.add_argument("--block-mb", type=float, default=64.0)
     parser.add_argument("--alpha", type=float, default=1.0,
                         help="data.dirichlet-alpha (0.5 fails for 1,000 clients: flwr-datasets' DirichletPartitioner "
                              "gives up after 10 draws with a client below the project's minimum share)")
+    parser.add_argument("--no-prefill", action="store_true",
+                        help="start with no personal adapters (default: every registered client has one, as after "
+                             "a long run)")
+    parser.add_argument("--sizes-dir", help="reuse the partitions saved there by an earlier run (they are slow to draw)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a JSON setting, run in this process
     args = parser.parse_args(argv)
@@ -217,16 +236,18 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     settings = [tuple(int(v) for v in item.split("x")) for item in args.grid.split(",")]
-    sizes_dir = Path(tempfile.mkdtemp(prefix="scale-run-sizes-"))
+    sizes_dir = Path(args.sizes_dir or tempfile.mkdtemp(prefix="scale-run-sizes-"))
     sizes_files = {}
     for registered in sorted({k for k, _ in settings}):  # the partition once per K (demo users: slow)
-        sizes_files[registered] = str(sizes_dir / f"sizes-{registered}.npy")
-        np.save(sizes_files[registered], dirichlet_sizes(registered, args.alpha, FellRecConfig().seed))
+        seed = FellRecConfig().seed
+        sizes_files[registered] = str(sizes_dir / f"sizes-{registered}-alpha{args.alpha:g}-seed{seed}.npy")
+        if not Path(sizes_files[registered]).exists():
+            np.save(sizes_files[registered], dirichlet_sizes(registered, args.alpha, seed))
     for registered, per_round in settings:
         for state in args.states.split(","):
             one = dict(registered=registered, per_round=per_round, state=state, rounds=args.rounds,
                        hidden=args.tiny_hidden, layers=args.tiny_layers, block_mb=args.block_mb, alpha=args.alpha,
-                       sizes_file=sizes_files[registered])
+                       sizes_file=sizes_files[registered], prefill=not args.no_prefill)
             done = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True,
                                   text=True, check=False)
             if done.returncode:

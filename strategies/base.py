@@ -20,7 +20,9 @@ not meet:
   and failures traced to clients: FedAvg keeps only the means, and an error reply's
   ``src_node_id`` may be the SuperLink, so the sent messages are kept and matched through
   ``reply_to_message_id``.
-- ``aggregate_arrays``: the one step a strategy overrides to aggregate differently.
+- ``aggregate_arrays``: the one step a strategy overrides to aggregate differently. FedAvg's
+  weighted mean is streamed a block of tensors at a time (``aggregation-block-mb``; Flower's
+  ``aggregate_arrayrecords`` parses every Array into a copy and adds whole copies).
 - ``after_evaluate``: feeds ``best`` (``strategies.best.BestAdapters``): each client's best
   adapter, and early stopping on the client-size-weighted validation loss.
 - ``start``: calls Flower's ``Strategy.start`` for three things its 1.42 loop lacks:
