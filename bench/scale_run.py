@@ -70,6 +70,17 @@ def dirichlet_sizes(num_clients: int, alpha: float, seed: int, users_per_client:
     return np.bincount([client_of[u] for u in ids], minlength=num_clients)
 
 
+def initial_lora_of(hidden: int, layers: int) -> dict[str, np.ndarray]:
+    """The tiny model's initial LoRA, as the ServerApp builds it (``initial_lora(cfg)``; the tokenizer
+    comes from the demo data prepared with the default 5 clients: the LoRA's shapes do not depend on
+    the partition)."""
+    from fellrec_flwr.config import from_run_config
+    from fellrec_flwr.runtime import initial_lora
+
+    state = initial_lora(from_run_config({"model.tiny-hidden": hidden, "model.tiny-layers": layers}))
+    return {key: np.asarray(value, dtype=np.float32) for key, value in state.items()}
+
+
 def synthetic_client_app(sizes: np.ndarray):
     """A ClientApp that 'trains' by adding seeded noise to what it received (no model)."""
     from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -97,13 +108,12 @@ def synthetic_client_app(sizes: np.ndarray):
 
 
 def run_one(registered: int, per_round: int, state: str, rounds: int, hidden: int, layers: int,
-            block_mb: float, alpha: float, sizes_file: str, prefill: bool) -> dict:
+            block_mb: float, alpha: float, sizes_file: str, prefill: bool, initial_file: str) -> dict:
     import logging
 
     from fellrec_flwr.config import from_run_config
     from fellrec_flwr.inprocess_grid import InProcessGrid
-    from fellrec_flwr.model.lora_state import state_to_record
-    from fellrec_flwr.runtime import initial_lora
+    from flwr.app import Array, ArrayRecord
     from fellrec_flwr.train.checkpoint import Checkpoint, save_checkpoint
     from strategies import make_strategy
 
@@ -118,17 +128,14 @@ def run_one(registered: int, per_round: int, state: str, rounds: int, hidden: in
         "model.tiny-hidden": hidden, "model.tiny-layers": layers, "node-wait-timeout": 5.0,
     })
     sizes = np.load(sizes_file)  # dirichlet_sizes(registered, alpha, cfg.seed), drawn once by main()
-    # The tiny model's LoRA (its tokenizer comes from the demo data prepared with the default 5 clients:
-    # the LoRA's shapes do not depend on the partition).
-    initial = state_to_record(initial_lora(from_run_config({"model.tiny-hidden": hidden, "model.tiny-layers": layers})))
+    with np.load(initial_file) as saved:  # initial_lora_of(hidden, layers), built once by main()
+        initial = ArrayRecord({key: Array(saved[key]) for key in saved.files})  # lora_state.state_to_record, without torch
     params = sum(int(np.prod(a.shape)) for a in initial.values())
     run_dir = Path(tempfile.mkdtemp(prefix="scale-run-", dir=os.environ.get("SCALE_RUN_TMP")))
     strategy = make_strategy(cfg, run_dir)
     strategy.fraction_evaluate = 0.0  # training rounds only (see the module doc)
     grid = InProcessGrid(synthetic_client_app(sizes), registered)
     if prefill:  # the steady state of a long run: every registered client has an adapter of its own
-        from flwr.app import Array, ArrayRecord
-
         rng = np.random.default_rng(0)
         for key in range(registered):
             strategy.personal.put(key, ArrayRecord({k: Array((a.numpy() + 0.01 * rng.standard_normal(a.shape))
@@ -243,11 +250,14 @@ def main(argv: list[str] | None = None) -> None:
         sizes_files[registered] = str(sizes_dir / f"sizes-{registered}-alpha{args.alpha:g}-seed{seed}.npy")
         if not Path(sizes_files[registered]).exists():
             np.save(sizes_files[registered], dirichlet_sizes(registered, args.alpha, seed))
+    initial_file = str(sizes_dir / f"initial-lora-{args.tiny_hidden}x{args.tiny_layers}.npz")
+    if not Path(initial_file).exists():  # once: it imports torch and transformers
+        np.savez(initial_file, **initial_lora_of(args.tiny_hidden, args.tiny_layers))
     for registered, per_round in settings:
         for state in args.states.split(","):
             one = dict(registered=registered, per_round=per_round, state=state, rounds=args.rounds,
                        hidden=args.tiny_hidden, layers=args.tiny_layers, block_mb=args.block_mb, alpha=args.alpha,
-                       sizes_file=sizes_files[registered], prefill=not args.no_prefill)
+                       sizes_file=sizes_files[registered], prefill=not args.no_prefill, initial_file=initial_file)
             done = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True,
                                   text=True, check=False)
             if done.returncode:
