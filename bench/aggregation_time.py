@@ -234,6 +234,37 @@ def time_end_to_end(n: int, d: int, basis: str, repeats: int, rng: np.random.Gen
     return rows
 
 
+def main_fedavg(args: argparse.Namespace) -> None:
+    """FedAvg's streamed mean (RecordingFedAvg.aggregate_train) vs Flower's aggregate_arrayrecords."""
+    import logging
+
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from strategies import RecordingFedAvg
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in [int(c) for c in args.clients.split(",")]:
+        for d in [int(p) for p in args.params.split(",")]:
+            replies = reply_messages(n, d, rng)
+            strategy = RecordingFedAvg(aggregation_block_mb=args.block_mb)
+            calls = {"streamed (RecordingFedAvg.aggregate_train)": lambda: strategy.aggregate_train(1, replies),
+                     "flower aggregate_arrayrecords": lambda: aggregate_arrayrecords(
+                         [m.content for m in replies], "num-examples")}
+            for name, call in calls.items():
+                for repeat in range(args.repeats):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    call()
+                    rows.append({"clients": n, "params": d, "aggregation": name, "repeat": repeat,
+                                 "wall_s": round(time.perf_counter() - t0, 3), "cpu_s": round(time.process_time() - c0, 3),
+                                 "load_avg": round(os.getloadavg()[0], 1)})
+                    print(rows[-1], flush=True)
+            del replies, strategy
+            write_csv(rows, args.out, ["clients", "params", "aggregation", "repeat", "wall_s", "cpu_s", "load_avg"])
+    print(f"written: {args.out}")
+
+
 def main_end_to_end(args: argparse.Namespace) -> None:
     from strategies.fellrec_math import GRAM_BLAS_THREADS
 
@@ -280,12 +311,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="time the ArrayRecord conversions too (one pass, parameters basis)")
     parser.add_argument("--end-to-end", action="store_true",
                         help="time FellRec.aggregate_train on real reply Messages (see the module doc)")
+    parser.add_argument("--fedavg", action="store_true",
+                        help="time FedAvg's streamed mean against Flower's aggregate_arrayrecords (same replies)")
     parser.add_argument("--personal-state", default="memory", choices=("memory", "disk"),
                         help="--end-to-end: where the new personal adapters go (disk: files under --state-tmp)")
     parser.add_argument("--state-tmp", default=None, help="folder for the disk state (default: the system's temp)")
     parser.add_argument("--block-mb", type=float, default=64.0, help="--end-to-end: aggregation-block-mb")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.fedavg:
+        args.out = args.out or RESULTS.with_name("aggregation_fedavg.csv")
+        main_fedavg(args)
+        return
     if args.end_to_end:
         args.out = args.out or RESULTS.with_name("aggregation_e2e.csv")
         main_end_to_end(args)
