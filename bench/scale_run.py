@@ -22,7 +22,7 @@ its own, so that its peak resident memory (VmHWM) is its own. What is real and w
 Every registered client starts with an adapter of its own in the personal store (``--no-prefill``
 to start empty): the steady state of a long run, where a memory store holds K adapters and a
 disk store K files. Memory: ``peak_rss_mb`` is the process's peak resident memory (Python,
-numpy, torch imported by the LoRA init, Flower: ~0.3 GB before any round, plus a memory
+numpy, Flower: ~0.15 GB before any round, plus a memory
 store's adapters); ``rounds_peak_mb`` what the rounds added on top of the memory after setup
 (VmHWM reset after setup, Linux only). Aggregation: wall and process CPU seconds of
 ``aggregate_train`` (the CPU time does not count waiting for a core on a shared machine).
@@ -48,7 +48,7 @@ OUT = ROOT / "docs" / "results" / "scale"
 COLUMNS = ["registered", "per_round", "personal_state", "prefilled", "params", "rounds", "aggregate_s_median",
            "aggregate_s_max", "aggregate_cpu_s_median", "round_s_median", "peak_rss_mb", "rounds_peak_mb", "disk_mb", "load_avg"]
 # (registered, per round): per-round sweep at 1,000 registered; registered sweep at 10 and 100 per round
-GRID = [(1000, 10), (1000, 50), (1000, 100), (1000, 200), (100, 10), (100, 50), (100, 100)]
+GRID = [(1000, 10), (1000, 50), (1000, 100), (1000, 200), (100, 10), (100, 100)]
 
 
 def status_kb(field: str) -> int:
