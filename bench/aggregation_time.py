@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fellrec_flwr.config import SIMILARITY_BASES, FellRecSettings  # noqa: E402
+from fellrec_flwr.config import PERSONAL_STATES, SIMILARITY_BASES, FellRecSettings  # noqa: E402
 from strategies import fellrec_math  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "aggregation_time.csv"
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="time FellRec.aggregate_train on real reply Messages (see the module doc)")
     parser.add_argument("--fedavg", action="store_true",
                         help="time FedAvg's streamed mean against Flower's aggregate_arrayrecords (same replies)")
-    parser.add_argument("--personal-state", default="memory", choices=("memory", "disk"),
+    parser.add_argument("--personal-state", default="memory", choices=PERSONAL_STATES,
                         help="--end-to-end: where the new personal adapters go (disk: files under --state-tmp)")
     parser.add_argument("--state-tmp", default=None, help="folder for the disk state (default: the system's temp)")
     parser.add_argument("--block-mb", type=float, default=64.0, help="--end-to-end: aggregation-block-mb")
