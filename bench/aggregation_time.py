@@ -14,7 +14,8 @@ Combinations whose matrices would need more than --max-gb of RAM are skipped.
 With --end-to-end it times the strategy's whole ``FellRec.aggregate_train``: N real Flower
 reply Messages (ArrayRecord + MetricRecord) in, N personal ArrayRecords (and the mean) out,
 conversions included (wall time, and the process CPU time, which does not count waiting for
-a core on a shared machine), with the split stack / balance / W @ X + records, and the peak memory
+a core on a shared machine), with the split balance (uploads streamed into the Gram matrix, W) /
+W @ X + records (uploads streamed again; --personal-state disk: rows into files), and the peak memory
 the call added (peak resident memory, a separate untimed pass) as a multiple of the
 stacked (N, D) float32 matrix:
 
@@ -40,14 +41,14 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fellrec_flwr.config import SIMILARITY_BASES, FellRecSettings  # noqa: E402
+from fellrec_flwr.config import PERSONAL_STATES, SIMILARITY_BASES, FellRecSettings  # noqa: E402
 from strategies import fellrec_math  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "aggregation_time.csv"
 COLUMNS = ["clients", "params", "basis", "gb_needed", "balance_s", "aggregate_s", "total_s",
            "stack_s", "unflatten_s", "repeats", "cpus"]
-E2E_COLUMNS = ["clients", "params", "basis", "round", "end_to_end_s", "cpu_s", "stack_s", "balance_s", "mix_s",
-               "stack_cpu_s", "balance_cpu_s", "mix_cpu_s", "peak_gb",
+E2E_COLUMNS = ["clients", "params", "basis", "personal_state", "block_mb", "round", "end_to_end_s", "cpu_s", "balance_s", "mix_s",
+               "balance_cpu_s", "mix_cpu_s", "peak_gb",
                "stacked_gb", "peak_over_stacked", "repeats", "blas_threads", "load_avg"]
 
 
@@ -183,33 +184,41 @@ def peak_rss_during(call) -> int:
     return (_status_kb("VmHWM") - before) * 1024
 
 
-def time_end_to_end(n: int, d: int, basis: str, repeats: int, rng: np.random.Generator) -> dict:
-    """FellRec.aggregate_train on n real replies: median wall time, step split and peak memory."""
+def time_end_to_end(n: int, d: int, basis: str, repeats: int, rng: np.random.Generator,
+                    block_mb: float = 64.0, state_dir: Path | None = None) -> list[dict]:
+    """FellRec.aggregate_train on n real replies: median wall time, step split and peak memory.
+
+    Steps (issue 23: the uploads are streamed, there is no stacking step any more): balance =
+    ``round_balance`` (the uploads read block by block into the Gram matrix, then W); mix = the
+    rest (the uploads read again, W @ each block, each row into the new ArrayRecords or files).
+    """
     from strategies import FellRec
     from strategies import fellrec as fellrec_module
-    from strategies.arrays import FlatLayout
+
+    def make() -> FellRec:
+        return FellRec(FellRecSettings(similarity_basis=basis), aggregation_block_mb=block_mb,
+                       state_dir=None if state_dir is None else Path(tempfile.mkdtemp(dir=state_dir)))
 
     replies = reply_messages(n, d, rng)
     # Memory first, in a fresh first-round pass (untimed): the peak resident memory the call
-    # adds (Linux: VmHWM after resetting it; sees the mmap'd matrix too).
-    peak = peak_rss_during(lambda: FellRec(FellRecSettings(similarity_basis=basis)).aggregate_train(1, replies))
+    # adds (Linux: VmHWM after resetting it).
+    peak = peak_rss_during(lambda: make().aggregate_train(1, replies))
     release_memory()
     times, cpu, steps = [], [], []
-    strategy = FellRec(FellRecSettings(similarity_basis=basis))
-    for _ in range(repeats):  # one server, several rounds: the first allocates, later ones reuse
+    strategy = make()
+    for repeat in range(repeats):  # one server, several rounds
         timer = _StepTimer()
-        timer.wrap(FlatLayout, "stack", "stack_s")
-        timer.wrap(fellrec_module.fellrec_math, "dynamic_balance", "balance_s")
-        timer.wrap(fellrec_module.fellrec_math, "delta_w_cosine", "balance_s")
-        timer.wrap(FlatLayout, "mix", "mix_s")
+        timer.wrap(fellrec_module, "round_balance", "balance_s")
         try:
             t0, c0 = time.perf_counter(), time.process_time()
-            out = strategy.aggregate_train(1, replies)
+            out = strategy.aggregate_train(1 + repeat, replies)
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         finally:
             timer.restore()
         assert out[0] is not None and len(strategy.personal) == n
+        timer.seconds["mix_s"] = times[-1] - timer.seconds["balance_s"]
+        timer.seconds["mix_cpu_s"] = cpu[-1] - timer.seconds["balance_cpu_s"]
         steps.append(timer.seconds)
         del out
     del strategy
@@ -225,6 +234,37 @@ def time_end_to_end(n: int, d: int, basis: str, repeats: int, rng: np.random.Gen
     return rows
 
 
+def main_fedavg(args: argparse.Namespace) -> None:
+    """FedAvg's streamed mean (RecordingFedAvg.aggregate_train) vs Flower's aggregate_arrayrecords."""
+    import logging
+
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from strategies import RecordingFedAvg
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in [int(c) for c in args.clients.split(",")]:
+        for d in [int(p) for p in args.params.split(",")]:
+            replies = reply_messages(n, d, rng)
+            strategy = RecordingFedAvg(aggregation_block_mb=args.block_mb)
+            calls = {"streamed (RecordingFedAvg.aggregate_train)": lambda: strategy.aggregate_train(1, replies),
+                     "flower aggregate_arrayrecords": lambda: aggregate_arrayrecords(
+                         [m.content for m in replies], "num-examples")}
+            for name, call in calls.items():
+                for repeat in range(args.repeats):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    call()
+                    rows.append({"clients": n, "params": d, "aggregation": name, "repeat": repeat,
+                                 "wall_s": round(time.perf_counter() - t0, 3), "cpu_s": round(time.process_time() - c0, 3),
+                                 "load_avg": round(os.getloadavg()[0], 1)})
+                    print(rows[-1], flush=True)
+            del replies, strategy
+            write_csv(rows, args.out, ["clients", "params", "aggregation", "repeat", "wall_s", "cpu_s", "load_avg"])
+    print(f"written: {args.out}")
+
+
 def main_end_to_end(args: argparse.Namespace) -> None:
     from strategies.fellrec_math import GRAM_BLAS_THREADS
 
@@ -232,12 +272,16 @@ def main_end_to_end(args: argparse.Namespace) -> None:
     rows = []
     for n in [int(c) for c in args.clients.split(",")]:
         for d in [int(p) for p in args.params.split(",")]:
-            gb = 3 * n * d * 4 / 1e9  # replies + stacked X + new records
+            gb = 2 * n * d * 4 / 1e9  # replies + new records (memory), the streamed blocks are small
             if gb > args.max_gb:
                 print(f"skip N={n} D={d}: needs {gb:.1f} GB > --max-gb {args.max_gb}", flush=True)
                 continue
-            for timed in time_end_to_end(n, d, args.basis, args.repeats, rng):
+            state_dir = None
+            if args.personal_state == "disk":
+                state_dir = Path(tempfile.mkdtemp(prefix="aggregation-time-", dir=args.state_tmp))
+            for timed in time_end_to_end(n, d, args.basis, args.repeats, rng, args.block_mb, state_dir):
                 row = {"clients": n, "params": d, "basis": args.basis, "repeats": args.repeats,
+                       "personal_state": args.personal_state, "block_mb": args.block_mb,
                        "blas_threads": GRAM_BLAS_THREADS, "load_avg": round(os.getloadavg()[0], 1), **timed}
                 rows.append(row)
                 print(", ".join(f"{k} {row.get(k)}" for k in E2E_COLUMNS), flush=True)
@@ -267,8 +311,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="time the ArrayRecord conversions too (one pass, parameters basis)")
     parser.add_argument("--end-to-end", action="store_true",
                         help="time FellRec.aggregate_train on real reply Messages (see the module doc)")
+    parser.add_argument("--fedavg", action="store_true",
+                        help="time FedAvg's streamed mean against Flower's aggregate_arrayrecords (same replies)")
+    parser.add_argument("--personal-state", default="memory", choices=PERSONAL_STATES,
+                        help="--end-to-end: where the new personal adapters go (disk: files under --state-tmp)")
+    parser.add_argument("--state-tmp", default=None, help="folder for the disk state (default: the system's temp)")
+    parser.add_argument("--block-mb", type=float, default=64.0, help="--end-to-end: aggregation-block-mb")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.fedavg:
+        args.out = args.out or RESULTS.with_name("aggregation_fedavg.csv")
+        main_fedavg(args)
+        return
     if args.end_to_end:
         args.out = args.out or RESULTS.with_name("aggregation_e2e.csv")
         main_end_to_end(args)

@@ -110,10 +110,11 @@ def _prefix(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _temp_file_for(path: Path, mode: int = FILE_MODE) -> Iterator[Path]:
+def _temp_file_for(path: Path, mode: int = FILE_MODE, clean: bool = True) -> Iterator[Path]:
     """Yield a fresh temporary path beside `path`; rename it onto `path` on success."""
     private_mkdir(path.parent)
-    clean_stale_temporaries(path.parent, path.name)
+    if clean:
+        clean_stale_temporaries(path.parent, path.name)
     fd, tmp_name = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)  # created 0600
     os.close(fd)
     tmp = Path(tmp_name)
@@ -123,6 +124,16 @@ def _temp_file_for(path: Path, mode: int = FILE_MODE) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: int = FILE_MODE, clean: bool = True) -> Iterator[Path]:
+    """For a writer that fills a file in parts: yields the temporary beside `path`, moved onto
+    `path` when the block ends without error (removed on an error). The writer flushes and fsyncs
+    it before the block ends. clean=False skips the search for stale temporaries of `path`
+    (a writer of many files cleans their folder once, with clean_stale_temporaries)."""
+    with _temp_file_for(Path(path), mode, clean) as tmp:
+        yield tmp
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int = FILE_MODE) -> Path:

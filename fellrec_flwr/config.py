@@ -29,6 +29,7 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 DECODINGS = ("beam-l2", "constrained")
 HEADS = ("generative", "retrieval", "item")
 RETRIEVAL_POOLINGS = ("mean", "last")
+PERSONAL_STATES = ("memory", "disk")  # where the server keeps per-client adapters (strategies/store.py)
 WIRE_DEFENCES = ("none", "noise")  # split.defence (fellrec_flwr/split/defence.py)
 
 
@@ -254,6 +255,10 @@ class FellRecConfig:
     fraction_train: float = 1.0
     min_clients: int = 5
     node_wait_timeout: float = 300.0  # seconds to wait for min_clients before a round
+    # per-client adapters (personal, best) of personalised strategies: "memory" (and the checkpoint), or
+    # "disk": one file per client in <run>/personal-state/, so server memory grows with clients per round only
+    personal_state: str = "memory"
+    aggregation_block_mb: float = 64.0  # MiB of uploads read at a time into the Gram matrix and weighted sums
     proximal_mu: float = 0.01
     seed: int = 2024
     out_dir: str = "results"
@@ -272,6 +277,10 @@ class FellRecConfig:
 
     def validate(self) -> "FellRecConfig":
         _choice("strategy", self.strategy, STRATEGIES)
+        _choice("personal-state", self.personal_state, PERSONAL_STATES)
+        if not (math.isfinite(self.aggregation_block_mb) and self.aggregation_block_mb > 0):
+            raise ConfigError(f"aggregation-block-mb={self.aggregation_block_mb} must be a number > 0 (MiB of "
+                              "uploads the server reads at a time; default 64).")
         _choice("data.partitioner", self.data.partitioner, PARTITIONERS)
         _choice("data.dataset", self.data.dataset, DATASETS)
         _choice("data.order", self.data.order, DATA_ORDERS)

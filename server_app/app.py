@@ -79,7 +79,7 @@ def main(grid: Grid, context: Context) -> None:
     # absolute data paths only (this runs in the SuperLink's folder), then a prepared folder's own settings
     cfg = with_prepared_settings(refuse_relative_paths(from_run_config(context.run_config)))
     run_dir = run_dir_of(cfg)
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, run_dir)
     start_round = 0
     if cfg.resume_from:
         ckpt = load_checkpoint(cfg.resume_from)

@@ -17,6 +17,7 @@ the same way:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from fellrec_flwr.config import FellRecConfig
 
@@ -28,6 +29,8 @@ from .fellrec import FellRec
 from .fellrec_plus import preset_settings
 from .ffa_lora import FfaLora
 from .local import LocalOnly
+
+PERSONAL_STATE_DIR = "personal-state"  # in the run folder, for personal-state = "disk"
 
 __all__ = [
     "FedSaLora",
@@ -62,26 +65,37 @@ def sampling_settings(cfg: FellRecConfig) -> dict[str, float | int]:
     }
 
 
-def make_strategy(cfg: FellRecConfig) -> StrategyBase:
-    """The strategy named by cfg.strategy (one of fellrec_flwr.config.STRATEGIES)."""
+def make_strategy(cfg: FellRecConfig, run_dir: str | Path | None = None) -> StrategyBase:
+    """The strategy named by cfg.strategy (one of fellrec_flwr.config.STRATEGIES).
+
+    ``run_dir``: the run folder, where personal-state = "disk" keeps the clients' adapters
+    (``personal-state/``); needed only then.
+    """
     common = dict(
         sampling_settings(cfg),
         eval_interval=cfg.eval.interval,
         early_stop_patience=cfg.eval.early_stop_patience,
         node_wait_timeout=cfg.node_wait_timeout,
         seed=cfg.seed,
+        aggregation_block_mb=cfg.aggregation_block_mb,
     )
+    personal: dict[str, Path] = {}  # for the strategies that keep an adapter per client
+    if cfg.personal_state == "disk":
+        if run_dir is None:
+            raise ValueError("personal-state='disk' keeps each client's adapter in the run folder: pass run_dir "
+                             "to make_strategy, or set personal-state='memory'.")
+        personal["state_dir"] = Path(run_dir) / PERSONAL_STATE_DIR
     if cfg.strategy == "fedavg":
         return RecordingFedAvg(**common)
     if cfg.strategy == "fedprox":
         return RecordingFedProx(**common, proximal_mu=cfg.proximal_mu)
     if cfg.strategy == "local":
-        return LocalOnly(**common)
+        return LocalOnly(**common, **personal)
     if cfg.strategy == "ffa-lora":
         return FfaLora(**common)
     if cfg.strategy == "fedsa-lora":
-        return FedSaLora(**common)
+        return FedSaLora(**common, **personal)
     if cfg.strategy in ("fellrec", "fellrec+"):
-        return FellRec(cfg.fellrec if cfg.strategy == "fellrec" else preset_settings(cfg.fellrec), **common)
+        return FellRec(cfg.fellrec if cfg.strategy == "fellrec" else preset_settings(cfg.fellrec), **common, **personal)
     raise ValueError(f"strategy={cfg.strategy!r} is not one of fellrec, fellrec+, fedavg, fedprox, ffa-lora, "
                      "fedsa-lora, local.")

@@ -8,8 +8,13 @@ Copies are what made the aggregation slow at 7B scale (issue 14): a Flower ``Arr
 its values as ``.npy`` bytes, and ``Array.numpy()`` / ``Array(ndarray)`` each parse or
 write them through a BytesIO. Here values are read as read-only views on those bytes
 (:func:`array_view`) and written with exactly one copy into the new bytes
-(:func:`array_from_values`); :meth:`FlatLayout.mix` applies weights to the stacked uploads
-in column blocks, so the aggregates never exist as a second full (N, D) matrix.
+(:func:`array_from_values`).
+
+The aggregation streams (issue 23): :meth:`FlatLayout.blocks` gathers the uploads a few
+tensors at a time into one reused (N, cols) buffer, and :meth:`FlatLayout.mixed_blocks`
+applies weights to each block, so neither the uploads nor the aggregates ever exist as an
+(N, D) matrix of their own; the caller decides where each block's rows go (new ArrayRecords,
+:class:`RecordRows`, or files on disk, :mod:`strategies.store`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import functools
 import io
 import mmap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,12 +30,27 @@ from flwr.app import Array, ArrayRecord
 from threadpoolctl import threadpool_limits
 
 NUMPY_STYPE = "numpy.ndarray"  # flwr's SType.NUMPY: data is np.save output
-# Columns of one block of W @ X in FlatLayout.mix: 2**17 float32 columns x 101 rows = 53 MB
-# (small next to X, large enough for BLAS to run at full speed).
+# Columns of one block of W @ X in FlatLayout.mix when no size is given: 2**17 float32 columns x
+# 101 rows = 53 MB (large enough for BLAS to run at full speed). The strategies size their
+# blocks from the aggregation-block-mb setting instead (block_columns()).
 MIX_BLOCK_COLUMNS = 1 << 17
 # BLAS threads for the blocks of W @ X: one, as for the Gram matrix (strategies/fellrec_math.py):
 # the server shares its cores with ClientApps, and waiting BLAS threads spin on a busy machine.
 MIX_BLAS_THREADS = 1
+
+
+def block_columns(block_mb: float, rows: int) -> int:
+    """Columns of a float32 block of ``rows`` rows that fits ``block_mb`` MiB (at least one).
+
+    The streamed aggregation holds two such blocks of the uploads and one of the weighted sums
+    (aggregation-block-mb); a tensor wider than this still forms one block of its own.
+    """
+    if not (np.isfinite(block_mb) and block_mb > 0):
+        raise ValueError(f"aggregation-block-mb={block_mb} must be a number > 0 (MiB per block of uploads; "
+                         "default 64).")
+    if rows < 1:
+        raise ValueError(f"rows={rows}: a block needs at least one client.")
+    return max(1, int(block_mb * (1 << 20)) // (4 * rows))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -157,7 +177,11 @@ class FlatLayout:
         return ArrayRecord(arrays)
 
     def sizes(self) -> list[int]:
-        return [int(np.prod(shape, dtype=np.int64)) for shape in self.shapes]
+        return list(self._sizes)
+
+    @functools.cached_property
+    def _sizes(self) -> tuple[int, ...]:  # values per tensor, computed once (the block loops ask often)
+        return tuple(int(np.prod(shape, dtype=np.int64)) for shape in self.shapes)
 
     def tensor(self, stacked: np.ndarray, key: str) -> np.ndarray:
         """Every client's tensor ``key`` as a (N, *shape) view on the stacked matrix (no copy)."""
@@ -184,50 +208,122 @@ class FlatLayout:
             raise ArrayLayoutError(f"{orphans[0]!r} has no matching lora_A tensor: cannot form its LoRA product B A.")
         return pairs, [k for k in self.keys if k not in paired]
 
-    def mix(self, weights: np.ndarray, stacked: np.ndarray, block_columns: int = MIX_BLOCK_COLUMNS
-            ) -> list[ArrayRecord]:
-        """One ArrayRecord per row of ``weights @ stacked``, built block by block.
-
-        Tensors are grouped into column blocks of about ``block_columns``; each block is one
-        BLAS product (M, N) @ (N, cols) on a view of ``stacked``, and every tensor of it is
-        copied once into its client's new Array bytes. Peak extra memory is the new records
-        (M x D values, as Flower stores them) plus one block, never a full (M, D) product.
-        """
-        m, n = weights.shape
-        if n != stacked.shape[0] or stacked.shape[1] != self.size:
-            raise ArrayLayoutError(f"weights {weights.shape} / stacked {stacked.shape} do not fit {self.size} params.")
-        w = np.ascontiguousarray(weights, dtype=stacked.dtype)
-        arrays: list[dict[str, Array]] = [{} for _ in range(m)]
-        sizes = self.sizes()
-        # One buffer for every block: a fresh multi-MB result per block costs page faults
-        # (and THP compaction) that took longer than the product itself (measured, issue 14).
-        buffer = np.empty(m * min(max(block_columns, max(sizes, default=0)), self.size), dtype=stacked.dtype)
-        # Per tensor, once: dtype name and .npy header (str(dtype) alone cost ~20 us per Array).
-        dtypes = [str(dt) for dt in self.dtypes]
-        headers = [npy_header(dt, shape) for dt, shape in zip(dtypes, self.shapes)]
-        same_dtype = all(dt == stacked.dtype for dt in self.dtypes)
-        index = 0
+    def tensor_groups(self, block_columns: int) -> list[tuple[int, int]]:
+        """Consecutive tensors [t0, t1) of at most ``block_columns`` values together (a larger
+        tensor forms a group of its own): the column blocks of the streamed aggregation."""
+        if block_columns < 1:
+            raise ArrayLayoutError(f"block_columns={block_columns} must be >= 1.")
+        sizes, groups, index = self._sizes, [], 0
         while index < len(self.keys):
-            stop = index + 1  # tensors index..stop-1 form one block (at least one tensor)
+            stop = index + 1
             while stop < len(self.keys) and self.offsets[stop] + sizes[stop] - self.offsets[index] <= block_columns:
                 stop += 1
-            lo, hi = self.offsets[index], self.offsets[stop - 1] + sizes[stop - 1]
-            with threadpool_limits(limits=MIX_BLAS_THREADS, user_api="blas"):
-                block = np.matmul(w, stacked[:, lo:hi], out=buffer[: m * (hi - lo)].reshape(m, hi - lo))
-            rows = memoryview(block).cast("B") if same_dtype else None
-            row_bytes = (hi - lo) * block.itemsize
-            for t in range(index, stop):
-                start = self.offsets[t] - lo
-                key, shape, header = self.keys[t], self.shapes[t], headers[t]
-                for i in range(m):
-                    if rows is not None:  # bytes straight from the block row: no intermediate array
-                        first = i * row_bytes + start * block.itemsize
-                        raw = rows[first : first + sizes[t] * block.itemsize]
-                    else:
-                        raw = memoryview(block[i, start : start + sizes[t]].astype(self.dtypes[t])).cast("B")
-                    arrays[i][key] = _array(raw, dtypes[t], shape, header)
+            groups.append((index, stop))
             index = stop
-        return [ArrayRecord(a) for a in arrays]
+        return groups
+
+    def columns(self, t0: int, t1: int) -> tuple[int, int]:
+        """The flat columns [lo, hi) of tensors t0 .. t1-1."""
+        return self.offsets[t0], self.offsets[t1 - 1] + self._sizes[t1 - 1]
+
+    def gather(self, records: Sequence[ArrayRecord], t0: int, t1: int, out: np.ndarray) -> np.ndarray:
+        """Tensors t0 .. t1-1 of every record as one (len(records), cols) block, copied from views
+        on the records' bytes into ``out`` (a reused buffer of at least that many values)."""
+        lo, hi = self.columns(t0, t1)
+        block = out[: len(records) * (hi - lo)].reshape(len(records), hi - lo)
+        spans = [(self.keys[t], self.offsets[t] - lo, self._sizes[t]) for t in range(t0, t1)]
+        for i, record in enumerate(records):
+            for key, start, size in spans:
+                block[i, start : start + size] = array_view(record[key]).reshape(-1)
+        return block
+
+    def blocks(
+        self, records: Sequence[ArrayRecord], block_columns: int, reference: Sequence[ArrayRecord] | None = None,
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(t0, t1, block) over the whole layout: the uploads (N, cols) of tensors t0 .. t1-1, minus
+        the same tensors of ``reference`` when given. The block is one reused buffer: use it
+        before asking for the next. Peak memory: one or two blocks, never an (N, D) matrix."""
+        groups = self.tensor_groups(block_columns)
+        largest = max((np.subtract(*self.columns(a, b)[::-1]) for a, b in groups), default=0)
+        buffer = np.empty(len(records) * int(largest), dtype=np.float32)
+        other = np.empty_like(buffer) if reference is not None else None
+        for t0, t1 in groups:
+            block = self.gather(records, t0, t1, buffer)
+            if reference is not None:
+                block -= self.gather(reference, t0, t1, other)
+            yield t0, t1, block
+
+    def gathered(self, records: Sequence[ArrayRecord], key: str) -> np.ndarray:
+        """Tensor ``key`` of every record as one (N, *shape) float32 array (a copy)."""
+        return np.stack([array_view(record[key]) for record in records]).astype(np.float32, copy=False)
+
+    def mix(self, weights: np.ndarray, records: Sequence[ArrayRecord],
+            block_columns: int = MIX_BLOCK_COLUMNS) -> list[ArrayRecord]:
+        """One ArrayRecord per row of ``weights @ uploads``, streamed block by block (:meth:`mixed_blocks`)."""
+        rows = RecordRows(self, weights.shape[0])
+        for t0, t1, block in self.mixed_blocks(weights, records, block_columns):
+            rows.add(t0, t1, block)
+        return rows.records()
+
+    def mixed_blocks(self, weights: np.ndarray, records: Sequence[ArrayRecord], block_columns: int
+                     ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(t0, t1, W @ block): the weighted sums of the uploads, for tensors t0 .. t1-1 at a time.
+
+        Each block is one BLAS product (M, N) @ (N, cols) on a block gathered from the records
+        (:meth:`blocks`), into one reused buffer: a fresh multi-MB result per block costs page
+        faults that took longer than the product itself (measured, issue 14).
+        """
+        m, n = weights.shape
+        if n != len(records):
+            raise ArrayLayoutError(f"weights {weights.shape} do not fit {len(records)} uploads.")
+        w = np.ascontiguousarray(weights, dtype=np.float32)
+        groups = self.tensor_groups(block_columns)
+        largest = max((np.subtract(*self.columns(a, b)[::-1]) for a, b in groups), default=0)
+        buffer = np.empty(m * int(largest), dtype=np.float32)
+        for t0, t1, block in self.blocks(records, block_columns):
+            out = buffer[: m * block.shape[1]].reshape(m, block.shape[1])
+            yield t0, t1, weighted_sums(w, block, out)
+
+    def group_bytes(self, t0: int, t1: int, block: np.ndarray, row: int) -> list[memoryview]:
+        """Row ``row`` of a float32 block of tensors t0 .. t1-1 as one raw-bytes view per tensor,
+        in each tensor's own dtype (a view when that is float32, else a converted copy)."""
+        lo, _ = self.columns(t0, t1)
+        parts = []
+        for t in range(t0, t1):
+            start = self.offsets[t] - lo
+            values = block[row, start : start + self._sizes[t]]
+            if self.dtypes[t] != values.dtype:
+                values = values.astype(self.dtypes[t])
+            parts.append(memoryview(values).cast("B"))
+        return parts
+
+
+def weighted_sums(weights: np.ndarray, block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """W @ block on one BLAS thread (see MIX_BLAS_THREADS)."""
+    with threadpool_limits(limits=MIX_BLAS_THREADS, user_api="blas"):
+        return np.matmul(weights, block, out=out)
+
+
+class RecordRows:
+    """Collects the rows of streamed blocks (:meth:`FlatLayout.mixed_blocks`) into ArrayRecords:
+    each tensor of each row is copied once, into its new Array's bytes."""
+
+    def __init__(self, layout: FlatLayout, rows: int) -> None:
+        self.layout = layout
+        self.arrays: list[dict[str, Array]] = [{} for _ in range(rows)]
+        # Per tensor, once: dtype name and .npy header (str(dtype) alone cost ~20 us per Array).
+        self._dtypes = [str(dt) for dt in layout.dtypes]
+        self._headers = [npy_header(dt, shape) for dt, shape in zip(self._dtypes, layout.shapes)]
+
+    def add(self, t0: int, t1: int, block: np.ndarray, rows: range | None = None) -> None:
+        """Rows ``rows`` of the block (default: all) become rows 0, 1, ... of this collection."""
+        layout = self.layout
+        for target, row in enumerate(rows if rows is not None else range(block.shape[0])):
+            for t, raw in zip(range(t0, t1), layout.group_bytes(t0, t1, block, row)):
+                self.arrays[target][layout.keys[t]] = _array(raw, self._dtypes[t], layout.shapes[t], self._headers[t])
+
+    def records(self) -> list[ArrayRecord]:
+        return [ArrayRecord(a) for a in self.arrays]
 
 
 def to_numpy_dict(record: ArrayRecord | None) -> dict[str, np.ndarray] | None:

@@ -20,7 +20,9 @@ not meet:
   and failures traced to clients: FedAvg keeps only the means, and an error reply's
   ``src_node_id`` may be the SuperLink, so the sent messages are kept and matched through
   ``reply_to_message_id``.
-- ``aggregate_arrays``: the one step a strategy overrides to aggregate differently.
+- ``aggregate_arrays``: the one step a strategy overrides to aggregate differently. FedAvg's
+  weighted mean is streamed a block of tensors at a time (``aggregation-block-mb``; Flower's
+  ``aggregate_arrayrecords`` parses every Array into a copy and adds whole copies).
 - ``after_evaluate``: feeds ``best`` (``strategies.best.BestAdapters``): each client's best
   adapter, and early stopping on the client-size-weighted validation loss.
 - ``start``: calls Flower's ``Strategy.start`` for three things its 1.42 loop lacks:
@@ -43,19 +45,19 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import (
-    aggregate_arrayrecords,
     aggregate_metricrecords,
     validate_message_reply_consistency,
 )
 
 from fellrec_flwr.eval.recorder import SERVER, RunRecorder
 
-from .arrays import from_numpy_dict, to_numpy_dict
+from .arrays import FlatLayout, RecordRows, block_columns, from_numpy_dict, to_numpy_dict
 from .best import BestAdapters
 from .clients import CLIENT_KEY, ClientRegistry
 
@@ -160,6 +162,7 @@ class StrategyBase(FedAvg):
         node_poll_interval: float = 1.0,
         identify_timeout: float = 120.0,
         seed: int = 0,
+        aggregation_block_mb: float = 64.0,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics_without_key)
@@ -168,6 +171,8 @@ class StrategyBase(FedAvg):
         if eval_interval < 0 or early_stop_patience < 0 or node_wait_timeout < 0:
             raise ValueError("eval_interval, early_stop_patience and node_wait_timeout must be >= 0.")
         self.eval_interval = eval_interval  # evaluate every n rounds; 0 = only the last round
+        block_columns(aggregation_block_mb, 1)  # refuses a bad size now, not in the first aggregation
+        self.aggregation_block_mb = aggregation_block_mb  # MiB per block of uploads (strategies.arrays)
         self.best = BestAdapters(patience=early_stop_patience)  # each client's best adapter; early stop
         self.node_wait_timeout = node_wait_timeout
         self.node_poll_interval = node_poll_interval
@@ -350,8 +355,23 @@ class StrategyBase(FedAvg):
         return self.global_arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def aggregate_arrays(self, server_round: int, collected: list[tuple[int, int, Message]]) -> ArrayRecord:
-        """The new "global" arrays from this round's (client_key, node_id, reply): FedAvg's weighted mean."""
-        return aggregate_arrayrecords([reply.content for _, _, reply in collected], self.weighted_by_key)
+        """The new "global" arrays from this round's (client_key, node_id, reply): FedAvg's weighted mean.
+
+        Flower's ``aggregate_arrayrecords`` computes the same mean, but it parses every Array
+        through ``.numpy()`` and adds whole float32 copies one client at a time; this streams the
+        uploads a block of tensors at a time through one BLAS product (strategies.arrays).
+        """
+        uploads = [reply.content[self.arrayrecord_key] for _, _, reply in collected]
+        layout = FlatLayout.of(uploads[0])
+        for (key, _, _), record in zip(collected, uploads):
+            layout.check(record, f"client-key {key}")
+        sizes = np.array([float(metrics_of(reply.content)[self.weighted_by_key])  # type: ignore[arg-type]
+                          for _, _, reply in collected])
+        mean = RecordRows(layout, 1)
+        for t0, t1, block in layout.mixed_blocks((sizes / sizes.sum())[None, :], uploads,
+                                                 block_columns(self.aggregation_block_mb, len(uploads))):
+            mean.add(t0, t1, block)
+        return mean.records()[0]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self._aggregate_evaluation(self.absolute_round(server_round), replies, self._evaluation)

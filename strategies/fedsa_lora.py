@@ -13,7 +13,6 @@ result is the same.
 
 from __future__ import annotations
 
-import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from .arrays import FlatLayout
@@ -31,30 +30,34 @@ def share_a(shared: ArrayRecord, own: ArrayRecord) -> ArrayRecord:
 
 
 class FedSaLora(PersonalisedBase):
-    """Each client: the size-weighted mean A of this round's uploads with its own last B."""
+    """Each client: the size-weighted mean A of this round's uploads with its own last B.
+
+    The personal store keeps each client's last upload; its adapter is composed when it is
+    read (:func:`share_a` of the current mean and that upload), so that a round rewrites the
+    sampled clients' state only, and clients not sampled get the new shared A all the same.
+    """
+
+    def personal_arrays(self, client_key: int) -> ArrayRecord | None:
+        own = self.personal.get(client_key)
+        if own is None:
+            return self.initial_arrays
+        return own if self.global_arrays is None else share_a(self.global_arrays, own)
 
     def arrays_for_node(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
         key = self.node_to_key.get(node_id)
         if key is not None and key in self.personal:
-            return self.personal[key]
+            return self.personal_arrays(key)  # type: ignore[return-value]
         # A new client joins with the current shared A and the initial B (zero).
         initial = self.initial_arrays if self.initial_arrays is not None else arrays
         if self.global_arrays is None or self.global_arrays is initial:
             return initial
         return share_a(self.global_arrays, initial)
 
-    def personalise(
+    def personal_weights(
         self,
         server_round: int,
         collected: list[tuple[int, int, Message]],
         layout: FlatLayout,
-        stacked: np.ndarray,
-    ) -> dict[int, ArrayRecord]:
-        mean = layout.mix(self.mean_weights[None, :], stacked)[0]
-        self.round_mean = mean
-        updated = {key: share_a(mean, reply.content[self.arrayrecord_key]) for key, _, reply in collected}
-        # Clients not sampled this round keep their B and get the new shared A too.
-        for key, record in self.personal.items():
-            if key not in updated:
-                updated[key] = share_a(mean, record)
-        return updated
+        uploads: list[ArrayRecord],
+    ) -> None:
+        return None  # the store keeps each upload (its B); A is the mean, shared when read

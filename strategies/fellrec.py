@@ -14,7 +14,8 @@ self-weight W_ii (split "train"), and the full row of W as metrics "weight:<j>" 
 from __future__ import annotations
 
 from logging import INFO
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -23,7 +24,7 @@ from flwr.common import log
 from fellrec_flwr.config import FellRecSettings
 
 from . import fellrec_math
-from .arrays import FlatLayout
+from .arrays import FlatLayout, block_columns
 from .base import TRAIN_LOSS, metrics_of
 from .personal import PersonalisedBase
 
@@ -49,30 +50,26 @@ class MissingTrainLossError(ValueError):
 def round_balance(
     settings: FellRecSettings,
     layout: FlatLayout,
-    stacked: np.ndarray,
+    uploads: Sequence[ArrayRecord],
     losses: np.ndarray,
     t: int,
-    received: Callable[[], np.ndarray] | None = None,
-    initial: Callable[[], np.ndarray] | None = None,
+    received: Callable[[], Sequence[ArrayRecord]] | None = None,
+    block_mb: float = 64.0,
+    initial: Callable[[], ArrayRecord] | None = None,
 ) -> fellrec_math.Balance:
     """One round's weights W, with the similarity basis decided here and nowhere else.
 
-    "parameters": the cosines of the uploads `stacked` (N, D); "updates": of the uploads minus
-    what each client received (`received()`, stacked like the uploads; asked for only on this
-    basis, so the other bases never build it); "delta-w": of what each client learned since the
-    run's start: the LoRA products B_i A_i (B starts at 0), from views on `stacked` (tensors named
-    lora_A / lora_B in `layout`), and for every other trainable tensor (e.g. the item head's
-    modules_to_save) its change from the run's initial arrays (`initial()`, one (1, D) row). Raw,
-    such a tensor would dominate the cosine with the initialisation all clients share (an item-id
-    table of 1 M entries: every cosine about 1, a uniform average).
+    "parameters": the cosines of the uploads; "updates": of the uploads minus what each client
+    received (`received()`, asked for only on this basis); "delta-w": of what each client learned
+    since the run's start: the LoRA products B_i A_i (tensors named lora_A / lora_B in `layout`;
+    B starts at 0), and for every other trainable tensor (e.g. the item head's modules_to_save) its
+    change from the run's initial arrays (`initial()`). Raw, such a tensor would dominate the cosine
+    with the initialisation all clients share (an item-id table of 1 M entries: every cosine about
+    1, a uniform average). The uploads are read a block of ``block_mb`` MiB at a time (one LoRA
+    module at a time for delta-w) into the Gram matrix: the (N, D) matrix of all uploads is never built.
     """
-    reference = cosine = None
-    if settings.similarity_basis == "updates":
-        if received is None:
-            raise ValueError("fellrec.similarity-basis='updates' needs the arrays each client received; "
-                             "pass `received`, or use the 'parameters' or 'delta-w' basis.")
-        reference = received()
-    elif settings.similarity_basis == "delta-w":
+    n = len(uploads)
+    if settings.similarity_basis == "delta-w":
         pairs, others = layout.lora_pairs()
         if not pairs:
             raise ValueError("fellrec.similarity-basis='delta-w' needs LoRA tensors named lora_A / lora_B; "
@@ -82,11 +79,21 @@ def round_balance(
                              "by their change since the start: pass `initial`, the run's initial arrays.")
         start = initial() if others else None
         cosine = fellrec_math.delta_w_cosine(
-            [(layout.tensor(stacked, a), layout.tensor(stacked, b)) for a, b in pairs],
-            [(layout.tensor(stacked, k) - layout.tensor(start, k)).reshape(stacked.shape[0], -1) for k in others],
+            ((layout.gathered(uploads, a), layout.gathered(uploads, b)) for a, b in pairs),
+            (layout.gathered(uploads, k).reshape(n, -1) - start[k].numpy().reshape(1, -1) for k in others),
         )
-    return fellrec_math.dynamic_balance(None if cosine is not None else stacked, losses, t, settings,
-                                        reference=reference, cosine=cosine)
+    else:
+        reference = None
+        if settings.similarity_basis == "updates":
+            if received is None:
+                raise ValueError("fellrec.similarity-basis='updates' needs the arrays each client received; "
+                                 "pass `received`, or use the 'parameters' or 'delta-w' basis.")
+            reference = received()
+            for i, record in enumerate(reference):
+                layout.check(record, f"the arrays sent to client {i}")
+        blocks = layout.blocks(uploads, block_columns(block_mb, n), reference)
+        cosine = fellrec_math.cosine_from_gram(fellrec_math.gram_of_blocks((b for _, _, b in blocks), n))
+    return fellrec_math.dynamic_balance(None, losses, t, settings, cosine=cosine)
 
 
 class FellRec(PersonalisedBase):
@@ -120,26 +127,23 @@ class FellRec(PersonalisedBase):
         # The warm weight from the client's last aggregation; 1.0 before it has one.
         config["lr-scale"] = float(self.warm.get(key, 1.0)) if self.settings.lr_scale and key is not None else 1.0
 
-    def personalise(
+    def personal_weights(
         self,
         server_round: int,
         collected: list[tuple[int, int, Message]],
         layout: FlatLayout,
-        stacked: np.ndarray,
-    ) -> dict[int, ArrayRecord]:
+        uploads: list[ArrayRecord],
+    ) -> np.ndarray:
         keys = [key for key, _, _ in collected]
         losses = self._losses(collected)
-        balance = round_balance(self.settings, layout, stacked, self._heating_losses(keys, losses), server_round - 1,
-                                received=lambda: self._received(collected, layout, stacked),
-                                initial=lambda: layout.stack([self.initial_arrays], dtype=stacked.dtype))
-        # W and the size-weighted mean (for the logging-only "global" arrays) in one pass over X.
-        mixed = layout.mix(np.vstack([balance.weights, self.mean_weights[None, :]]), stacked)
-        self.round_mean = mixed[-1]
+        balance = round_balance(self.settings, layout, uploads, self._heating_losses(keys, losses), server_round - 1,
+                                received=lambda: self._received(collected), block_mb=self.aggregation_block_mb,
+                                initial=lambda: self.initial_arrays)
         for i, key in enumerate(keys):
             self.last_loss[key] = float(losses[i])
             self.warm[key] = float(balance.warm[i])
         self._record_balance(server_round, keys, balance)
-        return dict(zip(keys, mixed[:-1]))
+        return balance.weights
 
     def _losses(self, collected: list[tuple[int, int, Message]]) -> np.ndarray:
         losses = []
@@ -161,11 +165,9 @@ class FellRec(PersonalisedBase):
             return losses
         return fellrec_math.normalised_losses(losses, np.array([self.first_loss[k] for k in keys]))
 
-    def _received(self, collected: list[tuple[int, int, Message]], layout: FlatLayout,
-                  stacked: np.ndarray) -> np.ndarray:
-        """The arrays each client received this round, stacked like its upload."""
-        sent = [self._sent_arrays["train"][node_id] for _, node_id, _ in collected]
-        return layout.stack(sent, dtype=stacked.dtype)
+    def _received(self, collected: list[tuple[int, int, Message]]) -> list[ArrayRecord]:
+        """The arrays each client received this round (the reference of the "updates" basis)."""
+        return [self._sent_arrays["train"][node_id] for _, node_id, _ in collected]
 
     def _record_balance(self, server_round: int, keys: list[int], balance: fellrec_math.Balance) -> None:
         for i, key in enumerate(keys):

@@ -33,7 +33,7 @@ Edge cases, decided here once:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,13 +84,31 @@ def gram_matrix(
             f"reference shape {reference.shape} differs from vectors shape {vectors.shape}; "
             "pass the arrays each client received, flattened in the same layout."
         )
-    n, d = vectors.shape
-    gram = np.zeros((n, n), dtype=np.float64)
-    with threadpool_limits(limits=blas_threads, user_api="blas"):
+    d = vectors.shape[1]
+
+    def blocks() -> Iterable[np.ndarray]:
         for start in range(0, d, block_columns):
             block = vectors[:, start : start + block_columns]
             if reference is not None:
                 block = block - reference[:, start : start + block_columns]
+            yield block
+
+    return gram_of_blocks(blocks(), vectors.shape[0], blas_threads)
+
+
+def gram_of_blocks(blocks: Iterable[np.ndarray], n: int, blas_threads: int | None = GRAM_BLAS_THREADS) -> np.ndarray:
+    """G = V V^T (N, N) in float64 from the column blocks of V, each (N, cols), seen once.
+
+    The streamed form of :func:`gram_matrix`: V = [B_1 | B_2 | ...] gives V V^T = sum_k B_k B_k^T,
+    so the uploads never need to be one (N, D) matrix. Each block is multiplied in its own dtype
+    (float32 BLAS for LoRA weights) and added into a float64 accumulator, which keeps the long
+    dot products accurate.
+    """
+    gram = np.zeros((n, n), dtype=np.float64)
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        for block in blocks:
+            if block.ndim != 2 or block.shape[0] != n:
+                raise FellRecMathError(f"a column block has shape {block.shape}; expected ({n}, columns).")
             gram += block @ block.T  # numpy uses a symmetric rank-k update for A @ A.T
     return gram
 
@@ -131,8 +149,8 @@ def _check_pair(a: np.ndarray, b: np.ndarray, index: int) -> None:
 
 
 def delta_w_gram(
-    pairs: Sequence[LoraPair],
-    extra: Sequence[np.ndarray] = (),
+    pairs: Iterable[LoraPair],
+    extra: Iterable[np.ndarray] = (),
     blas_threads: int | None = GRAM_BLAS_THREADS,
 ) -> np.ndarray:
     """G_ij = sum over modules of <B_i A_i, B_j A_j>_F (+ <x_i, x_j> of `extra` tensors), float64 (N, N).
@@ -144,13 +162,14 @@ def delta_w_gram(
     uploads; each factor is copied once into a contiguous (N r, .) block. `extra` are
     (N, m) tensors outside any A/B pair (e.g. biases), added as plain inner products.
     """
-    if not pairs and not extra:
-        raise FellRecMathError("delta_w_gram needs at least one LoRA (A, B) pair.")
-    n = pairs[0][0].shape[0] if pairs else extra[0].shape[0]
-    gram = np.zeros((n, n), dtype=np.float64)
+    gram: np.ndarray | None = None
+    n = 0
     with threadpool_limits(limits=blas_threads, user_api="blas"):
-        for index, (a, b) in enumerate(pairs):
+        for index, (a, b) in enumerate(pairs):  # may be a generator: one module in memory at a time
             _check_pair(a, b, index)
+            if gram is None:
+                n = a.shape[0]
+                gram = np.zeros((n, n), dtype=np.float64)
             if a.shape[0] != n:
                 raise FellRecMathError(f"LoRA module {index} has {a.shape[0]} clients, module 0 has {n}.")
             r = a.shape[1]
@@ -161,12 +180,17 @@ def delta_w_gram(
             # sum over the r x r block of each client pair (einsum: ~7x faster than multiply + sum here)
             gram += np.einsum("iajb,iajb->ij", aa.reshape(n, r, n, r), bb.reshape(n, r, n, r))
         for x in extra:
+            if gram is None:
+                n = x.shape[0]
+                gram = np.zeros((n, n), dtype=np.float64)
             x = np.ascontiguousarray(x).reshape(n, -1)
             gram += (x @ x.T).astype(np.float64)
+    if gram is None:
+        raise FellRecMathError("delta_w_gram needs at least one LoRA (A, B) pair.")
     return gram
 
 
-def delta_w_cosine(pairs: Sequence[LoraPair], extra: Sequence[np.ndarray] = ()) -> np.ndarray:
+def delta_w_cosine(pairs: Iterable[LoraPair], extra: Iterable[np.ndarray] = ()) -> np.ndarray:
     """Cosines (N, N) of the clients' LoRA products dW = B A (all modules together), see :func:`delta_w_gram`."""
     return cosine_from_gram(delta_w_gram(pairs, extra))
 

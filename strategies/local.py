@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from .arrays import FlatLayout
@@ -12,11 +11,11 @@ from .personal import PersonalisedBase
 class LocalOnly(PersonalisedBase):
     """Each client gets back its own last upload; all start from the initial arrays."""
 
-    def personalise(
+    def personal_weights(
         self,
         server_round: int,
         collected: list[tuple[int, int, Message]],
         layout: FlatLayout,
-        stacked: np.ndarray,
-    ) -> dict[int, ArrayRecord]:
-        return {key: reply.content[self.arrayrecord_key] for key, _, reply in collected}
+        uploads: list[ArrayRecord],
+    ) -> None:
+        return None  # each client keeps its own upload

@@ -229,11 +229,9 @@ def test_fellrec_delta_w_compares_other_tensors_by_their_change_since_the_start(
     assert self_rows == pytest.approx({i: weights[i, i] for i in range(n)})
     assert min(self_rows.values()) > 0.45  # engaged; with the raw table every cosine is ~1 and W_ii ~ 1/3
     with pytest.raises(ValueError, match="pass `initial`"):
-        layout = FlatLayout.of(init)
-        stacked = layout.stack([init] * n)
         from strategies.fellrec import round_balance
 
-        round_balance(FellRecSettings(similarity_basis="delta-w"), layout, stacked, np.ones(n), 0)
+        round_balance(FellRecSettings(similarity_basis="delta-w"), FlatLayout.of(init), [init] * n, np.ones(n), 0)
 
 
 def test_fellrec_normalised_heating_loss_uses_first_round_loss_and_survives_resume():
@@ -280,10 +278,9 @@ def test_layout_mix_equals_weighted_rows_for_any_block_size():
     records = [ArrayRecord({k: Array(rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items()})
                for _ in range(3)]
     layout = FlatLayout.of(records[0])
-    stacked = layout.stack(records)
     weights = rng.random((4, 3))
     for block in (1, 7, 18, 10_000):
-        mixed = layout.mix(weights, stacked, block_columns=block)
+        mixed = layout.mix(weights, records, block_columns=block)
         assert len(mixed) == 4
         for i, record in enumerate(mixed):
             for key in SHAPES:
