@@ -91,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--curve: first train the client's LoRA (its held layers) this many epochs on the prepared "
                         "train split (--data demo prepares the demo with the config defaults; or --data prepared)")
     p.add_argument("--noise-clip", type=float, default=1.0, help="--curve: split.noise-clip")
+    p.add_argument("--nopeek-alphas", type=_floats, default=(),
+                   help="--curve: the nopeek line (split.defence=nopeek at --curve-front-k), e.g. 0.5,2,8")
+    p.add_argument("--append", action="store_true",
+                   help="--curve: merge this run's rows into the curve.csv already under --out (rows of the same "
+                        "defence and strength are replaced; the strength-0 recall must be the same)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and BLAS (0 = their default); "
                                                           "1 is much faster on a crowded machine")
     p.add_argument("--work-dir", default=os.environ.get("FELLREC_CACHE", str(Path.home() / ".cache" / "fellrec-flwr")),
@@ -156,9 +161,14 @@ def _curve(args: argparse.Namespace, argv: list[str] | None, settings: AuditSett
     from fellrec_flwr.audit.curve import CurveSettings, run_curve
     from fellrec_flwr.audit.report import write_curve
 
-    sigmas = tuple(s for s in args.noise_sigmas if s > 0) or CurveSettings.noise_sigmas
+    sigmas = tuple(s for s in args.noise_sigmas if s > 0)
+    if not sigmas and not args.nopeek_alphas:
+        sigmas = CurveSettings.noise_sigmas
     curve = CurveSettings(front_k=args.curve_front_k, back_k=args.curve_back_k, noise_sigmas=sigmas,
-                          noise_clip=args.noise_clip, deeper_front_ks=args.curve_deeper_cuts)
+                          noise_clip=args.noise_clip, deeper_front_ks=args.curve_deeper_cuts,
+                          nopeek_alphas=tuple(a for a in args.nopeek_alphas if a > 0))
+    if args.append and not (Path(args.out) / "curve.csv").is_file():
+        raise AuditError(f"--append: no curve.csv under {args.out} to add to; run without --append first.")
     with torch.random.fork_rng(), cpu_threads(args.threads):
         df, detail = run_curve(model, tokenizer, titles, examples, args.data, settings, curve,
                                train_examples=train, finetune_epochs=args.finetune_epochs)
@@ -166,6 +176,10 @@ def _curve(args: argparse.Namespace, argv: list[str] | None, settings: AuditSett
               "data": args.data, "finetune_epochs": args.finetune_epochs, "eval_users": len(examples), "num_layers": int(model.config.num_hidden_layers),
               "seconds": round(time.time() - started, 1), "threads": args.threads or torch.get_num_threads()}
     command = "python -m fellrec_flwr.audit " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.append:
+        from fellrec_flwr.audit.report import merge_curve
+
+        df, detail, record, command = merge_curve(args.out, df, detail, record, command)
     paths = write_curve(args.out, df, detail, record, command, f"{Path(args.model).name} on {args.data}")
     print(markdown_table(df, list(df.columns), digits=3))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
