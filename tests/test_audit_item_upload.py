@@ -66,3 +66,13 @@ def test_a_one_user_clients_history_is_read_from_its_upload():
     got = attack_rows(sent, id_table(get_lora_state(model)), history)
     assert got["rows_moved"] == 1.0  # every row moved: "which rows changed" alone says nothing
     assert got["precision_at_n"] >= 5 / 6 and got["auc"] > 0.95  # but their sizes name the history
+
+
+def test_norm_small_reads_a_client_that_touched_most_of_the_catalogue():
+    sent = np.zeros((5, 2))
+    uploaded = sent + np.array([2.0, 0.0])  # never-seen items: pushed the same way every step
+    uploaded[[0, 1, 2]] = np.array([[0.1, 0.0], [0.0, 0.2], [0.1, 0.1]])  # the client's items: steps cancel
+    assert attack_rows(sent, uploaded, [0, 1, 2], score="norm-small")["precision_at_n"] == 1.0
+    assert attack_rows(sent, uploaded, [0, 1, 2], score="norm")["auc"] == 0.0  # the naive score, exactly wrong
+    with pytest.raises(ValueError, match="norm-small"):
+        attack_rows(sent, uploaded, [0], score="max")

@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--noise-clip", type=float, default=1.0, help="--curve: split.noise-clip")
     p.add_argument("--nopeek-alphas", type=_floats, default=(),
                    help="--curve: the nopeek line (split.defence=nopeek at --curve-front-k), e.g. 0.5,2,8")
+    p.add_argument("--dataset-label", default="", help="--curve: the dataset column of curve.csv (default: --data; "
+                                                        "e.g. games for a prepared Games folder)")
     p.add_argument("--append", action="store_true",
                    help="--curve: merge this run's rows into the curve.csv already under --out (rows of the same "
                         "defence and strength are replaced; the strength-0 recall must be the same)")
@@ -180,7 +182,7 @@ def _curve(args: argparse.Namespace, argv: list[str] | None, settings: AuditSett
     if args.append and not (Path(args.out) / "curve.csv").is_file():
         raise AuditError(f"--append: no curve.csv under {args.out} to add to; run without --append first.")
     with torch.random.fork_rng(), cpu_threads(args.threads):
-        df, detail = run_curve(model, tokenizer, titles, examples, args.data, settings, curve,
+        df, detail = run_curve(model, tokenizer, titles, examples, args.dataset_label or args.data, settings, curve,
                                train_examples=train, finetune_epochs=args.finetune_epochs)
     record = {**asdict(settings), **{f"curve_{k}": v for k, v in asdict(curve).items()}, "model": args.model,
               "data": args.data, "finetune_epochs": args.finetune_epochs, "eval_users": len(examples), "num_layers": int(model.config.num_hidden_layers),

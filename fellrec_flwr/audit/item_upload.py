@@ -15,8 +15,14 @@ adds nothing), and AdamW's per-coordinate normalisation makes the rows' update *
 the items that are never the client's targets or inputs all get the same kind of gradient, so they
 all move the same way; the client's items move differently. The attack scores each row by its
 distance from the coordinate-wise median update, s_i = || u_i - median_j u_j ||, and reads the rows
-with the largest scores as the client's item set (`attack_rows`; ``score='norm'`` ranks by ||u_i||,
-the naive attack, for comparison).
+with the largest scores as the client's item set (`attack_rows`). That works while the client's items
+are a minority of the catalogue (the median row is then a non-item's). A client whose users touched
+most of the catalogue turns it round: there the items are the rows whose updates are *smallest*
+(their gradients change sign between steps, pulled up as targets and pushed down otherwise, and
+AdamW's steps cancel, while a never-seen item is pushed the same way every step). So three scores are
+reported: ``median``, ``norm`` (largest ||u_i||, the naive attack) and ``norm-small`` (smallest
+||u_i||). The server can tell which one applies by simulating a client itself (it has the model, the
+initial state and the training code); an AUC far from 0.5 in either direction is leakage.
 
 Scores per client (`attack_rows`): with S = the title groups in the client's training sequences,
 `precision@|S|` (= recall@|S|: the share of the |S| largest updates that are the client's items),
@@ -35,6 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+SCORES = ("median", "norm", "norm-small")
 ID_TABLE = "id_emb"  # the state key fragment of the item-id table (model/item_head.py)
 
 
@@ -51,7 +58,8 @@ def attack_rows(sent: np.ndarray, uploaded: np.ndarray, items: Sequence[int], sc
     """The server's guess of a client's item set from the rows of its id-table update (see module doc).
 
     ``sent`` / ``uploaded``: (G, d) tables; ``items``: the client's true title groups; ``score``:
-    'median' (distance from the median row update) or 'norm' (size of the row update)."""
+    'median' (distance from the median row update), 'norm' (size of the row update, largest first) or
+    'norm-small' (smallest first)."""
     if sent.shape != uploaded.shape:
         raise ValueError(f"sent {sent.shape} and uploaded {uploaded.shape} id tables differ in shape.")
     truth = np.zeros(len(sent), dtype=bool)
@@ -65,8 +73,10 @@ def attack_rows(sent: np.ndarray, uploaded: np.ndarray, items: Sequence[int], sc
         update = np.linalg.norm(delta - np.median(delta, axis=0), axis=1)
     elif score == "norm":
         update = np.linalg.norm(delta, axis=1)
+    elif score == "norm-small":
+        update = -np.linalg.norm(delta, axis=1)
     else:
-        raise ValueError(f"score={score!r} is not 'median' or 'norm'.")
+        raise ValueError(f"score={score!r} is not 'median', 'norm' or 'norm-small'.")
     order = np.argsort(-update, kind="stable")
     top = truth[order[:n]]
     # AUC by ranks (ties count half): P(update of an item row > update of a non-item row)
@@ -78,7 +88,7 @@ def attack_rows(sent: np.ndarray, uploaded: np.ndarray, items: Sequence[int], sc
 
 def _scored(client: str, users: int, sent: np.ndarray, uploaded: np.ndarray, items: Sequence[int]) -> list[dict]:
     return [{"client": client, "users": users, "score": s, **attack_rows(sent, uploaded, items, s)}
-            for s in ("median", "norm")]
+            for s in SCORES]
 
 
 @dataclass(frozen=True)
