@@ -191,7 +191,12 @@ def _curve(args: argparse.Namespace, argv: list[str] | None, settings: AuditSett
     if args.append:
         from fellrec_flwr.audit.report import merge_curve
 
-        df, detail, record, command = merge_curve(args.out, df, detail, record, command)
+        try:
+            df, detail, record, command = merge_curve(args.out, df, detail, record, command)
+        except AuditError:  # keep what was computed: the run's own curve, beside the one it could not join
+            write_curve(Path(args.out) / "append-rejected", df, detail, record, command,
+                        f"{Path(args.model).name} on {args.data}")
+            raise
     paths = write_curve(args.out, df, detail, record, command, f"{Path(args.model).name} on {args.data}")
     print(markdown_table(df, list(df.columns), digits=3))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
