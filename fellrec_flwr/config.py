@@ -30,7 +30,7 @@ DECODINGS = ("beam-l2", "constrained")
 HEADS = ("generative", "retrieval", "item")
 RETRIEVAL_POOLINGS = ("mean", "last")
 PERSONAL_STATES = ("memory", "disk")  # where the server keeps per-client adapters (strategies/store.py)
-WIRE_DEFENCES = ("none", "noise")  # split.defence (fellrec_flwr/split/defence.py)
+WIRE_DEFENCES = ("none", "noise", "nopeek")  # split.defence (fellrec_flwr/split/defence.py, split/nopeek.py)
 
 
 # Run-config keys that name files or folders. Flower's apps run in the SuperLink's working folder,
@@ -246,6 +246,9 @@ class SplitSettings:
     defence: str = "none"
     noise_sigma: float = 0.0  # 0 = the split without a defence, bit for bit
     noise_clip: float = 1.0
+    # nopeek: add nopeek-alpha x distance correlation(token embeddings, activations sent at the front cut)
+    # to the client's training loss (fellrec_flwr/split/nopeek.py); 0 = the training without it, bit for bit
+    nopeek_alpha: float = 0.0
 
 
 @dataclass
@@ -339,6 +342,12 @@ class FellRecConfig:
         if not (math.isfinite(self.split.noise_clip) and self.split.noise_clip > 0):
             raise ConfigError(f"split.noise-clip={self.split.noise_clip} must be > 0 (the per-position clip bound "
                               "as a multiple of the median position norm; 1 = the median).")
+        if not (math.isfinite(self.split.nopeek_alpha) and self.split.nopeek_alpha >= 0):
+            raise ConfigError(f"split.nopeek-alpha={self.split.nopeek_alpha} must be a finite number >= 0 "
+                              "(0 = no NoPeek term in the client's loss).")
+        if self.split.nopeek_alpha > 0 and self.split.defence != "nopeek":
+            raise ConfigError(f"split.nopeek-alpha={self.split.nopeek_alpha} has no effect with "
+                              f"split.defence={self.split.defence!r}; set split.defence='nopeek'.")
         if self.split.noise_sigma > 0 and self.split.defence != "noise":
             raise ConfigError(f"split.noise-sigma={self.split.noise_sigma} has no effect with "
                               f"split.defence={self.split.defence!r}; set split.defence='noise'.")

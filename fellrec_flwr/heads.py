@@ -51,8 +51,10 @@ def train_head(cfg: FellRecConfig, rt: Any, client: int | None, seed: int, proxi
                                proximal_mu=proximal_mu, lr_scale=lr_scale)
     from fellrec_flwr.train.trainer import train_local
 
+    nopeek = getattr(rt, "nopeek", None)  # split.defence='nopeek' (fellrec_flwr/split/nopeek.py)
     return train_local(rt.model, rt.tokenizer, examples, rt.data.titles, cfg.train, seed=seed,
-                       proximal_mu=proximal_mu, lr_scale=lr_scale)
+                       proximal_mu=proximal_mu, lr_scale=lr_scale,
+                       penalty=nopeek.take if nopeek is not None and nopeek.active else None)
 
 
 def evaluate_head(cfg: FellRecConfig, rt: Any, examples: Sequence[Any]) -> tuple[float, dict[str, float],

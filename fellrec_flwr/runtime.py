@@ -44,6 +44,7 @@ class Runtime:
     tokenizer: Any
     initial_lora: dict[str, Any]  # the seeded LoRA init, before any training touched `model`
     _catalogue: Any = field(default=None, repr=False)
+    nopeek: Any = None  # split.defence='nopeek': the hooked `split.nopeek.NoPeek` whose term training adds
     _groups: Any = field(default=None, repr=False)
 
     @property

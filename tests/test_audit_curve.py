@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -125,3 +126,30 @@ def test_defended_at_noises_the_back_cut_gradient_in_training(demo):
     noisy, _ = grads(WireDefence("noise", 1.0, 1.0, seed=2))
     assert torch.equal(clean, zero)
     assert not torch.allclose(clean, noisy)  # the client's layers learned from the noisy returned gradient
+
+
+def test_nopeek_line_trains_with_the_term_and_is_attacked_through_the_client_model(demo, tmp_path):
+    titles, examples, model, tok = demo
+    train = [SimpleNamespace(history=list(h), target=t) for _, h, t in examples]
+    curve = CurveSettings(noise_sigmas=(), deeper_front_ks=(), nopeek_alphas=(50.0,), replicates=200)
+    df, detail = run_curve(model, tok, titles, examples, "demo", SMALL, curve, train_examples=train, finetune_epochs=1)
+    assert df[["defence", "strength"]].values.tolist() == [["none", 0.0], ["nopeek", 50.0]]
+    # both attackers on both channels, for the fine-tuned clients
+    assert len(detail) == 8 and set(detail["attacker"]) == {"base model", "client model"}
+    nopeek = detail[detail["defence"] == "nopeek"]
+    none = detail[detail["defence"] == "none"]
+    # a client trained with the term sends something else than one trained without it
+    assert not np.allclose(nopeek["token_acc"].values, none["token_acc"].values)
+    assert df.iloc[1]["recovery_top1"] == pytest.approx(
+        nopeek["history_item_recall"].max())  # the row is the best of channels and attackers
+
+    # --append merges rows into an existing curve, keeping the shared baseline
+    from fellrec_flwr.audit.report import merge_curve, write_curve
+
+    first = df.iloc[:1]
+    write_curve(tmp_path, first, detail[detail["defence"] == "none"].drop(columns="attacker"), {"seed": 0}, "one", "t")
+    merged, merged_detail, record, command = merge_curve(tmp_path, df, detail, {"seed": 1}, "two")
+    assert merged[["defence", "strength"]].values.tolist() == [["none", 0.0], ["nopeek", 50.0]]
+    assert len(merged_detail) == 8 and record["runs"] == [{"seed": 0}, {"seed": 1}] and command == "one ; two"
+    with pytest.raises(AuditError, match="strength-0 recall@10"):
+        merge_curve(tmp_path, df.assign(**{"recall@10": df["recall@10"] + 0.5}), detail, {}, "three")

@@ -189,3 +189,30 @@ def test_orthogonal_mixing_does_not_commute_with_a_server_layer(full):
     update, mixed_update = out - x, mixed - x @ q.T
     rel = float((mixed_update - update @ q.T).norm() / update.norm())
     assert rel > 0.5, rel
+
+
+def test_nopeek_on_a_split_client_sees_what_is_sent_and_trains_its_front_layer(full, tok):
+    """split.defence=nopeek hooks the split client itself (its layer front_k is the RemoteBody): the term
+    equals the unsplit model's, and its gradient reaches the client's front layer and nothing after the cut."""
+    from fellrec_flwr.split.nopeek import NoPeek
+
+    plan = plan_for_model(full, 1, 1)
+    handle = start_service(full, SECRET, 1, 1)
+    try:
+        batch = tok(TEXTS, return_tensors="pt", padding=True)
+        terms, grads = [], []
+        for model in (copy.deepcopy(full), make_split_model(copy.deepcopy(full), plan, _client(handle))):
+            nopeek = NoPeek(2.0, seed=0).attach(model, front_k=1)
+            model.train()
+            model.zero_grad()
+            model(**batch, use_cache=False)
+            term = nopeek.take()
+            term.backward()
+            terms.append(float(term.detach()))
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        assert terms[0] == pytest.approx(terms[1], rel=1e-5) and terms[0] > 0
+        split_grads = grads[1]
+        assert any(".layers.0." in n and float(g.abs().sum()) > 0 for n, g in split_grads.items())
+        assert not any(".layers.3." in n and float(g.abs().sum()) > 0 for n, g in split_grads.items())
+    finally:
+        handle.stop()

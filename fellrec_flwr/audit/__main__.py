@@ -3,6 +3,8 @@
 Writes audit.csv (one row per cut, direction and observed kind), audit.png, report.md and
 settings.json under --out. With ``--curve`` it writes the wire defences' privacy-quality curve
 instead (curve.csv, curve-detail.csv, curve.png, report.md, settings.json; see audit/curve.py).
+With ``--item-uploads`` it audits what the item-token head's clients upload (item-uploads.csv,
+report.md, settings.json; see audit/item_upload.py).
 Same arguments and seed -> the same numbers.
 """
 
@@ -91,6 +93,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--curve: first train the client's LoRA (its held layers) this many epochs on the prepared "
                         "train split (--data demo prepares the demo with the config defaults; or --data prepared)")
     p.add_argument("--noise-clip", type=float, default=1.0, help="--curve: split.noise-clip")
+    p.add_argument("--nopeek-alphas", type=_floats, default=(),
+                   help="--curve: the nopeek line (split.defence=nopeek at --curve-front-k), e.g. 0.5,2,8")
+    p.add_argument("--dataset-label", default="", help="--curve: the dataset column of curve.csv (default: --data; "
+                                                        "e.g. games for a prepared Games folder)")
+    p.add_argument("--append", action="store_true",
+                   help="--curve: merge this run's rows into the curve.csv already under --out (rows of the same "
+                        "defence and strength are replaced; the strength-0 recall must be the same)")
+    p.add_argument("--item-uploads", action="store_true",
+                   help="audit the item head's uploads (model.head=item on --data demo with --model): which items "
+                        "a client's id-table update names")
+    p.add_argument("--single-users", type=int, default=20, help="--item-uploads: users audited as one-user clients")
+    p.add_argument("--local-epochs", type=int, default=0,
+                   help="--item-uploads: train.local-epochs of each client's training call (0 = the config's)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and BLAS (0 = their default); "
                                                           "1 is much faster on a crowded machine")
     p.add_argument("--work-dir", default=os.environ.get("FELLREC_CACHE", str(Path.home() / ".cache" / "fellrec-flwr")),
@@ -103,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fellrec_flwr.model.loading import load_base_model
 
+    if args.item_uploads:
+        return _item_uploads(args, argv)
     try:
         directions = tuple(d.strip() for d in args.direction.split(",") if d.strip())
         back = args.back_cuts if args.back_cuts is not None else tuple(k for k in args.cuts if k > 0)
@@ -156,19 +173,74 @@ def _curve(args: argparse.Namespace, argv: list[str] | None, settings: AuditSett
     from fellrec_flwr.audit.curve import CurveSettings, run_curve
     from fellrec_flwr.audit.report import write_curve
 
-    sigmas = tuple(s for s in args.noise_sigmas if s > 0) or CurveSettings.noise_sigmas
+    sigmas = tuple(s for s in args.noise_sigmas if s > 0)
+    if not sigmas and not args.nopeek_alphas:
+        sigmas = CurveSettings.noise_sigmas
     curve = CurveSettings(front_k=args.curve_front_k, back_k=args.curve_back_k, noise_sigmas=sigmas,
-                          noise_clip=args.noise_clip, deeper_front_ks=args.curve_deeper_cuts)
+                          noise_clip=args.noise_clip, deeper_front_ks=args.curve_deeper_cuts,
+                          nopeek_alphas=tuple(a for a in args.nopeek_alphas if a > 0))
+    if args.append and not (Path(args.out) / "curve.csv").is_file():
+        raise AuditError(f"--append: no curve.csv under {args.out} to add to; run without --append first.")
     with torch.random.fork_rng(), cpu_threads(args.threads):
-        df, detail = run_curve(model, tokenizer, titles, examples, args.data, settings, curve,
+        df, detail = run_curve(model, tokenizer, titles, examples, args.dataset_label or args.data, settings, curve,
                                train_examples=train, finetune_epochs=args.finetune_epochs)
     record = {**asdict(settings), **{f"curve_{k}": v for k, v in asdict(curve).items()}, "model": args.model,
               "data": args.data, "finetune_epochs": args.finetune_epochs, "eval_users": len(examples), "num_layers": int(model.config.num_hidden_layers),
               "seconds": round(time.time() - started, 1), "threads": args.threads or torch.get_num_threads()}
     command = "python -m fellrec_flwr.audit " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.append:
+        from fellrec_flwr.audit.report import merge_curve
+
+        try:
+            df, detail, record, command = merge_curve(args.out, df, detail, record, command)
+        except AuditError:  # keep what was computed: the run's own curve, beside the one it could not join
+            write_curve(Path(args.out) / "append-rejected", df, detail, record, command,
+                        f"{Path(args.model).name} on {args.data}")
+            raise
     paths = write_curve(args.out, df, detail, record, command, f"{Path(args.model).name} on {args.data}")
     print(markdown_table(df, list(df.columns), digits=3))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _item_uploads(args: argparse.Namespace, argv: list[str] | None) -> int:
+    import json
+
+    from fellrec_flwr.atomic import atomic_write_text
+    from fellrec_flwr.audit.item_upload import UploadAuditSettings, audit_item_uploads
+    from fellrec_flwr.config import from_run_config
+
+    if args.data != "demo":
+        print("error: --item-uploads runs on --data demo (the config's demo data set and clients).", file=sys.stderr)
+        return 2
+    overrides = {"model.head": "item", "model.name": args.model}
+    if args.local_epochs > 0:
+        overrides["train.local-epochs"] = args.local_epochs
+    cfg = from_run_config(overrides)
+    started = time.time()
+    with torch.random.fork_rng(), cpu_threads(args.threads):
+        df = audit_item_uploads(cfg, UploadAuditSettings(single_users=args.single_users, seed=args.seed))
+    summary = df.groupby(["score", df["users"] == 1]).agg(
+        clients=("client", "size"), items=("items", "mean"), precision_at_n=("precision_at_n", "mean"),
+        recall_at_2n=("recall_at_2n", "mean"), auc=("auc", "mean"), rows_moved=("rows_moved", "mean")).reset_index()
+    summary = summary.rename(columns={"users": "one_user_clients"})
+    record = {"model": args.model, "data": args.data, "single_users": args.single_users, "seed": args.seed,
+              "local_epochs": cfg.train.local_epochs, "weight_decay": cfg.train.weight_decay,
+              "item_head": vars(cfg.item_head) if hasattr(cfg.item_head, "__dict__") else str(cfg.item_head),
+              "num_clients": cfg.data.num_clients, "seconds": round(time.time() - started, 1),
+              "threads": args.threads or torch.get_num_threads()}
+    command = "python -m fellrec_flwr.audit " + shlex.join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    atomic_write_text(out / "item-uploads.csv", df.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out / "settings.json", json.dumps(record, indent=2, default=str) + "\n")
+    table = markdown_table(summary, list(summary.columns))
+    atomic_write_text(out / "report.md", "\n".join([
+        "# What the item head's uploads reveal: the id-table rows", "", f"Command: `{command}`", "",
+        "Per client, the server ranks the rows of the id-table update and reads the top |S| as the client's "
+        "items (S = the title groups in its training sequences); see docs/privacy_audit.md.", "",
+        table, "", "Per client:", "", markdown_table(df, list(df.columns)), ""]))
+    print(table)
+    print(f"wrote {out / 'item-uploads.csv'}, {out / 'report.md'}, {out / 'settings.json'}")
     return 0
 
 

@@ -8,13 +8,19 @@ Settings (``strength`` 0 = no defence, the shared starting point of every line):
   :mod:`fellrec_flwr.split.defence`, the very function the split client runs). It acts on both
   things the client sends: the front-cut activations and the back-cut gradients.
 - ``front-k``: a deeper front cut, strength = extra client layers (`split.front-k` - 1).
+- ``nopeek``: `split.defence = nopeek`, strength = `split.nopeek-alpha`: the client trains its LoRA with
+  alpha x dCor(token embeddings, front-cut activations) added to its loss (:mod:`fellrec_flwr.split.nopeek`);
+  what it sends is then not changed further.
 
 What the server sees, per setting, are two channels: the front-cut activation (hidden state
 ``front_k``) and, in training, the gradient at the back cut (hidden state ``L - back_k``).
 The inverter (:mod:`fellrec_flwr.audit.inverter`) is trained as the attacker would: on its own
 synthetic prompts through the public model, with the same defence and parameters applied by
-its own random stream (it knows sigma and the clip rule, not the client's noise). ``recovery_*``
-is the larger of the two channels' history-item recovery (the server has both).
+its own random stream (it knows sigma and the clip rule, not the client's noise). A second attacker
+fits its inverter on its prompts through the **client's trained model** (in federated training the
+server aggregates the clients' LoRA, so it may hold it): that is how a NoPeek client is attacked by
+someone who knows the defence and alpha, and it is run for every setting. ``recovery_*`` is the
+largest history-item recovery over the two channels and the two attackers (the server has all).
 
 Quality: Recall@10 of the model on the same users with the defence really applied in inference
 (hooks on the layer at the cut reproduce what `split.client.RemoteBody` sends; the clip's median
@@ -45,10 +51,11 @@ from fellrec_flwr.config import EvalSettings
 from fellrec_flwr.progress import tqdm
 from fellrec_flwr.seeding import derive_seed
 from fellrec_flwr.split.defence import DefenceError, WireDefence, check_noise_settings, clip_and_noise
+from fellrec_flwr.split.nopeek import NoPeek, NoPeekError, check_alpha
 
 CURVE_COLUMNS = ["dataset", "defence", "strength", "recovery_top1", "recovery_top5", "recall@10", "recall_ci_low",
                  "recall_ci_high", "n_users"]
-DETAIL_COLUMNS = ["defence", "strength", "channel", "hidden_index", "token_acc", "history_item_recall",
+DETAIL_COLUMNS = ["defence", "strength", "channel", "attacker", "hidden_index", "token_acc", "history_item_recall",
                   "history_item_recall_top5", "target_item_recall", "ridge_alpha", "n_eval"]
 RECALL_K = 10
 
@@ -60,6 +67,7 @@ class CurveSettings:
     noise_sigmas: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
     noise_clip: float = 1.0
     deeper_front_ks: tuple[int, ...] = (2,)  # the front-k line: these cuts instead of front_k
+    nopeek_alphas: tuple[float, ...] = ()  # the nopeek line (split.nopeek-alpha), at front_k
     replicates: int = 2000  # paired bootstrap
 
     def validate(self, num_layers: int) -> "CurveSettings":
@@ -72,7 +80,9 @@ class CurveSettings:
         try:
             for sigma in self.noise_sigmas:
                 check_noise_settings(sigma, self.noise_clip)
-        except DefenceError as err:
+            for alpha in self.nopeek_alphas:
+                check_alpha(alpha)
+        except (DefenceError, NoPeekError) as err:
             raise AuditError(str(err)) from None
         if self.replicates < 100:
             raise AuditError(f"replicates={self.replicates}: a bootstrap interval needs at least 100.")
@@ -140,9 +150,10 @@ def user_hits(model, tokenizer, titles: Mapping[int, str], examples: Sequence[tu
 
 
 def finetune_lora(model, tokenizer, titles: Mapping[int, str], train_examples: Sequence, epochs: int, front_k: int,
-                  back_k: int, seed: int):
+                  back_k: int, seed: int, nopeek_alpha: float = 0.0):
     """The model a split client would have trained: LoRA (the config's defaults) on its held layers only,
-    `epochs` passes over ``train_examples`` (objects with history and target). Returns the PeftModel."""
+    `epochs` passes over ``train_examples`` (objects with history and target), with NoPeek's term in its
+    loss when ``nopeek_alpha`` > 0 (as `heads.train_head` adds it). Returns the PeftModel."""
     from dataclasses import replace
 
     from fellrec_flwr.config import LoraSettings, TrainSettings
@@ -153,8 +164,10 @@ def finetune_lora(model, tokenizer, titles: Mapping[int, str], train_examples: S
 
     plan = plan_for_model(model, front_k, back_k)
     peft = add_lora(model, client_lora_settings(LoraSettings(), plan), derive_seed(seed, "lora"))
+    nopeek = NoPeek(nopeek_alpha, derive_seed(seed, "nopeek")).attach(peft, front_k)
     train_local(peft, tokenizer, list(train_examples), titles, replace(TrainSettings(), local_epochs=epochs),
-                derive_seed(seed, "finetune"), progress=False)
+                derive_seed(seed, "finetune"), progress=False, penalty=nopeek.take if nopeek.active else None)
+    nopeek.detach()
     return peft.eval()
 
 
@@ -207,46 +220,52 @@ def run_curve(model: torch.nn.Module, tokenizer, titles: Mapping[int, str],
     from fellrec_flwr.eval.grounding import Catalogue
 
     catalogue = Catalogue.build(model, tokenizer, titles, cache_dir=None, progress=False)
-    clients: dict[float, tuple[torch.nn.Module, object]] = {}  # noise sigma (0 = none) -> (model, observations)
+    # (noise sigma, nopeek alpha); (0, 0) = none -> (model, victims' observations, attacker's through it)
+    clients: dict[tuple[float, float], tuple[torch.nn.Module, object, object]] = {}
 
-    def client(sigma: float, wire: WireDefence) -> tuple[torch.nn.Module, object]:
-        if sigma not in clients:
+    def client(sigma: float, alpha: float, wire: WireDefence) -> tuple[torch.nn.Module, object, object]:
+        if (sigma, alpha) not in clients:
             trained = model
             if finetune_epochs > 0:
                 trained = copy.deepcopy(model)
                 with defended_at(trained, curve.front_k, wire, grad_layer=grad_j):
                     trained = finetune_lora(trained, tokenizer, titles, train_examples, finetune_epochs,
-                                            curve.front_k, curve.back_k, audit.seed)
+                                            curve.front_k, curve.back_k, audit.seed, nopeek_alpha=alpha)
             # observed clean; the server's view is the client's defence applied to it (below)
             observed = observe(trained, victims, desc="real users", **args)
-            clients[sigma] = (trained, observed)
-        return clients[sigma]
+            through = observe(trained, attacker, desc="attacker prompts, client model", **args) \
+                if trained is not model else train_obs
+            clients[(sigma, alpha)] = (trained, observed, through)
+        return clients[(sigma, alpha)]
 
     settings = [("none", 0.0)] + [("noise", float(s)) for s in curve.noise_sigmas if s > 0] + \
-               [("front-k", float(k - curve.front_k)) for k in curve.deeper_front_ks]
+               [("front-k", float(k - curve.front_k)) for k in curve.deeper_front_ks] + \
+               [("nopeek", float(a)) for a in curve.nopeek_alphas if a > 0]
     detail, rows, base = [], [], None
     for defence, strength in tqdm(settings, desc="defence settings", unit="setting"):
         sigma = strength if defence == "noise" else 0.0
+        alpha = strength if defence == "nopeek" else 0.0
         wire = WireDefence("noise" if sigma else "none", sigma, curve.noise_clip,
                            derive_seed(audit.seed, "client", sigma))
-        trained, eval_obs = client(sigma, wire)
+        trained, eval_obs, client_obs = client(sigma, alpha, wire)
         front_j = curve.front_k + int(strength) if defence == "front-k" else curve.front_k
         mine = []
-        for channel, j, train_o, eval_o in (("front activation", front_j, train_obs.activations[front_j],
-                                             eval_obs.activations[front_j]),
-                                            ("back gradient", grad_j, train_obs.gradients[grad_j],
-                                             eval_obs.gradients[grad_j])):
-            defend_train = defend_eval = None
-            if sigma:  # the attacker knows sigma and the clip rule, not the client's noise
-                defend_train = _noise(sigma, curve.noise_clip, derive_seed(audit.seed, "attacker", sigma, j))
-                defend_eval = _noise(sigma, curve.noise_clip, derive_seed(audit.seed, "client", sigma, j))
-            scores = _attack(train_o, eval_o, train_t, eval_t, embeddings, candidates, audit, tokenizer, matcher,
-                             defend_train=defend_train, defend_eval=defend_eval)
-            mine.append(scores)
-            detail.append({"defence": defence, "strength": strength, "channel": channel, "hidden_index": j,
-                           **scores, "n_eval": len(victims)})
+        for channel, j, kind in (("front activation", front_j, "activations"), ("back gradient", grad_j, "gradients")):
+            eval_o = getattr(eval_obs, kind)[j]
+            for who, seen in (("base model", train_obs), ("client model", client_obs)):
+                if who == "client model" and client_obs is train_obs:
+                    continue  # no fine-tune: the client's model is the base model
+                defend_train = defend_eval = None
+                if sigma:  # the attacker knows sigma and the clip rule, not the client's noise
+                    defend_train = _noise(sigma, curve.noise_clip, derive_seed(audit.seed, "attacker", sigma, j))
+                    defend_eval = _noise(sigma, curve.noise_clip, derive_seed(audit.seed, "client", sigma, j))
+                scores = _attack(getattr(seen, kind)[j], eval_o, train_t, eval_t, embeddings, candidates, audit,
+                                 tokenizer, matcher, defend_train=defend_train, defend_eval=defend_eval)
+                mine.append(scores)
+                detail.append({"defence": defence, "strength": strength, "channel": channel, "attacker": who,
+                               "hidden_index": j, **scores, "n_eval": len(victims)})
         # a deeper cut changes where layers run, not what they compute: its recall is strength 0's
-        if base is None or sigma:
+        if base is None or sigma or alpha:
             with defended_at(trained, curve.front_k, wire):
                 hits = user_hits(trained, tokenizer, titles, examples, eval_cfg, catalogue)
         else:

@@ -136,6 +136,54 @@ def plot_curve(df: pd.DataFrame, title: str = "") -> bytes:
     return buf.getvalue()
 
 
+DEFENCE_ORDER = ("none", "noise", "front-k", "nopeek")
+
+
+def merge_curve(out_dir: str | Path, df: pd.DataFrame, detail: pd.DataFrame, settings: Mapping[str, Any],
+                command: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], str]:
+    """This run's rows merged into the curve already under ``out_dir`` (same defence and strength:
+    this run's row wins). The recall CIs are paired against strength 0, so both runs must have
+    measured the same strength-0 recall (same users, same client): otherwise this is an error."""
+    from fellrec_flwr.audit.sequences import AuditError
+
+    out = Path(out_dir)
+    old = pd.read_csv(out / "curve.csv")
+    old_detail = pd.read_csv(out / "curve-detail.csv") if (out / "curve-detail.csv").is_file() else detail.iloc[:0]
+    if "attacker" not in old_detail.columns:  # written before the client-model attacker existed
+        old_detail = old_detail.assign(attacker="base model")
+    dataset = str(df["dataset"].iloc[0])
+    same = old[(old["dataset"].astype(str) == dataset) & (old["strength"] == 0)]
+    mine, theirs = df[df["strength"] == 0].iloc[0], (same.iloc[0] if len(same) else df[df["strength"] == 0].iloc[0])
+    if abs(float(mine["recall@10"]) - float(theirs["recall@10"])) > 1e-9 or int(mine["n_users"]) != int(theirs["n_users"]):
+        raise AuditError(f"--append: this run's strength-0 recall@10 {mine['recall@10']} on {mine['n_users']} users "
+                         f"differs from the existing {theirs['recall@10']} on {theirs['n_users']}: the paired "
+                         "intervals would not share a baseline; rerun every line in one run.")
+    def keys(frame: pd.DataFrame, data: str | None = None) -> list[tuple[str, str, float]]:
+        names = frame["dataset"].astype(str) if data is None else [data] * len(frame)
+        return [(n, str(d), float(s)) for n, d, s in zip(names, frame["defence"], frame["strength"])]
+
+    new_keys = set(keys(df))
+    kept = old[[k not in new_keys for k in keys(old)]]
+    merged = pd.concat([kept, df], ignore_index=True)
+    # curve-detail.csv has no dataset column: its rows are the dataset of the run that wrote them
+    old_data = str(old["dataset"].iloc[0]) if len(old) and old["dataset"].nunique() == 1 else dataset
+    kept_d = old_detail[[k not in new_keys for k in keys(old_detail, old_data)]]
+    merged_detail = pd.concat([kept_d, detail], ignore_index=True)
+
+    def ordered(frame: pd.DataFrame) -> pd.DataFrame:
+        rank = frame["defence"].map({d: i for i, d in enumerate(DEFENCE_ORDER)}).fillna(len(DEFENCE_ORDER))
+        by = ["dataset", "_r", "strength"] if "dataset" in frame.columns else ["_r", "strength"]
+        return frame.assign(_r=rank).sort_values(by, kind="stable").drop(columns="_r") \
+            .reset_index(drop=True)
+
+    earlier = json.loads((out / "settings.json").read_text()) if (out / "settings.json").is_file() else {}
+    runs = earlier.get("runs", [earlier]) if earlier else []
+    old_report = (out / "report.md").read_text() if (out / "report.md").is_file() else ""
+    commands = [line[len("Command: `"):-1] for line in old_report.splitlines() if line.startswith("Command: `")]
+    return (ordered(merged), ordered(merged_detail)[list(detail.columns)], {"runs": [*runs, dict(settings)]},
+            " ; ".join([*commands, command]))
+
+
 def write_curve(out_dir: str | Path, df: pd.DataFrame, detail: pd.DataFrame, settings: Mapping[str, Any],
                 command: str, title: str) -> dict[str, Path]:
     """curve.csv (the issue's columns), curve-detail.csv (per channel), curve.png, report.md, settings.json."""

@@ -62,6 +62,13 @@ def attach_split(rt: Any, cfg: FellRecConfig, node_config: Mapping[str, Any], me
 
     # each client its own noise stream, reproducible from the run's seed
     defence = WireDefence.from_settings(cfg.split, derive_seed(cfg.seed, "split-defence", node.split_key()))
+    if cfg.split.defence == "nopeek":  # a loss term, not a change to what is sent: hooks on the client's model
+        from fellrec_flwr.split.nopeek import NoPeek
+
+        if rt.nopeek is not None:
+            rt.nopeek.detach()
+        seed = derive_seed(cfg.seed, "split-nopeek", node.split_key())
+        rt.nopeek = NoPeek(cfg.split.nopeek_alpha, seed).attach(rt.model, cfg.split.front_k)
     body = next((m for m in rt.model.modules() if isinstance(m, RemoteBody)), None)
     if body is not None:  # one simulation process serves many clients: switch identity
         body.client, body.defence = client, defence

@@ -222,11 +222,14 @@ def train_local(
     lr_scale: float = 1.0,
     progress: bool = True,
     domain: PromptDomain = GAMES,
+    penalty: Callable[[], torch.Tensor | None] | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters (the LoRA of a PeftModel) on `examples`, in place.
 
     `lr_scale` multiplies ``train_cfg.lr`` (FELLRec's optional per-client factor); the
     schedule (warm-up, decay) is :func:`lr_factor` over this call's optimiser steps.
+    `penalty` (e.g. `split.nopeek.NoPeek.take`) returns an extra loss term computed during the last
+    forward, added to the objective (not to the reported loss); see :func:`optimizer_step`.
     """
     _check_factors(proximal_mu, lr_scale)
     if not examples:
@@ -266,7 +269,7 @@ def train_local(
                 for start in range(0, len(batches), train_cfg.grad_accum):
                     group = batches[start:start + train_cfg.grad_accum]
                     loss = optimizer_step(model, optimizer, group, params, anchors, proximal_mu, device,
-                                          loss_fn=forward.loss_sum, scaler=scaler)
+                                          loss_fn=forward.loss_sum, scaler=scaler, penalty=penalty)
                     scheduler.step()
                     if loss is not None:
                         step_losses.append(loss)
@@ -289,6 +292,7 @@ def optimizer_step(
     device: torch.device,
     loss_fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int]] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    penalty: Callable[[], torch.Tensor | None] | None = None,
 ) -> float | None:
     """One optimiser step over a group of micro-batches (collated by TrainCollator).
 
@@ -296,6 +300,8 @@ def optimizer_step(
     `anchors` are the received values of `params`, used only when proximal_mu > 0.
     `loss_fn(batch) -> (loss sum, label count)` defaults to the model's full logits.
     `scaler` (:func:`loss_scaler`) scales the loss for float16 compute.
+    `penalty()` is called after each micro-batch's forward; a term it returns (one per batch, e.g.
+    NoPeek's alpha x dCor) is added to the objective averaged over the group's micro-batches.
     """
     tokens = sum(count_label_tokens(b["labels"]) for b in group)
     if tokens == 0:  # every label masked (possible with train_on_inputs=False and truncation)
@@ -310,7 +316,11 @@ def optimizer_step(
             out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                         use_cache=False)
             loss_sum, _ = token_loss_sum(out.logits, batch["labels"])
-        scaler.scale(loss_sum / tokens).backward()
+        objective = loss_sum / tokens
+        extra = penalty() if penalty is not None else None
+        if extra is not None:
+            objective = objective + extra / len(group)
+        scaler.scale(objective).backward()
         data_loss = data_loss.to(loss_sum.device) + loss_sum.detach().double() / tokens  # no host sync per batch
     if proximal_mu > 0:
         scaler.scale(proximal_term(params, anchors, proximal_mu)).backward()
