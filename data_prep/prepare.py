@@ -128,15 +128,7 @@ def source_fingerprint(settings: DataSettings, content: bool = False) -> list[di
     (recorded once, at preparation: a copy with new modification times is then recognised)."""
     files = readers.source_files(settings.dataset, settings.path, table_columns(settings))
     return [{"role": role, "name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns,
-             **({"sha256": file_sha256(p)} if content else {})} for role, p in sorted(files.items())]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+             **({"sha256": sha256_file(p)} if content else {})} for role, p in sorted(files.items())]
 
 
 def _same_file(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
@@ -316,7 +308,7 @@ def _stale_source(settings: DataSettings, manifest: dict[str, Any]) -> str:
         if old.get("sha256") and new["size"] == old["size"] and new["name"] == old["name"]:
             # only the modification time moved (a fresh copy or checkout): the content decides
             files = files or readers.source_files(settings.dataset, settings.path, table_columns(settings))
-            if file_sha256(files[old["role"]]) == old["sha256"]:
+            if sha256_file(files[old["role"]]) == old["sha256"]:
                 continue
             return f"{new['name']} changed since preparation (same size, other content)"
         return (f"{new['name']} changed since preparation (size {old['size']} -> {new['size']} bytes, or its "
